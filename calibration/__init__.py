@@ -1,0 +1,1 @@
+"""Calibration data: sources, tokenization, packing, caching (installed as ``compressor.calibration``)."""

@@ -1,0 +1,95 @@
+"""Token batches for calibration: render, tokenize, pack, sample, cache.
+
+Documents are shuffled with the recipe's seed, rendered (chats through the tokenizer's chat
+template), tokenized without special tokens and joined with the EOS token into one stream,
+which is cut into ``seq_len`` windows; the first ``samples`` windows are the calibration
+set. Packing wastes no token on padding, so every sample is a full window and no attention
+mask is needed. The result is cached on disk keyed by the tokenizer and the spec.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from compressor.calibration.sources import Document, load_documents
+from compressor.errors import DataError
+from compressor.recipe import CalibrationSpec
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash that changes whenever the tokenizer would split text differently."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    extra = json.dumps([tokenizer.eos_token_id, getattr(tokenizer, "chat_template", None)], default=str)
+    return hashlib.sha256((body + extra).encode()).hexdigest()[:16]
+
+
+def _source_fingerprint(dataset: str) -> str:
+    """Local files: size and modification time, so an edited file is not served stale."""
+    path = Path(dataset).expanduser()
+    if path.is_file():
+        stat = path.stat()
+        return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    return dataset
+
+
+def cache_key(spec: CalibrationSpec, tokenizer) -> str:
+    payload = json.dumps(
+        {"spec": spec.model_dump(mode="json"), "source": _source_fingerprint(spec.dataset), "tok": tokenizer_fingerprint(tokenizer)},
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def _render(document: Document, tokenizer) -> str:
+    if isinstance(document, str):
+        return document
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("chat data needs a tokenizer with a chat template", where="calibration.dataset")
+    return tokenizer.apply_chat_template(document, tokenize=False)
+
+
+def pack_documents(documents: list[Document], tokenizer, spec: CalibrationSpec) -> torch.Tensor:
+    """[samples, seq_len] int64 windows of the shuffled, EOS-joined token stream."""
+    order = list(range(len(documents)))
+    random.Random(spec.seed).shuffle(order)
+    needed = spec.samples * spec.seq_len
+    separator = tokenizer.eos_token_id
+    stream: list[int] = []
+    for index in order:
+        stream.extend(tokenizer(_render(documents[index], tokenizer), add_special_tokens=False)["input_ids"])
+        if separator is not None:
+            stream.append(separator)
+        if len(stream) >= needed:
+            break
+    if len(stream) < needed:
+        raise DataError(
+            f"'{spec.dataset}' gives {len(stream)} tokens but samples × seq_len = {spec.samples} × {spec.seq_len}"
+            f" = {needed}; lower calibration.samples or calibration.seq_len",
+            where="calibration",
+        )
+    return torch.tensor(stream[:needed], dtype=torch.int64).reshape(spec.samples, spec.seq_len)
+
+
+def build_calibration(spec: CalibrationSpec, tokenizer, cache_dir: Path | None) -> torch.Tensor:
+    """The calibration token windows for `spec`, from the disk cache when present."""
+    path = cache_dir / f"{cache_key(spec, tokenizer)}.safetensors" if cache_dir is not None else None
+    if path is not None and path.is_file():
+        return load_file(str(path))["input_ids"]
+    documents = load_documents(spec.dataset, text_column=spec.text_column, split=spec.split, subset=spec.subset)
+    tokens = pack_documents(documents, tokenizer, spec)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".partial")
+        os.close(handle)
+        save_file({"input_ids": tokens}, temporary)
+        os.replace(temporary, path)
+    return tokens

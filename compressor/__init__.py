@@ -1,0 +1,3 @@
+"""compressor: recipes of compression stages for Hugging Face models."""
+
+__version__ = "0.1.0"

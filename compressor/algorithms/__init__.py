@@ -1,0 +1,1 @@
+"""The math of compression: quantization grids, RTN, GPTQ."""

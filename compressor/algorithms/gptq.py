@@ -1,0 +1,154 @@
+"""GPTQ (Frantar et al., 2022): quantize columns one at a time, pushing each column's
+rounding error onto the columns not yet quantized, weighted by the inverse Hessian of the
+layer's inputs.
+
+Choices made here:
+- ``act_order``: columns are visited in order of decreasing Hessian diagonal. Groups stay
+  contiguous in the original column order and their scales are computed up front from the
+  unmodified weight ("static groups"), so the checkpoint needs no group index and every
+  kernel can run it.
+- Without ``act_order`` a group's scale is computed when its first column is reached, from
+  the error-updated weights (the paper's procedure).
+- Dead input columns (zero Hessian diagonal) are zeroed and given a unit diagonal.
+- Dampening starts at ``dampening × mean(diag H)``; if the Cholesky factorization fails the
+  damping grows tenfold up to four times, and only then the layer falls back to RTN (the
+  result says so).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from compressor.algorithms.grid import (
+    WeightGrid,
+    dequantize_codes,
+    group_scale_zero,
+    quantize_codes,
+    weight_scale_zero,
+)
+from compressor.algorithms.rtn import rtn_quantize
+
+_DAMPING_RETRIES = 4
+
+
+@dataclass
+class GPTQResult:
+    codes: torch.Tensor  # [out, in] int8
+    scale: torch.Tensor  # [out, groups] float32
+    zero: torch.Tensor | None  # [out, groups] float32 or None
+    error: float  # the GPTQ objective: sum of (w - q)^2 / d^2 over all weights, halved
+    damping: float  # the relative damping that was finally used
+    fallback: str | None = None  # why the layer was quantized with RTN instead
+
+
+def _inverse_hessian_factor(hessian: torch.Tensor, dampening: float) -> tuple[torch.Tensor | None, float]:
+    """Upper Cholesky factor of H⁻¹ (with damping), and the damping used."""
+    mean_diag = torch.mean(torch.diag(hessian)).item()
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    damping = dampening
+    for _ in range(_DAMPING_RETRIES + 1):
+        damped = hessian + eye * (damping * mean_diag)
+        lower, info = torch.linalg.cholesky_ex(damped)
+        if info.item() == 0:
+            inverse = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if info.item() == 0 and torch.isfinite(upper).all():
+                return upper, damping
+        damping *= 10
+    return None, damping
+
+
+@torch.no_grad()
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    grid: WeightGrid,
+    *,
+    block_size: int = 128,
+    dampening: float = 0.01,
+    act_order: bool = True,
+) -> GPTQResult:
+    """GPTQ on one weight matrix [out, in] given the Hessian [in, in] of its inputs."""
+    w = weight.float().clone()
+    h = hessian.float().clone()
+    out_features, in_features = w.shape
+    per_group = grid.columns_per_group(in_features)
+
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+
+    static = act_order or grid.group_size is None
+    if static:
+        scale, zero = weight_scale_zero(w, grid)
+    else:
+        groups = in_features // per_group
+        scale = torch.zeros(out_features, groups)
+        zero = None if grid.symmetric else torch.zeros(out_features, groups)
+
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(in_features)
+    h = h[perm][:, perm]
+    group_of = (perm // per_group).tolist()
+
+    hinv, damping = _inverse_hessian_factor(h, dampening)
+    if hinv is None:
+        codes, scale, zero = rtn_quantize(weight, grid)
+        return GPTQResult(codes, scale, zero, float("nan"), damping, "Hessian not positive definite")
+
+    # Work on the transpose so that each input column is one contiguous row.
+    wt = w.t()[perm].contiguous()  # [in, out], in visiting order
+    codes_t = torch.zeros_like(wt)
+    scale_t = scale.t().contiguous()  # [groups, out]
+    zero_t = zero.t().contiguous() if zero is not None else None
+    total_error = 0.0
+    for start in range(0, in_features, block_size):
+        end = min(start + block_size, in_features)
+        block = wt[start:end].clone()
+        errors = torch.empty_like(block)
+        hinv_block = hinv[start:end, start:end]
+        for i in range(end - start):
+            column = start + i
+            group = group_of[column]
+            if not static and column % per_group == 0:
+                # The group's columns past this block have not yet received this block's
+                # pending (lazy) updates; apply them before measuring the group's range.
+                stop = min(column + per_group, in_features)
+                pending = wt[end:stop] - hinv[start : start + i, end:stop].t() @ errors[:i] if stop > end else wt[end:end]
+                upcoming = torch.cat([block[i : i + per_group], pending], dim=0)
+                s, z = group_scale_zero(upcoming.t(), grid)
+                scale_t[group] = s[:, 0]
+                if zero_t is not None and z is not None:
+                    zero_t[group] = z[:, 0]
+            col_zero = zero_t[group] if zero_t is not None else None
+            current = block[i]
+            q = quantize_codes(current, scale_t[group], col_zero, grid)
+            codes_t[column] = q
+            err = (current - dequantize_codes(q, scale_t[group], col_zero)) / hinv_block[i, i]
+            errors[i] = err
+            block[i:].addr_(hinv_block[i, i:], err, alpha=-1.0)
+        total_error += float(errors.pow(2).sum()) / 2
+        wt[end:].addmm_(hinv[start:end, end:].t(), errors, alpha=-1.0)
+
+    codes = codes_t[torch.argsort(perm)].t()
+    scale = scale_t.t().contiguous()
+    zero = zero_t.t().contiguous() if zero_t is not None else None
+    return GPTQResult(codes.to(torch.int8).contiguous(), scale, zero, total_error, damping)
+
+
+class HessianAccumulator:
+    """Running H = 2/n Σ x xᵀ over the rows of every input seen (float32)."""
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu"):
+        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.count = 0
+
+    def add(self, inputs: torch.Tensor) -> None:
+        x = inputs.reshape(-1, inputs.shape[-1])
+        n = x.shape[0]
+        total = self.count + n
+        self.hessian *= self.count / total
+        x = x.float() * (2.0 / total) ** 0.5
+        self.hessian.addmm_(x.t(), x)
+        self.count = total

@@ -1,0 +1,45 @@
+"""Writing the output folder atomically.
+
+Everything is written into a hidden staging folder beside OUT and renamed into place only
+when complete, so a failed or killed run leaves OUT absent or as it was; never a folder
+that looks complete but is not.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from compressor.errors import UserError
+
+
+def check_output_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse an OUT that holds something, unless --overwrite; refuse a file at OUT."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError("output path exists and is not a folder", where=str(out_dir))
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise UserError("output folder exists and is not empty; pass --overwrite to replace it", where=str(out_dir))
+
+
+@contextmanager
+def atomic_output_dir(out_dir: Path) -> Iterator[Path]:
+    """Yield a staging folder; on success it replaces `out_dir`, on failure it is removed."""
+    out_dir = out_dir.resolve()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        yield staging
+        previous = None
+        if out_dir.exists():
+            previous = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, previous / "old")
+        os.replace(staging, out_dir)
+        if previous is not None:
+            shutil.rmtree(previous, ignore_errors=True)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,124 @@
+"""The compressed-tensors on-disk format, built with the ``compressed-tensors`` library.
+
+A model whose quantized layers are ``QuantLinear`` modules already holds the tensors of the
+``pack-quantized`` format under the right names; this module describes them in a
+``QuantizationConfig`` (one config group per distinct scheme, targets written as compact
+regexes) and writes it into ``config.json`` so that transformers and vLLM load the folder.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from compressed_tensors.config import CompressionFormat
+from compressed_tensors.quantization import (
+    QuantizationArgs,
+    QuantizationConfig,
+    QuantizationScheme,
+    QuantizationStatus,
+    QuantizationStrategy,
+    QuantizationType,
+)
+from torch import nn
+
+from compressor.kernels.quant_linear import QuantLinear
+
+_INDEX = re.compile(r"\.\d+\.")
+
+
+def _scheme_key(module: QuantLinear) -> tuple[int, int | None, bool]:
+    return (module.bits, module.group_size, module.symmetric)
+
+
+def _weight_args(bits: int, group_size: int | None, symmetric: bool) -> QuantizationArgs:
+    return QuantizationArgs(
+        num_bits=bits,
+        type=QuantizationType.INT,
+        symmetric=symmetric,
+        strategy=QuantizationStrategy.GROUP if group_size else QuantizationStrategy.CHANNEL,
+        group_size=group_size,
+        dynamic=False,
+    )
+
+
+def _generic_pattern(name: str) -> str:
+    """`model.layers.3.mlp.up_proj` → the regex for that module in every layer."""
+    parts = _INDEX.split(name)
+    return "re:^" + r"\.\d+\.".join(re.escape(p) for p in parts) + "$"
+
+
+def _compact_targets(names: list[str], all_linear: list[str]) -> list[str]:
+    """Regexes covering exactly `names` among `all_linear`, falling back to plain names."""
+    chosen = set(names)
+    by_pattern: dict[str, list[str]] = defaultdict(list)
+    for name in all_linear:
+        by_pattern[_generic_pattern(name)].append(name)
+    targets: list[str] = []
+    covered: set[str] = set()
+    for name in names:
+        if name in covered:
+            continue
+        pattern = _generic_pattern(name)
+        members = by_pattern[pattern]
+        if len(members) > 1 and all(m in chosen for m in members):
+            targets.append(pattern)
+            covered.update(members)
+        else:
+            targets.append(name)
+            covered.add(name)
+    return targets
+
+
+def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def build_quantization_config(model: nn.Module) -> QuantizationConfig | None:
+    """The compressed-tensors description of every QuantLinear in `model`."""
+    quantized = quantized_modules(model)
+    if not quantized:
+        return None
+    linear_names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantLinear))]
+    groups: dict[tuple[int, int | None, bool], list[str]] = defaultdict(list)
+    for name, module in quantized.items():
+        groups[_scheme_key(module)].append(name)
+    config_groups: dict[str, Any] = {}
+    for index, (key, names) in enumerate(sorted(groups.items(), key=lambda kv: str(kv[0]))):
+        config_groups[f"group_{index}"] = QuantizationScheme(
+            targets=_compact_targets(names, linear_names),
+            weights=_weight_args(*key),
+        )
+    ignore = [n for n in linear_names if n not in quantized]
+    return QuantizationConfig(
+        config_groups=config_groups,
+        quant_method="compressed-tensors",
+        format=CompressionFormat.pack_quantized.value,
+        quantization_status=QuantizationStatus.COMPRESSED,
+        ignore=ignore,
+    )
+
+
+def write_quantization_config(model: nn.Module, directory: Path) -> dict[str, Any] | None:
+    """Add ``quantization_config`` to ``directory/config.json``; return what was written."""
+    qconfig = build_quantization_config(model)
+    if qconfig is None:
+        return None
+    import compressed_tensors
+
+    data = qconfig.model_dump(mode="json", exclude={"quant_method"})
+    block = {
+        "quant_method": "compressed-tensors",
+        "version": compressed_tensors.__version__,
+        "sparsity_config": {},
+        "transform_config": {},
+        **data,
+    }
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    config["quantization_config"] = block
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return block

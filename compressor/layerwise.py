@@ -1,0 +1,140 @@
+"""The layer-by-layer calibration engine shared by every calibrated algorithm.
+
+1. Run the model on the calibration windows until the first decoder block, and keep what
+   that block receives (hidden states and keyword arguments such as rotary embeddings).
+2. For each block in turn: move it to the compute device, run it on every chunk with the
+   algorithm's hooks attached (statistics pass), let the algorithm compress the block, then
+   run the compressed block to produce the next block's inputs (propagation pass).
+Only one block's activations and statistics are alive at a time, and the next block sees
+the outputs of the *compressed* block, so errors do not compound unseen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from compressor.errors import CompressionError
+
+
+class BlockAlgorithm(Protocol):
+    """What the engine asks of a calibrated algorithm, block by block."""
+
+    def attach(self, index: int, name: str, block: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
+        """Register hooks that gather statistics during the statistics pass."""
+
+    def after_chunk(self) -> None:
+        """Called after each chunk of the statistics pass (to fold stashed inputs)."""
+
+    def compress(self, index: int, name: str, block: nn.Module) -> None:
+        """Compress the block's modules in place from the gathered statistics."""
+
+
+@dataclass
+class BlockInputs:
+    hidden: list[torch.Tensor] = field(default_factory=list)
+    kwargs: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _StopForward(Exception):
+    pass
+
+
+def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of decoder blocks: the one with `num_hidden_layers` entries."""
+    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and (count is None or len(module) == count):
+            return name, module
+    raise CompressionError("cannot find the decoder blocks (a ModuleList of num_hidden_layers blocks)")
+
+
+def _first_output(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _move(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_move(v, device) for v in value)
+    return value
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, first_block: nn.Module, tokens: torch.Tensor, batch_size: int) -> BlockInputs:
+    """Run the model's head on each chunk of `tokens` and record what the first block receives."""
+    captured = BlockInputs()
+
+    def grab(_module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        kwargs["past_key_values"] = None
+        kwargs["use_cache"] = False
+        captured.hidden.append(hidden.detach())
+        captured.kwargs.append(kwargs)
+        raise _StopForward
+
+    handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        for chunk in tokens.split(batch_size):
+            try:
+                model(input_ids=chunk.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _run_block(block: nn.Module, inputs: BlockInputs, index: int, device: torch.device) -> None:
+    for i, hidden in enumerate(inputs.hidden):
+        out = _first_output(block(hidden.to(device), **_move_kwargs(inputs.kwargs[i], device)))
+        inputs.hidden[i] = out.to(hidden.device)
+
+
+def _move_kwargs(kwargs: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: _move(v, device) for k, v in kwargs.items()}
+
+
+@torch.no_grad()
+def run_layerwise(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    algorithm: BlockAlgorithm,
+    *,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    description: str = "calibrating",
+    show_progress: bool = True,
+) -> None:
+    """Compress `model` block by block with `algorithm`, calibrated on `tokens` [N, L]."""
+    blocks_name, blocks = find_decoder_blocks(model)
+    home = next(blocks[0].parameters()).device
+    device = torch.device(device) if device is not None else home
+    inputs = capture_block_inputs(model, blocks[0], tokens, batch_size)
+    progress = tqdm(range(len(blocks)), desc=description, unit="block", disable=not show_progress)
+    for index in progress:
+        block = blocks[index]
+        name = f"{blocks_name}.{index}"
+        block.to(device)
+        handles = algorithm.attach(index, name, block)
+        try:
+            for i, hidden in enumerate(inputs.hidden):
+                block(hidden.to(device), **_move_kwargs(inputs.kwargs[i], device))
+                algorithm.after_chunk()
+        finally:
+            for handle in handles:
+                handle.remove()
+        algorithm.compress(index, name, block)
+        if index + 1 < len(blocks):
+            _run_block(block, inputs, index, device)
+            bad = next((i for i, h in enumerate(inputs.hidden) if not torch.isfinite(h).all()), None)
+            if bad is not None:
+                raise CompressionError(f"block {name} produced NaN or Inf after compression (chunk {bad})")
+        block.to(home)

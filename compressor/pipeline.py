@@ -1,0 +1,226 @@
+"""Run a recipe: load the model, plan and run each stage, measure, save atomically.
+
+    model ─▶ plan every stage (validation, dry run) ─▶ base perplexity
+          ─▶ stage.run(model, ctx) for each stage ─▶ compressed perplexity
+          ─▶ staging folder: weights + config + tokenizer + recipe.yaml + compression.json
+          ─▶ rename into OUT
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from compressor import __version__
+from compressor.cache import cache_root
+from compressor.checkpoint import atomic_output_dir, check_output_dir
+from compressor.errors import RecipeError
+from compressor.formats import write_quantization_config
+from compressor.model_io import LoadedModel, load_config, load_model, load_tokenizer, prepare_source, weights_bytes
+from compressor.recipe import Recipe
+from compressor.registry import stage_registry
+from compressor.stages.base import StageContext, StagePlan
+from compressor.yaml_lines import format_path, read_yaml_file
+
+
+@dataclass
+class RunOptions:
+    out_dir: Path | None
+    overwrite: bool = False
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    device: str | None = None
+    batch_size: int = 8
+    show_progress: bool = True
+    measure_perplexity: bool = True
+
+
+@dataclass
+class RunSummary:
+    out_dir: Path
+    original_bytes: int
+    compressed_bytes: int
+    base_perplexity: float | None
+    compressed_perplexity: float | None
+    stage_seconds: list[float] = field(default_factory=list)
+    plans: list[StagePlan] = field(default_factory=list)
+
+
+def default_device(requested: str | None) -> torch.device:
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _locator(recipe: Recipe, index: int, kind: str) -> Callable[..., dict[str, str]]:
+    document = read_yaml_file(Path(recipe.source)) if Path(recipe.source).is_file() else None
+
+    def locate(*suffix: Any) -> dict[str, str]:
+        path = ("stages", index, kind, *suffix)
+        where = document.where(path) if document is not None else recipe.source
+        return {"where": where, "key": format_path(path)}
+
+    return locate
+
+
+def check_recipe_fits_model(recipe: Recipe, config: Any) -> None:
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and recipe.calibration.seq_len > limit:
+        document = read_yaml_file(Path(recipe.source)) if Path(recipe.source).is_file() else None
+        path = ("calibration", "seq_len")
+        raise RecipeError(
+            f"{recipe.calibration.seq_len} is longer than the model allows ({limit} positions)",
+            where=document.where(path) if document else recipe.source,
+            key=format_path(path),
+        )
+
+
+def plan_recipe(model: nn.Module, recipe: Recipe) -> list[StagePlan]:
+    """Validate every stage against `model` as loaded; what each stage would touch."""
+    registry = stage_registry()
+    return [
+        registry.get(spec.kind).implementation.plan(model, spec.config, _locator(recipe, i, spec.kind))
+        for i, spec in enumerate(recipe.stages)
+    ]
+
+
+def _versions() -> dict[str, str]:
+    import compressed_tensors
+    import transformers
+
+    return {
+        "compressor": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "compressed_tensors": compressed_tensors.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _write_checkpoint(loaded: LoadedModel, recipe: Recipe, folder: Path, metadata: dict[str, Any]) -> None:
+    loaded.model.save_pretrained(str(folder), safe_serialization=True, max_shard_size="2GB")
+    write_quantization_config(loaded.model, folder)
+    loaded.tokenizer.save_pretrained(str(folder))
+    (folder / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+    metadata["sizes"]["compressed_bytes"] = weights_bytes(folder)
+    (folder / "compression.json").write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def run_recipe(
+    model_reference: str,
+    recipe: Recipe,
+    options: RunOptions,
+    echo: Callable[[str], None] = print,
+) -> RunSummary:
+    """Compress `model_reference` with `recipe` into `options.out_dir`."""
+    from compressor.calibration.batches import build_calibration
+    from compressor.evaluation.perplexity import evaluation_windows, perplexity_on
+
+    assert options.out_dir is not None
+    check_output_dir(options.out_dir, options.overwrite)
+    device = default_device(options.device)
+    registry = stage_registry()
+
+    # Cheap checks first: config and calibration data fail before any weight is read.
+    source, path, folder = prepare_source(model_reference, allow_pickle=options.allow_pickle)
+    check_recipe_fits_model(recipe, load_config(path, model_reference, options.trust_remote_code))
+    tokenizer = load_tokenizer(path, model_reference, options.trust_remote_code)
+    calibration: dict[str, torch.Tensor] = {}
+
+    def calibration_tokens() -> torch.Tensor:
+        if "tokens" not in calibration:
+            calibration["tokens"] = build_calibration(recipe.calibration, tokenizer, cache_root() / "calibration")
+        return calibration["tokens"]
+
+    if any(registry.get(s.kind).implementation.needs_calibration(s.config) for s in recipe.stages):
+        calibration_tokens()
+
+    loaded = load_model(model_reference, allow_pickle=options.allow_pickle, trust_remote_code=options.trust_remote_code)
+    model = loaded.model
+    plan_recipe(model, recipe)
+    original_bytes = weights_bytes(loaded.folder) if loaded.folder else sum(
+        t.numel() * t.element_size() for t in model.state_dict().values()
+    )
+
+    windows = evaluation_windows(tokenizer, recipe.calibration.seq_len) if options.measure_perplexity else None
+    base_ppl = perplexity_on(model, windows).perplexity if windows is not None else None
+    if base_ppl is not None:
+        echo(f"base held-out perplexity: {base_ppl:.3f}")
+
+    ctx = StageContext(
+        tokenizer=tokenizer,
+        calibration=calibration_tokens,
+        device=device,
+        batch_size=options.batch_size,
+        show_progress=options.show_progress,
+    )
+    summary = RunSummary(options.out_dir, original_bytes, 0, base_ppl, None)
+    stage_log = []
+    for index, spec in enumerate(recipe.stages):
+        stage = registry.get(spec.kind).implementation
+        plan = stage.plan(model, spec.config, _locator(recipe, index, spec.kind))
+        echo(f"stage {index + 1}/{len(recipe.stages)}: {spec.kind} ({plan.method}) on {len(plan.selected)} modules")
+        started = time.perf_counter()
+        model = stage.run(model, spec.config, ctx, plan)
+        seconds = time.perf_counter() - started
+        summary.stage_seconds.append(seconds)
+        summary.plans.append(plan)
+        stage_log.append({"kind": spec.kind, "method": plan.method, "modules": len(plan.selected), "seconds": round(seconds, 3)})
+    loaded.model = model
+
+    if windows is not None:
+        summary.compressed_perplexity = perplexity_on(model, windows).perplexity
+    metadata: dict[str, Any] = {
+        "recipe": {"name": recipe.name, "sha256": recipe.sha256()},
+        "source": {"reference": model_reference, "kind": loaded.source.kind, "hub_id": loaded.source.hub_id},
+        "seed": recipe.calibration.seed,
+        "stages": stage_log,
+        "modules": ctx.records,
+        "sizes": {"original_bytes": original_bytes},
+        "perplexity": {
+            "base": base_ppl,
+            "compressed": summary.compressed_perplexity,
+            "tokens": int(windows[:, 1:].numel()) if windows is not None else 0,
+            "seq_len": recipe.calibration.seq_len,
+            "slice": "builtin:abstracts evaluation slice",
+        },
+        "versions": _versions(),
+    }
+    with atomic_output_dir(options.out_dir) as staging:
+        _write_checkpoint(loaded, recipe, staging, metadata)
+        summary.compressed_bytes = metadata["sizes"]["compressed_bytes"]
+    return summary
+
+
+def skeleton_model(model_reference: str, *, allow_pickle: bool, trust_remote_code: bool) -> nn.Module:
+    """The model's structure with no weights (meta tensors): enough to plan, nothing written."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from compressor.model_io import check_weights_are_safe, load_config, resolve_model
+
+    source = resolve_model(model_reference)
+    if source.kind == "gguf":
+        assert source.gguf_file is not None
+        config = AutoConfig.from_pretrained(str(source.gguf_file.parent), gguf_file=source.gguf_file.name)
+    else:
+        if source.kind == "local":
+            check_weights_are_safe(Path(source.load_path), allow_pickle, model_reference)
+        config = load_config(source.load_path, model_reference, trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def dry_run(model_reference: str, recipe: Recipe, options: RunOptions) -> list[StagePlan]:
+    """Validate `recipe` against the model's structure and report what each stage targets."""
+    if options.out_dir is not None:
+        check_output_dir(options.out_dir, options.overwrite)
+    model = skeleton_model(model_reference, allow_pickle=options.allow_pickle, trust_remote_code=options.trust_remote_code)
+    check_recipe_fits_model(recipe, model.config)
+    return plan_recipe(model, recipe)

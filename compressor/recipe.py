@@ -1,0 +1,236 @@
+"""The recipe: a strict schema for the YAML file, validated with line numbers.
+
+Top-level keys: ``name``, ``description``, ``calibration``, ``stages`` (a list of one-key
+mappings, ``- quantize: {...}``), ``evaluate``, ``output``. Each stage block is validated by
+the config class its stage kind registers (see ``compressor.registry``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, NonNegativeInt
+
+from compressor.errors import RecipeError
+from compressor.registry import Registry, StageEntry, stage_registry
+from compressor.yaml_lines import LocatedDocument, format_path, load_yaml_with_lines, read_yaml_file
+
+
+class StrictModel(BaseModel):
+    """Base of every recipe block: unknown keys are errors, values are not coerced."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class CalibrationSpec(StrictModel):
+    dataset: str = "builtin:abstracts"
+    samples: PositiveInt = 128
+    seq_len: PositiveInt = 512
+    seed: NonNegativeInt = 0
+    text_column: str | None = None
+    split: str = "train"
+    subset: str | None = None
+
+
+class EvaluateSpec(StrictModel):
+    tasks: list[str] = Field(default_factory=lambda: ["perplexity"], min_length=1)
+    limit: PositiveInt | None = None
+
+
+class OutputSpec(StrictModel):
+    format: Literal["compressed-tensors"] = "compressed-tensors"
+    push_to_hub: None = None
+
+
+class RecipeHeader(StrictModel):
+    """Everything but the stages, which are validated one by one through the registry."""
+
+    name: str
+    description: str = ""
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    stages: list[Any] = Field(min_length=1)
+    evaluate: EvaluateSpec | None = None
+    output: OutputSpec = Field(default_factory=OutputSpec)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    kind: str
+    config: BaseModel
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    calibration: CalibrationSpec
+    stages: tuple[StageSpec, ...]
+    evaluate: EvaluateSpec | None
+    output: OutputSpec
+    source: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe (defaults filled in) as plain data, for `recipe.yaml`."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "calibration": self.calibration.model_dump(mode="json"),
+            "stages": [{s.kind: s.config.model_dump(mode="json")} for s in self.stages],
+            "evaluate": self.evaluate.model_dump(mode="json") if self.evaluate else None,
+            "output": self.output.model_dump(mode="json"),
+        }
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def sha256(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class reached by following `loc` from `model`, if any."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(part)
+        if field is None:
+            return None
+        current = _unwrap_model(field.annotation)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _unwrap_model(annotation: Any) -> Any:
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _unwrap_model(arg)
+        if isinstance(found, type) and issubclass(found, BaseModel):
+            return found
+    return annotation
+
+
+_TYPE_WORDS = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "none_required": "null",
+}
+
+
+def _describe(error: dict[str, Any], model: type[BaseModel], loc: tuple[Any, ...]) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        parent = _model_at(model, loc[:-1])
+        known = ", ".join(parent.model_fields) if parent else ""
+        return f"unknown key '{loc[-1]}'" + (f" (known: {known})" if known else "")
+    if kind == "missing":
+        return "required key missing"
+    if kind == "literal_error":
+        expected = str(error.get("ctx", {}).get("expected", "")).replace(" or ", ", ")
+        return f"must be one of {expected}, got {error['input']!r}"
+    if kind in _TYPE_WORDS:
+        return f"must be {_TYPE_WORDS[kind]}, got {error['input']!r}"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        return f"{error['msg'].lower().replace('input should be', 'must be')}, got {error['input']!r}"
+    message = str(error["msg"])
+    for prefix in ("Value error, ", "Assertion failed, "):
+        message = message.removeprefix(prefix)
+    return message
+
+
+def _raise_validation(
+    err: ValidationError, model: type[BaseModel], doc: LocatedDocument, prefix: tuple[Any, ...]
+) -> None:
+    # A misspelt key also shows up as the real key "missing": report the misspelling.
+    # A union reports one error per member; the first is the most telling.
+    errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    error = errors[0]
+    loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.endswith("]")))
+    loc = tuple(p for p in loc if p not in ("function-after", "function-before", "tagged-union"))
+    path = (*prefix, *loc)
+    raise RecipeError(_describe(error, model, loc), where=doc.where(path), key=format_path(path)) from None
+
+
+def _validate(model: type[BaseModel], data: Any, doc: LocatedDocument, prefix: tuple[Any, ...]) -> BaseModel:
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        _raise_validation(err, model, doc, prefix)
+        raise  # unreachable; keeps type checkers content
+
+
+def _parse_stage(item: Any, index: int, doc: LocatedDocument, registry: Registry[StageEntry]) -> StageSpec:
+    path: tuple[Any, ...] = ("stages", index)
+    if not isinstance(item, dict) or len(item) != 1:
+        raise RecipeError(
+            "each stage must be a mapping with exactly one key, the stage kind (e.g. `- quantize: {...}`)",
+            where=doc.where(path),
+            key=format_path(path),
+        )
+    ((kind, body),) = item.items()
+    if kind not in registry:
+        raise RecipeError(registry.unknown_message(kind), where=doc.where((*path, kind)), key=format_path((*path, kind)))
+    entry = registry.get(kind)
+    config = _validate(entry.config_class, {} if body is None else body, doc, (*path, kind))
+    return StageSpec(kind=kind, config=config)
+
+
+def parse_recipe(doc: LocatedDocument, registry: Registry[StageEntry] | None = None) -> Recipe:
+    registry = registry or stage_registry()
+    if not isinstance(doc.data, dict):
+        raise RecipeError("a recipe must be a YAML mapping with `name` and `stages`", where=doc.where(()))
+    header = _validate(RecipeHeader, doc.data, doc, ())
+    assert isinstance(header, RecipeHeader)
+    stages = tuple(_parse_stage(item, i, doc, registry) for i, item in enumerate(header.stages))
+    return Recipe(
+        name=header.name,
+        description=header.description,
+        calibration=header.calibration,
+        stages=stages,
+        evaluate=header.evaluate,
+        output=header.output,
+        source=doc.source,
+    )
+
+
+def builtin_recipe_dir() -> Path:
+    from importlib.resources import files
+
+    return Path(str(files("compressor.recipes")))
+
+
+def builtin_recipes() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(builtin_recipe_dir().glob("*.yaml"))}
+
+
+def resolve_recipe_path(name_or_path: str) -> Path:
+    """A built-in recipe name (`w4a16-gptq`) or a path to a YAML file."""
+    builtin = builtin_recipes()
+    if name_or_path in builtin:
+        return builtin[name_or_path]
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists() or "/" in name_or_path:
+        return path
+    raise RecipeError(
+        f"no built-in recipe '{name_or_path}' and no such file (built-in: {', '.join(builtin)})",
+        where="--recipe",
+    )
+
+
+def load_recipe(name_or_path: str, registry: Registry[StageEntry] | None = None) -> Recipe:
+    path = resolve_recipe_path(name_or_path)
+    return parse_recipe(read_yaml_file(path), registry)
+
+
+def parse_recipe_text(text: str, source: str = "<recipe>", registry: Registry[StageEntry] | None = None) -> Recipe:
+    return parse_recipe(load_yaml_with_lines(text, source), registry)

@@ -1,0 +1,1 @@
+"""Evaluation: held-out perplexity and size accounting (installed as ``compressor.evaluation``)."""

@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny random models built from a config, with a small real tokenizer.
+
+No test reaches the network: the Hub is switched off before anything imports it.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tests.tiny_models import build_tiny_checkpoint, train_tiny_tokenizer  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Calibration caches go to a per-session folder; the GGUF conversion cache is shared."""
+    monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tokenizer")
+    train_tiny_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"), "llama", tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2", tiny_tokenizer_dir)
+
+
+@pytest.fixture
+def seeded():
+    torch.manual_seed(0)
+    yield
