@@ -27,7 +27,6 @@ from compressor.model_io import LoadedModel, load_config, load_model, load_token
 from compressor.recipe import Recipe
 from compressor.registry import stage_registry
 from compressor.stages.base import StageContext, StagePlan
-from compressor.yaml_lines import format_path, read_yaml_file
 
 
 @dataclass
@@ -60,25 +59,15 @@ def default_device(requested: str | None) -> torch.device:
 
 
 def _locator(recipe: Recipe, index: int, kind: str) -> Callable[..., dict[str, str]]:
-    document = read_yaml_file(Path(recipe.source)) if Path(recipe.source).is_file() else None
-
-    def locate(*suffix: Any) -> dict[str, str]:
-        path = ("stages", index, kind, *suffix)
-        where = document.where(path) if document is not None else recipe.source
-        return {"where": where, "key": format_path(path)}
-
-    return locate
+    return lambda *suffix: recipe.where(("stages", index, kind, *suffix))
 
 
 def check_recipe_fits_model(recipe: Recipe, config: Any) -> None:
     limit = getattr(config, "max_position_embeddings", None)
     if limit is not None and recipe.calibration.seq_len > limit:
-        document = read_yaml_file(Path(recipe.source)) if Path(recipe.source).is_file() else None
-        path = ("calibration", "seq_len")
         raise RecipeError(
             f"{recipe.calibration.seq_len} is longer than the model allows ({limit} positions)",
-            where=document.where(path) if document else recipe.source,
-            key=format_path(path),
+            **recipe.where(("calibration", "seq_len")),
         )
 
 

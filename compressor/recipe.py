@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -73,6 +73,12 @@ class Recipe:
     evaluate: EvaluateSpec | None
     output: OutputSpec
     source: str
+    document: LocatedDocument | None = field(default=None, compare=False, repr=False)
+
+    def where(self, path: tuple[Any, ...]) -> dict[str, str]:
+        """``{"where": "file:line", "key": "a.b[0]"}`` for a key path, for RecipeError."""
+        where = self.document.where(path) if self.document is not None else self.source
+        return {"where": where, "key": format_path(path)}
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe (defaults filled in) as plain data, for `recipe.yaml`."""
@@ -200,6 +206,7 @@ def parse_recipe(doc: LocatedDocument, registry: Registry[StageEntry] | None = N
         evaluate=header.evaluate,
         output=header.output,
         source=doc.source,
+        document=doc,
     )
 
 

@@ -57,7 +57,6 @@ def in_memory_logits(folder: Path) -> torch.Tensor:
     """Logits of the saved checkpoint computed from our own QuantLinear modules."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from compressor.algorithms.grid import WeightGrid  # noqa: F401 (import check)
     from compressor.kernels.quant_linear import QuantLinear
     from compressor.stages.base import replace_module
 

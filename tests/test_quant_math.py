@@ -93,7 +93,7 @@ def reference_gptq(weight, hessian, grid, dampening):
     codes = torch.zeros_like(w)
     group = grid.group_size or n
     scale = zero = None
-    scales, zeros = [], []
+    scales, zeros = [], []  # zeros stay None entries for symmetric grids
     for c in range(n):
         if c % group == 0:
             block = w[:, c : c + group].float()
@@ -107,7 +107,8 @@ def reference_gptq(weight, hessian, grid, dampening):
         dq = (q - (zero if zero is not None else 0)) * scale
         err = (w[:, c] - dq) / hinv[c, c]
         w[:, c:] -= err.unsqueeze(1) * hinv[c, c:].unsqueeze(0)
-    return codes.double(), torch.stack(scales, 1).double()
+    zero_table = torch.stack(zeros, 1) if zeros[0] is not None else None
+    return codes.double(), torch.stack(scales, 1).double(), zero_table
 
 
 def random_hessian(n, samples=256, seed=0):
@@ -130,15 +131,13 @@ def test_gptq_matches_reference_algorithm(symmetric, seeded):
     hessian, _ = random_hessian(96)
     grid = WeightGrid(4, symmetric, 32, scale_dtype=torch.float32)
     result = gptq_quantize(weight, hessian, grid, block_size=40, dampening=0.01, act_order=False)
-    codes, scales = reference_gptq(weight, hessian, grid, 0.01)
+    codes, scales, zeros = reference_gptq(weight, hessian, grid, 0.01)
     # Blocking only reorders float sums: a rare code may flip at a rounding tie.
     assert (result.codes.double() == codes).float().mean() > 0.995
     assert torch.allclose(result.scale.double(), scales, rtol=1e-3)
-    zero = None
-    if not symmetric:
-        zero = result.zero
-    ours = weighted_error(weight, reference_dequant(result.codes, result.scale, zero, 32), hessian)
-    assert result.error > 0 and ours > 0
+    ours = weighted_error(weight, reference_dequant(result.codes, result.scale, result.zero, 32), hessian)
+    theirs = weighted_error(weight, reference_dequant(codes, scales, zeros, 32), hessian)
+    assert ours == pytest.approx(theirs, rel=0.01)
 
 
 def weighted_error(weight, dequant, hessian):
