@@ -139,6 +139,8 @@ def run_recipe(
     )
 
     windows = evaluation_windows(tokenizer, recipe.calibration.seq_len) if options.measure_perplexity else None
+    if windows is not None and recipe.evaluate is not None and recipe.evaluate.limit is not None:
+        windows = windows[: recipe.evaluate.limit]
     base_ppl = perplexity_on(model, windows).perplexity if windows is not None else None
     if base_ppl is not None:
         echo(f"base held-out perplexity: {base_ppl:.3f}")

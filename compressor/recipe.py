@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, NonNegativeInt
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, field_validator
 
 from compressor.errors import RecipeError
 from compressor.registry import Registry, StageEntry, stage_registry
@@ -37,9 +37,26 @@ class CalibrationSpec(StrictModel):
     subset: str | None = None
 
 
+BUILTIN_EVAL_TASKS = ("perplexity",)
+
+
 class EvaluateSpec(StrictModel):
+    """Evaluation after the stages. Today: the built-in held-out `perplexity`, on at most
+    `limit` windows; lm-eval tasks are refused by name until the lm-eval runner lands."""
+
     tasks: list[str] = Field(default_factory=lambda: ["perplexity"], min_length=1)
     limit: PositiveInt | None = None
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: list[str]) -> list[str]:
+        unknown = [t for t in tasks if t not in BUILTIN_EVAL_TASKS]
+        if unknown:
+            raise ValueError(
+                f"unknown task '{unknown[0]}' (available offline: {', '.join(BUILTIN_EVAL_TASKS)};"
+                " lm-eval tasks are not wired in yet)"
+            )
+        return tasks
 
 
 class OutputSpec(StrictModel):

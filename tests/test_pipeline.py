@@ -123,6 +123,14 @@ def test_compress_and_reload_with_plain_transformers(model_fixture, method, requ
     assert torch.allclose(reloaded, ours, atol=2e-2, rtol=2e-2)
 
 
+def test_evaluate_limit_bounds_the_perplexity_windows(tiny_llama, tmp_path):
+    recipe = write_recipe(tmp_path, "rtn")
+    recipe.write_text(recipe.read_text() + "evaluate: {tasks: [perplexity], limit: 3}\n")
+    assert main([str(tiny_llama), "--recipe", str(recipe), "-o", str(tmp_path / "o"), "-q"]) == 0
+    record = json.loads((tmp_path / "o" / "compression.json").read_text())
+    assert record["perplexity"]["tokens"] == 3 * 63  # 3 windows of 64 tokens, 63 predictions each
+
+
 def test_gptq_output_is_deterministic(tiny_llama, tmp_path):
     recipe = write_recipe(tmp_path, "gptq")
     digests = []
