@@ -94,8 +94,9 @@ class Recipe:
 
     def where(self, path: tuple[Any, ...]) -> dict[str, str]:
         """``{"where": "file:line", "key": "a.b[0]"}`` for a key path, for RecipeError."""
-        where = self.document.where(path) if self.document is not None else self.source
-        return {"where": where, "key": format_path(path)}
+        if self.document is not None:
+            return self.document.locate(path)
+        return {"where": self.source, "key": format_path(path)}
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe (defaults filled in) as plain data, for `recipe.yaml`."""
@@ -181,7 +182,7 @@ def _raise_validation(
     loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.endswith("]")))
     loc = tuple(p for p in loc if p not in ("function-after", "function-before", "tagged-union"))
     path = (*prefix, *loc)
-    raise RecipeError(_describe(error, model, loc), where=doc.where(path), key=format_path(path)) from None
+    raise RecipeError(_describe(error, model, loc), **doc.locate(path)) from None
 
 
 def _validate(model: type[BaseModel], data: Any, doc: LocatedDocument, prefix: tuple[Any, ...]) -> BaseModel:
@@ -197,12 +198,11 @@ def _parse_stage(item: Any, index: int, doc: LocatedDocument, registry: Registry
     if not isinstance(item, dict) or len(item) != 1:
         raise RecipeError(
             "each stage must be a mapping with exactly one key, the stage kind (e.g. `- quantize: {...}`)",
-            where=doc.where(path),
-            key=format_path(path),
+            **doc.locate(path),
         )
     ((kind, body),) = item.items()
     if kind not in registry:
-        raise RecipeError(registry.unknown_message(kind), where=doc.where((*path, kind)), key=format_path((*path, kind)))
+        raise RecipeError(registry.unknown_message(kind), **doc.locate((*path, kind)))
     entry = registry.get(kind)
     config = _validate(entry.config_class, {} if body is None else body, doc, (*path, kind))
     return StageSpec(kind=kind, config=config)

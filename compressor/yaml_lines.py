@@ -47,6 +47,10 @@ class LocatedDocument:
         line = self.line_of(path)
         return f"{self.source}:{line}" if line is not None else self.source
 
+    def locate(self, path: Path_) -> dict[str, str]:
+        """``{"where": "file:line", "key": "a.b[0]"}``: the keyword arguments of a RecipeError."""
+        return {"where": self.where(path), "key": _format_path(path)}
+
 
 def _construct(loader: _LineLoader, node: yaml.Node, path: Path_, lines: dict[Path_, int]) -> Any:
     lines.setdefault(path, node.start_mark.line + 1)
