@@ -1,0 +1,82 @@
+"""`compress MODEL --recipe R -o OUT`: run a recipe on a model (or `--dry-run` it)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable
+
+from compressor.commands.args import Parser, positive_int, quiet_transformers
+from compressor.errors import UserError
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="compress", description="Compress a Hugging Face model with a YAML recipe.")
+    parser.add_argument("model", help="Hub id, local checkpoint folder, .gguf file, or builtin:smollm2-135m-instruct")
+    parser.add_argument("--recipe", "-r", required=True, help="built-in recipe name (see `compress recipes`) or a YAML path")
+    parser.add_argument("--output", "-o", type=Path, help="output folder (required unless --dry-run)")
+    parser.add_argument("--dry-run", action="store_true", help="validate against the model and list targets; write nothing")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    parser.add_argument("--allow-pickle", action="store_true", help="allow loading .bin/.pt pickle checkpoints")
+    parser.add_argument("--trust-remote-code", action="store_true", help="run model code from the model's repository")
+    parser.add_argument("--device", help="compute device for calibration (default: cuda if available, else cpu)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="calibration windows per forward (default 8)")
+    parser.add_argument("--no-perplexity", action="store_true", help="skip the held-out perplexity before and after")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    return parser
+
+
+def _pattern_of(name: str) -> str:
+    return re.sub(r"\.\d+\.", ".*.", name)
+
+
+def _print_plans(plans, echo: Callable[[str], None]) -> None:
+    for index, plan in enumerate(plans, start=1):
+        echo(f"stage {index}: {plan.kind} ({plan.method}): {len(plan.selected)} modules targeted, {len(plan.skipped)} skipped")
+        grouped: dict[tuple[str, str], int] = defaultdict(int)
+        for name, detail in plan.selected.items():
+            grouped[(_pattern_of(name), detail)] += 1
+        for (pattern, detail), count in grouped.items():
+            echo(f"  {pattern:<40} x{count:<4} {detail}")
+        for name, reason in plan.skipped.items():
+            echo(f"  skipped {name}: {reason}")
+
+
+def run(argv: list[str]) -> int:
+    args = _run_parser().parse_args(argv)
+    if args.output is None and not args.dry_run:
+        raise UserError("--output/-o is required (or pass --dry-run)", where="compress")
+    from compressor.pipeline import RunOptions, dry_run, run_recipe
+    from compressor.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    if args.quiet:
+        quiet_transformers()
+    options = RunOptions(
+        out_dir=args.output,
+        overwrite=args.overwrite,
+        allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code,
+        device=args.device,
+        batch_size=args.batch_size,
+        show_progress=not args.quiet,
+        measure_perplexity=not args.no_perplexity,
+    )
+    if args.dry_run:
+        _print_plans(dry_run(args.model, recipe, options), print)
+        print("dry run: nothing written")
+        return 0
+    summary = run_recipe(args.model, recipe, options)
+    ratio = summary.original_bytes / max(summary.compressed_bytes, 1)
+    print(f"saved: {summary.out_dir}")
+    print(
+        f"size: {summary.compressed_bytes / 1e6:.1f} MB (original {summary.original_bytes / 1e6:.1f} MB, {ratio:.2f}x smaller)"
+    )
+    if summary.base_perplexity is not None and summary.compressed_perplexity is not None:
+        change = (summary.compressed_perplexity / summary.base_perplexity - 1) * 100
+        print(
+            f"held-out perplexity: {summary.compressed_perplexity:.3f} (original {summary.base_perplexity:.3f}, {change:+.1f}%)"
+        )
+    return 0
