@@ -64,6 +64,9 @@ def resolve_model(reference: str) -> ModelSource:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelError("GGUF file not found", where=reference)
+        with path.open("rb") as handle:
+            if handle.read(4) != b"GGUF":
+                raise ModelError("not a GGUF file (it does not start with the GGUF magic bytes)", where=reference)
         return ModelSource(reference, "gguf", "", gguf_file=path.resolve())
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -109,8 +112,12 @@ def convert_gguf(gguf: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=GGUF_DTYPE)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=GGUF_DTYPE)
+        except (ValueError, KeyError, NotImplementedError) as err:
+            # transformers reads a subset of GGUF architectures and tensor types.
+            raise ModelError(f"cannot convert this GGUF file: {str(err).splitlines()[0]}", where=str(gguf)) from None
         # The weights are plain tensors now; drop the GGUF loader's marks so the folder
         # reads as an ordinary checkpoint.
         model.hf_quantizer = None

@@ -52,8 +52,22 @@ class LocatedDocument:
         return {"where": self.where(path), "key": _format_path(path)}
 
 
+# Plain data only: a recipe is never allowed to name a Python object or anything exotic.
+_ALLOWED_TAGS = {
+    f"tag:yaml.org,2002:{kind}" for kind in ("str", "int", "float", "bool", "null", "map", "seq")
+}
+
+
 def _construct(loader: _LineLoader, node: yaml.Node, path: Path_, lines: dict[Path_, int]) -> Any:
     lines.setdefault(path, node.start_mark.line + 1)
+    if node.tag == "tag:yaml.org,2002:timestamp":
+        return node.value  # a date stays the text it was written as
+    if node.tag not in _ALLOWED_TAGS:
+        raise RecipeError(
+            f"YAML tag '{node.tag}' is not allowed (recipes are plain YAML: values, lists and mappings)",
+            key=_format_path(path) or None,
+            where=str(node.start_mark.line + 1),
+        )
     if isinstance(node, yaml.MappingNode):
         result: dict[Any, Any] = {}
         for key_node, value_node in node.value:

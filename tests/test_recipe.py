@@ -79,7 +79,7 @@ def test_resolved_recipe_round_trips_through_safe_yaml():
         ("name: x\nstages:\n  - quantize: {method: rtn}\n    prune: {}\n", "r.yaml:3 stages[0]: each stage must be a mapping with exactly one key"),
         ("name: x\nstages:\n  - quantize: {method: rtn, targets: ['re:(']}\n", "r.yaml:3 stages[0].quantize.targets: invalid regex '('"),
         ("name: [unclosed\n", "r.yaml:2: not valid YAML"),
-        ("name: !!python/object:os.system x\nstages: []\n", "r.yaml:1: not valid YAML"),
+        ("name: !!python/object:os.system x\nstages: []\n", "r.yaml:1 name: YAML tag 'tag:yaml.org,2002:python/object:os.system' is not allowed"),
         ("- just\n- a list\n", "r.yaml:1: a recipe must be a YAML mapping"),
         ("name: x\nname: y\nstages: []\n", "r.yaml:2 name: duplicate key 'name'"),
         ("name: x\nstages:\n  - quantize: {method: rtn}\nevaluate:\n  tasks: [arc_easy]\n", "r.yaml:5 evaluate.tasks: unknown task 'arc_easy'"),

@@ -8,7 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable
 
-from compressor.commands.args import Parser, positive_int, quiet_transformers
+from compressor.commands.args import Parser, device_name, positive_int, quiet_transformers
 from compressor.errors import UserError
 
 
@@ -21,7 +21,7 @@ def _run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     parser.add_argument("--allow-pickle", action="store_true", help="allow loading .bin/.pt pickle checkpoints")
     parser.add_argument("--trust-remote-code", action="store_true", help="run model code from the model's repository")
-    parser.add_argument("--device", help="compute device for calibration (default: cuda if available, else cpu)")
+    parser.add_argument("--device", type=device_name, help="compute device for calibration (default: cuda if available, else cpu)")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="calibration windows per forward (default 8)")
     parser.add_argument("--no-perplexity", action="store_true", help="skip the held-out perplexity before and after")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
