@@ -25,14 +25,45 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
         raise UserError("output folder exists and is not empty; pass --overwrite to replace it", where=str(out_dir))
 
 
+_OWNER_FILE = ".owner-pid"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_staging(out_dir: Path) -> list[Path]:
+    """Remove staging folders left by runs that were killed (SIGKILL skips every cleanup)."""
+    removed = []
+    for candidate in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
+        owner = candidate / _OWNER_FILE
+        try:
+            pid = int(owner.read_text().strip())
+        except (OSError, ValueError):
+            pid = None
+        if pid is None or not _process_alive(pid):
+            shutil.rmtree(candidate, ignore_errors=True)
+            removed.append(candidate)
+    return removed
+
+
 @contextmanager
 def atomic_output_dir(out_dir: Path) -> Iterator[Path]:
     """Yield a staging folder; on success it replaces `out_dir`, on failure it is removed."""
     out_dir = out_dir.resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(out_dir)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
+        (staging / _OWNER_FILE).write_text(str(os.getpid()))
         yield staging
+        (staging / _OWNER_FILE).unlink()
         previous = None
         if out_dir.exists():
             previous = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))

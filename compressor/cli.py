@@ -11,9 +11,19 @@ nothing written), 130 interrupted.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 
 from compressor.errors import CompressionError, UserError
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that cleanup (`finally` blocks) runs as for Ctrl-C."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM)
+    if in_main_thread:  # signal handlers can only be installed from the main thread
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         command, rest = command_for(argv)
         return command(rest)
@@ -33,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated: nothing was written", file=sys.stderr)
+        return 143
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from compressor.cache import cache_root
 from compressor.checkpoint import atomic_output_dir, check_output_dir
 from compressor.errors import RecipeError
 from compressor.formats import write_quantization_config
+from compressor.guards import assert_finite, check_free_space, state_bytes
 from compressor.model_io import LoadedModel, load_config, load_model, load_tokenizer, prepare_source, weights_bytes
 from compressor.recipe import Recipe
 from compressor.registry import stage_registry
@@ -161,6 +162,7 @@ def run_recipe(
         started = time.perf_counter()
         model = stage.run(model, spec.config, ctx, plan)
         seconds = time.perf_counter() - started
+        assert_finite(model, f"stage {index + 1} ({spec.kind})")
         summary.stage_seconds.append(seconds)
         summary.plans.append(plan)
         stage_log.append({"kind": spec.kind, "method": plan.method, "modules": len(plan.selected), "seconds": round(seconds, 3)})
@@ -184,6 +186,7 @@ def run_recipe(
         },
         "versions": _versions(),
     }
+    check_free_space(options.out_dir, state_bytes(model))
     with atomic_output_dir(options.out_dir) as staging:
         _write_checkpoint(loaded, recipe, staging, metadata)
         summary.compressed_bytes = metadata["sizes"]["compressed_bytes"]
