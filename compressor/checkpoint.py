@@ -74,3 +74,20 @@ def atomic_output_dir(out_dir: Path) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def workdir_for(out_dir: Path) -> Path:
+    """Where stage checkpoints live: a hidden folder beside OUT (same disk, so renames are cheap)."""
+    out_dir = out_dir.resolve()
+    return out_dir.parent / f".{out_dir.name}.work"
+
+
+def prepare_workdir(out_dir: Path, resume: bool) -> Path:
+    """The work folder for this run: kept as it is with --resume, emptied otherwise.
+
+    It is created by the first stage that writes a checkpoint, so runs without one leave no trace.
+    """
+    workdir = workdir_for(out_dir)
+    if workdir.exists() and not resume:
+        shutil.rmtree(workdir)
+    return workdir

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from torch import nn
 
 from compressor import __version__
 from compressor.cache import cache_root
-from compressor.checkpoint import atomic_output_dir, check_output_dir
+from compressor.checkpoint import atomic_output_dir, check_output_dir, prepare_workdir
 from compressor.errors import RecipeError
 from compressor.formats import write_quantization_config
 from compressor.guards import assert_finite, check_free_space, state_bytes
@@ -40,6 +41,7 @@ class RunOptions:
     batch_size: int = 8
     show_progress: bool = True
     measure_perplexity: bool = True
+    resume: bool = False
 
 
 @dataclass
@@ -146,18 +148,26 @@ def run_recipe(
     if base_ppl is not None:
         echo(f"base held-out perplexity: {base_ppl:.3f}")
 
+    def reference_model() -> nn.Module:
+        return load_model(model_reference, allow_pickle=options.allow_pickle, trust_remote_code=options.trust_remote_code).model
+
+    workdir = prepare_workdir(options.out_dir, options.resume)
     ctx = StageContext(
         tokenizer=tokenizer,
         calibration=calibration_tokens,
         device=device,
         batch_size=options.batch_size,
         show_progress=options.show_progress,
+        workdir=workdir,
+        resume=options.resume,
+        load_reference_model=reference_model,
     )
     summary = RunSummary(options.out_dir, original_bytes, 0, base_ppl, None)
     stage_log = []
     for index, spec in enumerate(recipe.stages):
         stage = registry.get(spec.kind).implementation
         plan = stage.plan(model, spec.config, _locator(recipe, index, spec.kind))
+        ctx.stage_index = index
         echo(f"stage {index + 1}/{len(recipe.stages)}: {spec.kind} ({plan.method}) on {len(plan.selected)} modules")
         started = time.perf_counter()
         model = stage.run(model, spec.config, ctx, plan)
@@ -176,6 +186,7 @@ def run_recipe(
         "seed": recipe.calibration.seed,
         "stages": stage_log,
         "modules": ctx.records,
+        "training": ctx.notes,
         "sizes": {"original_bytes": original_bytes},
         "perplexity": {
             "base": base_ppl,
@@ -189,7 +200,10 @@ def run_recipe(
     check_free_space(options.out_dir, state_bytes(model))
     with atomic_output_dir(options.out_dir) as staging:
         _write_checkpoint(loaded, recipe, staging, metadata)
+        for name, source in ctx.artifacts.items():
+            shutil.copyfile(source, staging / name)
         summary.compressed_bytes = metadata["sizes"]["compressed_bytes"]
+    shutil.rmtree(workdir, ignore_errors=True)
     return summary
 
 

@@ -24,6 +24,7 @@ def _run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", type=device_name, help="compute device for calibration (default: cuda if available, else cpu)")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="calibration windows per forward (default 8)")
     parser.add_argument("--no-perplexity", action="store_true", help="skip the held-out perplexity before and after")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its last training checkpoint")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     return parser
 
@@ -63,6 +64,7 @@ def run(argv: list[str]) -> int:
         batch_size=args.batch_size,
         show_progress=not args.quiet,
         measure_perplexity=not args.no_perplexity,
+        resume=args.resume,
     )
     if args.dry_run:
         _print_plans(dry_run(args.model, recipe, options), print)

@@ -6,6 +6,8 @@ from compressor.registry import Registry, StageEntry
 
 
 def register_builtin_stages(registry: Registry[StageEntry]) -> None:
+    from compressor.stages.distill import DistillConfig, DistillStage
     from compressor.stages.quantize import QuantizeConfig, QuantizeStage
 
     registry.register("quantize", StageEntry(QuantizeConfig, QuantizeStage()))
+    registry.register("distill", StageEntry(DistillConfig, DistillStage()))

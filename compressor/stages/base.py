@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import torch
@@ -20,6 +21,12 @@ class StageContext:
     batch_size: int = 8
     show_progress: bool = True
     records: dict[str, dict[str, Any]] = field(default_factory=dict)  # module name → what was done
+    notes: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage label → summary (compression.json)
+    workdir: Path | None = None  # stage checkpoints for --resume; removed after a successful save
+    resume: bool = False
+    stage_index: int = 0  # set by the pipeline before each stage runs
+    load_reference_model: Callable[[], nn.Module] | None = None  # a fresh copy of the model as loaded
+    artifacts: dict[str, Path] = field(default_factory=dict)  # file name in OUT → file to copy there
 
 
 @dataclass

@@ -1,0 +1,169 @@
+"""The `distill` stage: recover what compression lost by matching a frozen teacher.
+
+Recipe block::
+
+    - distill:
+        teacher: base                 # the model as loaded before any stage, or a model id/path
+        loss: {kind: kl, temperature: 2.0}      # or a list: [{kind: kl, weight: 1}, {kind: ce, weight: 0.1}]
+        steps: 200
+        lr: 1.0e-5
+        schedule: cosine              # constant | linear | cosine (+ warmup_steps)
+        batch_size: 4
+        gradient_accumulation: 1
+        gradient_checkpointing: false
+        train: auto                   # auto | unquantized | scales (see compressor.training.trainable)
+        data: null                    # a calibration block of its own; default: the recipe's calibration
+        checkpoint_every: 50          # resumable with `compress ... --resume`
+
+Losses: kl, reverse_kl, jsd (with beta), ce, mse_hidden / cosine_hidden (with layers:
+[[student, teacher], ...] indices into hidden_states: 0 is the embeddings, i the output of block i).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_validator
+from torch import nn
+
+from compressor.algorithms.distill_losses import loss_registry
+from compressor.errors import RecipeError
+from compressor.recipe import CalibrationSpec, StrictModel
+from compressor.stages.base import Locator, StageContext, StagePlan
+from compressor.targets import validate_pattern
+from compressor.training.trainable import TRAIN_MODES, describe_trainable, select_trainable
+
+_LOGIT_LOSSES = {"kl", "reverse_kl", "jsd"}
+_HIDDEN_LOSSES = {"mse_hidden", "cosine_hidden"}
+
+
+class LossSpec(StrictModel):
+    kind: str
+    weight: float = Field(default=1.0, gt=0)
+    temperature: float = Field(default=1.0, gt=0)
+    beta: float = Field(default=0.5, gt=0, lt=1)
+    layers: list[list[int]] | None = None
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, value: str) -> str:
+        registry = loss_registry()
+        if value not in registry:
+            raise ValueError(registry.unknown_message(value))
+        return value
+
+    @field_validator("layers")
+    @classmethod
+    def _pairs(cls, value: list[list[int]] | None) -> list[list[int]] | None:
+        if value is not None:
+            if not value:
+                raise ValueError("give at least one [student_layer, teacher_layer] pair")
+            for pair in value:
+                if len(pair) != 2:
+                    raise ValueError(f"each entry is a [student_layer, teacher_layer] pair, got {pair}")
+        return value
+
+    @model_validator(mode="after")
+    def _fields_fit_kind(self) -> "LossSpec":
+        given = self.model_fields_set
+        if self.kind in _HIDDEN_LOSSES and self.layers is None:
+            raise ValueError(f"loss '{self.kind}' needs `layers: [[student, teacher], ...]`")
+        if self.kind not in _HIDDEN_LOSSES and "layers" in given:
+            raise ValueError(f"`layers` applies to mse_hidden and cosine_hidden, not '{self.kind}'")
+        if "temperature" in given and self.kind not in _LOGIT_LOSSES:
+            raise ValueError(f"`temperature` applies to kl, reverse_kl and jsd, not '{self.kind}'")
+        if "beta" in given and self.kind != "jsd":
+            raise ValueError(f"`beta` applies to jsd, not '{self.kind}'")
+        return self
+
+
+class DistillConfig(StrictModel):
+    teacher: str = "base"
+    loss: LossSpec | list[LossSpec] = Field(default_factory=lambda: LossSpec(kind="kl"))
+    steps: PositiveInt = 100
+    lr: float = Field(default=1e-5, gt=0)
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: NonNegativeInt = 0
+    batch_size: PositiveInt = 4
+    gradient_accumulation: PositiveInt = 1
+    gradient_checkpointing: bool = False
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    train: Literal[TRAIN_MODES] = "auto"  # type: ignore[valid-type]
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
+    data: CalibrationSpec | None = None
+    checkpoint_every: PositiveInt | None = 50
+    log_every: PositiveInt = 10
+    seed: NonNegativeInt = 0
+
+    @field_validator("ignore")
+    @classmethod
+    def _patterns(cls, values: list[str]) -> list[str]:
+        return [validate_pattern(v) for v in values]
+
+    @field_validator("loss", mode="before")
+    @classmethod
+    def _not_empty(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("give at least one loss")
+        return value
+
+    def losses(self) -> list[LossSpec]:
+        return self.loss if isinstance(self.loss, list) else [self.loss]
+
+    def loss_path(self, index: int) -> tuple:
+        return ("loss", index) if isinstance(self.loss, list) else ("loss",)
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> "DistillConfig":
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be fewer than steps ({self.steps})")
+        return self
+
+
+def _check_layers(model: nn.Module, config: DistillConfig, locate: Locator) -> None:
+    count = getattr(model.config, "num_hidden_layers", None)
+    for index, spec in enumerate(config.losses()):
+        for student_layer, teacher_layer in spec.layers or []:
+            for layer in (student_layer, teacher_layer):
+                # The teacher is checked against the same count: a different depth is a different teacher.
+                if count is not None and not 0 <= layer <= count:
+                    raise RecipeError(
+                        f"hidden-state index {layer} is out of range (0 = embeddings … {count} = last block)",
+                        **locate(*config.loss_path(index), "layers"),
+                    )
+
+
+def _check_teacher(model: nn.Module, config: DistillConfig, locate: Locator) -> None:
+    if config.teacher == "base":
+        return
+    from compressor.model_io import load_config, prepare_source
+
+    _, path, _ = prepare_source(config.teacher, allow_pickle=False)
+    teacher_config = load_config(path, config.teacher, False)
+    ours, theirs = getattr(model.config, "vocab_size", None), getattr(teacher_config, "vocab_size", None)
+    if ours != theirs:
+        raise RecipeError(
+            f"teacher '{config.teacher}' has a different vocabulary ({theirs} tokens, the model has {ours})",
+            **locate("teacher"),
+        )
+
+
+class DistillStage:
+    def needs_calibration(self, config: DistillConfig) -> bool:
+        return config.data is None
+
+    def plan(self, model: nn.Module, config: DistillConfig, locate: Locator) -> StagePlan:
+        _check_layers(model, config, locate)
+        _check_teacher(model, config, locate)
+        selected = describe_trainable(model, config.train, config.ignore)
+        # Before the stages run there are no quantized layers yet: `scales` is checked again at run time.
+        if not selected and config.train != "scales":
+            raise RecipeError(f"`train: {config.train}` finds nothing to train in this model", **locate("train"))
+        return StagePlan(kind="distill", method="+".join(s.kind for s in config.losses()), selected=selected)
+
+    def run(self, model: nn.Module, config: DistillConfig, ctx: StageContext, plan: StagePlan) -> nn.Module:
+        from compressor.stages.distill_run import distill_model
+
+        return distill_model(model, config, ctx)

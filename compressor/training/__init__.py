@@ -1,0 +1,1 @@
+"""Training on top of compressed models: what trains, the loop, and its checkpoints."""

@@ -1,0 +1,178 @@
+"""The distillation loop: the student learns to match a frozen teacher on token windows.
+
+Runs through accelerate (device placement, autocast, gradient accumulation, DDP when
+launched with `accelerate launch`), keeps pruning masks and quantized codes intact (see
+`compressor.training.trainable`), checkpoints every N steps into the work directory and
+continues from the last checkpoint when asked to resume.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from compressor.algorithms.distill_losses import LossEntry, LossInputs
+from compressor.errors import CompressionError
+from compressor.training.checkpoints import TrainingState, load_training_checkpoint, save_training_checkpoint
+from compressor.training.trainable import TrainableSet
+
+
+@dataclass(frozen=True)
+class WeightedLoss:
+    name: str
+    entry: LossEntry
+    spec: Any  # the recipe's loss block: weight, temperature, beta, layers
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    steps: int
+    lr: float
+    schedule: str
+    warmup_steps: int
+    batch_size: int
+    gradient_accumulation: int
+    gradient_checkpointing: bool
+    max_grad_norm: float | None
+    weight_decay: float
+    checkpoint_every: int | None
+    log_every: int
+    seed: int
+
+
+@dataclass
+class LoopResult:
+    state: TrainingState
+    resumed_from: int = 0
+    curve: list[dict[str, float]] = field(default_factory=list)
+
+
+def _batch_sampler(windows: torch.Tensor, batch_size: int, generator: torch.Generator) -> Callable[[], torch.Tensor]:
+    def sample() -> torch.Tensor:
+        # Each batch is drawn from the generator alone, so its state is all a resume needs.
+        return windows[torch.randperm(windows.shape[0], generator=generator)[:batch_size]]
+
+    return sample
+
+
+def _loss_terms(student: nn.Module, teacher: nn.Module | None, ids: torch.Tensor, losses: list[WeightedLoss]) -> dict[str, torch.Tensor]:
+    need_hidden = any(item.entry.needs_hidden for item in losses)
+    student_out = student(input_ids=ids, use_cache=False, output_hidden_states=need_hidden)
+    teacher_out = None
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_out = teacher(input_ids=ids, use_cache=False, output_hidden_states=need_hidden)
+    inputs = LossInputs(
+        student_logits=student_out.logits,
+        teacher_logits=teacher_out.logits if teacher_out is not None else None,
+        student_hidden=student_out.hidden_states if need_hidden else None,
+        teacher_hidden=teacher_out.hidden_states if need_hidden and teacher_out is not None else None,
+        input_ids=ids,
+    )
+    return {item.name: item.entry.function(inputs, item.spec) * item.spec.weight for item in losses}
+
+
+def run_distillation(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    windows: torch.Tensor,
+    losses: list[WeightedLoss],
+    trainable: TrainableSet,
+    settings: LoopSettings,
+    *,
+    checkpoint_dir: Path | None,
+    resume: bool,
+    show_progress: bool,
+    autocast_dtype: torch.dtype | None,
+    cpu: bool,
+) -> LoopResult:
+    from accelerate import Accelerator
+    from transformers import get_scheduler
+
+    accelerator = Accelerator(cpu=cpu)
+    device = accelerator.device
+    student.to(device)
+    if teacher is not None:
+        teacher.to(device).eval()
+    if settings.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.AdamW(trainable.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = get_scheduler(settings.schedule, optimizer, num_warmup_steps=settings.warmup_steps, num_training_steps=settings.steps)
+    trained = accelerator.prepare_model(student) if accelerator.num_processes > 1 else student
+    generator = torch.Generator().manual_seed(settings.seed + accelerator.process_index)
+    sample = _batch_sampler(windows, settings.batch_size, generator)
+
+    state = TrainingState(step=0, losses=[])
+    if resume and checkpoint_dir is not None:
+        restored = load_training_checkpoint(checkpoint_dir, trainable, optimizer, scheduler, generator)
+        if restored is not None:
+            state = restored
+    resumed_from = state.step
+
+    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+    student.train()
+    progress = tqdm(range(state.step, settings.steps), desc="distilling", unit="step", disable=not show_progress)
+    for step in progress:
+        totals: dict[str, float] = {}
+        for micro in range(settings.gradient_accumulation):
+            # Gradients are averaged across processes only on the last micro-batch.
+            last = micro == settings.gradient_accumulation - 1
+            with (nullcontext() if last else accelerator.no_sync(trained)):
+                with autocast:
+                    terms = _loss_terms(trained, teacher, sample().to(device), losses)
+                    loss = torch.stack(list(terms.values())).sum()
+                if not torch.isfinite(loss):
+                    raise CompressionError(f"distillation loss became {loss.item()} at step {step + 1}; lower lr")
+                accelerator.backward(loss / settings.gradient_accumulation)
+            for name, value in terms.items():
+                totals[name] = totals.get(name, 0.0) + value.item() / settings.gradient_accumulation
+        trainable.mask_gradients()
+        if settings.max_grad_norm is not None:
+            accelerator.clip_grad_norm_(trainable.parameters(), settings.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        trainable.apply_masks()
+        record = {"step": step + 1, "loss": sum(totals.values()), "lr": scheduler.get_last_lr()[0], **totals}
+        state.losses.append(record)
+        state.step = step + 1
+        if (step + 1) % settings.log_every == 0:
+            progress.set_postfix(loss=f"{record['loss']:.4f}")
+        every = settings.checkpoint_every
+        if checkpoint_dir is not None and every and state.step % every == 0 and state.step < settings.steps:
+            if accelerator.is_main_process:
+                save_training_checkpoint(checkpoint_dir, trainable, optimizer, scheduler, generator, state)
+            accelerator.wait_for_everyone()
+    student.eval()
+    if settings.gradient_checkpointing:
+        student.gradient_checkpointing_disable()
+    return LoopResult(state=state, resumed_from=resumed_from, curve=state.losses)
+
+
+def plot_loss_curve(curve: list[dict[str, float]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [row["step"] for row in curve]
+    figure, axis = plt.subplots(figsize=(7, 4))
+    axis.plot(steps, [row["loss"] for row in curve], label="total", linewidth=2)
+    terms = [key for key in curve[0] if key not in ("step", "loss", "lr")] if curve else []
+    if len(terms) > 1:
+        for term in terms:
+            axis.plot(steps, [row[term] for row in curve], label=term, alpha=0.7)
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

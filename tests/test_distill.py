@@ -1,0 +1,231 @@
+"""The distill stage: each loss against a direct computation, what trains, masks, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from compressor.algorithms import distill_losses as losses
+from compressor.cli import main
+from compressor.stages.distill import LossSpec
+from compressor.training.distill_loop import LoopSettings, WeightedLoss, run_distillation
+from compressor.training.trainable import select_trainable
+
+
+def _inputs(seed: int = 0, hidden: bool = False) -> losses.LossInputs:
+    g = torch.Generator().manual_seed(seed)
+    s, t = torch.randn(2, 5, 11, generator=g), torch.randn(2, 5, 11, generator=g)
+    hs = tuple(torch.randn(2, 5, 8, generator=g) for _ in range(3)) if hidden else None
+    ht = tuple(torch.randn(2, 5, 8, generator=g) for _ in range(3)) if hidden else None
+    return losses.LossInputs(s, t, hs, ht, torch.randint(0, 11, (2, 5), generator=g))
+
+
+def _spec(kind, **kw):
+    return LossSpec(kind=kind, **kw)
+
+
+def test_forward_kl_matches_kl_div():
+    x = _inputs()
+    T = 2.0
+    expected = F.kl_div(
+        F.log_softmax(x.student_logits / T, -1).reshape(-1, 11), F.log_softmax(x.teacher_logits / T, -1).reshape(-1, 11),
+        reduction="batchmean", log_target=True,
+    ) * T * T
+    assert torch.allclose(losses.forward_kl(x, _spec("kl", temperature=T)), expected, rtol=1e-5)
+
+
+def test_reverse_kl_swaps_the_roles():
+    x = _inputs(1)
+    p_s, p_t = F.softmax(x.student_logits, -1), F.softmax(x.teacher_logits, -1)
+    expected = (p_s * (p_s.log() - p_t.log())).sum(-1).mean()
+    assert torch.allclose(losses.reverse_kl(x, _spec("reverse_kl")), expected, rtol=1e-5)
+
+
+def test_jsd_with_beta_matches_probabilities():
+    x = _inputs(2)
+    beta = 0.3
+    p_t, p_s = F.softmax(x.teacher_logits, -1), F.softmax(x.student_logits, -1)
+    m = beta * p_t + (1 - beta) * p_s
+    kl = lambda a, b: (a * (a / b).log()).sum(-1).mean()  # noqa: E731
+    expected = beta * kl(p_t, m) + (1 - beta) * kl(p_s, m)
+    assert torch.allclose(losses.generalized_jsd(x, _spec("jsd", beta=beta)), expected, rtol=1e-5)
+    same = losses.LossInputs(x.student_logits, x.student_logits, None, None, x.input_ids)
+    assert losses.generalized_jsd(same, _spec("jsd")).abs() < 1e-6
+
+
+def test_ce_is_next_token_cross_entropy():
+    x = _inputs(3)
+    expected = F.cross_entropy(x.student_logits[:, :-1].reshape(-1, 11), x.input_ids[:, 1:].reshape(-1))
+    assert torch.allclose(losses.cross_entropy(x, _spec("ce")), expected)
+
+
+def test_hidden_losses_on_chosen_pairs():
+    x = _inputs(4, hidden=True)
+    spec = _spec("mse_hidden", layers=[[1, 2], [2, 0]])
+    expected = (F.mse_loss(x.student_hidden[1], x.teacher_hidden[2]) + F.mse_loss(x.student_hidden[2], x.teacher_hidden[0])) / 2
+    assert torch.allclose(losses.mse_hidden(x, spec), expected)
+    cos = _spec("cosine_hidden", layers=[[1, 1]])
+    expected_cos = (1 - F.cosine_similarity(x.student_hidden[1], x.teacher_hidden[1], dim=-1)).mean()
+    assert torch.allclose(losses.cosine_hidden(x, cos), expected_cos)
+
+
+def _tiny(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
+
+
+def _settings(**kw) -> LoopSettings:
+    base = dict(steps=6, lr=1e-3, schedule="constant", warmup_steps=0, batch_size=2, gradient_accumulation=1,
+                gradient_checkpointing=False, max_grad_norm=1.0, weight_decay=0.0, checkpoint_every=None, log_every=1, seed=0)
+    base.update(kw)
+    return LoopSettings(**base)
+
+
+def _kl_loss() -> list[WeightedLoss]:
+    return [WeightedLoss("kl", losses.loss_registry().get("kl"), _spec("kl"))]
+
+
+def _windows(n=8, length=24):
+    return torch.randint(3, 384, (n, length), generator=torch.Generator().manual_seed(0))
+
+
+def test_pruned_zeros_stay_zero_and_the_rest_trains(tiny_llama):
+    student, teacher = _tiny(tiny_llama), _tiny(tiny_llama)
+    pruned = {}
+    with torch.no_grad():
+        for name, module in student.named_modules():
+            if name.endswith("mlp.up_proj"):
+                module.weight[:, ::2] = 0
+                pruned[name] = module.weight.clone()
+    trainable = select_trainable(student, "auto", ["lm_head"])
+    assert set(f"{n}.weight" for n in pruned) <= set(trainable.masks)
+    result = run_distillation(student, teacher, _windows(), _kl_loss(), trainable, _settings(),
+                              checkpoint_dir=None, resume=False, show_progress=False, autocast_dtype=None, cpu=True)
+    trainable.finish()
+    assert result.state.step == 6
+    for name, before in pruned.items():
+        after = student.get_submodule(name).weight
+        assert torch.all(after[:, ::2] == 0)
+        assert not torch.equal(after[:, 1::2], before[:, 1::2])
+    assert not any(p.requires_grad for p in student.parameters())
+
+
+def test_resume_continues_from_the_saved_step(tiny_llama, tmp_path):
+    def fresh():
+        student = _tiny(tiny_llama)
+        with torch.no_grad():  # a gap for the student to close
+            for module in student.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.weight.mul_(0.9)
+        return student, select_trainable(student, "unquantized", ["lm_head"])
+
+    teacher = _tiny(tiny_llama)
+    run = lambda student, trainable, **kw: run_distillation(  # noqa: E731
+        student, teacher, _windows(), _kl_loss(), trainable, _settings(steps=8, checkpoint_every=4, **kw.pop("settings", {})),
+        show_progress=False, autocast_dtype=None, cpu=True, **kw)
+
+    whole, whole_set = fresh()
+    run(whole, whole_set, checkpoint_dir=tmp_path / "a", resume=False)
+    reference = {n: p.detach().clone() for n, p in whole_set.named.items()}
+
+    crashed, crashed_set = fresh()
+    original_step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def failing_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return original_step(self, *a, **k)
+
+    torch.optim.AdamW.step = failing_step
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(crashed, crashed_set, checkpoint_dir=tmp_path / "b", resume=False)
+    finally:
+        torch.optim.AdamW.step = original_step
+    assert json.loads((tmp_path / "b" / "state.json").read_text())["step"] == 4
+
+    resumed, resumed_set = fresh()
+    result = run(resumed, resumed_set, checkpoint_dir=tmp_path / "b", resume=True)
+    assert result.resumed_from == 4 and result.state.step == 8
+    assert [row["step"] for row in result.curve] == list(range(1, 9))
+    for name, value in resumed_set.named.items():
+        assert torch.allclose(value, reference[name], rtol=1e-5, atol=1e-7), name
+
+
+RECIPE = """name: q-then-distill
+calibration: {{samples: 8, seq_len: 32}}
+stages:
+  - quantize: {{method: rtn, weights: {{bits: 2, group_size: 32}}}}
+  - distill:
+      loss: [{{kind: kl, temperature: 2.0}}, {{kind: ce, weight: 0.1}}]
+      steps: {steps}
+      lr: 3.0e-3
+      batch_size: 4
+      train: scales
+      checkpoint_every: 5
+"""
+
+
+def test_distill_after_quantize_trains_scales_only(tiny_llama, tmp_path, capsys):
+    out_q = tmp_path / "q"
+    quant_only = tmp_path / "q.yaml"
+    quant_only.write_text(RECIPE.format(steps=1).split("  - distill")[0])
+    assert main([str(tiny_llama), "--recipe", str(quant_only), "-o", str(out_q), "-q", "--no-perplexity"]) == 0
+    recipe = tmp_path / "d.yaml"
+    recipe.write_text(RECIPE.format(steps=12))
+    out = tmp_path / "d"
+    assert main([str(tiny_llama), "--recipe", str(recipe), "-o", str(out), "-q", "--no-perplexity"]) == 0
+    plain, distilled = load_file(str(out_q / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    packed = [k for k in plain if k.endswith("weight_packed")]
+    assert packed and all(torch.equal(plain[k], distilled[k]) for k in packed)
+    scales = [k for k in plain if k.endswith("weight_scale")]
+    assert any(not torch.equal(plain[k], distilled[k]) for k in scales)
+    assert all(distilled[k].dtype == plain[k].dtype for k in scales)
+    others = [k for k in plain if not k.startswith(("weight_", )) and "weight_" not in k]
+    assert all(torch.equal(plain[k], distilled[k]) for k in others)
+    log = json.loads((out / "stage-2-distill.json").read_text())
+    assert log["curve"][-1]["loss"] < log["curve"][0]["loss"]
+    assert (out / "stage-2-distill-loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / ".d.work").exists()
+    summary = json.loads((out / "compression.json").read_text())["training"]["stage-2-distill"]
+    assert summary["steps"] == 12
+
+
+@pytest.mark.parametrize(
+    "block, line, key, fragment",
+    [
+        ("{lr: 0}", 4, "stages[0].distill.lr", "greater than 0"),
+        ("{lr: -1.0e-5}", 4, "stages[0].distill.lr", "greater than 0"),
+        ("{steps: 0}", 4, "stages[0].distill.steps", "greater than 0"),
+        ("{loss: {kind: kld}}", 4, "stages[0].distill.loss.kind", "did you mean 'kl'"),
+        ("{loss: {kind: mse_hidden}}", 4, "stages[0].distill.loss", "needs `layers"),
+        ("{loss: {kind: ce, temperature: 2.0}}", 4, "stages[0].distill.loss", "`temperature` applies to"),
+        ("{loss: [{kind: kl}, {kind: mse_hidden, layers: [[1, 9]]}]}", 4, "stages[0].distill.loss[1].layers", "out of range"),
+        ("{warmup_steps: 10, steps: 10}", 4, "stages[0].distill", "fewer than steps"),
+        ("{train: everything}", 4, "stages[0].distill.train", "got 'everything'"),
+        ("{teacher: TEACHER}", 4, "stages[0].distill.teacher", "different vocabulary"),
+    ],
+)
+def test_bad_distill_blocks(block, line, key, fragment, tiny_llama, tmp_path, capsys):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_llama, teacher)
+    config = json.loads((teacher / "config.json").read_text())
+    config["vocab_size"] = 500
+    (teacher / "config.json").write_text(json.dumps(config))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: t\ncalibration: {samples: 4, seq_len: 32}\nstages:\n  - distill: " + block.replace("TEACHER", str(teacher)) + "\n")
+    code = main([str(tiny_llama), "--recipe", str(recipe), "--dry-run", "-q"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert f"{recipe}:{line} {key}:" in err and fragment in err, err
