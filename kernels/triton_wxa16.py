@@ -18,6 +18,7 @@ bf16 arithmetic is not faithful). Set the variable before this module is importe
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -123,11 +124,16 @@ _gemv = triton.autotune(configs=_gemv_configs(), key=["M_BUCKET", "N", "K", "SPL
 _gemm = triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K"])(_wxa16_kernel)
 
 
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _split_k(n: int, k: int, device: torch.device) -> int:
     """K slices for the decode kernel: enough programs to fill the GPU, each slice >= 256 columns."""
     if INTERPRETED:
         return 2 if k > 32 else 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
     n_tiles = -(-n // 64)
     wanted = max(1, (2 * sms) // n_tiles)
     return max(1, min(wanted, k // 256, 16))
