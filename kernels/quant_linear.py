@@ -4,18 +4,39 @@ Buffers carry exactly the tensors of the compressed-tensors ``pack-quantized`` f
 (``weight_packed``, ``weight_scale``, ``weight_zero_point``, ``weight_shape``), so a model
 holding these modules saves straight to that format and loads back without conversion.
 
-``forward`` uses the reference path: dequantize the weight, then matmul. It is
-differentiable with respect to the input (the codes are frozen buffers), so training stages
-can run on top of it.
+``forward`` dispatches by device, dtype and batch size to the first backend of
+``compressor.kernels.dispatch.quant_linear_kernels()`` that can run the layer (Triton on
+CUDA, PyTorch's packed int4/int8 operators on CPU), else to the reference path: dequantize
+the weight, then matmul. Each backend's packed form is built once per device and cached on
+the module (rebuilt if the buffers change); ``kernel_report`` records the last choice and why
+the other backends were skipped. Every path is differentiable with respect to the input (the
+codes are frozen buffers): the backward pass multiplies by the dequantized weight.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compressor.kernels.dispatch import KernelBackend, KernelChoice, batch_bucket, quant_linear_kernels
 from compressor.kernels.packing import pack_codes, unpack_codes
+from compressor.kernels.reference import dequantize_packed, unpack_zero_points
+
+
+class _PackedKernelLinear(torch.autograd.Function):
+    """A backend's matmul with a backward through the reference dequantized weight."""
+
+    @staticmethod
+    def forward(ctx, x2d: torch.Tensor, module: "QuantLinear", backend: KernelBackend, state: Any) -> torch.Tensor:
+        ctx.module = module
+        return backend.run(state, x2d)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad @ ctx.module.dequantized_weight(grad.dtype), None, None, None
 
 
 class QuantLinear(nn.Module):
@@ -48,6 +69,9 @@ class QuantLinear(nn.Module):
         else:
             self.weight_zero_point = None
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self._choices: dict[tuple, KernelChoice] = {}
+        self._prepared: dict[tuple, tuple[tuple, Any]] = {}  # (backend, device) → (buffer key, state)
+        self.kernel_report: dict[str, Any] = {}
 
     @classmethod
     def from_codes(
@@ -90,19 +114,73 @@ class QuantLinear(nn.Module):
     def zero_points(self) -> torch.Tensor | None:
         if self.weight_zero_point is None:
             return None
-        return unpack_codes(self.weight_zero_point, self.bits, (self.out_features, self.groups), dim=0)
+        return unpack_zero_points(self.weight_zero_point, self.bits, self.out_features, self.groups)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight as floats: (codes - zero) * scale, group by group."""
-        codes = self.codes().float().reshape(self.out_features, self.groups, -1)
-        zero = self.zero_points()
-        if zero is not None:
-            codes = codes - zero.float().unsqueeze(-1)
-        weight = codes * self.weight_scale.float().unsqueeze(-1)
-        return weight.reshape(self.out_features, self.in_features).to(dtype or self.weight_scale.dtype)
+        return dequantize_packed(
+            self.weight_packed, self.weight_scale, self.weight_zero_point, self.bits, self.in_features, dtype
+        )
+
+    # -- dispatch -------------------------------------------------------------------------
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+
+    def _buffer_key(self) -> tuple:
+        """Changes whenever a buffer is replaced or written in place (load_state_dict, copy_)."""
+        tensors = [self.weight_packed, self.weight_scale]
+        if self.weight_zero_point is not None:
+            tensors.append(self.weight_zero_point)
+        return tuple((t.data_ptr(), t._version) for t in tensors)
+
+    def choose_kernel(self, x: torch.Tensor) -> KernelChoice:
+        rows = x.numel() // self.in_features if self.in_features else 0
+        key = (x.device.type, x.dtype, batch_bucket(rows), torch.is_grad_enabled() and x.requires_grad)
+        choice = self._choices.get(key)
+        if choice is None:
+            choice = quant_linear_kernels().choose(self, x)
+            self._choices[key] = choice
+        return choice
+
+    def prepared_state(self, backend: KernelBackend, device: torch.device) -> Any:
+        """The backend's packed form of this layer for `device`, built on first use."""
+        slot = (backend.name, device)
+        key = self._buffer_key()
+        cached = self._prepared.get(slot)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, backend.prepare(self, device))
+            self._prepared[slot] = cached
+        return cached[1]
+
+    def prepare_kernels(self, example: torch.Tensor) -> str:
+        """Build the packed form the kernel chosen for inputs like `example` needs (at load time)."""
+        choice = self.choose_kernel(example)
+        if choice.backend is not None:
+            self.prepared_state(choice.backend, example.device)
+        return choice.name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+        choice = self.choose_kernel(x)
+        if self.kernel_report.get("kernel") != choice.name:
+            self.kernel_report = {"kernel": choice.name, "skipped": dict(choice.skipped)}
+        if choice.backend is None:
+            return self.reference_forward(x)
+        state = self.prepared_state(choice.backend, x.device)
+        x2d = x.reshape(-1, self.in_features)
+        if torch.is_grad_enabled() and x.requires_grad:
+            out = _PackedKernelLinear.apply(x2d, self, choice.backend, state)
+        else:
+            out = choice.backend.run(state, x2d)
+        out = out.reshape(*x.shape[:-1], self.out_features)
+        return out + self.bias if self.bias is not None else out
+
+    def _apply(self, fn, recurse: bool = True):
+        # Moving or casting the buffers invalidates every packed form and choice.
+        self._prepared.clear()
+        self._choices.clear()
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         group = "channel" if self.group_size is None else f"group={self.group_size}"

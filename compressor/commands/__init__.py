@@ -12,6 +12,7 @@ from typing import Callable
 
 SUBCOMMAND_MODULES: dict[str, str] = {
     "recipes": "compressor.commands.recipes",
+    "generate": "compressor.commands.generate", "bench": "compressor.commands.bench",
 }
 
 DEFAULT_MODULE = "compressor.commands.compress"

@@ -1,0 +1,142 @@
+"""CPU kernel benchmark: per-layer matmul at 4096x14336 and SmolLM2-135M W4 g64 decode speed.
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/cpu_kernels.py [--model-dir DIR] [--skip-model]
+
+Part 1, one Linear (in 4096, out 14336, batch 1): torch bf16 F.linear, PyTorch's int4 operator
+alone on pre-packed weights, and QuantLinear (dispatch + the same operator); also the int8
+operator and QuantLinear int8 per-channel. Runs are interleaved and the median is reported.
+Part 2: SmolLM2-135M-Instruct quantized W4 g64 (RTN, symmetric) by our pipeline, loaded with
+`compressor.load`, decode tokens/s at batch 1 against its dense bf16 twin in the same process.
+Issue targets: QuantLinear within 1.2x of the operator alone; decode >= 2.0x bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = """\
+name: w4g64-rtn
+description: 4-bit group-64 symmetric RTN (kernel benchmark)
+stages:
+  - quantize: {method: rtn, weights: {bits: 4, group_size: 64, symmetric: true}, ignore: [lm_head]}
+"""
+
+
+def interleaved_medians(calls: dict[str, callable], repeats: int) -> dict[str, float]:
+    """Median milliseconds per call, the calls taking turns so shared-CPU noise hits all alike."""
+    for call in calls.values():
+        call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            started = time.perf_counter()
+            call()
+            times[name].append((time.perf_counter() - started) * 1e3)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+@torch.no_grad()
+def layer_benchmark(repeats: int) -> None:
+    from compressor.kernels.cpu_int4 import repack_int4
+    from compressor.kernels.cpu_int8 import CpuInt8PackBackend
+    from compressor.kernels.quant_linear import QuantLinear
+
+    n, k = 14336, 4096
+    x = torch.randn(1, k, dtype=torch.bfloat16)
+    dense = torch.randn(n, k, dtype=torch.bfloat16) * 0.02
+    print(f"layer {k}x{n} (in x out), batch 1, bf16 activations, threads {torch.get_num_threads()}")
+    layers = {}
+    for bits, group in ((4, 128), (4, 64), (8, None)):
+        qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+        codes = torch.randint(qmin, qmax + 1, (n, k), dtype=torch.int8)
+        groups = 1 if group is None else k // group
+        scale = torch.rand(n, groups) * 0.01 + 0.001
+        layers[(bits, group)] = QuantLinear.from_codes(codes, scale, None, bits=bits, group_size=group, bias=None, dtype=torch.bfloat16)
+        del codes
+    calls = {"bf16 F.linear": lambda: F.linear(x, dense)}
+    for (bits, group), layer in layers.items():
+        label = f"int{bits} {'g' + str(group) if group else 'per-channel'}"
+        if bits == 4:
+            state = repack_int4(layer)
+            table = state.scales_and_zeros(torch.bfloat16)
+            calls[f"{label} torch op alone"] = (
+                lambda s=state, t=table: torch.ops.aten._weight_int4pack_mm_for_cpu(x, s.packed, s.group_size, t)
+            )
+        else:
+            state = CpuInt8PackBackend().prepare(layer, x.device)
+            scale = state.scale(torch.bfloat16)
+            calls[f"{label} torch op alone"] = lambda s=state, sc=scale: torch.ops.aten._weight_int8pack_mm(x, s.codes, sc)
+        calls[f"{label} QuantLinear"] = lambda m=layer: m(x)
+    medians = interleaved_medians(calls, repeats)
+    for (bits, group), layer in layers.items():
+        assert layer.kernel_report["kernel"] in ("cpu-int4pack", "cpu-int8pack"), layer.kernel_report
+    bf16 = medians["bf16 F.linear"]
+    for name, ms in medians.items():
+        print(f"  {name:<28} {ms:8.3f} ms   {bf16 / ms:5.2f}x bf16")
+    for (bits, group) in layers:
+        label = f"int{bits} {'g' + str(group) if group else 'per-channel'}"
+        ratio = medians[f"{label} QuantLinear"] / medians[f"{label} torch op alone"]
+        print(f"  {label}: QuantLinear / op alone = {ratio:.3f} (target <= 1.2)")
+
+
+def ensure_model(model_dir: Path | None) -> Path:
+    if model_dir is not None and (model_dir / "config.json").is_file():
+        return model_dir
+    folder = Path(tempfile.mkdtemp(prefix="cpu-kernels-"))
+    recipe = folder / "w4g64-rtn.yaml"
+    recipe.write_text(RECIPE)
+    out = model_dir or folder / "smol-w4g64"
+    subprocess.run(
+        [sys.executable, "-m", "compressor.cli", "builtin:smollm2-135m-instruct", "--recipe", str(recipe),
+         "-o", str(out), "-q", "--no-perplexity", "--overwrite"],
+        check=True, cwd=ROOT,
+    )
+    return out
+
+
+def model_benchmark(model_dir: Path | None, tokens: int, repeats: int) -> None:
+    import compressor
+    from compressor.decode_speed import densified, time_decode
+    from compressor.runtime import kernel_summary
+
+    folder = ensure_model(model_dir)
+    compressed = compressor.load(folder, dtype=torch.bfloat16)
+    dense = densified(compressed)
+    prompt = torch.randint(3, compressed.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    timings = time_decode({"W4 g64 compressor.load": compressed, "bf16 dense": dense}, prompt, tokens, repeats)
+    print(f"SmolLM2-135M-Instruct decode, batch 1, {tokens} tokens after a 16-token prompt, median of {repeats}")
+    for name, timing in timings.items():
+        runs = ", ".join(f"{tokens / s:.1f}" for s in timing.seconds)
+        print(f"  {name:<24} {timing.tokens_per_second:8.2f} tokens/s  (runs: {runs})")
+    ratio = timings["W4 g64 compressor.load"].tokens_per_second / timings["bf16 dense"].tokens_per_second
+    kernels = sorted({r["kernel"] for r in kernel_summary(compressed).values()})
+    print(f"  speed-up {ratio:.2f}x (target >= 2.0); kernels used: {kernels}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path, help="a W4 g64 SmolLM2 output (made if missing)")
+    parser.add_argument("--skip-model", action="store_true")
+    parser.add_argument("--skip-layer", action="store_true")
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    if not args.skip_layer:
+        layer_benchmark(max(args.repeats * 4, 10))
+    if not args.skip_model:
+        model_benchmark(args.model_dir, args.tokens, args.repeats)
+
+
+if __name__ == "__main__":
+    main()

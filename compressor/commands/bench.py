@@ -1,0 +1,62 @@
+"""`compress bench OUT`: decode tokens/s of the compressed model against its dense bf16 twin.
+
+Both run in this process, interleaved. The dense twin is the same checkpoint with every
+quantized layer dequantized into a plain Linear (what plain transformers builds when it
+decompresses the checkpoint), so the comparison isolates the kernels. Also prints which
+kernel each layer used and why faster kernels were skipped.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from compressor.commands.args import Parser, positive_int, quiet_transformers
+
+
+def _print_kernels(model) -> None:
+    from compressor.runtime import kernel_summary
+
+    by_kernel: dict[str, list[str]] = defaultdict(list)
+    reasons: dict[str, set[str]] = defaultdict(set)
+    for name, report in kernel_summary(model).items():
+        by_kernel[report["kernel"]].append(name)
+        for backend, reason in report["skipped"].items():
+            reasons[backend].add(reason)
+    print("kernels used at batch 1:")
+    for kernel, names in sorted(by_kernel.items()):
+        print(f"  {kernel:<14} {len(names):>4} layers  e.g. {names[0]}")
+    for backend, why in sorted(reasons.items()):
+        for reason in sorted(why):
+            print(f"  skipped {backend}: {reason}")
+    print("per layer:")
+    for name, report in kernel_summary(model).items():
+        print(f"  {name:<48} {report['kernel']}")
+
+
+def run(argv: list[str]) -> int:
+    parser = Parser(prog="compress bench", description="Decode speed of a compressed checkpoint vs its dense bf16 twin.")
+    parser.add_argument("model", help="compressed checkpoint folder")
+    parser.add_argument("--tokens", type=positive_int, default=32, help="decode steps to time (default 32)")
+    parser.add_argument("--prompt-tokens", type=positive_int, default=16, help="prompt length before decoding (default 16)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs per model; the median counts (default 3)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    import compressor
+    from compressor.decode_speed import densified, time_decode
+
+    quiet_transformers()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    compressed = compressor.load(args.model, device=device, dtype=torch.bfloat16)
+    dense = densified(compressed)
+    vocab = compressed.config.vocab_size
+    prompt = torch.randint(3, vocab, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0)).to(device)
+    timings = time_decode({"compressed": compressed, "dense bf16": dense}, prompt, args.tokens, args.repeats)
+    for name, timing in timings.items():
+        print(f"{name:<12} {timing.tokens_per_second:8.2f} tokens/s  ({args.tokens} tokens, median of {args.repeats})")
+    ratio = timings["compressed"].tokens_per_second / timings["dense bf16"].tokens_per_second
+    print(f"speed-up: {ratio:.2f}x on {device} (threads: {torch.get_num_threads()})")
+    _print_kernels(compressed)
+    return 0

@@ -1,0 +1,176 @@
+"""Load a compressed checkpoint with the project's own modules: ``compressor.load(path)``.
+
+The model skeleton is built from ``config.json`` with empty (meta) weights; every Linear that
+the ``quantization_config`` (compressed-tensors) names is replaced by the module its format's
+builder makes (``pack-quantized`` → ``QuantLinear``); then the safetensors tensors are
+assigned as they are stored (packed codes stay packed; only floating tensors are cast to the
+requested dtype), tied weights are re-tied, and each quantized layer packs its weight for the
+kernel it will use at batch 1 on the target device.
+
+Formats are a registry (format name → builder). The builders for sparse 2:4
+(``sparse-24-bitmask``), W8A8 (``int-quantized``) and FP8 (``float-quantized``) belong to the
+branches that add those modules (``kernels/<name>.py``); register them in
+``format_builders()`` below.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from compressor.errors import ModelError
+from compressor.registry import Registry
+
+# name, the Linear it replaces, the scheme's weight args, dtype → module on the meta device
+ModuleBuilder = Callable[[str, nn.Linear, Any, torch.dtype], nn.Module]
+
+
+def build_pack_quantized(name: str, linear: nn.Linear, weights: Any, dtype: torch.dtype) -> nn.Module:
+    from compressed_tensors.quantization import QuantizationStrategy, QuantizationType
+
+    from compressor.kernels.quant_linear import QuantLinear
+
+    if weights.type != QuantizationType.INT:
+        raise ModelError(f"{name}: pack-quantized weights of type {weights.type} are not supported (int only)")
+    if weights.strategy not in (QuantizationStrategy.GROUP, QuantizationStrategy.CHANNEL):
+        raise ModelError(f"{name}: weight strategy {weights.strategy} is not supported (group or channel)")
+    group_size = weights.group_size if weights.strategy == QuantizationStrategy.GROUP else None
+    if group_size is not None and linear.in_features % group_size:
+        raise ModelError(f"{name}: group size {group_size} does not divide {linear.in_features} columns")
+    return QuantLinear(
+        linear.in_features,
+        linear.out_features,
+        bits=weights.num_bits,
+        group_size=group_size,
+        symmetric=weights.symmetric,
+        bias=linear.bias is not None,
+        dtype=dtype,
+        device="meta",
+    )
+
+
+@functools.cache
+def format_builders() -> Registry[ModuleBuilder]:
+    registry: Registry[ModuleBuilder] = Registry("compressed-tensors format")
+    registry.register("pack-quantized", build_pack_quantized)
+    # Other branches: registry.register("sparse-24-bitmask", build_sparse24)  (kernels/sparse_linear.py)
+    #                 registry.register("float-quantized", build_fp8)          (kernels/fp8_linear.py)
+    return registry.freeze()
+
+
+def _checkpoint_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / n for n in names]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelError("folder holds no weights (*.safetensors)", where=str(folder))
+    return files
+
+
+def _read_tensors(files: list[Path], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt", device=str(device)) as handle:
+            for key in handle.keys():
+                tensor = handle.get_tensor(key)
+                tensors[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    return tensors
+
+
+def _replace_compressed_modules(model: nn.Module, qconfig: dict[str, Any], dtype: torch.dtype) -> dict[str, str]:
+    """Swap every targeted Linear for its format's module; returns module name → format."""
+    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.utils import match_named_modules
+
+    from compressor.stages.base import replace_module
+
+    parsed = QuantizationConfig.model_validate(qconfig)
+    builders = format_builders()
+    chosen: dict[str, str] = {}
+    for group_name, scheme in parsed.config_groups.items():
+        fmt = scheme.format or parsed.format
+        if fmt not in builders:
+            raise ModelError(f"quantization_config.config_groups.{group_name}: {builders.unknown_message(fmt)}")
+        if scheme.weights is None or scheme.input_activations is not None:
+            raise ModelError(f"quantization_config.config_groups.{group_name}: only weight-only schemes load here")
+        for name, module in list(match_named_modules(model, scheme.targets, parsed.ignore or [])):
+            if not isinstance(module, nn.Linear) or name in chosen:
+                continue
+            replace_module(model, name, builders.get(fmt)(name, module, scheme.weights, dtype))
+            chosen[name] = fmt
+    return chosen
+
+
+def _resolve_dtype(config: Any, dtype: torch.dtype | str | None) -> torch.dtype:
+    value = dtype if dtype is not None else getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if value is None:
+        return torch.float32
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+        if not isinstance(value, torch.dtype):
+            raise ModelError(f"unknown dtype {dtype!r}")
+    return value
+
+
+def load(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None):
+    """A compressed checkpoint folder → a PreTrainedModel whose compressed layers stay compressed."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").is_file():
+        raise ModelError("not a checkpoint folder (no config.json)", where=str(path))
+    target = torch.device(device) if device is not None else torch.device("cpu")
+    config = AutoConfig.from_pretrained(str(folder))
+    qconfig = getattr(config, "quantization_config", None)
+    if qconfig is not None:
+        del config.quantization_config
+        qconfig = qconfig if isinstance(qconfig, dict) else qconfig.to_dict()
+    torch_dtype = _resolve_dtype(config, dtype)
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    formats = _replace_compressed_modules(model, qconfig, torch_dtype) if qconfig else {}
+    tensors = _read_tensors(_checkpoint_files(folder), target, torch_dtype)
+    if any(key.endswith("weight_g_idx") for key in tensors):
+        raise ModelError("activation-ordered groups (weight_g_idx) are not supported", where=str(path))
+    result = model.load_state_dict(tensors, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise ModelError(f"checkpoint tensors the model has no place for: {result.unexpected_keys[:5]}", where=str(path))
+    model.tie_weights()
+    still_empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if still_empty:
+        raise ModelError(f"checkpoint lacks tensors: {still_empty[:5]}", where=str(path))
+    model.to(target)
+    model.eval()
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(folder))
+    model.compressed_formats = formats
+    _prepare_kernels(model, target, torch_dtype)
+    return model
+
+
+def _prepare_kernels(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Pack each quantized layer for the kernel it will use at batch 1 (decode)."""
+    for module in model.modules():
+        prepare = getattr(module, "prepare_kernels", None)
+        if prepare is not None:
+            prepare(torch.zeros(1, module.in_features, dtype=dtype, device=device))
+
+
+def kernel_summary(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Module name → the kernel its last forward used and why faster ones were skipped."""
+    return {
+        name: dict(module.kernel_report)
+        for name, module in model.named_modules()
+        if getattr(module, "kernel_report", None)
+    }

@@ -1,0 +1,84 @@
+"""Which kernel runs a QuantLinear: a registry of backends, tried in order of preference.
+
+A backend says why it cannot run a layer (``unsupported`` returns a reason, or None when it
+can), builds its own packed form of the weight once (``prepare``, at load time or on first
+use), and runs the matmul (``run``: 2-D input → 2-D output, no bias). The reference path
+(dequantize, then matmul) is the fallback, so every layer always runs.
+
+Hook for other formats: sparse 2:4 (``torch.sparse.to_sparse_semi_structured``) and FP8
+(``torch._scaled_mm``) are separate modules with their own ``forward`` (built by
+``compressor.runtime``'s format registry); when one of them wants device/batch dispatch of
+its own, it builds a ``KernelRegistry`` from its backends exactly as ``quant_linear_kernels``
+does here.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+REFERENCE = "reference"
+
+
+class KernelBackend(Protocol):
+    name: str
+
+    def unsupported(self, module: nn.Module, x: torch.Tensor) -> str | None:
+        """Why this backend cannot run `module` on input `x` (None: it can)."""
+
+    def prepare(self, module: nn.Module, device: torch.device) -> Any:
+        """The backend's packed form of the module's weight (built once, cached on the module)."""
+
+    def run(self, state: Any, x: torch.Tensor) -> torch.Tensor:
+        """x [M, in] → [M, out] (no bias)."""
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """The backend picked for one (device, dtype, batch bucket, grad) situation, and why others lost."""
+
+    backend: KernelBackend | None  # None: the reference path
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return REFERENCE if self.backend is None else self.backend.name
+
+
+class KernelRegistry:
+    """An ordered, immutable list of backends."""
+
+    def __init__(self, backends: list[KernelBackend]):
+        self._backends = tuple(backends)
+
+    @property
+    def names(self) -> list[str]:
+        return [b.name for b in self._backends]
+
+    def choose(self, module: nn.Module, x: torch.Tensor) -> KernelChoice:
+        skipped: dict[str, str] = {}
+        for backend in self._backends:
+            reason = backend.unsupported(module, x)
+            if reason is None:
+                return KernelChoice(backend, skipped)
+            skipped[backend.name] = reason
+        return KernelChoice(None, skipped)
+
+
+def batch_bucket(rows: int) -> int:
+    """Inputs are grouped by rows rounded up to a power of two, so choices are cached per bucket."""
+    return 1 << max(rows - 1, 0).bit_length()
+
+
+@functools.cache
+def quant_linear_kernels() -> KernelRegistry:
+    """QuantLinear's backends, fastest first. The reference path is the implicit last one."""
+    from compressor.kernels.cpu_int4 import CpuInt4PackBackend
+    from compressor.kernels.cpu_int8 import CpuInt8PackBackend
+    from compressor.kernels.triton_backend import TritonWxA16Backend
+
+    return KernelRegistry([TritonWxA16Backend(), CpuInt4PackBackend(), CpuInt8PackBackend()])

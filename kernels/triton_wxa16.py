@@ -1,0 +1,196 @@
+"""Triton W4A16 / W8A16 matmul reading the compressed-tensors ``pack-quantized`` layout directly.
+
+``y[m, n] = sum_k x[m, k] * (q[n, k] - z[n, g]) * s[n, g]`` with ``g = k // group_size``;
+codes are unsigned (signed code + 2^(bits-1)) packed 32/bits per int32 word along k, zero
+points packed the same way along n. No repacking: the checkpoint's tensors are the kernel's.
+
+Two launch shapes of one kernel body:
+- batch <= 16 (decode): split-K. Programs cover (N tiles, K slices, M tiles); each writes its
+  partial sums to an fp32 workspace [split, M, N] that is summed afterwards (deterministic, no
+  atomics). Rows are reduced with a broadcast multiply-add for tiles under 16 rows and with
+  ``tl.dot`` (tensor cores) for 16-row tiles.
+- batch > 16: a tiled GEMM with ``tl.dot``, one K slice, writing the output directly.
+
+Under ``TRITON_INTERPRET=1`` (CPU tests) the tiles are small, one config is used (autotune
+with several configs needs a GPU), and everything is computed in fp32 (the interpreter's
+bf16 arithmetic is not faithful). Set the variable before this module is imported.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+GEMV_MAX_ROWS = 16
+
+
+def _gemv_configs() -> list[triton.Config]:
+    if INTERPRETED:
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=1)]
+    return [
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bn in (32, 64, 128)
+        for bk in (64, 128, 256)
+        for w in (2, 4)
+        for s in (2, 3, 4)
+    ]
+
+
+def _gemm_configs() -> list[triton.Config]:
+    if INTERPRETED:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}, num_warps=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in (
+            (32, 64, 64, 4, 4),
+            (64, 64, 64, 4, 4),
+            (64, 128, 64, 4, 3),
+            (128, 64, 64, 4, 3),
+            (128, 128, 64, 8, 3),
+            (128, 128, 32, 8, 4),
+            (64, 256, 32, 8, 3),
+        )
+    ]
+
+
+@triton.jit
+def _wxa16_kernel(
+    x_ptr, packed_ptr, scale_ptr, zero_ptr, out_ptr,
+    M, N, K, GROUPS, SPLIT_K,
+    stride_xm, stride_om, stride_os,
+    M_BUCKET,  # autotune key only
+    BITS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    COMPUTE_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    PACK: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    OFFSET: tl.constexpr = 1 << (BITS - 1)
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    words_per_row = (K + PACK - 1) // PACK
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+
+    # plain integer arithmetic rather than tl.cdiv: a @jit helper, which the interpreter cannot
+    # call when triton was imported before TRITON_INTERPRET was set
+    tiles_per_split = ((K + BLOCK_K - 1) // BLOCK_K + SPLIT_K - 1) // SPLIT_K
+    k_begin = pid_s * tiles_per_split * BLOCK_K
+    k_end = tl.minimum(k_begin + tiles_per_split * BLOCK_K, K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        w_mask = k_mask[:, None] & n_mask[None, :]
+        words = tl.load(packed_ptr + offs_n[None, :] * words_per_row + offs_k[:, None] // PACK, mask=w_mask, other=0)
+        q = (words >> ((offs_k[:, None] % PACK) * BITS)) & MASK  # [BLOCK_K, BLOCK_N]
+        group = offs_k[:, None] // GROUP_SIZE
+        scale = tl.load(scale_ptr + offs_n[None, :] * GROUPS + group, mask=w_mask, other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            zero_words = tl.load(zero_ptr + (offs_n[None, :] // PACK) * GROUPS + group, mask=w_mask, other=0)
+            zero = (zero_words >> ((offs_n[None, :] % PACK) * BITS)) & MASK
+            w = (q - zero).to(tl.float32) * scale
+        else:
+            w = (q - OFFSET).to(tl.float32) * scale
+        if USE_DOT:
+            if COMPUTE_F32:
+                acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
+            else:
+                acc += tl.dot(x, w.to(x.dtype))
+        else:
+            acc += tl.sum(x.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
+
+    out = out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+_gemv = triton.autotune(configs=_gemv_configs(), key=["M_BUCKET", "N", "K", "SPLIT_K"])(_wxa16_kernel)
+_gemm = triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K"])(_wxa16_kernel)
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _split_k(n: int, k: int, device: torch.device) -> int:
+    """K slices for the decode kernel: enough programs to fill the GPU, each slice >= 256 columns."""
+    if INTERPRETED:
+        return 2 if k > 32 else 1
+    sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    n_tiles = -(-n // 64)
+    wanted = max(1, (2 * sms) // n_tiles)
+    return max(1, min(wanted, k // 256, 16))
+
+
+def wxa16_matmul(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    *,
+    out: torch.Tensor | None = None,
+    workspace: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x [M, K] (fp16/bf16/fp32) times the packed weight's transpose → [M, N] in x's dtype.
+
+    `out` and (for the split-K path) `workspace` [split, M, N] fp32 may be passed in; tests
+    fill them with NaN to check that every element is written.
+    """
+    if bits not in (4, 8):
+        raise ValueError(f"wxa16_matmul supports 4 and 8 bits, not {bits}")
+    m, k = x.shape
+    n, groups = scale.shape
+    if k % group_size or k // group_size != groups:
+        raise ValueError(f"group size {group_size} with {groups} groups does not cover {k} columns")
+    x = x.contiguous()
+    packed, scale = packed.contiguous(), scale.contiguous()
+    zero = zero.contiguous() if zero is not None else None
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    compute_f32 = INTERPRETED or x.dtype == torch.float32
+    common = dict(
+        BITS=bits, GROUP_SIZE=group_size, HAS_ZERO=zero is not None, COMPUTE_F32=compute_f32,
+    )
+    zero_arg = zero if zero is not None else packed
+    m_bucket = 1 << max(m - 1, 0).bit_length()
+    if m <= GEMV_MAX_ROWS:
+        split = _split_k(n, k, x.device)
+        block_m = max(m_bucket, 1)
+        target = out
+        if split > 1:
+            target = workspace if workspace is not None else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split, triton.cdiv(m, block_m))  # noqa: E731
+        _gemv[grid](
+            x, packed, scale, zero_arg, target, m, n, k, groups, split,
+            x.stride(0), target.stride(-2), target.stride(0) if split > 1 else 0, m_bucket,
+            USE_DOT=block_m >= 16, BLOCK_M=block_m, **common,
+        )
+        if split > 1:
+            torch.sum(target, dim=0, out=out) if out.dtype == torch.float32 else out.copy_(target.sum(dim=0))
+        return out
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), 1, triton.cdiv(m, meta["BLOCK_M"]))  # noqa: E731
+    _gemm[grid](
+        x, packed, scale, zero_arg, out, m, n, k, groups, 1,
+        x.stride(0), out.stride(0), 0, m_bucket,
+        USE_DOT=True, **common,
+    )
+    return out

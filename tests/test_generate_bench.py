@@ -1,0 +1,58 @@
+"""`compress generate` and `compress bench` on a tiny compressed checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from compressor.cli import main
+
+RECIPE = """\
+name: tiny-w4
+description: test
+calibration: {samples: 4, seq_len: 32}
+stages:
+  - quantize: {method: rtn, weights: {bits: 4, group_size: 32}, ignore: [lm_head]}
+"""
+
+
+@pytest.fixture(scope="module")
+def compressed(tiny_llama, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("gen")
+    (folder / "r.yaml").write_text(RECIPE)
+    out = folder / "out"
+    assert main([str(tiny_llama), "--recipe", str(folder / "r.yaml"), "-o", str(out), "-q", "--no-perplexity"]) == 0
+    return out
+
+
+def test_generate_prints_the_greedy_continuation(compressed, capsys):
+    import torch
+    from transformers import AutoTokenizer
+
+    import compressor
+
+    assert main(["generate", str(compressed), "the model", "--max-new-tokens", "5"]) == 0
+    printed = capsys.readouterr().out.strip()
+    tokenizer = AutoTokenizer.from_pretrained(str(compressed))
+    model = compressor.load(compressed)
+    ids = tokenizer("the model", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        for _ in range(5):
+            ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
+    expected = tokenizer.decode(ids[0, -5:], skip_special_tokens=True).strip()
+    assert printed == expected
+
+
+def test_bench_reports_speed_and_kernels(compressed, capsys):
+    assert main(["bench", str(compressed), "--tokens", "3", "--prompt-tokens", "4", "--repeats", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "compressed" in printed and "dense bf16" in printed and "speed-up:" in printed
+    assert "cpu-int4pack     14 layers" in printed
+    assert "skipped triton-wxa16: needs a CUDA device" in printed
+    assert "model.layers.1.mlp.down_proj" in printed
+
+
+def test_generate_on_a_missing_folder_is_a_user_error(tmp_path, capsys):
+    assert main(["generate", str(tmp_path / "none"), "hi"]) == 2
+    assert "no config.json" in capsys.readouterr().err

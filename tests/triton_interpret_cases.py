@@ -1,0 +1,97 @@
+"""Triton W4A16/W8A16 kernels run on the CPU through the Triton interpreter.
+
+Run by `tests/test_triton_interpret.py` in a fresh process with TRITON_INTERPRET=1 set before
+anything imports triton (the interpreter is chosen when `triton.language` is imported, so
+setting it later in a shared test process is not reliable). Run directly with:
+
+    TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/triton_interpret_cases.py
+
+Shapes are tiny and odd (K, N not powers of two; M = 1, 3, 16, 17) so every mask is
+exercised; outputs and split-K workspaces are filled with NaN first, so an element the
+kernel never writes fails the test.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tests.kernel_fixtures import TOLERANCE, float64_reference, random_quant_linear, relative_error
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("set TRITON_INTERPRET=1 before starting the process", allow_module_level=True)
+pytest.importorskip("triton")
+
+
+@pytest.fixture(scope="module")
+def triton_kernels():
+    from compressor.kernels import triton_wxa16
+
+    assert triton_wxa16.INTERPRETED
+    return triton_wxa16
+
+
+# (bits, N, K, group, symmetric, dtype, M)
+CASES = [
+    (4, 40, 96, 32, True, torch.bfloat16, 1),
+    (4, 19, 192, 64, False, torch.bfloat16, 3),
+    (4, 24, 384, 128, True, torch.float16, 16),
+    (4, 40, 96, 32, False, torch.float32, 17),
+    (4, 21, 160, None, False, torch.bfloat16, 17),
+    (4, 24, 192, 64, True, torch.float32, 1),
+    (8, 40, 160, None, True, torch.bfloat16, 1),
+    (8, 19, 96, 32, False, torch.float32, 3),
+    (8, 24, 192, 64, True, torch.float16, 17),
+    (8, 40, 384, 128, False, torch.bfloat16, 16),
+]
+
+
+@pytest.mark.parametrize("bits,n,k,group,symmetric,dtype,m", CASES)
+def test_kernel_matches_float64_reference_and_writes_every_element(triton_kernels, bits, n, k, group, symmetric, dtype, m):
+    layer = random_quant_linear(n, k, bits=bits, group_size=group, symmetric=symmetric, dtype=torch.bfloat16)
+    x = torch.randn(m, k).to(dtype)
+    out = torch.full((m, n), float("nan"), dtype=dtype)
+    split = triton_kernels._split_k(n, k, x.device) if m <= triton_kernels.GEMV_MAX_ROWS else 1
+    workspace = torch.full((split, m, n), float("nan"), dtype=torch.float32) if split > 1 else None
+    result = triton_kernels.wxa16_matmul(
+        x, layer.weight_packed, layer.weight_scale, layer.weight_zero_point, bits, group or k, out=out, workspace=workspace
+    )
+    assert result.data_ptr() == out.data_ptr()
+    assert not torch.isnan(out).any()
+    if workspace is not None:
+        assert not torch.isnan(workspace).any()
+    assert relative_error(out, float64_reference(layer, x)) <= TOLERANCE[dtype]
+
+
+def test_rejects_a_group_size_that_does_not_cover_the_row(triton_kernels):
+    layer = random_quant_linear(16, 96, bits=4, group_size=32, symmetric=True)
+    with pytest.raises(ValueError, match="does not cover"):
+        triton_kernels.wxa16_matmul(torch.randn(1, 96), layer.weight_packed, layer.weight_scale, None, 4, 64)
+
+
+def test_custom_op_shapes_fake_impl_and_backward(triton_kernels):
+    from compressor.kernels.triton_ops import wxa16_linear
+
+    layer = random_quant_linear(24, 96, bits=4, group_size=32, symmetric=False, dtype=torch.float32)
+    x = torch.randn(2, 3, 96, requires_grad=True)
+    args = (x, layer.weight_packed, layer.weight_scale, layer.weight_zero_point, 4, 32)
+    torch.library.opcheck(wxa16_linear, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    out = wxa16_linear(*args)
+    assert out.shape == (2, 3, 24)
+    grads = torch.randn(2, 3, 24)
+    (out * grads).sum().backward()
+    expected = grads.double() @ layer.dequantized_weight(torch.float64)
+    assert relative_error(x.grad, expected) <= 1e-5
+
+
+def test_quant_linear_backend_runs_the_op(triton_kernels):
+    from compressor.kernels.triton_backend import TritonWxA16Backend
+
+    layer = random_quant_linear(40, 160, bits=8, group_size=None, symmetric=False, dtype=torch.bfloat16, bias=True)
+    backend = TritonWxA16Backend()
+    x = torch.randn(3, 160, dtype=torch.bfloat16)
+    assert backend.unsupported(layer, x) == "needs a CUDA device"
+    y = backend.run(backend.prepare(layer, x.device), x) + layer.bias
+    assert relative_error(y, float64_reference(layer, x)) <= 1e-2
