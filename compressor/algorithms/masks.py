@@ -1,8 +1,7 @@
 """Which weights to keep: N:M and unstructured mask selection from importance scores.
 
 Every function returns a boolean *keep* mask of the score's shape (True = weight stays).
-Scores are "higher is more important"; ties are broken by position (stable), so masks are
-deterministic.
+Scores are "higher is more important".
 """
 
 from __future__ import annotations
@@ -59,8 +58,8 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, *, per_row: bool) -
     prune = int(flat.shape[1] * sparsity)
     keep = torch.ones_like(flat, dtype=torch.bool)
     if prune > 0:
-        order = torch.argsort(flat, dim=1, stable=True)
-        keep.scatter_(1, order[:, :prune], False)
+        lowest = torch.topk(flat, prune, dim=1, largest=False, sorted=False).indices
+        keep.scatter_(1, lowest, False)
     return keep.reshape(scores.shape)
 
 
