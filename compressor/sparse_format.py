@@ -141,13 +141,14 @@ def load_sparse_model(folder: Path, dtype: torch.dtype | None = None) -> nn.Modu
     if getattr(config, "quantization_config", None):
         raise ModelError("quantized checkpoint: load it with compressor.load", where=str(folder))
     tensors = _read_tensors(folder)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    saved_dtype = next(v.dtype for k, v in tensors.items() if k.endswith(".weight_values"))
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype or saved_dtype)
     for prefix in sparse_prefixes(tensors):
         replace_module(model, prefix, build_sparse_linear(prefix, tensors))
-    model.load_state_dict(tensors, strict=False, assign=True)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    tied = {k for k in missing if k == "lm_head.weight" and getattr(config, "tie_word_embeddings", False)}
+    if unexpected or set(missing) - tied:
+        problem = sorted(unexpected) or sorted(set(missing) - tied)
+        raise ModelError(f"checkpoint does not fit its config: {problem[0]} (and {len(problem) - 1} more)", where=str(folder))
     model.tie_weights()
-    leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
-    if leftover:
-        raise ModelError(f"checkpoint lacks {leftover[0]} (and {len(leftover) - 1} more)", where=str(folder))
-    return model.to(dtype) if dtype is not None else model
+    return model.to(dtype) if dtype is not None else model.eval()

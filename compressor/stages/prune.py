@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, PositiveInt, field_validator, model_validator
+from pydantic import Field, PositiveInt, ValidationError, field_validator, model_validator
 from torch import nn
 
 from compressor.algorithms.masks import NMPattern, parse_nm
@@ -107,7 +107,17 @@ class PruneConfig(StrictModel):
             parse_nm(value)
             return value.replace(" ", "")
         if isinstance(value, dict):
-            return value
+            try:
+                return StructuredSparsity.model_validate(value)
+            except ValidationError as err:
+                # Validated here so the user sees the structured block's own complaint rather
+                # than the union's first member ("must be a number").
+                first = err.errors()[0]
+                where = ".".join(str(p) for p in first["loc"])
+                message = str(first["msg"]).removeprefix("Value error, ")
+                if first["type"] == "extra_forbidden":
+                    message = f"unknown key (known: {', '.join(StructuredSparsity.model_fields)})"
+                raise ValueError(f"{where}: {message}" if where else message) from None
         raise ValueError(f"must be a fraction (0.5), an N:M string (\"2:4\") or a mapping ({{heads: 0.25}}), got {value!r}")
 
     @field_validator("targets", "ignore")
