@@ -5,7 +5,7 @@ llm-compressor's SparseGPT 2:4 side by side on the same token windows.
 
     python benchmarks/prune_smollm2.py [--samples 128 --seq-len 512]
         [--runs sparsegpt:2:4 sparsegpt:0.5 wanda:0.5 magnitude:0.5 sparsegpt:2:4+gptq]
-        [--with-llmcompressor] [--json out.json]
+        [--eval-windows N] [--with-llmcompressor] [--json out.json]
 
 Each run starts from the same bf16 weights, runs the `prune` stage (and, for `+gptq`, a W4 g64
 GPTQ `quantize` stage after it), measures held-out perplexity on the evaluation slice in
@@ -123,6 +123,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--runs", nargs="+", default=["sparsegpt:2:4", "sparsegpt:0.5", "wanda:0.5", "magnitude:0.5"])
+    parser.add_argument("--eval-windows", type=int, default=None, help="use only the first N held-out windows")
     parser.add_argument("--with-llmcompressor", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -131,11 +132,14 @@ def main() -> None:
     model, tokenizer = loaded.model, loaded.tokenizer
     tokens = build_calibration(CalibrationSpec(samples=args.samples, seq_len=args.seq_len), tokenizer, cache_root() / "calibration")
     windows = evaluation_windows(tokenizer, args.seq_len)
+    if args.eval_windows is not None:
+        windows = windows[: args.eval_windows]
     forward_s = time_forward(model, tokens)
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{os.cpu_count()} CPU cores (shared), torch threads {torch.get_num_threads()}",
         "calibration": f"{args.samples}x{args.seq_len} builtin:abstracts",
+        "eval_tokens": int(windows[:, 1:].numel()),
         "bf16_forward_s": round(forward_s, 2),
         "ppl_bf16": round(perplexity_on(model, windows).perplexity, 3),
         "bytes_bf16": weights_bytes(loaded.folder),
