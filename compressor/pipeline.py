@@ -27,6 +27,7 @@ from compressor.formats import write_quantization_config
 from compressor.guards import assert_finite, check_free_space, state_bytes
 from compressor.model_io import LoadedModel, load_config, load_model, load_tokenizer, prepare_source, weights_bytes
 from compressor.recipe import Recipe
+from compressor.sparse_format import pack_sparse_layers, write_sparsity_config
 from compressor.registry import stage_registry
 from compressor.stages.base import StageContext, StagePlan
 
@@ -97,8 +98,10 @@ def _versions() -> dict[str, str]:
 
 
 def _write_checkpoint(loaded: LoadedModel, recipe: Recipe, folder: Path, metadata: dict[str, Any]) -> None:
+    pack_sparse_layers(loaded.model)
     loaded.model.save_pretrained(str(folder), safe_serialization=True, max_shard_size="2GB")
     write_quantization_config(loaded.model, folder)
+    write_sparsity_config(loaded.model, folder)
     loaded.tokenizer.save_pretrained(str(folder))
     (folder / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
     metadata["sizes"]["compressed_bytes"] = weights_bytes(folder)

@@ -13,6 +13,9 @@ Choices made here:
 - Dampening starts at ``dampening × mean(diag H)``; if the Cholesky factorization fails the
   damping grows tenfold up to four times, and only then the layer falls back to RTN (the
   result says so).
+- ``keep_mask`` (a pruned layer): weights outside the mask are forced to the grid's exact zero
+  after each column's update, and what they held at that moment is pushed onto the columns not
+  yet quantized like any rounding error, so the sparsity pattern survives quantization.
 """
 
 from __future__ import annotations
@@ -69,9 +72,13 @@ def gptq_quantize(
     block_size: int = 128,
     dampening: float = 0.01,
     act_order: bool = True,
+    keep_mask: torch.Tensor | None = None,
 ) -> GPTQResult:
-    """GPTQ on one weight matrix [out, in] given the Hessian [in, in] of its inputs."""
+    """GPTQ on one weight matrix [out, in] given the Hessian [in, in] of its inputs;
+    `keep_mask` [out, in] (bool) marks the weights a pruned layer keeps."""
     w = weight.float().clone()
+    if keep_mask is not None:
+        w[~keep_mask] = 0.0
     h = hessian.float().clone()
     out_features, in_features = w.shape
     per_group = grid.columns_per_group(in_features)
@@ -94,11 +101,12 @@ def gptq_quantize(
 
     hinv, damping = _inverse_hessian_factor(h, dampening)
     if hinv is None:
-        codes, scale, zero = rtn_quantize(weight, grid)
+        codes, scale, zero = rtn_quantize(w.to(weight.dtype) if keep_mask is not None else weight, grid)
         return GPTQResult(codes, scale, zero, float("nan"), damping, "Hessian not positive definite")
 
     # Work on the transpose so that each input column is one contiguous row.
     wt = w.t()[perm].contiguous()  # [in, out], in visiting order
+    pruned_t = (~keep_mask).t()[perm].contiguous() if keep_mask is not None else None
     codes_t = torch.zeros_like(wt)
     scale_t = scale.t().contiguous()  # [groups, out]
     zero_t = zero.t().contiguous() if zero is not None else None
@@ -124,6 +132,9 @@ def gptq_quantize(
             col_zero = zero_t[group] if zero_t is not None else None
             current = block[i]
             q = quantize_codes(current, scale_t[group], col_zero, grid)
+            if pruned_t is not None:
+                zero_code = col_zero if col_zero is not None else torch.zeros_like(q)
+                q = torch.where(pruned_t[column], zero_code, q)
             codes_t[column] = q
             err = (current - dequantize_codes(q, scale_t[group], col_zero)) / hinv_block[i, i]
             errors[i] = err

@@ -13,6 +13,7 @@ from typing import Callable
 SUBCOMMAND_MODULES: dict[str, str] = {
     "recipes": "compressor.commands.recipes",
     "generate": "compressor.commands.generate", "bench": "compressor.commands.bench",
+    "densify": "compressor.commands.densify",
 }
 
 DEFAULT_MODULE = "compressor.commands.compress"

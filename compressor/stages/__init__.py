@@ -11,3 +11,6 @@ def register_builtin_stages(registry: Registry[StageEntry]) -> None:
 
     registry.register("quantize", StageEntry(QuantizeConfig, QuantizeStage()))
     registry.register("distill", StageEntry(DistillConfig, DistillStage()))
+    from compressor.stages.prune import PruneConfig, PruneStage
+
+    registry.register("prune", StageEntry(PruneConfig, PruneStage()))

@@ -124,6 +124,7 @@ class _GPTQBlockAlgorithm:
             block_size=self.config.block_size,
             dampening=self.config.dampening,
             act_order=self.config.act_order,
+            keep_mask=_sparsity_mask(names, weights, self.modules),
         )
         seconds = time.perf_counter() - started
         row = 0
@@ -145,6 +146,13 @@ class _GPTQBlockAlgorithm:
                 "solved_with": names if shared else [module_name],
                 "seconds": round(seconds, 4),
             }
+
+
+def _sparsity_mask(names: list[str], weights: list[torch.Tensor], modules: dict[str, nn.Module]) -> torch.Tensor | None:
+    """The non-zero pattern of layers a prune stage left sparse (`sparsity_structure`), else None."""
+    if not any(getattr(modules[n], "sparsity_structure", None) for n in names):
+        return None
+    return torch.cat([w != 0 for w in weights], dim=0)
 
 
 class GPTQMethod:

@@ -1,0 +1,173 @@
+"""The `prune.method` registry for unstructured and N:M sparsity.
+
+- ``magnitude``: drop the smallest |W| (per layer for unstructured, per group for N:M); no data.
+- ``wanda``: |W| · ‖X_j‖ with input norms from the layer-by-layer engine; no weight update.
+- ``sparsegpt``: OBS pruning with weight updates from the inputs' Hessian. Layers that read the
+  same input (q/k/v, gate/up) share one Hessian and one inverse factorization, and are then
+  pruned one by one, so each layer gets exactly its own sparsity.
+
+A layer's target is a float (unstructured sparsity) or an NMPattern. After pruning, the Linear
+keeps its dense weight (exact zeros) and carries ``sparsity_structure`` so that a later GPTQ
+keeps the mask and the checkpoint writer can store it compressed.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections import defaultdict
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import nn
+
+from compressor.algorithms.gptq import HessianAccumulator
+from compressor.algorithms.masks import NMPattern, measured_sparsity, nm_mask, unstructured_mask
+from compressor.algorithms.sparsegpt import HessianFactor, factor_hessian, sparsegpt_prune
+from compressor.algorithms.wanda import ColumnNormAccumulator, wanda_prune
+from compressor.layerwise import run_layerwise
+from compressor.registry import Registry
+from compressor.stages.base import StageContext
+
+LayerTarget = float | NMPattern
+
+SPARSITY_ATTRIBUTE = "sparsity_structure"
+
+
+def mark_pruned(module: nn.Module, target: LayerTarget) -> None:
+    setattr(module, SPARSITY_ATTRIBUTE, str(target) if isinstance(target, NMPattern) else "unstructured")
+
+
+def _split(target: LayerTarget) -> tuple[float | None, NMPattern | None]:
+    return (None, target) if isinstance(target, NMPattern) else (float(target), None)
+
+
+def _record(ctx: StageContext, name: str, method: str, module: nn.Module, target: LayerTarget, seconds: float, **extra) -> None:
+    ctx.records[name] = {
+        "stage": "prune",
+        "method": method,
+        "target": str(target) if isinstance(target, NMPattern) else round(float(target), 4),
+        "sparsity": round(measured_sparsity(module.weight.data), 4),
+        "seconds": round(seconds, 4),
+        **extra,
+    }
+
+
+class PruneMethod(Protocol):
+    calibrated: bool
+
+    def prune(self, model: nn.Module, modules: dict[str, nn.Linear], targets: dict[str, LayerTarget], config: Any, ctx: StageContext) -> None: ...
+
+
+class MagnitudeMethod:
+    calibrated = False
+
+    def prune(self, model, modules, targets, config, ctx) -> None:
+        for name, module in modules.items():
+            started = time.perf_counter()
+            sparsity, pattern = _split(targets[name])
+            scores = module.weight.data.float().abs()
+            keep = nm_mask(scores, pattern) if pattern else unstructured_mask(scores, sparsity, per_row=False)
+            module.weight.data.mul_(keep.to(module.weight.dtype))
+            mark_pruned(module, targets[name])
+            _record(ctx, name, "magnitude", module, targets[name], time.perf_counter() - started)
+
+
+class InputStatisticsAlgorithm:
+    """Block algorithm for the layer-by-layer engine: one statistic per distinct input of the
+    block's target layers, folded after every chunk, handed to `solve` once per block."""
+
+    def __init__(self, modules: dict[str, nn.Linear], make_statistic: Callable[[int, torch.device], Any], solve: Callable[[list[str], Any], None]):
+        self.modules = modules
+        self.make_statistic = make_statistic
+        self.solve = solve
+        self._stash: dict[str, torch.Tensor] = {}
+        self._groups: list[list[str]] = []
+        self._statistics: list[Any] = []
+
+    def attach(self, index: int, name: str, block: nn.Module):
+        prefix = name + "."
+        self._stash.clear()
+        self._groups, self._statistics = [], []
+        return [m.register_forward_hook(self._hook(n)) for n, m in self.modules.items() if n.startswith(prefix)]
+
+    def _hook(self, module_name: str):
+        def hook(_module, args, _output):
+            self._stash[module_name] = args[0].detach()
+
+        return hook
+
+    def after_chunk(self) -> None:
+        if not self._stash:
+            return
+        if not self._groups:
+            by_input: dict[tuple, list[str]] = defaultdict(list)
+            for module_name, tensor in self._stash.items():
+                by_input[(tensor.data_ptr(), tuple(tensor.shape))].append(module_name)
+            self._groups = list(by_input.values())
+            self._statistics = [self.make_statistic(self._stash[g[0]].shape[-1], self._stash[g[0]].device) for g in self._groups]
+        for group, statistic in zip(self._groups, self._statistics):
+            statistic.add(self._stash[group[0]])
+        self._stash.clear()
+
+    def compress(self, index: int, name: str, block: nn.Module) -> None:
+        for group, statistic in zip(self._groups, self._statistics):
+            self.solve(group, statistic)
+        self._groups, self._statistics = [], []
+
+
+def run_statistics(model: nn.Module, modules, make_statistic, solve, ctx: StageContext, description: str) -> None:
+    algorithm = InputStatisticsAlgorithm(modules, make_statistic, solve)
+    run_layerwise(
+        model, ctx.calibration(), algorithm, batch_size=ctx.batch_size, device=ctx.device,
+        description=description, show_progress=ctx.show_progress,
+    )
+
+
+class WandaMethod:
+    calibrated = True
+
+    def prune(self, model, modules, targets, config, ctx) -> None:
+        def solve(names: list[str], norms: ColumnNormAccumulator) -> None:
+            for name in names:
+                started = time.perf_counter()
+                module = modules[name]
+                sparsity, pattern = _split(targets[name])
+                module.weight.data = wanda_prune(module.weight.data, norms.norms(), sparsity=sparsity, pattern=pattern)
+                mark_pruned(module, targets[name])
+                _record(ctx, name, "wanda", module, targets[name], time.perf_counter() - started)
+
+        run_statistics(model, modules, ColumnNormAccumulator, solve, ctx, "wanda")
+
+
+class SparseGPTMethod:
+    calibrated = True
+
+    def prune(self, model, modules, targets, config, ctx) -> None:
+        def solve(names: list[str], accumulator: HessianAccumulator) -> None:
+            started = time.perf_counter()
+            factor: HessianFactor = factor_hessian(accumulator.hessian, config.dampening)
+            shared = time.perf_counter() - started
+            for name in names:
+                started = time.perf_counter()
+                module = modules[name]
+                sparsity, pattern = _split(targets[name])
+                result = sparsegpt_prune(module.weight.data, factor, sparsity=sparsity, pattern=pattern, block_size=config.block_size)
+                module.weight.data = result.weight
+                mark_pruned(module, targets[name])
+                _record(
+                    ctx, name, "sparsegpt", module, targets[name], time.perf_counter() - started + shared,
+                    damping=factor.damping, sparsegpt_error=result.error, fallback=result.fallback,
+                    solved_with=names,
+                )
+
+        run_statistics(model, modules, HessianAccumulator, solve, ctx, "sparsegpt")
+
+
+@functools.cache
+def prune_method_registry() -> Registry[PruneMethod]:
+    registry: Registry[PruneMethod] = Registry("prune method")
+    registry.register("magnitude", MagnitudeMethod())
+    registry.register("wanda", WandaMethod())
+    registry.register("sparsegpt", SparseGPTMethod())
+    return registry.freeze()
