@@ -74,10 +74,15 @@ def check_recipe_fits_model(recipe: Recipe, config: Any) -> None:
 def plan_recipe(model: nn.Module, recipe: Recipe) -> list[StagePlan]:
     """Validate every stage against `model` as loaded; what each stage would touch."""
     registry = stage_registry()
-    return [
-        registry.get(spec.kind).implementation.plan(model, spec.config, _locator(recipe, i, spec.kind))
-        for i, spec in enumerate(recipe.stages)
-    ]
+    plans = []
+    for i, spec in enumerate(recipe.stages):
+        stage = registry.get(spec.kind).implementation
+        if getattr(stage, "runs_before_load", False):  # a merge builds the model before loading
+            if i > 0:
+                raise RecipeError(f"{spec.kind} must be the first stage", **recipe.where(("stages", i, spec.kind)))
+            continue
+        plans.append(stage.plan(model, spec.config, _locator(recipe, i, spec.kind)))
+    return plans
 
 
 def _versions() -> dict[str, str]:
@@ -107,6 +112,7 @@ def run_recipe(
     recipe: Recipe,
     options: RunOptions,
     echo: Callable[[str], None] = print,
+    extra_metadata: dict[str, Any] | None = None,
 ) -> RunSummary:
     """Compress `model_reference` with `recipe` into `options.out_dir`."""
     from compressor.calibration.batches import build_calibration
@@ -156,6 +162,8 @@ def run_recipe(
     stage_log = []
     for index, spec in enumerate(recipe.stages):
         stage = registry.get(spec.kind).implementation
+        if getattr(stage, "runs_before_load", False):
+            continue
         plan = stage.plan(model, spec.config, _locator(recipe, index, spec.kind))
         echo(f"stage {index + 1}/{len(recipe.stages)}: {spec.kind} ({plan.method}) on {len(plan.selected)} modules")
         started = time.perf_counter()
@@ -184,6 +192,7 @@ def run_recipe(
         },
         "versions": _versions(),
     }
+    metadata.update(extra_metadata or {})
     with atomic_output_dir(options.out_dir) as staging:
         _write_checkpoint(loaded, recipe, staging, metadata)
         summary.compressed_bytes = metadata["sizes"]["compressed_bytes"]

@@ -9,3 +9,6 @@ def register_builtin_stages(registry: Registry[StageEntry]) -> None:
     from compressor.stages.quantize import QuantizeConfig, QuantizeStage
 
     registry.register("quantize", StageEntry(QuantizeConfig, QuantizeStage()))
+    from compressor.stages.merge import MergeConfig, MergeStage
+
+    registry.register("merge", StageEntry(MergeConfig, MergeStage()))
