@@ -69,8 +69,9 @@ def run(argv: list[str]) -> int:
         show_progress=not args.quiet,
         measure_perplexity=not args.no_perplexity,
     )
-    from compressor.merging.recipe_run import dry_run_merge_recipe, run_merge_recipe, starts_with_merge
+    from compressor.merging.recipe_run import check_merge_position, dry_run_merge_recipe, run_merge_recipe, starts_with_merge
 
+    check_merge_position(recipe)
     merging = starts_with_merge(recipe)
     if merging and args.model is not None:
         raise UserError("this recipe starts with a merge stage, which builds the model: leave MODEL out", where=args.model)
