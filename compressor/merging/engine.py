@@ -22,7 +22,7 @@ from compressor.algorithms.merge_methods import MergeMethod, TensorMerge, merge_
 from compressor.errors import ModelError, RecipeError
 from compressor.merging.params import layer_position, resolve
 from compressor.merging.sources import MergeInput, materialize, open_input
-from compressor.merging.vocab import VocabAlignment, plan_vocabulary
+from compressor.merging.vocab import VocabAlignment, copy_tokenizer, plan_vocabulary
 from compressor.merging.writer import StreamingCheckpointWriter, TensorSlot
 from compressor.stages.merge import MergeConfig
 
@@ -299,8 +299,6 @@ def run_merge(plan: MergePlan, folder: Path, *, show_progress: bool = False, tru
 
 
 def _write_model_files(plan: MergePlan, folder: Path) -> None:
-    from transformers import AutoTokenizer
-
     config = dict(plan.model_config)
     if plan.config.out_dtype or plan.config.dtype:
         dtype = plan.config.out_dtype or plan.config.dtype
@@ -310,4 +308,7 @@ def _write_model_files(plan: MergePlan, folder: Path) -> None:
     if generation.is_file():
         (folder / "generation_config.json").write_bytes(generation.read_bytes())
     tokenizer_folder = plan.inputs[plan.tokenizer_index].config_folder
-    AutoTokenizer.from_pretrained(str(tokenizer_folder)).save_pretrained(str(folder))
+    if not copy_tokenizer(tokenizer_folder, folder):
+        from transformers import AutoTokenizer  # a tokenizer in some other layout: let transformers write it
+
+        AutoTokenizer.from_pretrained(str(tokenizer_folder)).save_pretrained(str(folder))

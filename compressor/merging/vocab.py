@@ -10,7 +10,9 @@ it, else the average of the models that have it, else zeros. Rows past the token
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -28,6 +30,39 @@ VOCAB_TENSOR_SUFFIXES = (
     "embed_out.weight",
     "word_embeddings.weight",
 )
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def tokenizer_fingerprint(folder: Path) -> str:
+    """A hash of the tokenizer files, so identical tokenizers are recognised without parsing."""
+    digest = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        path = folder / name
+        if path.is_file():
+            digest.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def copy_tokenizer(source: Path, target: Path) -> list[str]:
+    """Copy the tokenizer files as they are (exact, and no tokenizer needs loading)."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, target / name)
+            copied.append(name)
+    return copied
 
 
 def read_vocabulary(folder: Path) -> dict[str, int]:
@@ -87,8 +122,11 @@ def plan_vocabulary(
     base_index: int | None = None,
 ) -> VocabAlignment | None:
     """None when every input shares the tokenizer; an alignment when `tokenizer_source` asks."""
-    vocabularies = [read_vocabulary(item.config_folder) for item in inputs]
     sizes = [_config_vocab_size(item.config_folder) for item in inputs]
+    fingerprints = [tokenizer_fingerprint(item.config_folder) for item in inputs]
+    if all(f == fingerprints[target] for f in fingerprints) and all(s == sizes[target] for s in sizes):
+        return None  # byte-identical tokenizer files: no need to parse them
+    vocabularies = [read_vocabulary(item.config_folder) for item in inputs]
     differing = [i for i in range(len(inputs)) if vocabularies[i] != vocabularies[target] or sizes[i] != sizes[target]]
     if not differing:
         return None
