@@ -96,6 +96,26 @@ def test_small_shards_get_an_index_and_the_same_tensors(merge_models, tmp_path):
     torch.testing.assert_close(one["model.norm.weight"], (a["model.norm.weight"] + 3 * b["model.norm.weight"]) / 4)
 
 
+def count_live_reads(monkeypatch) -> dict[str, int]:
+    """Bytes of tensors read from the inputs and still alive; the most at any one time."""
+    alive = {"bytes": 0, "peak": 0}
+
+    def counting(original):
+        def read(self, *args):
+            tensor = original(self, *args)
+            size = tensor.numel() * tensor.element_size()
+            alive["bytes"] += size
+            alive["peak"] = max(alive["peak"], alive["bytes"])
+            weakref.finalize(tensor, lambda: alive.__setitem__("bytes", alive["bytes"] - size))
+            return tensor
+
+        return read
+
+    monkeypatch.setattr(sources.CheckpointTensors, "read", counting(sources.CheckpointTensors.read))
+    monkeypatch.setattr(sources.CheckpointTensors, "read_rows", counting(sources.CheckpointTensors.read_rows))
+    return alive
+
+
 def test_streaming_holds_about_one_tensor_per_input(tiny_tokenizer_dir, tmp_path, monkeypatch):
     """A 12-layer model: the reads alive at any moment never exceed one tensor per input."""
     import tests.tiny_models as tiny
@@ -103,18 +123,7 @@ def test_streaming_holds_about_one_tensor_per_input(tiny_tokenizer_dir, tmp_path
     monkeypatch.setitem(tiny.CONFIGS, "deep", dict(tiny.CONFIGS["qwen2"], num_hidden_layers=12))
     base = build_tiny_checkpoint(tmp_path / "base", "deep", tiny_tokenizer_dir, dtype=torch.float32)
     ft = [perturbed_copy(base, tmp_path / f"ft{i}", seed=i) for i in range(2)]
-    alive = {"bytes": 0, "peak": 0}
-    original_read = sources.CheckpointTensors.read
-
-    def counting_read(self, name):
-        tensor = original_read(self, name)
-        size = tensor.numel() * tensor.element_size()
-        alive["bytes"] += size
-        alive["peak"] = max(alive["peak"], alive["bytes"])
-        weakref.finalize(tensor, lambda: alive.__setitem__("bytes", alive["bytes"] - size))
-        return tensor
-
-    monkeypatch.setattr(sources.CheckpointTensors, "read", counting_read)
+    alive = count_live_reads(monkeypatch)
     block = f"method: ties\nbase: {base}\nmodels:\n  - {{model: {ft[0]}, weight: 0.5, density: 0.5}}\n  - {{model: {ft[1]}, weight: 0.5, density: 0.5}}"
     merge(recipe_text(block), tmp_path / "out")
     tensors = weights(base)
@@ -233,3 +242,22 @@ def test_tokenizer_source_aligns_a_smaller_vocabulary(merge_models, tmp_path):
     assert out.shape == base.shape
     torch.testing.assert_close(out[:keep], tensors["model.embed_tokens.weight"])  # base + 1.0 * (small - base)
     torch.testing.assert_close(out[keep:], base[keep:])  # tokens the small model lacks: the base's rows
+
+
+def test_elementwise_methods_stream_row_slices(merge_models, tmp_path, monkeypatch):
+    """linear / task_arithmetic read big tensors a slice of rows at a time; same result."""
+    from compressor.merging import engine
+
+    block = (
+        f"method: task_arithmetic\nbase: {merge_models['base']}\nmodels:\n"
+        f"  - {{model: {merge_models['ft0']}, weight: 0.7}}\n  - {{model: {merge_models['ft1']}, weight: 0.4}}"
+    )
+    merge(recipe_text(block), tmp_path / "whole")
+    monkeypatch.setattr(engine, "CHUNK_BYTES", 4096)
+    alive = count_live_reads(monkeypatch)
+    merge(recipe_text(block), tmp_path / "sliced")
+    whole, sliced = weights(tmp_path / "whole"), weights(tmp_path / "sliced")
+    for name in whole:
+        torch.testing.assert_close(sliced[name], whole[name], rtol=0, atol=0)
+    embed = whole["model.embed_tokens.weight"]
+    assert alive["peak"] <= 3 * 2 * 4096 < 3 * embed.numel() * embed.element_size()

@@ -75,6 +75,7 @@ class MergeMethod:
     uses_gamma: bool = False
     uses_t: bool = False
     randomized: bool = False
+    elementwise: bool = False  # each output entry depends on the same entry of the inputs only
 
 
 def _float_work_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -192,8 +193,8 @@ def model_stock(m: TensorMerge) -> torch.Tensor:
 def merge_method_registry() -> Registry[MergeMethod]:
     registry: Registry[MergeMethod] = Registry("merge method")
     for method in (
-        MergeMethod("linear", linear, "ignored", 1, None, default_normalize=True, default_rescale=False),
-        MergeMethod("task_arithmetic", _task_vectors(None, False), "required", 1, None, False, False),
+        MergeMethod("linear", linear, "ignored", 1, None, default_normalize=True, default_rescale=False, elementwise=True),
+        MergeMethod("task_arithmetic", _task_vectors(None, False), "required", 1, None, False, False, elementwise=True),
         MergeMethod("ties", _task_vectors("magnitude", True), "required", 1, None, True, False, uses_density=True),
         MergeMethod(
             "dare_ties", _task_vectors("random", True), "required", 1, None, False, True, uses_density=True, randomized=True

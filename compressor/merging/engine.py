@@ -28,6 +28,7 @@ from compressor.stages.merge import MergeConfig
 
 Locate = Callable[..., dict[str, str]]
 DEFAULT_GAMMA = 0.01
+CHUNK_BYTES = 16 * 2**20  # row slices of elementwise merges: about this much output at a time
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -271,6 +272,16 @@ def merge_tensor(plan: MergePlan, index: int, tensors: list[torch.Tensor]) -> to
     return plan.method.function(call)
 
 
+def _row_chunks(slot: TensorSlot, elementwise: bool) -> list[tuple[int, int | None]]:
+    """Row ranges to merge a tensor in: whole (stop None) unless the method is elementwise and
+    the tensor is big, in which case slices of about CHUNK_BYTES per input bound the memory."""
+    if not elementwise or len(slot.shape) == 0 or slot.nbytes <= CHUNK_BYTES:
+        return [(0, None)]
+    rows = slot.shape[0]
+    step = max(1, rows * CHUNK_BYTES // slot.nbytes)
+    return [(start, min(rows, start + step)) for start in range(0, rows, step)]
+
+
 def run_merge(plan: MergePlan, folder: Path, *, show_progress: bool = False, trust_remote_code: bool = False) -> MergeStats:
     """Stream the merge into `folder`: weights, config.json, generation config, tokenizer."""
     from tqdm.auto import tqdm
@@ -282,15 +293,21 @@ def run_merge(plan: MergePlan, folder: Path, *, show_progress: bool = False, tru
     stats = MergeStats()
     try:
         for index, slot in enumerate(tqdm(plan.slots, desc=f"merge ({plan.method.name})", disable=not show_progress)):
-            tensors = [reader.read(slot.name).to(plan.compute_dtypes[index]) for reader in readers]
-            if plan.vocab is not None and slot.name in plan.vocab.tensor_names:
-                tensors = plan.vocab.align(slot.name, tensors)
-            merged = merge_tensor(plan, index, tensors).to(slot.dtype)
-            held = sum(t.numel() * t.element_size() for t in tensors) + merged.numel() * merged.element_size()
-            stats.peak_tensor_bytes = max(stats.peak_tensor_bytes, held)
-            writer.write(slot.name, merged)
+            aligned = plan.vocab is not None and slot.name in plan.vocab.tensor_names
+            for start, stop in _row_chunks(slot, plan.method.elementwise and not aligned):
+                if stop is None:
+                    tensors = [reader.read(slot.name).to(plan.compute_dtypes[index]) for reader in readers]
+                else:
+                    tensors = [reader.read_rows(slot.name, start, stop).to(plan.compute_dtypes[index]) for reader in readers]
+                if aligned:
+                    assert plan.vocab is not None
+                    tensors = plan.vocab.align(slot.name, tensors)
+                merged = merge_tensor(plan, index, tensors).to(slot.dtype)
+                held = sum(t.numel() * t.element_size() for t in tensors) + merged.numel() * merged.element_size()
+                stats.peak_tensor_bytes = max(stats.peak_tensor_bytes, held)
+                writer.append(slot.name, merged)
+                del tensors, merged
             stats.tensors += 1
-            del tensors, merged
         stats.files = writer.finish()
     finally:
         writer.close()

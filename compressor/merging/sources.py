@@ -148,6 +148,12 @@ class CheckpointTensors:
         with safe_open(str(info.file), framework="pt") as handle:
             return handle.get_tensor(name)
 
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows `start:stop` of a tensor (its leading dimension), without reading the rest."""
+        info = self.tensors[name]
+        with safe_open(str(info.file), framework="pt") as handle:
+            return handle.get_slice(name)[start:stop]
+
 
 @dataclass
 class MergeInput:

@@ -83,6 +83,7 @@ class StreamingCheckpointWriter:
         self.file_names = [SINGLE_FILE] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
         self._order = [(shard, slot) for shard, group in enumerate(self.shards) for slot in group]
         self._next = 0
+        self._written = 0  # bytes of the current tensor written so far
         self._handle: BinaryIO | None = None
         self._open_shard = -1
 
@@ -91,20 +92,34 @@ class StreamingCheckpointWriter:
         return self._order[self._next][1].name if self._next < len(self._order) else None
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write a whole tensor."""
+        slot = self._order[self._next][1]
+        if tuple(tensor.shape) != slot.shape:
+            raise RuntimeError(f"{name}: planned shape {slot.shape}, got {tuple(tensor.shape)}")
+        self.append(name, tensor)
+
+    def append(self, name: str, rows: torch.Tensor) -> None:
+        """Write the next rows (leading-dimension slice) of the current tensor; the tensor is
+        done when all its bytes have come."""
         shard, slot = self._order[self._next]
         if name != slot.name:
             raise RuntimeError(f"expected tensor {slot.name} next, got {name}")
-        if tuple(tensor.shape) != slot.shape or tensor.dtype != slot.dtype:
-            raise RuntimeError(f"{name}: planned {slot.shape} {slot.dtype}, got {tuple(tensor.shape)} {tensor.dtype}")
+        if tuple(rows.shape[1:]) != slot.shape[1:] or rows.dtype != slot.dtype:
+            raise RuntimeError(f"{name}: planned {slot.shape} {slot.dtype}, got rows {tuple(rows.shape)} {rows.dtype}")
         if shard != self._open_shard:
             self._close()
             self._handle = open(self.folder / self.file_names[shard], "wb")
             self._handle.write(_header(self.shards[shard]))
             self._open_shard = shard
         assert self._handle is not None
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        data = rows.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        if self._written + data.numel() > slot.nbytes:
+            raise RuntimeError(f"{name}: more data than its planned {slot.nbytes} bytes")
         self._handle.write(memoryview(data.numpy()))
-        self._next += 1
+        self._written += data.numel()
+        if self._written == slot.nbytes:
+            self._next += 1
+            self._written = 0
 
     def _close(self) -> None:
         if self._handle is not None:
