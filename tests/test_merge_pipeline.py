@@ -72,6 +72,8 @@ def test_ties_output_equals_the_method_on_whole_state_dicts(merge_models, tmp_pa
     assert record["merge"]["models"][0]["weight"] == 0.6
     assert record["source"]["kind"] == "merge"
     assert summary.compressed_bytes > 0
+    saved = parse_recipe_text((tmp_path / "out" / "recipe.yaml").read_text(), "recipe.yaml")
+    assert saved.stages[0].config == parse_recipe_text(recipe_text(ties_block(merge_models))).stages[0].config
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
@@ -261,3 +263,25 @@ def test_elementwise_methods_stream_row_slices(merge_models, tmp_path, monkeypat
         torch.testing.assert_close(sliced[name], whole[name], rtol=0, atol=0)
     embed = whole["model.embed_tokens.weight"]
     assert alive["peak"] <= 3 * 2 * 4096 < 3 * embed.numel() * embed.element_size()
+
+
+def test_card_metadata_lists_hub_parents_as_a_merge():
+    from compressor.merging.card import merge_card_metadata, merge_inputs
+
+    record = {
+        "merge": {
+            "method": "ties",
+            "base": "org/base",
+            "models": [
+                {"model": "org/math", "hub_id": "org/math"},
+                {"model": "/local/ft", "hub_id": None},
+                {"model": "org/base", "hub_id": "org/base"},
+            ],
+        }
+    }
+    metadata = merge_card_metadata(record)
+    assert metadata["base_model"] == ["org/math", "org/base"]
+    assert metadata["base_model_relation"] == "merge"
+    assert "merge-ties" in metadata["tags"]
+    assert [m["model"] for m in merge_inputs(record)] == ["org/math", "/local/ft", "org/base"]
+    assert merge_card_metadata({"source": {}}) == {}
