@@ -122,6 +122,10 @@ def run_recipe(
     check_output_dir(options.out_dir, options.overwrite)
     device = default_device(options.device)
     registry = stage_registry()
+    pre_load = [s.kind for s in recipe.stages if getattr(registry.get(s.kind).implementation, "runs_before_load", False)]
+    if pre_load and "merge" not in (extra_metadata or {}):  # the merge runner passes its record here
+        raise RecipeError(f"this recipe starts with `{pre_load[0]}`, which builds the model: run it without a MODEL",
+                          **recipe.where(("stages", 0)))
 
     # Cheap checks first: config and calibration data fail before any weight is read.
     source, path, folder = prepare_source(model_reference, allow_pickle=options.allow_pickle)

@@ -128,8 +128,26 @@ def test_dry_run_plans_the_merge_and_later_stages(pair, tmp_path, capsys):
         extra="  - quantize: {method: rtn, weights: {bits: 4, group_size: 32}}\n",
     )
     (tmp_path / "r.yaml").write_text(text)
+    assert main(["--recipe", str(tmp_path / "r.yaml"), "--dry-run"]) == 2  # 512-token calibration > 256 positions
+    assert "calibration.seq_len" in capsys.readouterr().err
+    (tmp_path / "r.yaml").write_text(text + "calibration: {seq_len: 64}\n")
     assert main(["--recipe", str(tmp_path / "r.yaml"), "--dry-run", "-o", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
     assert "stage 1: merge (ties)" in printed and "stage 2: quantize (rtn)" in printed
     assert str(pair["base"]) in printed
     assert not (tmp_path / "out").exists()
+
+
+def test_linear_refuses_an_unlisted_base(pair, tmp_path, capsys):
+    text = recipe_text(f"method: linear\nbase: {pair['base']}\nmodels:\n  - {{model: {pair['a']}, weight: 1.0}}")
+    refused(tmp_path, capsys, text, "merge.yaml:5", "stages[0].merge.base", "list the base under `models`")
+
+
+def test_running_a_merge_recipe_on_a_model_through_the_api_is_refused(pair, tmp_path):
+    from compressor.errors import RecipeError
+    from compressor.pipeline import RunOptions, run_recipe
+    from compressor.recipe import parse_recipe_text
+
+    recipe = parse_recipe_text(recipe_text(f"method: linear\nmodels:\n  - {{model: {pair['a']}, weight: 1.0}}"), "m.yaml")
+    with pytest.raises(RecipeError, match="builds the model"):
+        run_recipe(str(pair["a"]), recipe, RunOptions(out_dir=tmp_path / "out", show_progress=False))

@@ -97,6 +97,12 @@ def _input_order(config: MergeConfig, method: MergeMethod, locate: Locate) -> tu
             references.append(config.base)
         base_index: int | None = references.index(config.base)
     else:
+        if config.base is not None and config.base not in references:
+            raise RecipeError(
+                f"{method.name} averages the listed models only: list the base under `models` with a weight,"
+                " or leave `base` out",
+                **locate("base"),
+            )
         base_index = None
     count = len(references)
     if count < method.min_inputs or (method.max_inputs is not None and count > method.max_inputs):

@@ -57,7 +57,7 @@ def merge_stage_plan(plan: MergePlan) -> StagePlan:
 
 def dry_run_merge_recipe(recipe: Recipe, options) -> list[StagePlan]:
     """Validate the merge (headers only) and the later stages against the merged structure."""
-    from compressor.pipeline import plan_recipe, skeleton_model
+    from compressor.pipeline import check_recipe_fits_model, plan_recipe, skeleton_model
 
     if options.out_dir is not None:
         check_output_dir(options.out_dir, options.overwrite)
@@ -66,6 +66,7 @@ def dry_run_merge_recipe(recipe: Recipe, options) -> list[StagePlan]:
     if len(recipe.stages) > 1:
         base_folder = plan.inputs[plan.reference_index].config_folder
         model = skeleton_model(str(base_folder), allow_pickle=options.allow_pickle, trust_remote_code=options.trust_remote_code)
+        check_recipe_fits_model(recipe, model.config)
         plans += [p for p in plan_recipe(model, recipe) if p.kind != "merge"]
     return plans
 
