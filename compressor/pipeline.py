@@ -78,10 +78,15 @@ def check_recipe_fits_model(recipe: Recipe, config: Any) -> None:
 def plan_recipe(model: nn.Module, recipe: Recipe) -> list[StagePlan]:
     """Validate every stage against `model` as loaded; what each stage would touch."""
     registry = stage_registry()
-    return [
-        registry.get(spec.kind).implementation.plan(model, spec.config, _locator(recipe, i, spec.kind))
-        for i, spec in enumerate(recipe.stages)
-    ]
+    plans = []
+    for i, spec in enumerate(recipe.stages):
+        stage = registry.get(spec.kind).implementation
+        if getattr(stage, "runs_before_load", False):  # a merge builds the model before loading
+            if i > 0:
+                raise RecipeError(f"{spec.kind} must be the first stage", **recipe.where(("stages", i, spec.kind)))
+            continue
+        plans.append(stage.plan(model, spec.config, _locator(recipe, i, spec.kind)))
+    return plans
 
 
 def _versions() -> dict[str, str]:
@@ -113,6 +118,7 @@ def run_recipe(
     recipe: Recipe,
     options: RunOptions,
     echo: Callable[[str], None] = print,
+    extra_metadata: dict[str, Any] | None = None,
 ) -> RunSummary:
     """Compress `model_reference` with `recipe` into `options.out_dir`."""
     from compressor.calibration.batches import build_calibration
@@ -122,6 +128,10 @@ def run_recipe(
     check_output_dir(options.out_dir, options.overwrite)
     device = default_device(options.device)
     registry = stage_registry()
+    pre_load = [s.kind for s in recipe.stages if getattr(registry.get(s.kind).implementation, "runs_before_load", False)]
+    if pre_load and "merge" not in (extra_metadata or {}):  # the merge runner passes its record here
+        raise RecipeError(f"this recipe starts with `{pre_load[0]}`, which builds the model: run it without a MODEL",
+                          **recipe.where(("stages", 0)))
 
     # Cheap checks first: config and calibration data fail before any weight is read.
     source, path, folder = prepare_source(model_reference, allow_pickle=options.allow_pickle)
@@ -169,6 +179,8 @@ def run_recipe(
     stage_log = []
     for index, spec in enumerate(recipe.stages):
         stage = registry.get(spec.kind).implementation
+        if getattr(stage, "runs_before_load", False):
+            continue
         plan = stage.plan(model, spec.config, _locator(recipe, index, spec.kind))
         ctx.stage_index = index
         echo(f"stage {index + 1}/{len(recipe.stages)}: {spec.kind} ({plan.method}) on {len(plan.selected)} modules")
@@ -200,6 +212,7 @@ def run_recipe(
         },
         "versions": _versions(),
     }
+    metadata.update(extra_metadata or {})
     check_free_space(options.out_dir, state_bytes(model))
     with atomic_output_dir(options.out_dir) as staging:
         _write_checkpoint(loaded, recipe, staging, metadata)

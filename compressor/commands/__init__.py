@@ -14,6 +14,7 @@ SUBCOMMAND_MODULES: dict[str, str] = {
     "recipes": "compressor.commands.recipes",
     "generate": "compressor.commands.generate", "bench": "compressor.commands.bench",
     "densify": "compressor.commands.densify",
+    "merge": "compressor.commands.merge",
 }
 
 DEFAULT_MODULE = "compressor.commands.compress"

@@ -14,7 +14,12 @@ from compressor.errors import UserError
 
 def _run_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="compress", description="Compress a Hugging Face model with a YAML recipe.")
-    parser.add_argument("model", help="Hub id, local checkpoint folder, .gguf file, or builtin:smollm2-135m-instruct")
+    parser.add_argument(
+        "model",
+        nargs="?",
+        help="Hub id, local checkpoint folder, .gguf file, or builtin:smollm2-135m-instruct"
+        " (left out when the recipe starts with a merge stage)",
+    )
     parser.add_argument("--recipe", "-r", required=True, help="built-in recipe name (see `compress recipes`) or a YAML path")
     parser.add_argument("--output", "-o", type=Path, help="output folder (required unless --dry-run)")
     parser.add_argument("--dry-run", action="store_true", help="validate against the model and list targets; write nothing")
@@ -66,11 +71,20 @@ def run(argv: list[str]) -> int:
         measure_perplexity=not args.no_perplexity,
         resume=args.resume,
     )
+    from compressor.merging.recipe_run import check_merge_position, dry_run_merge_recipe, run_merge_recipe, starts_with_merge
+
+    check_merge_position(recipe)
+    merging = starts_with_merge(recipe)
+    if merging and args.model is not None:
+        raise UserError("this recipe starts with a merge stage, which builds the model: leave MODEL out", where=args.model)
+    if not merging and args.model is None:
+        raise UserError("MODEL is required (only a recipe whose first stage is `merge` takes none)", where="compress")
     if args.dry_run:
-        _print_plans(dry_run(args.model, recipe, options), print)
+        plans = dry_run_merge_recipe(recipe, options) if merging else dry_run(args.model, recipe, options)
+        _print_plans(plans, print)
         print("dry run: nothing written")
         return 0
-    summary = run_recipe(args.model, recipe, options)
+    summary = run_merge_recipe(recipe, options) if merging else run_recipe(args.model, recipe, options)
     ratio = summary.original_bytes / max(summary.compressed_bytes, 1)
     print(f"saved: {summary.out_dir}")
     print(

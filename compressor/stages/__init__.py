@@ -14,3 +14,6 @@ def register_builtin_stages(registry: Registry[StageEntry]) -> None:
     from compressor.stages.prune import PruneConfig, PruneStage
 
     registry.register("prune", StageEntry(PruneConfig, PruneStage()))
+    from compressor.stages.merge import MergeConfig, MergeStage
+
+    registry.register("merge", StageEntry(MergeConfig, MergeStage()))

@@ -1,0 +1,337 @@
+"""Plan a merge (every check, no weights read) and run it, streaming one tensor name at a time.
+
+    plan_merge: inputs resolved ─▶ configs compared ─▶ tensor headers compared ─▶ vocabularies
+                ─▶ parameters resolved for every tensor (ranges, weights, zero sums checked)
+    run_merge:  for each tensor name: read it from every input ─▶ merge ─▶ append to its shard
+
+Inputs are ordered as mergekit orders them: the listed models, then the base when it is not
+listed. Peak memory is one tensor per input, the method's intermediates and one output tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from compressor.algorithms.merge_methods import MergeMethod, TensorMerge, merge_method_registry
+from compressor.errors import ModelError, RecipeError
+from compressor.merging.params import layer_position, resolve
+from compressor.merging.sources import MergeInput, materialize, open_input
+from compressor.merging.vocab import VocabAlignment, copy_tokenizer, plan_vocabulary
+from compressor.merging.writer import StreamingCheckpointWriter, TensorSlot
+from compressor.stages.merge import MergeConfig
+
+Locate = Callable[..., dict[str, str]]
+DEFAULT_GAMMA = 0.01
+CHUNK_BYTES = 16 * 2**20  # row slices of elementwise merges: about this much output at a time
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class TensorParams:
+    weight: tuple[float | None, ...]
+    density: tuple[float, ...]
+    gamma: tuple[float, ...]
+    t: float
+
+
+@dataclass
+class MergePlan:
+    config: MergeConfig
+    method: MergeMethod
+    inputs: list[MergeInput]
+    base_index: int | None
+    reference_index: int  # whose config, names and (by default) tokenizer the output takes
+    slots: list[TensorSlot]
+    params: list[TensorParams]
+    compute_dtypes: list[torch.dtype]
+    tokenizer_index: int
+    vocab: VocabAlignment | None = None
+    model_config: dict[str, Any] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        """What compression.json keeps about the merge (the hub's model card reads it)."""
+        base = self.inputs[self.base_index].reference if self.base_index is not None else self.config.base
+        models = []
+        for i, item in enumerate(self.inputs):
+            entry: dict[str, Any] = {"model": item.reference, "hub_id": item.hub_id}
+            if item.adapter:
+                entry["adapter"] = item.adapter
+            if i < len(self.config.models):
+                spec = self.config.models[i]
+                entry.update({k: v for k, v in spec.model_dump(mode="json").items() if k != "model" and v is not None})
+            models.append(entry)
+        return {
+            "method": self.config.method,
+            "base": base,
+            "models": models,
+            "normalize": self.normalize,
+            "seed": self.config.seed,
+            "tokenizer_source": self.config.tokenizer_source or "base",
+            "tensors": len(self.slots),
+        }
+
+    @property
+    def normalize(self) -> bool:
+        return self.method.default_normalize if self.config.normalize is None else self.config.normalize
+
+    @property
+    def rescale(self) -> bool:
+        return self.method.default_rescale if self.config.rescale is None else self.config.rescale
+
+
+def _input_order(config: MergeConfig, method: MergeMethod, locate: Locate) -> tuple[list[str], int | None]:
+    references = [m.model for m in config.models]
+    for i, reference in enumerate(references):
+        if reference in references[:i]:
+            raise RecipeError(f"'{reference}' is listed twice", **locate("models", i, "model"))
+    if method.base == "required":
+        if config.base is None:
+            raise RecipeError(f"{method.name} needs a `base` model (the one the task vectors start from)", **locate("method"))
+        if config.base not in references:
+            references.append(config.base)
+        base_index: int | None = references.index(config.base)
+    else:
+        if config.base is not None and config.base not in references:
+            raise RecipeError(
+                f"{method.name} averages the listed models only: list the base under `models` with a weight,"
+                " or leave `base` out",
+                **locate("base"),
+            )
+        base_index = None
+    count = len(references)
+    if count < method.min_inputs or (method.max_inputs is not None and count > method.max_inputs):
+        raise RecipeError(_count_message(method, count), **locate("models"))
+    return references, base_index
+
+
+def _count_message(method: MergeMethod, count: int) -> str:
+    if method.max_inputs == method.min_inputs == 2:
+        return f"{method.name} merges exactly two models, the base and one other (got {count} counting the base)"
+    if method.min_inputs > 1:
+        return f"{method.name} needs the base and at least {method.min_inputs - 1} other models (got {count} counting the base)"
+    return f"{method.name} needs at least {method.min_inputs} model"
+
+
+def _read_config(item: MergeInput, where: dict[str, str]) -> dict[str, Any]:
+    path = item.config_folder / "config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise RecipeError(f"cannot read {path}: {err}", **where) from None
+
+
+def _compare_architectures(configs: list[dict[str, Any]], references: list[str], ref: int, where: Callable[[int], dict]) -> None:
+    expected = (configs[ref].get("model_type"), configs[ref].get("architectures"))
+    for i, config in enumerate(configs):
+        found = (config.get("model_type"), config.get("architectures"))
+        if found != expected:
+            raise RecipeError(
+                f"architecture {found[1] or found[0]} differs from {references[ref]}'s {expected[1] or expected[0]}",
+                **where(i),
+            )
+
+
+def _compare_tensors(plan_inputs: list[MergeInput], ref: int, vocab_names: set[str], where: Callable[[int], dict]) -> None:
+    reference = plan_inputs[ref].load()
+    for i, item in enumerate(plan_inputs):
+        tensors = item.load()
+        for name, info in reference.tensors.items():
+            other = tensors.tensors.get(name)
+            if other is None:
+                raise RecipeError(f"has no tensor {name} (present in {plan_inputs[ref].reference})", **where(i))
+            if other.shape != info.shape and name not in vocab_names:
+                raise RecipeError(
+                    f"tensor {name} has shape {list(other.shape)}, but {list(info.shape)} in {plan_inputs[ref].reference}"
+                    " (the first tensor that differs)",
+                    **where(i),
+                )
+        extra = [name for name in tensors.tensors if name not in reference.tensors]
+        if extra:
+            raise RecipeError(f"has tensor {extra[0]} that {plan_inputs[ref].reference} lacks", **where(i))
+
+
+def _scopes(config: MergeConfig, index: int, key: str) -> list[Any]:
+    own = getattr(config.models[index], key) if index < len(config.models) else None
+    return [own, getattr(config, key)]
+
+
+def _resolve_params(
+    config: MergeConfig, method: MergeMethod, references: list[str], base_index: int | None, name: str, t: float, locate: Locate
+) -> TensorParams:
+    weights: list[float | None] = []
+    densities: list[float] = []
+    gammas: list[float] = []
+    for i in range(len(references)):
+        is_base = i == base_index
+        weight = None if is_base or not method.uses_weight else resolve(_scopes(config, i, "weight"), name, t, None)
+        if weight is None and method.uses_weight and not is_base:
+            key = ("models", i, "weight") if i < len(config.models) else ("weight",)
+            raise RecipeError(f"{method.name} needs a weight for {references[i]} (none applies to {name})", **locate(*key))
+        density = resolve(_scopes(config, i, "density"), name, t, 1.0)
+        gamma = resolve(_scopes(config, i, "gamma"), name, t, DEFAULT_GAMMA)
+        weights.append(weight)
+        densities.append(density)  # type: ignore[arg-type]
+        gammas.append(gamma)  # type: ignore[arg-type]
+    slerp_t = 0.0
+    if method.uses_t:
+        value = resolve([config.t], name, t, None)
+        if value is None:
+            raise RecipeError(f"{method.name} needs `t` (0 gives the base, 1 the other model) for {name}", **locate("t"))
+        slerp_t = value
+    return TensorParams(tuple(weights), tuple(densities), tuple(gammas), slerp_t)
+
+
+def _check_weight_sum(params: TensorParams, name: str, normalize: bool, locate: Locate) -> None:
+    weights = [w for w in params.weight if w is not None]
+    if normalize and weights and abs(sum(weights)) < 1e-8:
+        raise RecipeError(
+            f"the weights sum to zero for {name} and normalize is on (it divides by that sum);"
+            " change the weights or set normalize: false",
+            **locate("models"),
+        )
+
+
+def plan_merge(config: MergeConfig, locate: Locate, *, allow_pickle: bool = False) -> MergePlan:
+    """Every check a merge can make before reading a weight; raises RecipeError naming the key."""
+    method = merge_method_registry().get(config.method)
+    references, base_index = _input_order(config, method, locate)
+
+    def where(i: int) -> dict[str, str]:
+        return locate("models", i, "model") if i < len(config.models) else locate("base")
+
+    inputs = []
+    for i, reference in enumerate(references):
+        try:
+            inputs.append(open_input(reference, allow_pickle=allow_pickle))
+        except ModelError as err:
+            raise RecipeError(err.message, **where(i)) from None
+    reference_index = base_index if base_index is not None else 0
+    configs = [_read_config(item, where(i)) for i, item in enumerate(inputs)]
+    _compare_architectures(configs, references, reference_index, where)
+    tokenizer_index = _tokenizer_index(config, references, reference_index)
+    vocab = plan_vocabulary(inputs, tokenizer_index, config.tokenizer_source, where, locate, base_index)
+    _compare_tensors(inputs, reference_index, set(vocab.tensor_names) if vocab else set(), where)
+
+    num_layers = int(configs[reference_index].get("num_hidden_layers") or 0)
+    normalize = method.default_normalize if config.normalize is None else config.normalize
+    reference = inputs[reference_index].load()
+    slots, params, compute = [], [], []
+    for name, info in reference.tensors.items():
+        t = layer_position(name, num_layers)
+        tensor_params = _resolve_params(config, method, references, base_index, name, t, locate)
+        _check_weight_sum(tensor_params, name, normalize, locate)
+        compute_dtype = DTYPES[config.dtype] if config.dtype and info.dtype.is_floating_point else info.dtype
+        out_dtype = DTYPES[config.out_dtype] if config.out_dtype and info.dtype.is_floating_point else compute_dtype
+        shape = vocab.output_shape(name, info.shape) if vocab else info.shape
+        slots.append(TensorSlot(name, shape, out_dtype))
+        params.append(tensor_params)
+        compute.append(compute_dtype)
+    model_config = dict(configs[reference_index])
+    if vocab is not None:
+        model_config["vocab_size"] = vocab.size
+    return MergePlan(config, method, inputs, base_index, reference_index, slots, params, compute, tokenizer_index, vocab, model_config)
+
+
+def _tokenizer_index(config: MergeConfig, references: list[str], reference_index: int) -> int:
+    source = config.tokenizer_source
+    if source is None or source == "base":
+        return reference_index
+    return references.index(source)
+
+
+def _generator(seed: int, name: str) -> torch.Generator:
+    # Seeded per tensor name, so a tensor's mask does not depend on the order tensors are merged in.
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+
+
+@dataclass
+class MergeStats:
+    tensors: int = 0
+    peak_tensor_bytes: int = 0  # inputs of one tensor + its output, the most at any one time
+    files: list[str] = field(default_factory=list)
+
+
+def merge_tensor(plan: MergePlan, index: int, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One output tensor from the same tensor of every input (already cast and aligned)."""
+    slot, params = plan.slots[index], plan.params[index]
+    if not tensors[0].is_floating_point():
+        return tensors[plan.reference_index]
+    call = TensorMerge(
+        tensors=tuple(tensors),
+        base_index=plan.base_index,
+        weight=params.weight,
+        density=params.density,
+        gamma=params.gamma,
+        normalize=plan.normalize,
+        rescale=plan.rescale,
+        lambda_=plan.config.lambda_,
+        t=params.t,
+        filter_wise=plan.config.filter_wise,
+        generator=_generator(plan.config.seed, slot.name) if plan.method.randomized else None,
+    )
+    return plan.method.function(call)
+
+
+def _row_chunks(slot: TensorSlot, elementwise: bool) -> list[tuple[int, int | None]]:
+    """Row ranges to merge a tensor in: whole (stop None) unless the method is elementwise and
+    the tensor is big, in which case slices of about CHUNK_BYTES per input bound the memory."""
+    if not elementwise or len(slot.shape) == 0 or slot.nbytes <= CHUNK_BYTES:
+        return [(0, None)]
+    rows = slot.shape[0]
+    step = max(1, rows * CHUNK_BYTES // slot.nbytes)
+    return [(start, min(rows, start + step)) for start in range(0, rows, step)]
+
+
+def run_merge(plan: MergePlan, folder: Path, *, show_progress: bool = False, trust_remote_code: bool = False) -> MergeStats:
+    """Stream the merge into `folder`: weights, config.json, generation config, tokenizer."""
+    from tqdm.auto import tqdm
+
+    for item in plan.inputs:
+        materialize(item, trust_remote_code)
+    readers = [item.load() for item in plan.inputs]
+    writer = StreamingCheckpointWriter(folder, plan.slots, plan.config.max_shard_bytes())
+    stats = MergeStats()
+    try:
+        for index, slot in enumerate(tqdm(plan.slots, desc=f"merge ({plan.method.name})", disable=not show_progress)):
+            aligned = plan.vocab is not None and slot.name in plan.vocab.tensor_names
+            for start, stop in _row_chunks(slot, plan.method.elementwise and not aligned):
+                if stop is None:
+                    tensors = [reader.read(slot.name).to(plan.compute_dtypes[index]) for reader in readers]
+                else:
+                    tensors = [reader.read_rows(slot.name, start, stop).to(plan.compute_dtypes[index]) for reader in readers]
+                if aligned:
+                    assert plan.vocab is not None
+                    tensors = plan.vocab.align(slot.name, tensors)
+                merged = merge_tensor(plan, index, tensors).to(slot.dtype)
+                held = sum(t.numel() * t.element_size() for t in tensors) + merged.numel() * merged.element_size()
+                stats.peak_tensor_bytes = max(stats.peak_tensor_bytes, held)
+                writer.append(slot.name, merged)
+                del tensors, merged
+            stats.tensors += 1
+        stats.files = writer.finish()
+    finally:
+        writer.close()
+    _write_model_files(plan, folder)
+    return stats
+
+
+def _write_model_files(plan: MergePlan, folder: Path) -> None:
+    config = dict(plan.model_config)
+    if plan.config.out_dtype or plan.config.dtype:
+        dtype = plan.config.out_dtype or plan.config.dtype
+        config["torch_dtype" if "torch_dtype" in config else "dtype"] = dtype
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    generation = plan.inputs[plan.reference_index].config_folder / "generation_config.json"
+    if generation.is_file():
+        (folder / "generation_config.json").write_bytes(generation.read_bytes())
+    tokenizer_folder = plan.inputs[plan.tokenizer_index].config_folder
+    if not copy_tokenizer(tokenizer_folder, folder):
+        from transformers import AutoTokenizer  # a tokenizer in some other layout: let transformers write it
+
+        AutoTokenizer.from_pretrained(str(tokenizer_folder)).save_pretrained(str(folder))

@@ -1,0 +1,112 @@
+"""Read a mergekit YAML config as a one-stage merge recipe, keeping the file's line numbers.
+
+    merge_method: ties                      - merge:
+    base_model: org/base                        method: ties
+    models:                                     base: org/base
+      - model: org/a                  ─▶        models:
+        parameters: {weight: 0.5}                 - {model: org/a, weight: 0.5}
+    parameters: {normalize: true}               normalize: true
+    dtype: bfloat16                             dtype: bfloat16
+
+Supported: the methods our registry has, `models` (not `slices`/`modules`), per-model and global
+`parameters` (numbers, gradients, filtered values), `dtype`, `out_dtype`, `tokenizer_source`
+(`base` or a model). `int8_mask` only changes the dtype mergekit builds its sign mask in, so it is
+accepted and has no effect.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from compressor.errors import RecipeError
+from compressor.recipe import Recipe, parse_recipe
+from compressor.yaml_lines import LocatedDocument
+
+MODEL_PARAMETERS = ("weight", "density", "gamma")
+GLOBAL_PARAMETERS = ("weight", "density", "gamma", "t", "normalize", "rescale", "lambda", "filter_wise")
+IGNORED_PARAMETERS = ("int8_mask",)
+TOP_LEVEL = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "name")
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+
+
+def is_mergekit_config(doc: LocatedDocument) -> bool:
+    return isinstance(doc.data, dict) and "merge_method" in doc.data
+
+
+class _Translation:
+    def __init__(self, doc: LocatedDocument):
+        self.doc = doc
+        self.lines: dict[tuple[Any, ...], int] = {}
+
+    def error(self, message: str, path: tuple[Any, ...]) -> RecipeError:
+        return RecipeError(message, **self.doc.locate(path))
+
+    def place(self, new: tuple[Any, ...], old: tuple[Any, ...]) -> None:
+        line = self.doc.line_of(old)
+        if line is not None:
+            self.lines[("stages", 0, "merge", *new)] = line
+
+    def parameters(self, block: Any, path: tuple[Any, ...], allowed: tuple[str, ...], new: tuple[Any, ...]) -> dict[str, Any]:
+        if block is None:
+            return {}
+        if not isinstance(block, dict):
+            raise self.error("parameters must be a mapping", path)
+        out = {}
+        for key, value in block.items():
+            if key in IGNORED_PARAMETERS:
+                continue
+            if key not in allowed:
+                raise self.error(f"parameter '{key}' is not supported here (supported: {', '.join(allowed)})", (*path, key))
+            out[key] = value
+            self.place((*new, key), (*path, key))
+        return out
+
+    def translate(self) -> dict[str, Any]:
+        data = self.doc.data
+        for key in data:
+            if key in ("slices", "modules"):
+                raise self.error(f"`{key}` configs are not supported; list whole models under `models`", (key,))
+            if key not in TOP_LEVEL:
+                raise self.error(f"unknown or unsupported mergekit key '{key}' (supported: {', '.join(TOP_LEVEL)})", (key,))
+        merge: dict[str, Any] = {"method": data["merge_method"]}
+        self.place(("method",), ("merge_method",))
+        if data.get("base_model") is not None:
+            merge["base"] = data["base_model"]
+            self.place(("base",), ("base_model",))
+        models = data.get("models")
+        if not isinstance(models, list) or not models:
+            raise self.error("`models` must be a non-empty list", ("models",))
+        merge["models"] = []
+        for i, entry in enumerate(models):
+            if not isinstance(entry, dict) or "model" not in entry:
+                raise self.error("each model must be a mapping with `model`", ("models", i))
+            unknown = [k for k in entry if k not in ("model", "parameters")]
+            if unknown:
+                raise self.error(f"unknown key '{unknown[0]}' (known: model, parameters)", ("models", i, unknown[0]))
+            item = {"model": entry["model"]}
+            self.place(("models", i), ("models", i))
+            self.place(("models", i, "model"), ("models", i, "model"))
+            item.update(self.parameters(entry.get("parameters"), ("models", i, "parameters"), MODEL_PARAMETERS, ("models", i)))
+            merge["models"].append(item)
+        merge.update(self.parameters(data.get("parameters"), ("parameters",), GLOBAL_PARAMETERS, ()))
+        for key in ("dtype", "out_dtype"):
+            if data.get(key) is not None:
+                value = data[key]
+                merge[key] = DTYPE_ALIASES.get(value, value) if isinstance(value, str) else value
+                self.place((key,), (key,))
+        source = data.get("tokenizer_source")
+        if source is not None:
+            if source == "union":
+                raise self.error("tokenizer_source: union is not supported; use base or one of the models", ("tokenizer_source",))
+            merge["tokenizer_source"] = source
+            self.place(("tokenizer_source",), ("tokenizer_source",))
+        self.lines[()] = 1
+        self.lines[("stages", 0, "merge")] = 1
+        return {"name": data.get("name") or f"mergekit-{data['merge_method']}", "stages": [{"merge": merge}]}
+
+
+def recipe_from_mergekit(doc: LocatedDocument) -> Recipe:
+    """The recipe a mergekit config means; errors point at the mergekit file's lines."""
+    translation = _Translation(doc)
+    data = translation.translate()
+    return parse_recipe(LocatedDocument(data, translation.lines, doc.source))

@@ -1,0 +1,121 @@
+"""Recipes whose first stage is `merge`: they take no input MODEL; the merge makes it.
+
+    merge (streamed into a staging folder) ─▶ only stage: that folder, plus recipe.yaml and
+    compression.json, becomes OUT; more stages: the merged folder is the model the usual
+    pipeline loads, calibrates on and saves (its compression.json records the merge inputs).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from compressor.checkpoint import atomic_output_dir, check_output_dir
+from compressor.errors import RecipeError
+from compressor.merging.engine import MergePlan, plan_merge, run_merge
+from compressor.model_io import weights_bytes
+from compressor.recipe import Recipe
+from compressor.stages.base import StagePlan
+from compressor.stages.merge import MergeConfig
+
+
+def starts_with_merge(recipe: Recipe) -> bool:
+    return bool(recipe.stages) and recipe.stages[0].kind == "merge"
+
+
+def check_merge_position(recipe: Recipe) -> None:
+    """`merge` makes the model, so it can only come first."""
+    for index, spec in enumerate(recipe.stages):
+        if spec.kind == "merge" and index > 0:
+            raise RecipeError("merge must be the first stage (it builds the model the later stages work on)",
+                              **recipe.where(("stages", index, "merge")))
+
+
+def _merge_locator(recipe: Recipe) -> Callable[..., dict[str, str]]:
+    return lambda *suffix: recipe.where(("stages", 0, "merge", *suffix))
+
+
+def plan_recipe_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
+    check_merge_position(recipe)
+    config = recipe.stages[0].config
+    assert isinstance(config, MergeConfig)
+    return plan_merge(config, _merge_locator(recipe), allow_pickle=allow_pickle)
+
+
+def merge_stage_plan(plan: MergePlan) -> StagePlan:
+    """The merge as `--dry-run` prints it: inputs and how many tensors each gives."""
+    stage = StagePlan(kind="merge", method=plan.method.name)
+    for i, item in enumerate(plan.inputs):
+        role = "base" if i == plan.base_index else "model"
+        stage.selected[item.reference] = f"{role}, {len(plan.slots)} tensors"
+    return stage
+
+
+def dry_run_merge_recipe(recipe: Recipe, options) -> list[StagePlan]:
+    """Validate the merge (headers only) and the later stages against the merged structure."""
+    from compressor.pipeline import check_recipe_fits_model, plan_recipe, skeleton_model
+
+    if options.out_dir is not None:
+        check_output_dir(options.out_dir, options.overwrite)
+    plan = plan_recipe_merge(recipe, options.allow_pickle)
+    plans = [merge_stage_plan(plan)]
+    if len(recipe.stages) > 1:
+        base_folder = plan.inputs[plan.reference_index].config_folder
+        model = skeleton_model(str(base_folder), allow_pickle=options.allow_pickle, trust_remote_code=options.trust_remote_code)
+        check_recipe_fits_model(recipe, model.config)
+        plans += [p for p in plan_recipe(model, recipe) if p.kind != "merge"]
+    return plans
+
+
+def _merge_metadata(plan: MergePlan, seconds: float, stats) -> dict[str, Any]:
+    record = plan.record()
+    record["seconds"] = round(seconds, 3)
+    record["peak_tensor_bytes"] = stats.peak_tensor_bytes
+    return record
+
+
+def run_merge_recipe(recipe: Recipe, options, echo: Callable[[str], None] = print):
+    """Merge, then run the remaining stages (if any) on the merged model; write OUT atomically."""
+    from compressor.pipeline import RunSummary, _versions, run_recipe
+
+    assert options.out_dir is not None
+    check_output_dir(options.out_dir, options.overwrite)
+    plan = plan_recipe_merge(recipe, options.allow_pickle)
+    base_reference = plan.inputs[plan.reference_index].reference
+    source = {"reference": base_reference, "kind": "merge", "hub_id": plan.inputs[plan.reference_index].hub_id}
+    echo(f"stage 1/{len(recipe.stages)}: merge ({plan.method.name}) of {len(plan.inputs)} models, {len(plan.slots)} tensors")
+    if len(recipe.stages) == 1:
+        with atomic_output_dir(options.out_dir) as staging:
+            started = time.perf_counter()
+            stats = run_merge(plan, staging, show_progress=options.show_progress, trust_remote_code=options.trust_remote_code)
+            seconds = time.perf_counter() - started
+            size = weights_bytes(staging)
+            metadata = {
+                "recipe": {"name": recipe.name, "sha256": recipe.sha256()},
+                "source": source,
+                "merge": _merge_metadata(plan, seconds, stats),
+                "stages": [{"kind": "merge", "method": plan.method.name, "modules": 0, "seconds": round(seconds, 3)}],
+                "sizes": {"original_bytes": size, "compressed_bytes": size},
+                "versions": _versions(),
+            }
+            (staging / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+            (staging / "compression.json").write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return RunSummary(options.out_dir, size, size, None, None, [seconds], [merge_stage_plan(plan)])
+
+    out_parent = options.out_dir.resolve().parent
+    out_parent.mkdir(parents=True, exist_ok=True)
+    merged = Path(tempfile.mkdtemp(prefix=f".{options.out_dir.name}.merged-", dir=out_parent))
+    try:
+        started = time.perf_counter()
+        stats = run_merge(plan, merged, show_progress=options.show_progress, trust_remote_code=options.trust_remote_code)
+        seconds = time.perf_counter() - started
+        extra = {"source": source, "merge": _merge_metadata(plan, seconds, stats)}
+        summary = run_recipe(str(merged), recipe, options, echo=echo, extra_metadata=extra)
+        summary.stage_seconds.insert(0, seconds)
+        return summary
+    finally:
+        shutil.rmtree(merged, ignore_errors=True)

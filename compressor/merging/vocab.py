@@ -1,0 +1,168 @@
+"""Vocabularies: refuse inputs whose tokenizers differ, or align their embeddings to one tokenizer.
+
+With `tokenizer_source` (``base`` or one of the models), the output uses that tokenizer, and
+every input's token-indexed tensors (embeddings, lm_head) are re-indexed to it by token string
+before merging, as mergekit does: a model that has the token uses its own row; for a model that
+lacks it, the row comes from the only model that has it, else from the base when the base has
+it, else the average of the models that have it, else zeros. Rows past the tokenizer's tokens
+(padding) take the mean of that model's token rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from compressor.errors import RecipeError
+from compressor.merging.sources import MergeInput
+
+VOCAB_TENSOR_SUFFIXES = (
+    "embed_tokens.weight",
+    "lm_head.weight",
+    "wte.weight",
+    "embed_in.weight",
+    "embed_out.weight",
+    "word_embeddings.weight",
+)
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def tokenizer_fingerprint(folder: Path) -> str:
+    """A hash of the tokenizer files, so identical tokenizers are recognised without parsing."""
+    digest = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        path = folder / name
+        if path.is_file():
+            digest.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def copy_tokenizer(source: Path, target: Path) -> list[str]:
+    """Copy the tokenizer files as they are (exact, and no tokenizer needs loading)."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, target / name)
+            copied.append(name)
+    return copied
+
+
+def read_vocabulary(folder: Path) -> dict[str, int]:
+    tokenizer_file = folder / "tokenizer.json"
+    if tokenizer_file.is_file():
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(tokenizer_file)).get_vocab(with_added_tokens=True)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder)).get_vocab()
+
+
+def _config_vocab_size(folder: Path) -> int | None:
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    return config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
+
+
+@dataclass
+class VocabAlignment:
+    size: int  # rows of every token-indexed output tensor
+    tensor_names: list[str]
+    rows: list[torch.Tensor]  # per input: output row -> input row, -1 where the input lacks the token
+    fallbacks: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # output row -> (input, row) to average
+    padding: list[int] = field(default_factory=list)  # output rows that hold no token
+
+    def output_shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (self.size, *shape[1:]) if name in self.tensor_names else shape
+
+    def align(self, name: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        defaults: dict[int, torch.Tensor] = {}
+        for row, sources in self.fallbacks.items():
+            if sources:
+                defaults[row] = torch.stack([tensors[i][r] for i, r in sources]).mean(dim=0)
+            else:
+                defaults[row] = tensors[0].new_zeros(tensors[0].shape[1:])
+        aligned = []
+        for i, tensor in enumerate(tensors):
+            rows = self.rows[i]
+            out = tensor[rows.clamp(min=0)].clone()
+            for row in (rows < 0).nonzero().flatten().tolist():
+                if row in defaults:
+                    out[row] = defaults[row]
+            if self.padding:
+                token_rows = rows[rows >= 0]
+                out[self.padding] = tensor[token_rows].mean(dim=0).to(tensor.dtype)
+            aligned.append(out)
+        return aligned
+
+
+def plan_vocabulary(
+    inputs: list[MergeInput],
+    target: int,
+    tokenizer_source: str | None,
+    where: Callable[[int], dict[str, str]],
+    locate: Callable[..., dict[str, str]],
+    base_index: int | None = None,
+) -> VocabAlignment | None:
+    """None when every input shares the tokenizer; an alignment when `tokenizer_source` asks."""
+    sizes = [_config_vocab_size(item.config_folder) for item in inputs]
+    fingerprints = [tokenizer_fingerprint(item.config_folder) for item in inputs]
+    if all(f == fingerprints[target] for f in fingerprints) and all(s == sizes[target] for s in sizes):
+        return None  # byte-identical tokenizer files: no need to parse them
+    vocabularies = [read_vocabulary(item.config_folder) for item in inputs]
+    differing = [i for i in range(len(inputs)) if vocabularies[i] != vocabularies[target] or sizes[i] != sizes[target]]
+    if not differing:
+        return None
+    if tokenizer_source is None:
+        i = differing[0]
+        raise RecipeError(
+            f"vocabulary differs from {inputs[target].reference}'s ({len(vocabularies[i])} tokens, {sizes[i]} rows"
+            f" against {len(vocabularies[target])}, {sizes[target]}); set tokenizer_source: base (or one of the models)"
+            " to align the embeddings to that tokenizer",
+            **where(i),
+        )
+    reference = inputs[target].load()
+    names = [n for n, info in reference.tensors.items() if n.endswith(VOCAB_TENSOR_SUFFIXES) and info.shape[0] == sizes[target]]
+    if not names:
+        raise RecipeError("found no token embedding tensor to align", **locate("tokenizer_source"))
+    size = reference.tensors[names[0]].shape[0]
+    tokens = vocabularies[target]
+    rows = []
+    for vocab in vocabularies:
+        mapping = torch.full((size,), -1, dtype=torch.long)
+        for token, token_id in tokens.items():
+            if token_id < size and token in vocab:
+                mapping[token_id] = vocab[token]
+        rows.append(mapping)
+    used = {token_id for token_id in tokens.values() if token_id < size}
+    padding = [row for row in range(size) if row not in used]
+    fallbacks: dict[int, list[tuple[int, int]]] = {}
+    for token, token_id in tokens.items():
+        if token_id >= size:
+            continue
+        present = [i for i in range(len(inputs)) if rows[i][token_id] >= 0]
+        if len(present) == len(inputs):
+            continue
+        if len(present) == 1 or (base_index is not None and base_index in present):
+            donor = present[0] if len(present) == 1 else base_index
+            fallbacks[token_id] = [(donor, int(rows[donor][token_id]))]
+        else:
+            fallbacks[token_id] = [(i, int(rows[i][token_id])) for i in present]
+    return VocabAlignment(size, names, rows, fallbacks, padding)

@@ -1,0 +1,153 @@
+"""Bad merge input: one line naming file:line and key, exit code 2, nothing written, no weight read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from compressor.cli import main
+from compressor.merging import sources
+from tests.merge_fixtures import perturbed_copy, recipe_text
+from tests.tiny_models import build_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, tiny_tokenizer_dir) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("merge-pair")
+    base = build_tiny_checkpoint(root / "base", "llama", tiny_tokenizer_dir, dtype=torch.float32)
+    return {"base": base, "a": perturbed_copy(base, root / "a", seed=1), "b": perturbed_copy(base, root / "b", seed=2)}
+
+
+@pytest.fixture(autouse=True)
+def no_weight_reads(monkeypatch):
+    """Every refusal here must come from plan time, before any tensor is read."""
+
+    def refuse(self, name):
+        raise AssertionError(f"read {name} during a refused merge")
+
+    monkeypatch.setattr(sources.CheckpointTensors, "read", refuse)
+
+
+def refused(tmp_path: Path, capsys, text: str, *fragments: str, argv_prefix=("merge",), name="merge.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    out = tmp_path / "out"
+    code = main([*argv_prefix, str(path), "-o", str(out), "-q"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    for fragment in fragments:
+        assert fragment in err, err
+    assert not out.exists()
+    return err
+
+
+def test_different_architecture_names_the_model(pair, tiny_qwen2, tmp_path, capsys):
+    text = recipe_text(f"method: task_arithmetic\nbase: {pair['base']}\nmodels:\n  - {{model: {tiny_qwen2}, weight: 1.0}}")
+    refused(tmp_path, capsys, text, "merge.yaml:7", "stages[0].merge.models[0].model", "Qwen2ForCausalLM", "differs")
+
+
+def test_different_shape_names_the_first_tensor(pair, tiny_tokenizer_dir, tmp_path, capsys, monkeypatch):
+    import tests.tiny_models as tiny
+
+    monkeypatch.setitem(tiny.CONFIGS, "narrow", dict(tiny.CONFIGS["llama"], intermediate_size=128))
+    narrow = build_tiny_checkpoint(tmp_path / "narrow", "narrow", tiny_tokenizer_dir, dtype=torch.float32)
+    text = recipe_text(f"method: linear\nmodels:\n  - {{model: {pair['base']}, weight: 1.0}}\n  - {{model: {narrow}, weight: 1.0}}")
+    err = refused(tmp_path, capsys, text, "merge.yaml:7", "models[1].model", "model.layers.0.mlp.down_proj.weight", "[96, 128]")
+    assert "[96, 160]" in err
+
+
+def test_weights_summing_to_zero_with_normalize(pair, tmp_path, capsys):
+    text = recipe_text(f"method: linear\nmodels:\n  - {{model: {pair['a']}, weight: 1.0}}\n  - {{model: {pair['b']}, weight: -1.0}}")
+    refused(tmp_path, capsys, text, "merge.yaml:5", "stages[0].merge.models", "sum to zero")
+
+
+def test_weights_summing_to_zero_only_in_some_layers(pair, tmp_path, capsys):
+    block = f"method: task_arithmetic\nnormalize: true\nbase: {pair['base']}\nmodels:\n  - {{model: {pair['a']}, weight: [0.5, -1.0]}}\n  - {{model: {pair['b']}, weight: [0.5, 1.0]}}"
+    refused(tmp_path, capsys, recipe_text(block), "sum to zero for model.layers.1.")
+
+
+@pytest.mark.parametrize("density", ["0", "1.5", "[0.5, 0.0]"])
+def test_density_outside_zero_one(pair, tmp_path, capsys, density):
+    text = recipe_text(f"method: ties\nbase: {pair['base']}\nmodels:\n  - model: {pair['a']}\n    weight: 1.0\n    density: {density}")
+    refused(tmp_path, capsys, text, "merge.yaml:9", "stages[0].merge.models[0].density", "density must be in (0, 1]")
+
+
+def test_slerp_needs_exactly_two_models(pair, tmp_path, capsys):
+    text = recipe_text(f"method: slerp\nbase: {pair['base']}\nt: 0.5\nmodels:\n  - {{model: {pair['a']}}}\n  - {{model: {pair['b']}}}")
+    refused(tmp_path, capsys, text, "merge.yaml:7", "stages[0].merge.models", "exactly two models")
+
+
+def test_slerp_needs_t(pair, tmp_path, capsys):
+    text = recipe_text(f"method: slerp\nbase: {pair['base']}\nmodels:\n  - {{model: {pair['a']}}}")
+    refused(tmp_path, capsys, text, "stages[0].merge.t", "needs `t`")
+
+
+def test_model_stock_needs_two_fine_tunes(pair, tmp_path, capsys):
+    text = recipe_text(f"method: model_stock\nbase: {pair['base']}\nmodels:\n  - {{model: {pair['a']}}}")
+    refused(tmp_path, capsys, text, "at least 2 other models")
+
+
+def test_task_vectors_need_a_base_and_weights(pair, tmp_path, capsys):
+    refused(tmp_path, capsys, recipe_text(f"method: ties\nmodels:\n  - {{model: {pair['a']}, weight: 1.0}}"), "stages[0].merge.method", "needs a `base`")
+    text = recipe_text(f"method: ties\nbase: {pair['base']}\nmodels:\n  - {{model: {pair['a']}, density: 0.5}}")
+    refused(tmp_path, capsys, text, "stages[0].merge.models[0].weight", "needs a weight")
+
+
+def test_unknown_method_and_missing_model(pair, tmp_path, capsys):
+    refused(tmp_path, capsys, recipe_text(f"method: tie\nmodels:\n  - {{model: {pair['a']}}}"), "merge.yaml:4", "did you mean 'ties'")
+    text = recipe_text(f"method: linear\nmodels:\n  - {{model: {tmp_path / 'nope'}, weight: 1.0}}")
+    refused(tmp_path, capsys, text, "merge.yaml:6", "models[0].model", "model path not found")
+
+
+def test_merge_must_be_first_and_takes_no_model(pair, tmp_path, capsys):
+    merge_then = recipe_text(f"method: linear\nmodels:\n  - {{model: {pair['a']}, weight: 1.0}}")
+    refused(tmp_path, capsys, merge_then, "leave MODEL out", argv_prefix=(str(pair["a"]), "--recipe"))
+    second = "name: x\nstages:\n  - quantize: {method: rtn}\n  - merge:\n      method: linear\n      models: [{model: " + str(pair["a"]) + ", weight: 1.0}]\n"
+    refused(tmp_path, capsys, second, "merge.yaml:4", "stages[1].merge", "first stage", argv_prefix=(str(pair["a"]), "--recipe"))
+    plain = "name: x\nstages:\n  - quantize: {method: rtn}\n"
+    (tmp_path / "plain.yaml").write_text(plain)
+    assert main(["--recipe", str(tmp_path / "plain.yaml"), "-o", str(tmp_path / "out"), "-q"]) == 2
+    assert "MODEL is required" in capsys.readouterr().err
+
+
+def test_mergekit_configs_refuse_what_they_cannot_translate(pair, tmp_path, capsys):
+    slices = f"merge_method: linear\nslices:\n  - sources:\n      - model: {pair['a']}\n        layer_range: [0, 2]\n"
+    refused(tmp_path, capsys, slices, "merge.yaml:2", "slices", "not supported")
+    union = f"merge_method: linear\nmodels:\n  - model: {pair['a']}\n    parameters: {{weight: 1.0}}\ntokenizer_source: union\n"
+    refused(tmp_path, capsys, union, "merge.yaml:5", "union is not supported")
+    bad_density = f"merge_method: ties\nbase_model: {pair['base']}\nmodels:\n  - model: {pair['a']}\n    parameters:\n      weight: 1.0\n      density: 2.0\n"
+    refused(tmp_path, capsys, bad_density, "merge.yaml:7", "density must be in (0, 1]")
+
+
+def test_dry_run_plans_the_merge_and_later_stages(pair, tmp_path, capsys):
+    text = recipe_text(
+        f"method: ties\nbase: {pair['base']}\nmodels:\n  - {{model: {pair['a']}, weight: 1.0, density: 0.5}}",
+        extra="  - quantize: {method: rtn, weights: {bits: 4, group_size: 32}}\n",
+    )
+    (tmp_path / "r.yaml").write_text(text)
+    assert main(["--recipe", str(tmp_path / "r.yaml"), "--dry-run"]) == 2  # 512-token calibration > 256 positions
+    assert "calibration.seq_len" in capsys.readouterr().err
+    (tmp_path / "r.yaml").write_text(text + "calibration: {seq_len: 64}\n")
+    assert main(["--recipe", str(tmp_path / "r.yaml"), "--dry-run", "-o", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "stage 1: merge (ties)" in printed and "stage 2: quantize (rtn)" in printed
+    assert str(pair["base"]) in printed
+    assert not (tmp_path / "out").exists()
+
+
+def test_linear_refuses_an_unlisted_base(pair, tmp_path, capsys):
+    text = recipe_text(f"method: linear\nbase: {pair['base']}\nmodels:\n  - {{model: {pair['a']}, weight: 1.0}}")
+    refused(tmp_path, capsys, text, "merge.yaml:5", "stages[0].merge.base", "list the base under `models`")
+
+
+def test_running_a_merge_recipe_on_a_model_through_the_api_is_refused(pair, tmp_path):
+    from compressor.errors import RecipeError
+    from compressor.pipeline import RunOptions, run_recipe
+    from compressor.recipe import parse_recipe_text
+
+    recipe = parse_recipe_text(recipe_text(f"method: linear\nmodels:\n  - {{model: {pair['a']}, weight: 1.0}}"), "m.yaml")
+    with pytest.raises(RecipeError, match="builds the model"):
+        run_recipe(str(pair["a"]), recipe, RunOptions(out_dir=tmp_path / "out", show_progress=False))
