@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable
@@ -44,6 +45,22 @@ def _print_plans(plans, echo: Callable[[str], None]) -> None:
             echo(f"  skipped {name}: {reason}")
 
 
+_SECRET_FLAGS = ("--token", "--hub-token")
+_TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9]{8,}")
+
+
+def command_line(argv: list[str]) -> str:
+    """The command as typed, for compression.json and the model card, with secrets masked."""
+    words, hide_next = [], False
+    for word in argv:
+        flag, eq, _ = word.partition("=")
+        if hide_next or (eq and flag in _SECRET_FLAGS):
+            word = f"{flag}=REDACTED" if eq and not hide_next else "REDACTED"
+        hide_next = word in _SECRET_FLAGS
+        words.append(_TOKEN_LIKE.sub("REDACTED", word))
+    return shlex.join(["compress", *words])
+
+
 def run(argv: list[str]) -> int:
     args = _run_parser().parse_args(argv)
     if args.output is None and not args.dry_run:
@@ -63,9 +80,12 @@ def run(argv: list[str]) -> int:
         batch_size=args.batch_size,
         show_progress=not args.quiet,
         measure_perplexity=not args.no_perplexity,
+        command=command_line(argv),
     )
     if args.dry_run:
         _print_plans(dry_run(args.model, recipe, options), print)
+        if recipe.output.push_to_hub:
+            print(f"then: push to {recipe.output.push_to_hub} (output.push_to_hub)")
         print("dry run: nothing written")
         return 0
     summary = run_recipe(args.model, recipe, options)
