@@ -107,7 +107,7 @@ def make_handler(state: HubState, endpoint: list[str]):
                 return
             with state.lock:
                 state.requests.append({"kind": kind, "method": method, "path": path,
-                                       "headers": dict(self.headers), "body": body})  # fmt: skip
+                                       "headers": {k.lower(): v for k, v in self.headers.items()}, "body": body})  # fmt: skip
             if kind in state.fail:
                 self._error(state.fail[kind], f"refused by the test server ({kind})")
                 return
