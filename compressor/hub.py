@@ -13,6 +13,7 @@ message, and nothing this module writes contains it.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -185,6 +186,11 @@ def _describe_failure(err: BaseException, token: str, endpoint: str) -> str:
     return f"{hint}: {detail}" if detail else hint
 
 
+def default_commit_message(out_dir: Path) -> str:
+    recipe = (json.loads((out_dir / "compression.json").read_text(encoding="utf-8")).get("recipe") or {}).get("name")
+    return f"Upload {out_dir.name}, compressed with the compressor recipe {recipe}, and its model card"
+
+
 def push(
     plan: UploadPlan,
     token: str,
@@ -198,7 +204,7 @@ def push(
     from huggingface_hub import CommitOperationAdd, HfApi, constants
 
     api = HfApi(token=token)
-    message = commit_message or f"Upload {plan.out_dir.name} compressed with compressor"
+    message = commit_message or default_commit_message(plan.out_dir)
     operations = [
         CommitOperationAdd(
             path_in_repo=entry.path_in_repo,
@@ -217,8 +223,8 @@ def push(
         info = api.create_commit(plan.repo_id, operations, commit_message=message, revision=revision)
     except Exception as err:  # any failure: one scrubbed line, and how to retry
         reason = _describe_failure(err, token, api.endpoint)
+        retry = retry_command(plan, private=private, revision=revision)
         raise HubError(
-            f"could not {step}: {reason}; no commit was made. Retry with: {retry_command(plan, private=private, revision=revision)}",
-            where=f"push {plan.repo_id}",
+            f"could not {step}: {reason}; no commit was made. Retry with: {retry}", where=f"push {plan.repo_id}"
         ) from None
     return str(info.commit_url)

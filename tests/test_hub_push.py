@@ -175,6 +175,7 @@ def test_push_to_a_branch_and_again_with_the_token_flag(compressed_out, tmp_path
         assert second.returncode == 0, second.stderr
         repo = hub.state.repos[REPO]
         assert [c["revision"] for c in repo.commits] == ["main", "w4-rtn"]  # existing repo reused, branch made
+        assert "compressor recipe w4a16-rtn" in repo.commits[0]["summary"]  # the default message
         assert repo.branches["w4-rtn"]["model.safetensors"] == (compressed_out / "model.safetensors").read_bytes()
         assert_token_nowhere(TOKEN, first.stdout, first.stderr, second.stdout, second.stderr, hub=hub)
 
@@ -273,6 +274,21 @@ def test_dry_run_default_preview_is_a_sibling_and_out_is_untouched(compressed_ou
     (named / "keep.txt").write_text("mine")
     assert main(["push", str(compressed_out), REPO, "--dry-run", "--preview", str(named)]) == 2
     assert (named / "keep.txt").read_text() == "mine"
+
+
+def test_dry_run_with_a_separate_eval_folder(compressed_out, tmp_path, capsys):
+    report_dir = tmp_path / "report"
+    write_eval_report(report_dir, 123_456)
+    preview = tmp_path / "preview"
+    code = main(["push", str(compressed_out), REPO, "--dry-run", "--preview", str(preview), "--eval", str(report_dir)])
+    assert code == 0
+    files = tree_bytes(preview)
+    assert files["eval/report.json"] == (report_dir / "report.json").read_bytes()
+    assert files["eval/lm_eval_results/w4.json"] == (report_dir / "lm_eval_results" / "w4.json").read_bytes()
+    assert "| w4 | 0.1 MB | 4.51 |" in files["README.md"].decode()  # the table comes from the given report
+    assert main(["push", str(compressed_out), REPO, "--dry-run", "--preview", str(tmp_path / "p2"),
+                 "--eval", str(tmp_path)]) == 2  # fmt: skip
+    assert "no report.json here" in capsys.readouterr().err
 
 
 def test_recipe_push_to_hub_after_the_save(tiny_llama, tmp_path):
