@@ -47,6 +47,8 @@ class UploadPlan:
     out_dir: Path
     repo_id: str
     files: tuple[UploadFile, ...]
+    base_model: tuple[str, ...] = ()  # as given on the command line, for the retry command
+    eval_dir: Path | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -111,7 +113,13 @@ def plan_upload(
     card = str(build_model_card(out_dir, repo_id, base_model=base_model, eval_dir=eval_dir)).encode("utf-8")
     entries = [UploadFile(name, path.stat().st_size, source=path) for name, path in sorted(files.items())]
     entries.append(UploadFile(CARD_NAME, len(card), content=card))
-    return UploadPlan(out_dir=out_dir, repo_id=repo_id, files=tuple(sorted(entries, key=lambda f: f.path_in_repo)))
+    return UploadPlan(
+        out_dir=out_dir,
+        repo_id=repo_id,
+        files=tuple(sorted(entries, key=lambda f: f.path_in_repo)),
+        base_model=tuple(base_model or ()),
+        eval_dir=eval_dir,
+    )
 
 
 def write_preview(plan: UploadPlan, folder: Path) -> None:
@@ -151,13 +159,19 @@ def scrub(text: str, secret: str) -> str:
     return text.replace(secret, "***") if secret else text
 
 
-def retry_command(plan: UploadPlan, *, private: bool, revision: str | None) -> str:
+def retry_command(plan: UploadPlan, *, private: bool, revision: str | None, commit_message: str | None) -> str:
     """The command that pushes the same folder again (the token is never part of it)."""
     words = ["compress", "push", str(plan.out_dir), plan.repo_id]
     if private:
         words.append("--private")
     if revision:
         words += ["--revision", revision]
+    if commit_message:
+        words += ["--commit-message", commit_message]
+    if plan.base_model:
+        words += ["--base-model", *plan.base_model]
+    if plan.eval_dir is not None:
+        words += ["--eval", str(plan.eval_dir)]
     return shlex.join(words)
 
 
@@ -172,6 +186,10 @@ _STATUS_HINTS = {
 def _describe_failure(err: BaseException, token: str, endpoint: str) -> str:
     from huggingface_hub.errors import HfHubHTTPError
 
+    cause: BaseException | None = err
+    while cause is not None and not isinstance(cause, HfHubHTTPError):  # LFS errors wrap the HTTP one
+        cause = cause.__cause__ or cause.__context__
+    err = cause or err
     if isinstance(err, HfHubHTTPError) and err.response is not None:
         status = err.response.status_code
         hint = _STATUS_HINTS.get(status) or (
@@ -223,7 +241,7 @@ def push(
         info = api.create_commit(plan.repo_id, operations, commit_message=message, revision=revision)
     except Exception as err:  # any failure: one scrubbed line, and how to retry
         reason = _describe_failure(err, token, api.endpoint)
-        retry = retry_command(plan, private=private, revision=revision)
+        retry = retry_command(plan, private=private, revision=revision, commit_message=commit_message)
         raise HubError(
             f"could not {step}: {reason}; no commit was made. Retry with: {retry}", where=f"push {plan.repo_id}"
         ) from None
