@@ -25,6 +25,7 @@ from compressor.checkpoint import atomic_output_dir, check_output_dir, prepare_w
 from compressor.errors import RecipeError
 from compressor.formats import write_quantization_config
 from compressor.guards import assert_finite, check_free_space, state_bytes
+from compressor.model_card import build_model_card
 from compressor.model_io import LoadedModel, load_config, load_model, load_tokenizer, prepare_source, weights_bytes
 from compressor.recipe import Recipe
 from compressor.sparse_format import pack_sparse_layers, write_sparsity_config
@@ -43,6 +44,7 @@ class RunOptions:
     show_progress: bool = True
     measure_perplexity: bool = True
     resume: bool = False
+    command: str | None = None  # the command line, recorded in compression.json and the model card
 
 
 @dataclass
@@ -102,7 +104,9 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _write_checkpoint(loaded: LoadedModel, recipe: Recipe, folder: Path, metadata: dict[str, Any]) -> None:
+def _write_checkpoint(
+    loaded: LoadedModel, recipe: Recipe, folder: Path, metadata: dict[str, Any], out_name: str
+) -> None:
     pack_sparse_layers(loaded.model)
     loaded.model.save_pretrained(str(folder), safe_serialization=True, max_shard_size="2GB")
     write_quantization_config(loaded.model, folder)
@@ -111,6 +115,8 @@ def _write_checkpoint(loaded: LoadedModel, recipe: Recipe, folder: Path, metadat
     (folder / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
     metadata["sizes"]["compressed_bytes"] = weights_bytes(folder)
     (folder / "compression.json").write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    card = build_model_card(folder, recipe.output.push_to_hub, local_name=out_name)
+    (folder / "README.md").write_text(str(card), encoding="utf-8")
 
 
 def run_recipe(
@@ -126,6 +132,7 @@ def run_recipe(
 
     assert options.out_dir is not None
     check_output_dir(options.out_dir, options.overwrite)
+    hub_token = _hub_token_for(recipe)
     device = default_device(options.device)
     registry = stage_registry()
     pre_load = [s.kind for s in recipe.stages if getattr(registry.get(s.kind).implementation, "runs_before_load", False)]
@@ -213,14 +220,37 @@ def run_recipe(
         "versions": _versions(),
     }
     metadata.update(extra_metadata or {})
+    if options.command:
+        metadata["command"] = options.command
     check_free_space(options.out_dir, state_bytes(model))
     with atomic_output_dir(options.out_dir) as staging:
-        _write_checkpoint(loaded, recipe, staging, metadata)
+        _write_checkpoint(loaded, recipe, staging, metadata, options.out_dir.name)
         for name, source in ctx.artifacts.items():
             shutil.copyfile(source, staging / name)
         summary.compressed_bytes = metadata["sizes"]["compressed_bytes"]
     shutil.rmtree(workdir, ignore_errors=True)
+    if hub_token is not None:
+        _push_output(recipe, options.out_dir, hub_token, echo)
     return summary
+
+
+def _hub_token_for(recipe: Recipe) -> str | None:
+    """The token for `output.push_to_hub`, found before any work so a missing one costs nothing."""
+    if recipe.output.push_to_hub is None:
+        return None
+    from compressor.hub import check_online, resolve_token
+
+    check_online()
+    return resolve_token(None)
+
+
+def _push_output(recipe: Recipe, out_dir: Path, token: str, echo: Callable[[str], None]) -> None:
+    """`output.push_to_hub`: upload the saved folder and its card (after the save succeeded)."""
+    from compressor.hub import plan_upload, push
+
+    assert recipe.output.push_to_hub is not None
+    plan = plan_upload(out_dir, recipe.output.push_to_hub)
+    echo(f"pushed to {recipe.output.push_to_hub}: {push(plan, token, echo=echo)}")
 
 
 def skeleton_model(model_reference: str, *, allow_pickle: bool, trust_remote_code: bool) -> nn.Module:

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, field_validator
 
 from compressor.errors import RecipeError
+from compressor.hub_ids import repo_id_problem
 from compressor.registry import Registry, StageEntry, stage_registry
 from compressor.yaml_lines import LocatedDocument, format_path, load_yaml_with_lines, read_yaml_file
 
@@ -61,7 +62,15 @@ class EvaluateSpec(StrictModel):
 
 class OutputSpec(StrictModel):
     format: Literal["compressed-tensors"] = "compressed-tensors"
-    push_to_hub: None = None
+    push_to_hub: str | None = None  # "org/name": pushed with its model card after the save succeeds
+
+    @field_validator("push_to_hub")
+    @classmethod
+    def _valid_repo_id(cls, repo_id: str | None) -> str | None:
+        problem = repo_id_problem(repo_id) if repo_id is not None else None
+        if problem:
+            raise ValueError(problem)
+        return repo_id
 
 
 class RecipeHeader(StrictModel):

@@ -15,6 +15,7 @@ SUBCOMMAND_MODULES: dict[str, str] = {
     "generate": "compressor.commands.generate", "bench": "compressor.commands.bench",
     "densify": "compressor.commands.densify",
     "merge": "compressor.commands.merge",
+    "push": "compressor.commands.push",
 }
 
 DEFAULT_MODULE = "compressor.commands.compress"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable
@@ -50,6 +51,22 @@ def _print_plans(plans, echo: Callable[[str], None]) -> None:
             echo(f"  skipped {name}: {reason}")
 
 
+_SECRET_FLAGS = ("--token", "--hub-token")
+_TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9]{8,}")
+
+
+def command_line(argv: list[str]) -> str:
+    """The command as typed, for compression.json and the model card, with secrets masked."""
+    words, hide_next = [], False
+    for word in argv:
+        flag, eq, _ = word.partition("=")
+        if hide_next or (eq and flag in _SECRET_FLAGS):
+            word = f"{flag}=REDACTED" if eq and not hide_next else "REDACTED"
+        hide_next = word in _SECRET_FLAGS
+        words.append(_TOKEN_LIKE.sub("REDACTED", word))
+    return shlex.join(["compress", *words])
+
+
 def run(argv: list[str]) -> int:
     args = _run_parser().parse_args(argv)
     if args.output is None and not args.dry_run:
@@ -70,6 +87,7 @@ def run(argv: list[str]) -> int:
         show_progress=not args.quiet,
         measure_perplexity=not args.no_perplexity,
         resume=args.resume,
+        command=command_line(argv),
     )
     from compressor.merging.recipe_run import check_merge_position, dry_run_merge_recipe, run_merge_recipe, starts_with_merge
 
@@ -82,6 +100,8 @@ def run(argv: list[str]) -> int:
     if args.dry_run:
         plans = dry_run_merge_recipe(recipe, options) if merging else dry_run(args.model, recipe, options)
         _print_plans(plans, print)
+        if recipe.output.push_to_hub:
+            print(f"then: push to {recipe.output.push_to_hub} (output.push_to_hub)")
         print("dry run: nothing written")
         return 0
     summary = run_merge_recipe(recipe, options) if merging else run_recipe(args.model, recipe, options)

