@@ -98,7 +98,7 @@ GOOD = HEAD + "  - quantize: {method: rtn, weights: {bits: 4, group_size: 32}}\n
 
 # (id, argv with MODEL / RECIPE / OUT placeholders, fragments)
 INVOCATIONS: list[tuple[str, list[str], tuple[str, ...]]] = [
-    ("no-arguments", [], ("required: model, --recipe",)),
+    ("no-arguments", [], ("required: --recipe",)),
     ("no-recipe", ["MODEL", "-o", "OUT"], ("required: --recipe",)),
     ("no-output", ["MODEL", "--recipe", "RECIPE"], ("--output/-o is required",)),
     ("unknown-flag", ["MODEL", "--recipe", "RECIPE", "-o", "OUT", "--bogus"], ("unrecognized arguments: --bogus",)),
