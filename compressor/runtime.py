@@ -155,6 +155,10 @@ def load(path: str | Path, device: torch.device | str | None = None, dtype: torc
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(folder))
     model.compressed_formats = formats
+    if qconfig is not None:
+        # Kept as the plain dict (no hf_quantizer is attached), so save_pretrained writes it back
+        # and the saved folder is again a compressed-tensors checkpoint.
+        model.config.quantization_config = qconfig
     _prepare_kernels(model, target, torch_dtype)
     return model
 

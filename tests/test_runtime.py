@@ -149,3 +149,14 @@ def test_load_refuses_unknown_format_and_missing_folder(tiny_llama, tmp_path):
     (broken / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelError, match="unknown compressed-tensors format 'marlin-24'"):
         compressor.load(broken)
+
+
+def test_save_pretrained_round_trips_the_compressed_model(tiny_qwen2, tmp_path):
+    out = compress(tiny_qwen2, small_calibration("w4a16-rtn", tmp_path), tmp_path / "out")
+    model, logits = ours(out)
+    model.save_pretrained(str(tmp_path / "again"))
+    with safe_open(str(tmp_path / "again" / "model.safetensors"), "pt") as f:
+        assert "model.layers.0.mlp.up_proj.weight_packed" in f.keys()
+        assert "model.layers.0.mlp.up_proj.weight" not in f.keys()
+    _, again = ours(tmp_path / "again")
+    assert torch.equal(logits, again)
