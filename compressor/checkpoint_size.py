@@ -15,11 +15,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-_DTYPE_BYTES = {
-    "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
-    "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1,
-}  # fmt: skip
-_INT_FORMATS = {"I64": "<q", "I32": "<i", "U64": "<Q", "U32": "<I"}
+_INT_FORMATS = {"I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b", "U64": "<Q", "U32": "<I", "U16": "<H", "U8": "<B"}
 
 
 @dataclass(frozen=True)

@@ -352,3 +352,20 @@ def test_compress_records_a_token_free_command(tmp_path):
 
     line = command_line(["m", "--recipe", "r", "--token", TOKEN, f"--hub-token={TOKEN}", f"x{TOKEN}"])
     assert TOKEN not in line and line.startswith("compress m --recipe r --token REDACTED --hub-token=REDACTED")
+
+
+@pytest.mark.integration
+def test_smollm2_push_names_its_hub_base_and_license(tmp_path):
+    """The real model: its card says where it came from and its license, and 113 MB of weights go by LFS."""
+    out = tmp_path / "smol"
+    code = main(["builtin:smollm2-135m-instruct", "--recipe", "w4a16-rtn", "-o", str(out), "--no-perplexity", "-q"])
+    assert code == 0
+    with FakeHub(TOKEN) as hub:
+        result = run_cli(["push", str(out), REPO], hub, tmp_path, HF_TOKEN=TOKEN)
+        assert result.returncode == 0, result.stderr
+        received = hub.state.repos[REPO].branches["main"]
+        assert received["model.safetensors"] == (out / "model.safetensors").read_bytes()
+        meta = card_metadata(received["README.md"])
+        assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+        assert meta["base_model_relation"] == "quantized" and meta["license"] == "apache-2.0"
+        assert "134,515,008 parameters" in received["README.md"].decode()
