@@ -50,6 +50,7 @@ class RunSummary:
     compressed_perplexity: float | None
     stage_seconds: list[float] = field(default_factory=list)
     plans: list[StagePlan] = field(default_factory=list)
+    evaluation: dict[str, Any] | None = None  # report.json of the `evaluate:` block
 
 
 def default_device(requested: str | None) -> torch.device:
@@ -102,6 +103,16 @@ def _write_checkpoint(loaded: LoadedModel, recipe: Recipe, folder: Path, metadat
     (folder / "compression.json").write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def _plan_evaluation(recipe: Recipe, options: RunOptions, echo: Callable[[str], None]):
+    """The recipe's `evaluate:` block as lm-eval runs, or None without one."""
+    if recipe.evaluate is None:
+        return None
+    from compressor.evaluation.recipe_eval import RecipeEvaluation
+
+    spec = recipe.evaluate
+    return RecipeEvaluation.plan(spec.tasks, spec.limit, recipe.name, options.batch_size, echo)
+
+
 def run_recipe(
     model_reference: str,
     recipe: Recipe,
@@ -144,6 +155,9 @@ def run_recipe(
     base_ppl = perplexity_on(model, windows).perplexity if windows is not None else None
     if base_ppl is not None:
         echo(f"base held-out perplexity: {base_ppl:.3f}")
+    evaluation = _plan_evaluation(recipe, options, echo)
+    if evaluation is not None:
+        evaluation.evaluate_base(loaded, model_reference)
 
     ctx = StageContext(
         tokenizer=tokenizer,
@@ -187,6 +201,8 @@ def run_recipe(
     with atomic_output_dir(options.out_dir) as staging:
         _write_checkpoint(loaded, recipe, staging, metadata)
         summary.compressed_bytes = metadata["sizes"]["compressed_bytes"]
+        if evaluation is not None:
+            summary.evaluation = evaluation.evaluate_compressed(loaded, staging, options.out_dir)
     return summary
 
 

@@ -51,9 +51,23 @@ class EvalSettings:
 
 # ---------------------------------------------------------------- backends
 
-def _hf_model(target: EvalTarget, settings: EvalSettings):
+def _float32_logits_hflm():
+    """lm-eval's HFLM with logits cast to fp32 before its log-softmax and sums.
+
+    HFLM takes the log-softmax in the model's dtype; for a bf16 model the summed
+    log-likelihood of a 300-token document is then rounded to bf16's 8 bits of mantissa
+    (steps of 1 nat near 256), which hides the differences a report is meant to show.
+    """
     from lm_eval.models.huggingface import HFLM
 
+    class Float32LogitsHFLM(HFLM):
+        def _model_call(self, *args, **kwargs):
+            return super()._model_call(*args, **kwargs).float()
+
+    return Float32LogitsHFLM
+
+
+def _hf_model(target: EvalTarget, settings: EvalSettings):
     if target.loaded is None:
         from compressor.evaluation.loading import load_named
 
@@ -61,7 +75,7 @@ def _hf_model(target: EvalTarget, settings: EvalSettings):
     model = target.loaded.model
     if settings.device is not None:
         model = model.to(settings.device)
-    return HFLM(pretrained=model, tokenizer=target.loaded.tokenizer, batch_size=settings.batch_size)
+    return _float32_logits_hflm()(pretrained=model, tokenizer=target.loaded.tokenizer, batch_size=settings.batch_size)
 
 
 def _vllm_model(target: EvalTarget, settings: EvalSettings):

@@ -52,9 +52,16 @@ class SizeInfo:
 
 
 def read_safetensors_header(path: Path) -> list[TensorInfo]:
+    size = path.stat().st_size
     with path.open("rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
+        head = handle.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < length <= size - 8:
+            raise ValueError(f"{path.name} is not a safetensors file (bad header length)")
+        try:
+            header = json.loads(handle.read(length))
+        except ValueError:
+            raise ValueError(f"{path.name} is not a safetensors file (header is not JSON)") from None
     return [
         TensorInfo(name, entry["dtype"], tuple(entry["shape"]), entry["data_offsets"][1] - entry["data_offsets"][0], path)
         for name, entry in header.items()

@@ -58,6 +58,17 @@ def parse_task_list(text: str) -> list[str]:
     return list(dict.fromkeys(tasks))
 
 
+def _size_of(name: str, reference: str):
+    from compressor.evaluation.loading import ModelLoadError, weights_folder
+    from compressor.evaluation.size import measure_checkpoint
+
+    folder = weights_folder(reference)
+    try:
+        return measure_checkpoint(folder) if folder is not None else None
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"model '{name}' failed to load: {err}", where=reference) from None
+
+
 def run(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     pairs = parse_model_pairs(args.models)
@@ -68,7 +79,7 @@ def run(argv: list[str]) -> int:
 
     from compressor.checkpoint import atomic_output_dir, check_output_dir
     from compressor.evaluation.catalog import TaskCatalog
-    from compressor.evaluation.loading import model_identity, weights_folder
+    from compressor.evaluation.loading import model_identity
     from compressor.evaluation.runner import EvalSettings, EvalTarget, backend
     from compressor.model_io import resolve_model
 
@@ -86,15 +97,12 @@ def run(argv: list[str]) -> int:
 
     from compressor.evaluation.compare import Comparison
     from compressor.evaluation.results_cache import ResultsCache
-    from compressor.evaluation.size import measure_checkpoint
-
     settings = EvalSettings(tuple(tasks), args.limit, args.backend, args.batch_size, args.device)
     comparison = Comparison(settings, catalog, None if args.no_cache else ResultsCache())
     for index, (name, reference) in enumerate(pairs, start=1):
         print(f"[{index}/{len(pairs)}] {name} = {reference}")
-        folder = weights_folder(reference)
         target = EvalTarget(name, reference, identity=None if args.no_cache else model_identity(reference))
-        comparison.add(target, measure_checkpoint(folder) if folder is not None else None)
+        comparison.add(target, _size_of(name, reference))
         target.loaded = None
         gc.collect()
     with atomic_output_dir(args.output) as staging:
