@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import re
 from pathlib import Path
 
@@ -94,6 +95,7 @@ def run(argv: list[str]) -> int:
             raise ModelError(f"model '{name}': {err.message}", where=reference) from None
     if args.quiet:
         quiet_transformers()
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notices, not its progress bars
 
     from compressor.evaluation.compare import Comparison
     from compressor.evaluation.results_cache import ResultsCache
