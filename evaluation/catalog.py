@@ -129,9 +129,8 @@ def read_task_yaml(path: Path) -> dict[str, Any] | None:
         return None
     if not isinstance(data, dict):
         raise TaskError("a task YAML must be a mapping (with `task:` or `group:`)", where=f"{path}:1")
-    for key in ("task", "group"):
-        if key in data and key == "task" and "group" not in data and not isinstance(data[key], str):
-            raise TaskError("`task` must be a name (a string)", where=f"{path}:{_line_of_key(node, key)}", key=key)
+    if "group" not in data and "task" in data and not isinstance(data["task"], str):  # a group lists tasks; a task is one name
+        raise TaskError("`task` must be a name (a string)", where=f"{path}:{_line_of_key(node, 'task')}", key="task")
     includes = data.get("include")
     for include in includes if isinstance(includes, list) else ([includes] if includes else []):
         target = Path(include) if Path(str(include)).is_absolute() else path.parent / str(include)

@@ -26,17 +26,18 @@ class Comparison:
     raw: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def add(self, target: EvalTarget, size: SizeInfo | None) -> ModelRow:
-        results, cached = evaluate_target(target, self.settings, self.catalog, self.cache, self.echo)
+        outcome = evaluate_target(target, self.settings, self.catalog, self.cache, self.echo)
         row = ModelRow(
             name=target.name,
             reference=target.reference,
             backend=self.settings.backend,
             size=size,
-            metrics=extract_metrics(results, [t.name for t in self.settings.tasks]),
-            cached_tasks=cached,
+            metrics=extract_metrics(outcome.results, [t.name for t in self.settings.tasks]),
+            tokens_per_second=outcome.tokens_per_second,
+            cached_tasks=outcome.cached,
         )
         self.rows.append(row)
-        self.raw[target.name] = results
+        self.raw[target.name] = outcome.results
         return row
 
     def write(self, folder: Path, base: str) -> dict[str, Any]:

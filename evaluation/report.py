@@ -86,6 +86,7 @@ def primary_metrics(report: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def plot_panels(report: dict[str, Any]) -> list[Panel]:
+    base = next(m for m in report["models"] if m["name"] == report["base"])
     panels = []
     for task, metric in primary_metrics(report):
         points = [
@@ -93,7 +94,7 @@ def plot_panels(report: dict[str, Any]) -> list[Panel]:
             for m in report["models"]
             if m["size_bytes"] is not None and metric in m["metrics"].get(task, {})
         ]
-        direction = report["models"][0]["metrics"][task][metric]["higher_is_better"]
+        direction = base["metrics"][task][metric]["higher_is_better"]
         if points:
             panels.append(Panel(f"{task}: {metric}", bool(direction), points))
     return panels
@@ -154,7 +155,8 @@ def _legend(report: dict[str, Any]) -> str:
     return (
         f"Base: `{report['base']}`. Cells read value ± stderr (recovery against the base; lower-is-better metrics"
         f" inverted, so below 100 % is worse either way). lm-eval {report['lm_eval_version']},"
-        f" limit {report['limit'] if report['limit'] is not None else 'none'} per task."
+        f" limit {report['limit'] if report['limit'] is not None else 'none'} per task. tokens/s: forward"
+        " passes of the lm-eval run (blank when served from the cache)."
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -61,8 +62,17 @@ def _float32_logits_hflm():
     from lm_eval.models.huggingface import HFLM
 
     class Float32LogitsHFLM(HFLM):
-        def _model_call(self, *args, **kwargs):
-            return super()._model_call(*args, **kwargs).float()
+        # Also counts the tokens its forward passes process and the seconds they take,
+        # for the report's tokens/s (scoring throughput at lm-eval's batch size).
+        forward_tokens = 0
+        forward_seconds = 0.0
+
+        def _model_call(self, inps, *args, **kwargs):
+            started = time.perf_counter()
+            logits = super()._model_call(inps, *args, **kwargs).float()
+            self.forward_seconds += time.perf_counter() - started
+            self.forward_tokens += int(inps.numel())
+            return logits
 
     return Float32LogitsHFLM
 
@@ -85,7 +95,7 @@ def _vllm_model(target: EvalTarget, settings: EvalSettings):
 
     folder = weights_folder(target.reference)
     path = str(folder) if folder is not None else target.reference
-    return get_model("vllm")(pretrained=path, batch_size="auto", max_model_len=None)
+    return get_model("vllm")(pretrained=path, batch_size="auto")
 
 
 def _vllm_available() -> None:
@@ -192,14 +202,26 @@ def run_lm_eval(lm: Any, names: list[str], settings: EvalSettings, catalog: Task
     return json_safe(results)
 
 
+@dataclass
+class TargetResults:
+    results: dict[str, Any]  # lm-eval's results JSON (merged over cached and fresh tasks)
+    cached: list[str]  # tasks served from the cache
+    tokens_per_second: float | None  # scoring throughput of the fresh run, where measured
+
+
+def _throughput(lm: Any) -> float | None:
+    seconds = getattr(lm, "forward_seconds", 0.0)
+    return getattr(lm, "forward_tokens", 0) / seconds if seconds > 0 else None
+
+
 def evaluate_target(
     target: EvalTarget,
     settings: EvalSettings,
     catalog: TaskCatalog,
     cache: ResultsCache | None = None,
     echo: Callable[[str], None] = print,
-) -> tuple[dict[str, Any], list[str]]:
-    """lm-eval's results for `target` on every task in `settings`; also the names served from the cache."""
+) -> TargetResults:
+    """lm-eval's results for `target` on every task in `settings`."""
     slices: dict[str, dict[str, Any]] = {}
     keys: dict[str, CacheKey] = {}
     if cache is not None and target.identity is not None:
@@ -213,14 +235,16 @@ def evaluate_target(
     if cached:
         echo(f"{target.name}: {', '.join(cached)} from the results cache")
     header: dict[str, Any] = {"lm_eval_version": lm_eval_version()}
+    throughput = None
     if missing:
         echo(f"{target.name}: running {', '.join(missing)} (limit {settings.limit or 'none'}, backend {settings.backend})")
         lm = backend(settings.backend).build(target, settings)
         fresh = run_lm_eval(lm, missing, settings, catalog)
+        throughput = _throughput(lm)
         header.update({k: v for k, v in fresh.items() if k not in (*PER_TASK_SECTIONS, "group_subtasks")})
         for name in missing:
             slices[name] = task_slice(fresh, name)
             if name in keys and cache is not None:
                 cache.put(keys[name], slices[name])
     merged = merge_slices([slices[t.name] for t in settings.tasks], header)
-    return merged, cached
+    return TargetResults(merged, cached, throughput)

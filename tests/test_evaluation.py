@@ -200,6 +200,7 @@ def test_compress_eval_report_numbers_equal_lm_eval_json(tiny_llama, tiny_w4, tm
                 assert model["metrics"][task][metric]["stderr"] == stderr
                 assert model["metrics"][task][metric]["higher_is_better"] == raw["higher_is_better"][task][metric]
     base, w4 = report["models"]
+    assert base["tokens_per_second"] > 0 and w4["tokens_per_second"] > 0
     assert base["bits_per_weight"] == 16.0 and w4["bits_per_weight"] == pytest.approx(4.5)
     assert w4["size_bytes"] < base["size_bytes"] and w4["parameters"] == base["parameters"]
     ppl = w4["metrics"]["perplexity"]["word_perplexity"]
@@ -214,6 +215,7 @@ def test_compress_eval_report_numbers_equal_lm_eval_json(tiny_llama, tiny_w4, tm
     assert "base: perplexity, abstracts_match from the results cache" in capsys.readouterr().out
     cached = json.loads((again / "report.json").read_text())
     assert cached["models"][0]["metrics"] == base["metrics"] and cached["models"][0]["cached_tasks"] == report["tasks"]
+    assert cached["models"][0]["tokens_per_second"] is None  # nothing ran, nothing measured
 
 
 def test_include_path_task_over_local_json_runs_offline(tiny_llama, tmp_path):
