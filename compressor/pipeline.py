@@ -132,6 +132,7 @@ def run_recipe(
     source, path, folder = prepare_source(model_reference, allow_pickle=options.allow_pickle)
     check_recipe_fits_model(recipe, load_config(path, model_reference, options.trust_remote_code))
     tokenizer = load_tokenizer(path, model_reference, options.trust_remote_code)
+    evaluation = _plan_evaluation(recipe, options, echo)
     calibration: dict[str, torch.Tensor] = {}
 
     def calibration_tokens() -> torch.Tensor:
@@ -155,7 +156,6 @@ def run_recipe(
     base_ppl = perplexity_on(model, windows).perplexity if windows is not None else None
     if base_ppl is not None:
         echo(f"base held-out perplexity: {base_ppl:.3f}")
-    evaluation = _plan_evaluation(recipe, options, echo)
     if evaluation is not None:
         evaluation.evaluate_base(loaded, model_reference)
 

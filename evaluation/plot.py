@@ -73,6 +73,7 @@ def accuracy_vs_size_figure(panels: list[Panel]) -> Figure:
         ax.step(
             [p.size_bytes / 1e6 for p in frontier], [p.score for p in frontier], where="post",
             color="tab:red", linewidth=1.5, zorder=2, label="Pareto frontier", gid="pareto",
+            marker="o", markersize=11, markerfacecolor="none",  # rings: a one-model frontier still shows
         )
         direction = "higher is better" if panel.higher_is_better else "lower is better"
         ax.set_title(panel.title, fontsize=10)

@@ -33,6 +33,6 @@ def test_builtin_tasks_run_offline_on_smollm2(tmp_path, monkeypatch, capsys):
             assert entry["value"] == raw["results"][task][f"{metric},none"]
     # A trained 135M model on arXiv abstracts: about one bit per byte, far below chance-level text.
     assert 0.5 < smol["metrics"]["perplexity"]["bits_per_byte"]["value"] < 1.6
-    assert 3 < smol["metrics"]["perplexity"]["word_perplexity"]["value"] < 500
+    assert 3 < smol["metrics"]["perplexity"]["word_perplexity"]["value"] < 1000  # about 260 (whitespace words)
     assert 0.0 <= smol["metrics"]["abstracts_match"]["acc"]["value"] <= 1.0
     assert smol["metrics"]["abstracts_match"]["acc"]["stderr"] is not None

@@ -282,7 +282,7 @@ def test_model_that_fails_to_load_is_named(tiny_llama, tmp_path, capsys):
     broken.mkdir()
     (broken / "config.json").write_text((tiny_llama / "config.json").read_text())
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
-    err = _bad([f"good={tiny_llama}", f"bad={broken}", "--tasks", "perplexity", "--limit", "1", "-q"], tmp_path, capsys)
+    err = _bad([f"bad={broken}", f"good={tiny_llama}", "--tasks", "perplexity", "--limit", "1", "-q"], tmp_path, capsys)
     assert "model 'bad' failed to load" in err
 
 
@@ -308,7 +308,7 @@ def test_recipe_evaluate_writes_report_and_caches_the_base(tiny_llama, tmp_path,
     out = tmp_path / "o"
     assert main([str(tiny_llama), "--recipe", str(recipe), "-o", str(out), "-q"]) == 0
     printed = capsys.readouterr().out
-    assert "held-out perplexity" in printed  # the quick printout stays
+    assert "held-out perplexity" in printed and f"evaluation report: {out / 'eval' / 'report.md'}" in printed
     report = json.loads((out / "eval" / "report.json").read_text())
     assert [m["name"] for m in report["models"]] == ["base", "tiny-w4-eval"]
     assert report["models"][1]["bits_per_weight"] == pytest.approx(4.5)
@@ -319,3 +319,15 @@ def test_recipe_evaluate_writes_report_and_caches_the_base(tiny_llama, tmp_path,
     assert "base: perplexity, abstracts_match from the results cache" in capsys.readouterr().out
     second = json.loads((tmp_path / "o2" / "eval" / "report.json").read_text())
     assert second["models"][0]["metrics"] == report["models"][0]["metrics"]
+
+
+def test_recipe_accepts_lm_eval_and_builtin_task_names_at_parse_time():
+    from compressor.errors import RecipeError
+    from compressor.recipe import parse_recipe_text
+
+    text = "name: x\nstages:\n  - quantize: {method: rtn}\nevaluate:\n  tasks: [%s]\n  limit: 5\n"
+    recipe = parse_recipe_text(text % "perplexity, abstracts_match, arc_easy, mmlu", source="r.yaml")
+    assert recipe.evaluate.tasks == ["perplexity", "abstracts_match", "arc_easy", "mmlu"]
+    with pytest.raises(RecipeError) as info:
+        parse_recipe_text(text % "abstracts_mtch", source="r.yaml")
+    assert info.value.format().startswith("r.yaml:5 evaluate.tasks: unknown task 'abstracts_mtch'; did you mean abstracts_match")
