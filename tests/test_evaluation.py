@@ -331,3 +331,26 @@ def test_recipe_accepts_lm_eval_and_builtin_task_names_at_parse_time():
     with pytest.raises(RecipeError) as info:
         parse_recipe_text(text % "abstracts_mtch", source="r.yaml")
     assert info.value.format().startswith("r.yaml:5 evaluate.tasks: unknown task 'abstracts_mtch'; did you mean abstracts_match")
+
+
+def test_results_slices_per_task_round_trip_and_groups_expand():
+    from compressor.evaluation.runner import extract_metrics, merge_slices, task_slice
+
+    row = lambda acc: {"alias": "x", "acc,none": acc, "acc_stderr,none": 0.1}  # noqa: E731
+    results = {
+        "results": {"a": row(0.5), "b": row(0.7), "c": row(0.2)},
+        "higher_is_better": {"a": {"acc": True}, "b": {"acc": True}, "c": {"acc": True}},
+        "group_subtasks": {"g": ["a", "b"]},
+        "versions": {"a": 1, "b": 1, "c": 2},
+        "n-samples": {"a": {"effective": 3}, "b": {"effective": 3}, "c": {"effective": 3}},
+        "configs": {}, "n-shot": {},
+    }
+    group = task_slice(results, "g")
+    assert set(group["results"]) == {"a", "b"} and group["group_subtasks"] == {"g": ["a", "b"]}
+    merged = merge_slices([group, task_slice(results, "c")], {"lm_eval_version": "0.4.13"})
+    for section in ("results", "higher_is_better", "group_subtasks", "versions", "n-samples"):
+        assert merged[section] == results[section]
+    # a group without its own row reports its tasks' rows
+    metrics = extract_metrics(merged, ["g", "c"])
+    assert set(metrics) == {"a", "b", "c"}
+    assert metrics["b"]["acc"] == Metric(0.7, 0.1, True)
