@@ -56,6 +56,7 @@ class RunSummary:
     compressed_perplexity: float | None
     stage_seconds: list[float] = field(default_factory=list)
     plans: list[StagePlan] = field(default_factory=list)
+    evaluation: dict[str, Any] | None = None  # report.json of the `evaluate:` block
 
 
 def default_device(requested: str | None) -> torch.device:
@@ -104,9 +105,7 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _write_checkpoint(
-    loaded: LoadedModel, recipe: Recipe, folder: Path, metadata: dict[str, Any], out_name: str
-) -> None:
+def _write_checkpoint(loaded: LoadedModel, recipe: Recipe, folder: Path, metadata: dict[str, Any]) -> None:
     pack_sparse_layers(loaded.model)
     loaded.model.save_pretrained(str(folder), safe_serialization=True, max_shard_size="2GB")
     write_quantization_config(loaded.model, folder)
@@ -115,8 +114,21 @@ def _write_checkpoint(
     (folder / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
     metadata["sizes"]["compressed_bytes"] = weights_bytes(folder)
     (folder / "compression.json").write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _write_model_card(folder: Path, recipe: Recipe, out_name: str) -> None:
     card = build_model_card(folder, recipe.output.push_to_hub, local_name=out_name)
     (folder / "README.md").write_text(str(card), encoding="utf-8")
+
+
+def _plan_evaluation(recipe: Recipe, options: RunOptions, echo: Callable[[str], None]):
+    """The recipe's `evaluate:` block as lm-eval runs, or None without one."""
+    if recipe.evaluate is None:
+        return None
+    from compressor.evaluation.recipe_eval import RecipeEvaluation
+
+    spec = recipe.evaluate
+    return RecipeEvaluation.plan(spec.tasks, spec.limit, recipe.name, options.batch_size, echo)
 
 
 def run_recipe(
@@ -144,6 +156,7 @@ def run_recipe(
     source, path, folder = prepare_source(model_reference, allow_pickle=options.allow_pickle)
     check_recipe_fits_model(recipe, load_config(path, model_reference, options.trust_remote_code))
     tokenizer = load_tokenizer(path, model_reference, options.trust_remote_code)
+    evaluation = _plan_evaluation(recipe, options, echo)
     calibration: dict[str, torch.Tensor] = {}
 
     def calibration_tokens() -> torch.Tensor:
@@ -167,6 +180,8 @@ def run_recipe(
     base_ppl = perplexity_on(model, windows).perplexity if windows is not None else None
     if base_ppl is not None:
         echo(f"base held-out perplexity: {base_ppl:.3f}")
+    if evaluation is not None:
+        evaluation.evaluate_base(loaded, model_reference)
 
     def reference_model() -> nn.Module:
         return load_model(model_reference, allow_pickle=options.allow_pickle, trust_remote_code=options.trust_remote_code).model
@@ -224,10 +239,14 @@ def run_recipe(
         metadata["command"] = options.command
     check_free_space(options.out_dir, state_bytes(model))
     with atomic_output_dir(options.out_dir) as staging:
-        _write_checkpoint(loaded, recipe, staging, metadata, options.out_dir.name)
+        _write_checkpoint(loaded, recipe, staging, metadata)
         for name, source in ctx.artifacts.items():
             shutil.copyfile(source, staging / name)
         summary.compressed_bytes = metadata["sizes"]["compressed_bytes"]
+        if evaluation is not None:
+            summary.evaluation = evaluation.evaluate_compressed(loaded, staging, options.out_dir)
+        # Last, so the card can show the evaluation that just ran.
+        _write_model_card(staging, recipe, options.out_dir.name)
     shutil.rmtree(workdir, ignore_errors=True)
     if hub_token is not None:
         _push_output(recipe, options.out_dir, hub_token, echo)

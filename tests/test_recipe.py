@@ -82,7 +82,7 @@ def test_resolved_recipe_round_trips_through_safe_yaml():
         ("name: !!python/object:os.system x\nstages: []\n", "r.yaml:1 name: YAML tag 'tag:yaml.org,2002:python/object:os.system' is not allowed"),
         ("- just\n- a list\n", "r.yaml:1: a recipe must be a YAML mapping"),
         ("name: x\nname: y\nstages: []\n", "r.yaml:2 name: duplicate key 'name'"),
-        ("name: x\nstages:\n  - quantize: {method: rtn}\nevaluate:\n  tasks: [arc_easy]\n", "r.yaml:5 evaluate.tasks: unknown task 'arc_easy'"),
+        ("name: x\nstages:\n  - quantize: {method: rtn}\nevaluate:\n  tasks: [arc_eazy]\n", "r.yaml:5 evaluate.tasks: unknown task 'arc_eazy'; did you mean arc_easy"),
     ],
 )
 def test_errors_name_file_line_and_key(text, expected):

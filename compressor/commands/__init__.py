@@ -16,6 +16,7 @@ SUBCOMMAND_MODULES: dict[str, str] = {
     "densify": "compressor.commands.densify",
     "merge": "compressor.commands.merge",
     "push": "compressor.commands.push",
+    "eval": "compressor.commands.eval",
 }
 
 DEFAULT_MODULE = "compressor.commands.compress"

@@ -115,4 +115,6 @@ def run(argv: list[str]) -> int:
         print(
             f"held-out perplexity: {summary.compressed_perplexity:.3f} (original {summary.base_perplexity:.3f}, {change:+.1f}%)"
         )
+    if summary.evaluation is not None:
+        print(f"evaluation report: {summary.out_dir / 'eval' / 'report.md'}")
     return 0

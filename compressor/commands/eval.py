@@ -1,0 +1,114 @@
+"""`compress eval NAME=MODEL [NAME=MODEL ...] --tasks T1,T2 -o DIR`: compare checkpoints with lm-eval.
+
+Everything the user typed is checked before any model is loaded (names, tasks, include
+paths, backend, output folder, model references); the report is written to a staging folder
+and renamed into DIR only when every model has been evaluated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import re
+from pathlib import Path
+
+from compressor.commands.args import Parser, positive_int, quiet_transformers
+from compressor.errors import ModelError, UserError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="compress eval", description="Evaluate checkpoints with lm-eval and write an accuracy-vs-size report.")
+    parser.add_argument("models", nargs="+", metavar="NAME=MODEL", help="a name for the report and a Hub id, local folder, .gguf or builtin: model")
+    parser.add_argument("--tasks", "-t", required=True, help="comma-separated lm-eval task names; built-in offline: perplexity, abstracts_match")
+    parser.add_argument("--limit", type=positive_int, help="at most this many examples per task")
+    parser.add_argument("--include-path", action="append", type=Path, default=[], help="folder of lm-eval task YAML files (repeatable)")
+    parser.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="lm-eval model class (default hf; vllm needs vLLM)")
+    parser.add_argument("--base", help="the model recovery is measured against (default: the first)")
+    parser.add_argument("--output", "-o", type=Path, required=True, help="report folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty report folder")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="lm-eval batch size (default 8)")
+    parser.add_argument("--device", help="device for the hf backend (default: where the model loads)")
+    parser.add_argument("--no-cache", action="store_true", help="evaluate every model even if its results are cached")
+    parser.add_argument("--quiet", "-q", action="store_true", help="fewer progress bars")
+    return parser
+
+
+def parse_model_pairs(items: list[str]) -> list[tuple[str, str]]:
+    pairs: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for item in items:
+        name, sep, reference = item.partition("=")
+        if not sep or not name or not reference:
+            raise UserError(f"expected NAME=MODEL, got {item!r}", where="compress eval")
+        if not _NAME.match(name):
+            raise UserError("model names may hold letters, digits, '.', '_' and '-' only", where=item)
+        if name in seen:
+            raise UserError(f"two models are named '{name}'; give each a distinct name", where=item)
+        seen.add(name)
+        pairs.append((name, reference))
+    return pairs
+
+
+def parse_task_list(text: str) -> list[str]:
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    if not tasks:
+        raise UserError("no task given", where="--tasks")
+    return list(dict.fromkeys(tasks))
+
+
+def _size_of(name: str, reference: str):
+    from compressor.evaluation.loading import ModelLoadError, weights_folder
+    from compressor.evaluation.size import measure_checkpoint
+
+    folder = weights_folder(reference)
+    try:
+        return measure_checkpoint(folder) if folder is not None else None
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"model '{name}' failed to load: {err}", where=reference) from None
+
+
+def run(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    pairs = parse_model_pairs(args.models)
+    names = [n for n, _ in pairs]
+    base = args.base or names[0]
+    if base not in names:
+        raise UserError(f"no model named '{base}' (models: {', '.join(names)})", where="--base")
+
+    from compressor.checkpoint import atomic_output_dir, check_output_dir
+    from compressor.evaluation.catalog import TaskCatalog
+    from compressor.evaluation.loading import model_identity
+    from compressor.evaluation.runner import EvalSettings, EvalTarget, backend
+    from compressor.model_io import resolve_model
+
+    check_output_dir(args.output, args.overwrite)
+    backend(args.backend).check()
+    catalog = TaskCatalog(tuple(args.include_path))
+    tasks = catalog.resolve(parse_task_list(args.tasks))
+    for name, reference in pairs:
+        try:
+            resolve_model(reference)
+        except ModelError as err:
+            raise ModelError(f"model '{name}': {err.message}", where=reference) from None
+    if args.quiet:
+        quiet_transformers()
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notices, not its progress bars
+
+    from compressor.evaluation.compare import Comparison
+    from compressor.evaluation.results_cache import ResultsCache
+    settings = EvalSettings(tuple(tasks), args.limit, args.backend, args.batch_size, args.device)
+    comparison = Comparison(settings, catalog, None if args.no_cache else ResultsCache())
+    for index, (name, reference) in enumerate(pairs, start=1):
+        print(f"[{index}/{len(pairs)}] {name} = {reference}")
+        target = EvalTarget(name, reference, identity=None if args.no_cache else model_identity(reference))
+        comparison.add(target, _size_of(name, reference))
+        target.loaded = None
+        gc.collect()
+    with atomic_output_dir(args.output) as staging:
+        comparison.write(staging, base)
+    print((args.output / "report.md").read_text().split("## ", 2)[1].split("\n", 1)[1].strip())
+    print(f"report: {args.output / 'report.md'} (also report.json, report.html, accuracy_vs_size.png)")
+    return 0

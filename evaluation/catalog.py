@@ -1,0 +1,244 @@
+"""Which evaluation tasks exist, where each is defined, and the lm-eval TaskManager to run them.
+
+Three sources, checked in this order: the built-in offline tasks (``tasks/`` beside this
+file), the user's include paths (their YAML is parsed strictly here, so a malformed file is
+reported with its line instead of being skipped silently as lm-eval's index does), and
+lm-eval's own tasks.
+
+lm-eval's full index parses its ~14,000 task files (about 25 s on this machine), so names are
+checked against a text scan of those files instead (about 1 s, then cached per lm-eval
+version): the ``task:``/``group:``/``tag:`` keys, quoted or not, inline or block lists, also in
+the extension-less templates that task files include. On lm-eval 0.4.13 the scan finds every
+one of the 14,683 names the full index holds. At run time the TaskManager indexes only the
+top-level lm-eval folders that define the requested names (``include_defaults=False``), and
+falls back to the full index when a requested group names a task outside those folders.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib.util
+import json
+import re
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from compressor.cache import cache_root
+from compressor.errors import UserError
+from compressor.evaluation.builtin_tasks import builtin_task_dir
+
+_NAME_KEYS = re.compile(r"""^["']?(task|group|tag)["']?:[ \t]*([^\n]*)\n((?:[ \t]*-[^\n]*\n)*)""", re.M)
+_NOT_TASK_FILES = {".py", ".pyc", ".md", ".json", ".jsonl", ".txt", ".csv", ".tsv", ".sh", ".ipynb"}
+
+
+class TaskError(UserError):
+    """An evaluation task that does not exist or whose definition is malformed."""
+
+
+def lm_eval_version() -> str:
+    return version("lm_eval")
+
+
+def _lm_eval_task_root() -> Path:
+    spec = importlib.util.find_spec("lm_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise TaskError("lm-eval is not installed: pip install lm-eval")
+    return Path(list(spec.submodule_search_locations)[0]) / "tasks"
+
+
+def _clean(value: str) -> str:
+    return value.split(" #")[0].strip().strip("\"'")
+
+
+def _names_in(text: str) -> list[str]:
+    names = []
+    for key, inline, block in _NAME_KEYS.findall(text + "\n"):
+        inline = inline.split(" #")[0].strip()
+        if inline.startswith("["):
+            items = [_clean(part) for part in inline.strip("[]").split(",")]
+        elif inline:
+            items = [_clean(inline)]
+        elif key != "task":  # a group's `task:` block lists members defined elsewhere
+            items = [_clean(line.strip()[1:]) for line in block.splitlines()]
+        else:
+            items = []
+        names.extend(i for i in items if i and not i.startswith(("{", "!")) and i != "null")
+    return names
+
+
+def scan_lm_eval_tasks(root: Path) -> dict[str, str]:
+    """Name → top-level task folder, for every task, group and tag under lm-eval's `root`."""
+    found: dict[str, str] = {}
+    for path in sorted(root.rglob("*")):
+        if "__pycache__" in path.parts or path.suffix in _NOT_TASK_FILES or not path.is_file():
+            continue
+        if path.suffix not in (".yaml", ".yml", "") and "yaml" not in path.name:
+            continue
+        top = path.relative_to(root).parts[0]
+        for name in _names_in(path.read_text(encoding="utf-8", errors="replace")):
+            found.setdefault(name, top)
+    return found
+
+
+def lm_eval_task_names() -> dict[str, str]:
+    """`scan_lm_eval_tasks` of the installed lm-eval, cached per lm-eval version."""
+    cache = cache_root() / "lm_eval" / f"task-names-{lm_eval_version()}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    found = scan_lm_eval_tasks(_lm_eval_task_root())
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache.with_suffix(".partial")
+    partial.write_text(json.dumps(found, sort_keys=True))
+    partial.replace(cache)
+    return found
+
+
+class _FunctionTagLoader(yaml.SafeLoader):
+    """Safe YAML plus lm-eval's `!function` tag, read as a plain string."""
+
+
+_FunctionTagLoader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+
+
+def _line_of_key(node: yaml.Node, key: str) -> int:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, _ in node.value:
+            if getattr(key_node, "value", None) == key:
+                return key_node.start_mark.line + 1
+    return node.start_mark.line + 1
+
+
+def read_task_yaml(path: Path) -> dict[str, Any] | None:
+    """A task file's mapping; malformed YAML or a bad `task`/`group`/`include` is a TaskError at file:line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        node = yaml.compose(text, Loader=_FunctionTagLoader)
+        data = yaml.load(text, Loader=_FunctionTagLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        line = mark.line + 1 if mark is not None else 1
+        raise TaskError(f"malformed task YAML: {(err.problem or err.context or 'invalid').strip()}", where=f"{path}:{line}") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise TaskError(f"cannot read task YAML: {err}", where=str(path)) from None
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise TaskError("a task YAML must be a mapping (with `task:` or `group:`)", where=f"{path}:1")
+    if "group" not in data and "task" in data and not isinstance(data["task"], str):  # a group lists tasks; a task is one name
+        raise TaskError("`task` must be a name (a string)", where=f"{path}:{_line_of_key(node, 'task')}", key="task")
+    includes = data.get("include")
+    for include in includes if isinstance(includes, list) else ([includes] if includes else []):
+        target = Path(include) if Path(str(include)).is_absolute() else path.parent / str(include)
+        if not target.is_file():
+            raise TaskError(f"included file '{include}' not found", where=f"{path}:{_line_of_key(node, 'include')}", key="include")
+    return data
+
+
+def scan_include_path(folder: Path) -> dict[str, Path]:
+    """Name → YAML file for every task, group and tag in a user include path, checked strictly."""
+    if not folder.is_dir():
+        raise TaskError("include path is not a folder", where=str(folder))
+    found: dict[str, Path] = {}
+    for path in sorted(folder.rglob("*.yaml")):
+        if "__pycache__" in path.parts:
+            continue
+        data = read_task_yaml(path)
+        if not data:
+            continue
+        for key in ("task", "group"):
+            if isinstance(data.get(key), str):
+                found.setdefault(data[key], path)
+                break
+        tags = data.get("tag")
+        for tag in tags if isinstance(tags, list) else ([tags] if isinstance(tags, str) else []):
+            found.setdefault(tag, path)
+    return found
+
+
+def close_names(name: str, candidates: list[str], count: int = 5) -> list[str]:
+    return difflib.get_close_matches(name, candidates, n=count, cutoff=0.6)
+
+
+@dataclass(frozen=True)
+class ResolvedTask:
+    name: str
+    source: str  # "builtin" | "include" | "lm-eval"
+    definition: Path | None  # the YAML file, for built-in and include-path tasks
+    lm_eval_folder: str | None = None  # top-level lm-eval task folder, for lm-eval tasks
+
+    def fingerprint(self) -> str:
+        """Changes when the task's definition changes (lm-eval's own tasks: its version)."""
+        if self.definition is None:
+            return f"lm-eval {lm_eval_version()}"
+        digest = hashlib.sha256(self.definition.read_bytes())
+        if self.source == "builtin":
+            from compressor.evaluation import builtin_tasks
+
+            digest.update(Path(builtin_tasks.__file__).read_bytes())
+            digest.update(json.dumps(builtin_tasks.evaluation_records()).encode())
+        return digest.hexdigest()
+
+
+@dataclass
+class TaskCatalog:
+    """The tasks a run may ask for: built-in, user include paths, lm-eval's own."""
+
+    include_paths: tuple[Path, ...] = ()
+    _builtin: dict[str, Path] = field(init=False)
+    _included: dict[str, Path] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.include_paths = tuple(Path(p).expanduser().resolve() for p in self.include_paths)
+        self._builtin = scan_include_path(builtin_task_dir())
+        self._included = {}
+        for folder in self.include_paths:
+            for name, path in scan_include_path(folder).items():
+                self._included.setdefault(name, path)
+
+    def resolve(self, names: list[str], where: str = "--tasks") -> list[ResolvedTask]:
+        resolved = []
+        lm_eval_names: dict[str, str] | None = None
+        for name in names:
+            if name in self._included:  # include paths take precedence, as in lm-eval
+                resolved.append(ResolvedTask(name, "include", self._included[name]))
+            elif name in self._builtin:
+                resolved.append(ResolvedTask(name, "builtin", self._builtin[name]))
+            else:
+                lm_eval_names = lm_eval_names if lm_eval_names is not None else lm_eval_task_names()
+                if name not in lm_eval_names:
+                    candidates = sorted({*self._builtin, *self._included, *lm_eval_names})
+                    close = close_names(name, candidates)
+                    hint = f"; did you mean {', '.join(close)}?" if close else ""
+                    raise TaskError(f"unknown task '{name}'{hint}", where=where)
+                resolved.append(ResolvedTask(name, "lm-eval", None, lm_eval_names[name]))
+        return resolved
+
+    def task_manager(self, tasks: list[ResolvedTask]):
+        """lm-eval's TaskManager over just the folders these tasks need."""
+        from lm_eval.tasks import TaskManager
+
+        roots = [builtin_task_dir(), *self.include_paths]
+        folders = sorted({t.lm_eval_folder for t in tasks if t.lm_eval_folder})
+        if not folders:
+            return TaskManager(include_path=[str(p) for p in roots], include_defaults=False)
+        task_root = _lm_eval_task_root()
+        manager = TaskManager(include_path=[str(task_root / f) for f in folders] + [str(p) for p in roots], include_defaults=False)
+        if all(_members_indexed(manager.task_index, t.name) for t in tasks):
+            return manager
+        return TaskManager(include_path=[str(p) for p in roots], include_defaults=True)
+
+
+def _members_indexed(index: dict[str, Any], name: str) -> bool:
+    """Whether `name` and every member a group of it names are in `index`."""
+    entry = index.get(name)
+    if entry is None:
+        return False
+    members = (entry.cfg or {}).get("task") if entry.cfg and "group" in entry.cfg else None
+    if not isinstance(members, list):
+        return True
+    return all(_members_indexed(index, m) for m in members if isinstance(m, str))

@@ -1,0 +1,75 @@
+"""Load a model to evaluate, find its weights on disk, and name it for the results cache.
+
+``load_for_evaluation`` is the one place an evaluated checkpoint is loaded. Today it is plain
+``AutoModelForCausalLM.from_pretrained`` (through ``compressor.model_io``, so Hub ids, local
+folders, ``.gguf`` files and ``builtin:`` names all work, and compressed-tensors outputs load
+through transformers); it switches to ``compressor.load`` once the project's runtime lands.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from compressor.errors import ModelError, UserError
+from compressor.model_io import LoadedModel, load_model, local_folder, resolve_model
+
+
+class ModelLoadError(UserError):
+    """A model named on the command line (or the recipe's base) that cannot be loaded."""
+
+
+def load_for_evaluation(reference: str, *, trust_remote_code: bool = False) -> LoadedModel:
+    return load_model(reference, trust_remote_code=trust_remote_code)
+
+
+def load_named(name: str, reference: str) -> LoadedModel:
+    """`load_for_evaluation`, with any failure reported as the named model's (exit code 2)."""
+    try:
+        return load_for_evaluation(reference)
+    except UserError as err:
+        raise ModelLoadError(f"model '{name}' failed to load: {err.message}", where=reference) from None
+    except Exception as err:  # a corrupt or unsupported checkpoint: name the model, not a traceback
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ModelLoadError(f"model '{name}' failed to load: {type(err).__name__}: {first}", where=reference) from None
+
+
+def weights_folder(reference: str) -> Path | None:
+    """The local folder holding the model's safetensors, if there is one (Hub: the cached snapshot)."""
+    source = resolve_model(reference)
+    folder = local_folder(source)
+    if folder is not None:
+        return folder
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source.load_path, local_files_only=True, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception:  # not in the local Hub cache: size is unknown, not an error
+        return None
+
+
+def model_identity(reference: str) -> str | None:
+    """A key that changes when the weights change: Hub id and commit, or path, size and mtime of each weight file.
+
+    None when the weights cannot be pinned down (then nothing is cached for this model).
+    """
+    try:
+        source = resolve_model(reference)
+    except ModelError:
+        return None
+    if source.kind == "gguf":
+        assert source.gguf_file is not None
+        files = [source.gguf_file]
+    else:
+        folder = weights_folder(reference)
+        if folder is None:
+            return None
+        if source.kind == "hub":
+            return f"hub:{source.load_path}@{folder.name}"
+        files = sorted(folder.glob("*.safetensors")) + [folder / "config.json"]
+    digest = hashlib.sha256()
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return f"{source.kind}:{digest.hexdigest()[:24]}"

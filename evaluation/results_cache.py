@@ -1,0 +1,51 @@
+"""Cached lm-eval results of reference (base) models, one file per (model, task, limit, lm-eval version).
+
+The key also holds the backend and the task's definition fingerprint, so editing an
+include-path task or upgrading lm-eval never serves a stale number. Files live under
+``<compressor cache>/eval-results/`` and are written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from compressor.cache import cache_root
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    model: str
+    task: str
+    task_fingerprint: str
+    limit: int | None
+    lm_eval_version: str
+    backend: str
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.__dict__, sort_keys=True).encode()).hexdigest()[:32]
+
+
+class ResultsCache:
+    def __init__(self, root: Path | None = None):
+        self.root = root if root is not None else cache_root() / "eval-results"
+
+    def _path(self, key: CacheKey) -> Path:
+        return self.root / f"{key.task}-{key.digest()}.json"
+
+    def get(self, key: CacheKey) -> dict[str, Any] | None:
+        path = self._path(key)
+        if not path.is_file():
+            return None
+        record = json.loads(path.read_text())
+        return record["results"] if record.get("key") == key.__dict__ else None
+
+    def put(self, key: CacheKey, results: dict[str, Any]) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        partial.write_text(json.dumps({"key": key.__dict__, "results": results}, sort_keys=True))
+        partial.replace(path)

@@ -1,0 +1,250 @@
+"""Run lm-eval on one model and pull the numbers out of its results.
+
+    target (in-memory model, or a reference) ─▶ backend (lm-eval's HFLM or VLLM class)
+        ─▶ lm_eval.simple_evaluate on the tasks not already cached ─▶ results JSON
+        ─▶ one slice per requested task (cached for reference models) ─▶ merged results
+
+`extract_metrics` turns a results JSON into ``{task: {metric: Metric}}`` with the stderr and
+the direction lm-eval reports for each metric.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from compressor.errors import UserError
+from compressor.evaluation.catalog import ResolvedTask, TaskCatalog, lm_eval_version
+from compressor.evaluation.results_cache import CacheKey, ResultsCache
+from compressor.model_io import LoadedModel
+
+PER_TASK_SECTIONS = ("results", "configs", "versions", "n-shot", "higher_is_better", "n-samples")
+
+
+@dataclass(frozen=True)
+class Metric:
+    value: float
+    stderr: float | None
+    higher_is_better: bool | None
+
+
+@dataclass
+class EvalTarget:
+    """What to evaluate: a model already in memory, or a reference a backend loads itself."""
+
+    name: str
+    reference: str
+    loaded: LoadedModel | None = None
+    identity: str | None = None  # set for models whose results may be cached
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    tasks: tuple[ResolvedTask, ...]
+    limit: int | None
+    backend: str = "hf"
+    batch_size: int = 8
+    device: str | None = None
+
+
+# ---------------------------------------------------------------- backends
+
+def _float32_logits_hflm():
+    """lm-eval's HFLM with logits cast to fp32 before its log-softmax and sums.
+
+    HFLM takes the log-softmax in the model's dtype; for a bf16 model the summed
+    log-likelihood of a 300-token document is then rounded to bf16's 8 bits of mantissa
+    (steps of 1 nat near 256), which hides the differences a report is meant to show.
+    """
+    from lm_eval.models.huggingface import HFLM
+
+    class Float32LogitsHFLM(HFLM):
+        # Also counts the tokens its forward passes process and the seconds they take,
+        # for the report's tokens/s (scoring throughput at lm-eval's batch size).
+        forward_tokens = 0
+        forward_seconds = 0.0
+
+        def _model_call(self, inps, *args, **kwargs):
+            started = time.perf_counter()
+            logits = super()._model_call(inps, *args, **kwargs).float()
+            self.forward_seconds += time.perf_counter() - started
+            self.forward_tokens += int(inps.numel())
+            return logits
+
+    return Float32LogitsHFLM
+
+
+def _hf_model(target: EvalTarget, settings: EvalSettings):
+    if target.loaded is None:
+        from compressor.evaluation.loading import load_named
+
+        target.loaded = load_named(target.name, target.reference)
+    model = target.loaded.model
+    if settings.device is not None:
+        model = model.to(settings.device)
+    return _float32_logits_hflm()(pretrained=model, tokenizer=target.loaded.tokenizer, batch_size=settings.batch_size)
+
+
+def _vllm_model(target: EvalTarget, settings: EvalSettings):
+    from lm_eval.api.registry import get_model
+
+    from compressor.evaluation.loading import weights_folder
+
+    folder = weights_folder(target.reference)
+    path = str(folder) if folder is not None else target.reference
+    return get_model("vllm")(pretrained=path, batch_size="auto")
+
+
+def _vllm_available() -> None:
+    if importlib.util.find_spec("vllm") is None:
+        raise UserError("--backend vllm needs vLLM, which is not installed (pip install vllm; it needs a GPU)", where="--backend")
+
+
+@dataclass(frozen=True)
+class Backend:
+    build: Callable[[EvalTarget, EvalSettings], Any]
+    check: Callable[[], None]
+    needs_reference: bool  # True: loads from disk itself and cannot take an in-memory model
+
+
+BACKENDS: dict[str, Backend] = {
+    "hf": Backend(build=_hf_model, check=lambda: None, needs_reference=False),
+    "vllm": Backend(build=_vllm_model, check=_vllm_available, needs_reference=True),
+}
+
+
+def backend(name: str) -> Backend:
+    if name not in BACKENDS:
+        raise UserError(f"unknown backend '{name}' (known: {', '.join(BACKENDS)})", where="--backend")
+    return BACKENDS[name]
+
+
+# ---------------------------------------------------------------- results JSON
+
+def json_safe(results: dict[str, Any]) -> dict[str, Any]:
+    """lm-eval's results as plain JSON data (it holds callables and numpy values)."""
+    from lm_eval.utils import handle_non_serializable
+
+    return json.loads(json.dumps(results, default=handle_non_serializable))
+
+
+def _members(results: dict[str, Any], name: str) -> list[str]:
+    """`name` and, for a group, every task under it."""
+    names = [name]
+    for child in results.get("group_subtasks", {}).get(name, []):
+        names.extend(_members(results, child))
+    return names
+
+
+def task_slice(results: dict[str, Any], name: str) -> dict[str, Any]:
+    """The parts of a results JSON that belong to one requested task (and its subtasks)."""
+    names = _members(results, name)
+    sliced: dict[str, Any] = {s: {n: results[s][n] for n in names if n in results.get(s, {})} for s in PER_TASK_SECTIONS}
+    sliced["group_subtasks"] = {n: results["group_subtasks"][n] for n in names if n in results.get("group_subtasks", {})}
+    return sliced
+
+
+def merge_slices(slices: list[dict[str, Any]], header: dict[str, Any]) -> dict[str, Any]:
+    merged: dict[str, Any] = {s: {} for s in (*PER_TASK_SECTIONS, "group_subtasks")}
+    for part in slices:
+        for section, values in part.items():
+            merged.setdefault(section, {}).update(values)
+    merged.update(header)
+    return merged
+
+
+def _parse_row(row: dict[str, Any], directions: dict[str, Any]) -> dict[str, Metric]:
+    metrics = {}
+    for key, value in row.items():
+        if "," not in key or "_stderr," in key or not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        metric, filter_name = key.split(",", 1)
+        stderr = row.get(f"{metric}_stderr,{filter_name}")
+        label = metric if filter_name == "none" else key
+        metrics[label] = Metric(
+            value=float(value),
+            stderr=float(stderr) if isinstance(stderr, (int, float)) else None,
+            higher_is_better=directions.get(metric),
+        )
+    return metrics
+
+
+def extract_metrics(results: dict[str, Any], task_names: list[str]) -> dict[str, dict[str, Metric]]:
+    """``{task: {metric: Metric}}`` for each requested name; a group without its own row gives its tasks' rows."""
+    rows = results.get("results", {})
+    out: dict[str, dict[str, Metric]] = {}
+    for name in task_names:
+        names = [name] if name in rows else [n for n in _members(results, name)[1:] if n in rows]
+        for row_name in names:
+            out[row_name] = _parse_row(rows[row_name], results.get("higher_is_better", {}).get(row_name, {}))
+    return out
+
+
+# ---------------------------------------------------------------- running
+
+def run_lm_eval(lm: Any, names: list[str], settings: EvalSettings, catalog: TaskCatalog) -> dict[str, Any]:
+    import lm_eval
+
+    manager = catalog.task_manager([t for t in settings.tasks if t.name in names])
+    results = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=names,
+        limit=settings.limit,
+        task_manager=manager,
+        log_samples=False,
+        bootstrap_iters=1000,
+    )
+    if results is None:  # only on non-zero ranks of a distributed run
+        raise RuntimeError("lm-eval returned no results")
+    return json_safe(results)
+
+
+@dataclass
+class TargetResults:
+    results: dict[str, Any]  # lm-eval's results JSON (merged over cached and fresh tasks)
+    cached: list[str]  # tasks served from the cache
+    tokens_per_second: float | None  # scoring throughput of the fresh run, where measured
+
+
+def _throughput(lm: Any) -> float | None:
+    seconds = getattr(lm, "forward_seconds", 0.0)
+    return getattr(lm, "forward_tokens", 0) / seconds if seconds > 0 else None
+
+
+def evaluate_target(
+    target: EvalTarget,
+    settings: EvalSettings,
+    catalog: TaskCatalog,
+    cache: ResultsCache | None = None,
+    echo: Callable[[str], None] = print,
+) -> TargetResults:
+    """lm-eval's results for `target` on every task in `settings`."""
+    slices: dict[str, dict[str, Any]] = {}
+    keys: dict[str, CacheKey] = {}
+    if cache is not None and target.identity is not None:
+        for task in settings.tasks:
+            keys[task.name] = CacheKey(target.identity, task.name, task.fingerprint(), settings.limit, lm_eval_version(), settings.backend)
+            hit = cache.get(keys[task.name])
+            if hit is not None:
+                slices[task.name] = hit
+    cached = [t.name for t in settings.tasks if t.name in slices]
+    missing = [t.name for t in settings.tasks if t.name not in slices]
+    if cached:
+        echo(f"{target.name}: {', '.join(cached)} from the results cache")
+    header: dict[str, Any] = {"lm_eval_version": lm_eval_version()}
+    throughput = None
+    if missing:
+        echo(f"{target.name}: running {', '.join(missing)} (limit {settings.limit or 'none'}, backend {settings.backend})")
+        lm = backend(settings.backend).build(target, settings)
+        fresh = run_lm_eval(lm, missing, settings, catalog)
+        throughput = _throughput(lm)
+        header.update({k: v for k, v in fresh.items() if k not in (*PER_TASK_SECTIONS, "group_subtasks")})
+        for name in missing:
+            slices[name] = task_slice(fresh, name)
+            if name in keys and cache is not None:
+                cache.put(keys[name], slices[name])
+    merged = merge_slices([slices[t.name] for t in settings.tasks], header)
+    return TargetResults(merged, cached, throughput)

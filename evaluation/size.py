@@ -1,0 +1,123 @@
+"""Size accounting of a saved checkpoint, measured from its safetensors files.
+
+- ``size_bytes``: bytes of the ``*.safetensors`` files on disk.
+- ``parameters``: logical parameters; a packed layer counts the weights it stands for
+  (its ``weight_shape``), and quantization scales, zero points and group indices are not
+  parameters.
+- ``bits_per_weight``: over the compressed layers (those a compressed-tensors checkpoint
+  stores as ``weight_packed``, or as ``weight`` with a ``weight_scale``), every stored tensor
+  of the layer's weight (packed values, scales, zero points, group index) in bits, divided by
+  the weights it stands for. A checkpoint with no compressed layer reports the same figure
+  over its decoder's 2-D ``*.weight`` matrices (embeddings and ``lm_head`` left out), which is
+  the storage width of its dtype (16.0 for bf16).
+
+Tensor sizes come from each file's header (the safetensors format: an 8-byte little-endian
+header length, then a JSON header with every tensor's dtype, shape and byte range), so no
+weight is read except the tiny ``weight_shape`` vectors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+# Tensors of a quantized layer that describe its weight but are not parameters.
+_WEIGHT_AUXILIARY = {"weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape", "weight_global_scale"}
+_ACTIVATION_AUXILIARY = {"input_scale", "input_zero_point", "output_scale", "output_zero_point"}
+_NOT_DECODER_MATRIX = ("embed", "lm_head", "wte", "wpe")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    file: Path
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class SizeInfo:
+    size_bytes: int
+    bits_per_weight: float | None
+    parameters: int
+    compressed_layers: int
+
+
+def read_safetensors_header(path: Path) -> list[TensorInfo]:
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        head = handle.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < length <= size - 8:
+            raise ValueError(f"{path.name} is not a safetensors file (bad header length)")
+        try:
+            header = json.loads(handle.read(length))
+        except ValueError:
+            raise ValueError(f"{path.name} is not a safetensors file (header is not JSON)") from None
+    return [
+        TensorInfo(name, entry["dtype"], tuple(entry["shape"]), entry["data_offsets"][1] - entry["data_offsets"][0], path)
+        for name, entry in header.items()
+        if name != "__metadata__"
+    ]
+
+
+def _split(name: str) -> tuple[str, str]:
+    module, _, leaf = name.rpartition(".")
+    return module, leaf
+
+
+def _logical_shape(tensor: TensorInfo) -> tuple[int, ...]:
+    from safetensors import safe_open
+
+    with safe_open(str(tensor.file), framework="pt") as handle:
+        return tuple(int(v) for v in handle.get_tensor(tensor.name).tolist())
+
+
+def measure_checkpoint(folder: Path) -> SizeInfo:
+    files = sorted(Path(folder).glob("*.safetensors"))
+    tensors = [t for f in files for t in read_safetensors_header(f)]
+    modules: dict[str, dict[str, TensorInfo]] = {}
+    for tensor in tensors:
+        module, leaf = _split(tensor.name)
+        modules.setdefault(module, {})[leaf] = tensor
+
+    parameters = 0
+    stored_bits = 0
+    represented = 0
+    compressed = 0
+    for module, leaves in modules.items():
+        is_compressed = "weight_packed" in leaves or ("weight" in leaves and "weight_scale" in leaves)
+        if is_compressed:
+            compressed += 1
+            if "weight_shape" in leaves:
+                weights = math.prod(_logical_shape(leaves["weight_shape"]))
+            else:
+                weights = leaves["weight"].numel
+            represented += weights
+            parameters += weights
+            stored_bits += 8 * sum(t.nbytes for leaf, t in leaves.items() if leaf.startswith("weight") and leaf != "weight_shape")
+            parameters += sum(t.numel for leaf, t in leaves.items() if not leaf.startswith("weight") and leaf not in _ACTIVATION_AUXILIARY)
+        else:
+            parameters += sum(t.numel for leaf, t in leaves.items() if leaf not in _WEIGHT_AUXILIARY | _ACTIVATION_AUXILIARY)
+
+    if compressed == 0:
+        for module, leaves in modules.items():
+            weight = leaves.get("weight")
+            if weight is not None and len(weight.shape) == 2 and not any(k in module for k in _NOT_DECODER_MATRIX):
+                represented += weight.numel
+                stored_bits += 8 * weight.nbytes
+    bits = stored_bits / represented if represented else None
+    return SizeInfo(
+        size_bytes=sum(f.stat().st_size for f in files),
+        bits_per_weight=bits,
+        parameters=parameters,
+        compressed_layers=compressed,
+    )
