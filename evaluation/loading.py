@@ -1,26 +1,49 @@
 """Load a model to evaluate, find its weights on disk, and name it for the results cache.
 
-``load_for_evaluation`` is the one place an evaluated checkpoint is loaded. Today it is plain
-``AutoModelForCausalLM.from_pretrained`` (through ``compressor.model_io``, so Hub ids, local
-folders, ``.gguf`` files and ``builtin:`` names all work, and compressed-tensors outputs load
-through transformers); it switches to ``compressor.load`` once the project's runtime lands.
+``load_for_evaluation`` is the one place an evaluated checkpoint is loaded. A local
+compressed-tensors checkpoint is built with the project's runtime (``compressor.load``: packed
+weights stay packed and run on the project's kernels, so the evaluation measures the model
+users will run). Everything else, and a compressed format the runtime does not rebuild, goes
+through ``compressor.model_io`` (plain ``from_pretrained``: Hub ids, local folders, ``.gguf``
+files and ``builtin:`` names).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from compressor.errors import ModelError, UserError
-from compressor.model_io import LoadedModel, load_model, local_folder, resolve_model
+from compressor.model_io import LoadedModel, load_model, load_tokenizer, local_folder, resolve_model
 
 
 class ModelLoadError(UserError):
     """A model named on the command line (or the recipe's base) that cannot be loaded."""
 
 
+def _is_compressed_tensors(folder: Path) -> bool:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (config.get("quantization_config") or {}).get("quant_method") == "compressed-tensors"
+
+
 def load_for_evaluation(reference: str, *, trust_remote_code: bool = False) -> LoadedModel:
+    source = resolve_model(reference)
+    folder = local_folder(source)
+    if folder is not None and _is_compressed_tensors(folder):
+        from compressor.runtime import load
+
+        try:
+            model = load(folder)
+        except ModelError:
+            # A scheme the runtime does not rebuild (yet): transformers decompresses it to dense.
+            return load_model(reference, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(str(folder), reference, trust_remote_code)
+        return LoadedModel(model=model, tokenizer=tokenizer, source=source, folder=folder)
     return load_model(reference, trust_remote_code=trust_remote_code)
 
 
