@@ -128,11 +128,11 @@ def test_asymmetric_checkpoint_loads_with_zero_points(bits, group, tiny_llama, t
     assert all(m.weight_zero_point is not None and not m.symmetric for m in layers)
     reference = independent_dense_logits(out)
     assert (logits - reference).abs().max().item() <= 2e-2 * reference.abs().max().item()
-    try:
-        dense = dense_logits(out)
-    except Exception as err:  # compressed-tensors 0.20 + transformers may refuse asymmetric checkpoints
-        pytest.xfail(f"plain transformers cannot load this asymmetric checkpoint: {type(err).__name__}: {err}")
-    assert (logits - dense).abs().max().item() <= 2e-2 * dense.abs().max().item()
+    # Plain transformers refuses asymmetric pack-quantized checkpoints with compressed-tensors 0.20
+    # (its skeleton expects unpacked zero points; llm-compressor#1618), which is why compressor.load
+    # exists for them. When this starts to load, compare it with our logits here instead.
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        dense_logits(out)
 
 
 def test_load_refuses_unknown_format_and_missing_folder(tiny_llama, tmp_path):
