@@ -10,6 +10,8 @@ listed. Peak memory is one tensor per input, the method's intermediates and one 
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import zlib
 from dataclasses import dataclass, field
@@ -278,6 +280,23 @@ def merge_tensor(plan: MergePlan, index: int, tensors: list[torch.Tensor]) -> to
     return plan.method.function(call)
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by the last tensor back to the OS. glibc keeps freed blocks of tens of
+    MB on its heap (its mmap threshold grows after each large free), so without this a streamed
+    merge's resident size creeps up by the tensors already written."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def _row_chunks(slot: TensorSlot, elementwise: bool) -> list[tuple[int, int | None]]:
     """Row ranges to merge a tensor in: whole (stop None) unless the method is elementwise and
     the tensor is big, in which case slices of about CHUNK_BYTES per input bound the memory."""
@@ -313,6 +332,7 @@ def run_merge(plan: MergePlan, folder: Path, *, show_progress: bool = False, tru
                 stats.peak_tensor_bytes = max(stats.peak_tensor_bytes, held)
                 writer.append(slot.name, merged)
                 del tensors, merged
+                release_freed_memory()
             stats.tensors += 1
         stats.files = writer.finish()
     finally:
