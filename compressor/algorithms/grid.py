@@ -24,6 +24,7 @@ class WeightGrid:
     group_size: int | None  # None: one scale per output channel
     scale_dtype: torch.dtype = torch.bfloat16
     mse_search: bool = False
+    hqq_search: bool = False  # half-quadratic refinement of min-max (compressor.algorithms.hqq)
 
     @property
     def qmin(self) -> int:
@@ -93,11 +94,16 @@ def group_scale_zero(w: torch.Tensor, grid: WeightGrid) -> tuple[torch.Tensor, t
     """Scale and zero for each row of `w` ([rows, columns] → [rows, 1]).
 
     With ``mse_search`` the range is shrunk over a grid of clip ratios and, per row, the
-    ratio with the smallest squared reconstruction error wins (calibration-free).
+    ratio with the smallest squared reconstruction error wins (calibration-free). With
+    ``hqq_search`` min-max is refined by half-quadratic optimisation (calibration-free).
     """
     wmin = w.amin(dim=1, keepdim=True)
     wmax = w.amax(dim=1, keepdim=True)
     scale, zero = _scale_zero_from_range(wmin, wmax, grid)
+    if grid.hqq_search:
+        from compressor.algorithms.hqq import hqq_scale_zero
+
+        return hqq_scale_zero(w, scale, zero, qmin=grid.qmin, qmax=grid.qmax, scale_dtype=grid.scale_dtype)
     if not grid.mse_search:
         return scale, zero
     best_err = torch.full_like(scale, float("inf"))

@@ -176,4 +176,9 @@ def quant_method_registry() -> Registry[QuantMethod]:
     registry: Registry[QuantMethod] = Registry("quantize method")
     registry.register("rtn", RTNMethod())
     registry.register("gptq", GPTQMethod())
+    from compressor.stages.awq_method import AWQMethod
+    from compressor.stages.hqq_method import HQQMethod
+
+    registry.register("awq", AWQMethod())
+    registry.register("hqq", HQQMethod())
     return registry.freeze()

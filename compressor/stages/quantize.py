@@ -11,6 +11,10 @@ Recipe block::
         act_order: true
         dampening: 0.01
         block_size: 128
+        awq: {then: rtn, grid: 20, duo_scaling: true, search_tokens: 8192}   # method: awq only
+        overrides:              # mixed precision: per-module rules (compressor.stages.quant_overrides)
+          - {targets: ["re:.*down_proj"], weights: {bits: 8}}
+          - {targets: ["re:model\\.layers\\.0\\..*"], skip: true}
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, PositiveInt, field_validator
+from pydantic import Field, PositiveInt, field_validator, model_validator
 from torch import nn
 
 from compressor.algorithms.grid import WeightGrid, effective_group_size
@@ -27,6 +31,7 @@ from compressor.layerwise import find_decoder_blocks
 from compressor.recipe import StrictModel
 from compressor.stages.base import Locator, StageContext, StagePlan
 from compressor.stages.quant_methods import quant_method_registry
+from compressor.stages.quant_overrides import OverrideRule, RuleChoice, resolve_rules
 from compressor.targets import select_modules, validate_pattern
 
 
@@ -35,7 +40,20 @@ class WeightArgs(StrictModel):
     group_size: PositiveInt | None = 128  # null: one scale per output channel
     symmetric: bool = True
     type: Literal["int"] = "int"
-    observer: Literal["minmax", "mse"] = "minmax"
+    observer: Literal["minmax", "mse", "hqq"] = "minmax"
+
+
+class QuantOverride(OverrideRule):
+    weights: WeightArgs | None = None
+
+
+class AWQArgs(StrictModel):
+    """Options of `method: awq` (see compressor.algorithms.awq)."""
+
+    then: Literal["rtn", "gptq"] = "rtn"  # how the scaled weights are quantized
+    grid: int = Field(default=20, ge=2, le=200)  # points of the scaling exponent in [0, 1)
+    duo_scaling: bool = True  # scales from activations and weights, not activations alone
+    search_tokens: PositiveInt = 8192  # calibration tokens the search evaluates its loss on
 
 
 class QuantizeConfig(StrictModel):
@@ -47,6 +65,18 @@ class QuantizeConfig(StrictModel):
     act_order: bool = True
     dampening: float = Field(default=0.01, gt=0, lt=1)
     block_size: PositiveInt = 128
+    awq: AWQArgs | None = None
+    overrides: list[QuantOverride] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _method_options(self) -> "QuantizeConfig":
+        if self.awq is not None and self.method != "awq":
+            raise ValueError(f"`awq` options only apply to method: awq, not {self.method}")
+        if self.method == "awq" and self.awq is None:
+            self.awq = AWQArgs()
+        if self.method == "hqq" and self.weights.observer not in ("minmax", "hqq"):
+            raise ValueError(f"method: hqq chooses its own scales; drop `observer: {self.weights.observer}`")
+        return self
 
     @field_validator("method")
     @classmethod
@@ -69,7 +99,20 @@ def grid_for(module: nn.Linear, weights: WeightArgs) -> WeightGrid:
         group_size=effective_group_size(module.in_features, weights.group_size),
         scale_dtype=module.weight.dtype if module.weight.dtype.is_floating_point else torch.bfloat16,
         mse_search=weights.observer == "mse",
+        hqq_search=weights.observer == "hqq",
     )
+
+
+def module_weights(config: QuantizeConfig, choice: RuleChoice) -> WeightArgs | None:
+    """The weight scheme of one module after `overrides` (None: left unquantized)."""
+    weights = choice.weights
+    if weights is not None and config.method == "hqq":
+        weights = weights.model_copy(update={"observer": "hqq"})
+    return weights
+
+
+def _rule_choices(config: QuantizeConfig, modules: dict[str, nn.Module], locate: Locator | None):
+    return resolve_rules(modules, config.overrides, config.weights, locate)
 
 
 def _describe(grid: WeightGrid, weights: WeightArgs, in_features: int) -> str:
@@ -77,7 +120,8 @@ def _describe(grid: WeightGrid, weights: WeightArgs, in_features: int) -> str:
     note = ""
     if weights.group_size is not None and grid.group_size != weights.group_size:
         note = f" ({weights.group_size} does not divide {in_features} columns)"
-    return f"int{grid.bits} {'sym' if grid.symmetric else 'asym'} {group}{note}"
+    observer = "" if weights.observer == "minmax" else f", {weights.observer} observer"
+    return f"int{grid.bits} {'sym' if grid.symmetric else 'asym'} {group}{note}{observer}"
 
 
 class QuantizeStage:
@@ -89,6 +133,7 @@ class QuantizeStage:
         selection = select_modules(model, config.targets, config.ignore)
         plan = StagePlan(kind="quantize", method=config.method, skipped=dict(selection.skipped))
         block_prefix = find_decoder_blocks(model)[0] + "." if method.calibrated else ""
+        candidates: dict[str, nn.Module] = {}
         for name, module in selection.selected.items():
             if not isinstance(module, nn.Linear):
                 if hasattr(module, "weight_packed"):
@@ -97,8 +142,15 @@ class QuantizeStage:
             if method.calibrated and not name.startswith(block_prefix):
                 plan.skipped[name] = f"outside the decoder blocks, which {config.method} calibrates (use method: rtn)"
                 continue
-            grid = grid_for(module, config.weights)
-            plan.selected[name] = _describe(grid, config.weights, module.in_features)
+            candidates[name] = module
+        for name, choice in _rule_choices(config, candidates, locate).items():
+            weights = module_weights(config, choice)
+            if weights is None:
+                plan.skipped[name] = f"skipped by `overrides[{choice.rule}]`"
+                continue
+            grid = grid_for(candidates[name], weights)
+            rule = "" if choice.rule is None else f" [overrides[{choice.rule}]]"
+            plan.selected[name] = _describe(grid, weights, candidates[name].in_features) + rule
         if not plan.selected:
             raise RecipeError("matches no Linear module of this model that the stage can quantize", **locate("targets"))
         return plan
@@ -106,6 +158,7 @@ class QuantizeStage:
     def run(self, model: nn.Module, config: QuantizeConfig, ctx: StageContext, plan: StagePlan) -> nn.Module:
         method = quant_method_registry().get(config.method)
         modules = {name: model.get_submodule(name) for name in plan.selected}
-        grids = {name: grid_for(module, config.weights) for name, module in modules.items()}
+        choices = _rule_choices(config, modules, None)
+        grids = {name: grid_for(module, module_weights(config, choices[name])) for name, module in modules.items()}
         method.quantize(model, modules, grids, config, ctx)
         return model
