@@ -112,3 +112,11 @@ def test_owl_schedule_averages_to_target_and_records_blocks():
     for name, weight in pruned_linears(model).items():
         block = int(name.split(".")[2])
         assert abs(measured_sparsity(weight) - per_block[block]) <= 1.0 / weight.shape[1] + 1e-3
+
+
+@pytest.mark.parametrize("sparsity", ["{heads: 0.25}", "{layers: auto, count: 2}", '"2:4"', "0.5"])
+def test_saved_recipe_round_trips(sparsity):
+    from compressor.recipe import parse_recipe_text
+
+    recipe = parse_recipe_text(prune_recipe(f"{{method: wanda, sparsity: {sparsity}}}"))
+    assert parse_recipe_text(recipe.to_yaml()).to_dict() == recipe.to_dict()
