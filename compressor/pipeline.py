@@ -27,6 +27,7 @@ from compressor.model_io import LoadedModel, load_config, load_model, load_token
 from compressor.recipe import Recipe
 from compressor.registry import stage_registry
 from compressor.stages.base import StageContext, StagePlan
+from compressor.stages.quant_sequence import check_quantize_sequence
 
 
 @dataclass
@@ -74,10 +75,12 @@ def check_recipe_fits_model(recipe: Recipe, config: Any) -> None:
 def plan_recipe(model: nn.Module, recipe: Recipe) -> list[StagePlan]:
     """Validate every stage against `model` as loaded; what each stage would touch."""
     registry = stage_registry()
-    return [
+    plans = [
         registry.get(spec.kind).implementation.plan(model, spec.config, _locator(recipe, i, spec.kind))
         for i, spec in enumerate(recipe.stages)
     ]
+    check_quantize_sequence(recipe, plans)
+    return plans
 
 
 def _versions() -> dict[str, str]:
