@@ -5,7 +5,7 @@ over the calibration set; optionally llm-compressor side by side (W8A8 SmoothQua
 
     python benchmarks/quant_formats_smollm2.py [--samples 128 --seq-len 512]
         [--methods w8a8-smoothquant,w8a8-smoothquant-gptq,fp8-dynamic,fp8-static,nf4]
-        [--with-llmcompressor] [--json out.json]
+        [--eval-windows N] [--with-llmcompressor] [--json out.json]
 
 In one process: the calibration windows come from compressor's own calibration code; one bf16
 forward over them is timed (one window per call); then, for each method, a fresh copy of the bf16
@@ -113,6 +113,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=None, help="use only the first N held-out windows")
     parser.add_argument("--methods", default=",".join(RECIPES))
     parser.add_argument("--with-llmcompressor", action="store_true")
     parser.add_argument("--json", type=Path)
@@ -121,7 +122,7 @@ def main() -> None:
     loaded = load_model(MODEL)
     model, tokenizer = loaded.model, loaded.tokenizer
     tokens = build_calibration(CalibrationSpec(samples=args.samples, seq_len=args.seq_len), tokenizer, cache_root() / "calibration")
-    windows = evaluation_windows(tokenizer, args.seq_len)
+    windows = evaluation_windows(tokenizer, args.seq_len)[: args.eval_windows]
     forward_s = time_forward(model, tokens)
     base_ppl = perplexity_on(model, windows).perplexity
     result: dict = {
@@ -130,6 +131,7 @@ def main() -> None:
         "calibration": f"{args.samples}x{args.seq_len} builtin:abstracts",
         "bf16_forward_s": round(forward_s, 2),
         "ppl_bf16": round(base_ppl, 3),
+        "eval_tokens": int(windows[:, 1:].numel()),
         "bf16_size_bytes": weights_bytes(loaded.folder),
         "methods": {},
     }
@@ -146,7 +148,7 @@ def main() -> None:
                 "stage_s": round(ours["seconds"], 2),
                 "ratio_to_forward": round(ours["seconds"] / forward_s, 3),
             }
-            print(name, json.dumps(entry), flush=True)
+            print(name, json.dumps(entry), f"(bf16 forward {forward_s:.1f} s, ppl {base_ppl:.3f})", flush=True)
             result["methods"][name] = entry
             if args.with_llmcompressor and name in LLMCOMPRESSOR_SCHEMES:
                 theirs = run_llmcompressor(name, loaded.folder, tokens, windows, workdir)

@@ -20,6 +20,7 @@ Method defaults (used when the recipe leaves the key out):
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any, Literal
 
 from pydantic import model_validator
@@ -121,6 +122,8 @@ def apply_method_defaults(config: Any) -> Any:
             field_type = type(config.weights) if key == "weights" else ActivationArgs
             setattr(config, key, field_type.model_validate(values))
     if config.method == "nf4":
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError("method nf4 needs bitsandbytes: pip install 'compressor[nf4]'")
         for key in ("weights", "activations"):
             if _differs_from_default(config, key, given):
                 raise ValueError(f"method nf4 is bitsandbytes NF4 in blocks of 64 (optionally double_quant); remove `{key}`")
