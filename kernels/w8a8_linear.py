@@ -163,3 +163,20 @@ def _int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.device.type == "cpu":
         return torch._int_mm(a, b.t().contiguous()).float()
     return (a.double() @ b.double().t()).float()
+
+
+def build_from_scheme(linear: nn.Linear, scheme: dict, dtype: torch.dtype) -> W8A8Linear:
+    """An empty W8A8Linear shaped like `linear` for a compressed-tensors config group (as a dict)
+    of format int-quantized / float-quantized; load the checkpoint's tensors into it afterwards.
+    This is the builder `compressor.load` registers for those two formats."""
+    weights = scheme["weights"]
+    inputs = scheme.get("input_activations")
+    if weights.get("num_bits") != 8 or weights.get("strategy") != "channel":
+        raise ValueError(f"W8A8Linear holds 8-bit per-channel weights, not {weights}")
+    activations = None
+    if inputs is not None:
+        activations = ActivationScheme(type=inputs["type"], dynamic=bool(inputs.get("dynamic", False)))
+    return W8A8Linear(
+        linear.in_features, linear.out_features, weight_type=weights["type"], activations=activations,
+        bias=linear.bias is not None, dtype=dtype, device=linear.weight.device,
+    )

@@ -366,3 +366,18 @@ def test_resolved_recipes_parse_again():
         recipe = parse_recipe_text(recipe_for(body))
         again = parse_recipe_text(recipe.to_yaml())
         assert again.stages[0].config == recipe.stages[0].config
+
+
+def test_builder_rebuilds_a_saved_layer_from_its_scheme(seeded):
+    from compressor.formats import build_quantization_config
+    from compressor.kernels.w8a8_linear import build_from_scheme
+
+    model = nn.Sequential(nn.Linear(16, 8))
+    codes = torch.randint(-128, 128, (8, 16), dtype=torch.int8)
+    model[0] = W8A8Linear.from_codes(codes, torch.rand(8, 1), weight_type="int", activations=ActivationScheme("int", False),
+                                     input_scale=torch.tensor([0.1]), bias=torch.randn(8), dtype=torch.float32)
+    (scheme,) = build_quantization_config(model).model_dump(mode="json")["config_groups"].values()
+    rebuilt = build_from_scheme(nn.Linear(16, 8), scheme, torch.float32)
+    rebuilt.load_state_dict(model[0].state_dict())
+    x = torch.randn(4, 16)
+    assert torch.equal(rebuilt(x), model[0](x))
