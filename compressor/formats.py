@@ -1,9 +1,11 @@
 """The compressed-tensors on-disk format, built with the ``compressed-tensors`` library.
 
 A model whose quantized layers are ``QuantLinear`` modules already holds the tensors of the
-``pack-quantized`` format under the right names; this module describes them in a
-``QuantizationConfig`` (one config group per distinct scheme, targets written as compact
-regexes) and writes it into ``config.json`` so that transformers and vLLM load the folder.
+``pack-quantized`` format under the right names (``W8A8Linear``: ``int-quantized`` for int8
+W8A8, ``float-quantized`` for FP8); this module describes them in a ``QuantizationConfig``
+(one config group per distinct scheme, each with its format, targets written as compact
+regexes; ``mixed-precision`` at the top when the formats differ) and writes it into
+``config.json`` so that transformers and vLLM load the folder.
 """
 
 from __future__ import annotations
@@ -26,12 +28,44 @@ from compressed_tensors.quantization import (
 from torch import nn
 
 from compressor.kernels.quant_linear import QuantLinear
+from compressor.kernels.w8a8_linear import W8A8Linear
 
 _INDEX = re.compile(r"\.\d+\.")
 
 
-def _scheme_key(module: QuantLinear) -> tuple[int, int | None, bool]:
-    return (module.bits, module.group_size, module.symmetric)
+SchemeKey = tuple  # ("pack", bits, group_size, symmetric) | ("w8a8", weight type, act type | None, dynamic)
+
+
+def _scheme_key(module: QuantLinear | W8A8Linear) -> SchemeKey:
+    if isinstance(module, W8A8Linear):
+        acts = module.activations
+        return ("w8a8", module.weight_type, acts.type if acts else None, acts.dynamic if acts else None)
+    return ("pack", module.bits, module.group_size, module.symmetric)
+
+
+def _w8a8_scheme(targets: list[str], weight_type: str, act_type: str | None, dynamic: bool | None) -> QuantizationScheme:
+    weights = QuantizationArgs(
+        num_bits=8, type=weight_type, symmetric=True, strategy=QuantizationStrategy.CHANNEL, dynamic=False
+    )
+    inputs = None
+    if act_type is not None:
+        inputs = QuantizationArgs(
+            num_bits=8,
+            type=act_type,
+            symmetric=True,
+            strategy=QuantizationStrategy.TOKEN if dynamic else QuantizationStrategy.TENSOR,
+            dynamic=bool(dynamic),
+        )
+    fmt = CompressionFormat.int_quantized if weight_type == "int" else CompressionFormat.float_quantized
+    return QuantizationScheme(targets=targets, weights=weights, input_activations=inputs, format=fmt.value)
+
+
+def _scheme(key: SchemeKey, targets: list[str]) -> QuantizationScheme:
+    if key[0] == "w8a8":
+        return _w8a8_scheme(targets, *key[1:])
+    return QuantizationScheme(
+        targets=targets, weights=_weight_args(*key[1:]), format=CompressionFormat.pack_quantized.value
+    )
 
 
 def _weight_args(bits: int, group_size: int | None, symmetric: bool) -> QuantizationArgs:
@@ -73,8 +107,8 @@ def _compact_targets(names: list[str], all_linear: list[str]) -> list[str]:
     return targets
 
 
-def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+def quantized_modules(model: nn.Module) -> dict[str, QuantLinear | W8A8Linear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, (QuantLinear, W8A8Linear))}
 
 
 def build_quantization_config(model: nn.Module) -> QuantizationConfig | None:
@@ -82,21 +116,19 @@ def build_quantization_config(model: nn.Module) -> QuantizationConfig | None:
     quantized = quantized_modules(model)
     if not quantized:
         return None
-    linear_names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantLinear))]
-    groups: dict[tuple[int, int | None, bool], list[str]] = defaultdict(list)
+    linear_names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantLinear, W8A8Linear))]
+    groups: dict[SchemeKey, list[str]] = defaultdict(list)
     for name, module in quantized.items():
         groups[_scheme_key(module)].append(name)
     config_groups: dict[str, Any] = {}
     for index, (key, names) in enumerate(sorted(groups.items(), key=lambda kv: str(kv[0]))):
-        config_groups[f"group_{index}"] = QuantizationScheme(
-            targets=_compact_targets(names, linear_names),
-            weights=_weight_args(*key),
-        )
+        config_groups[f"group_{index}"] = _scheme(key, _compact_targets(names, linear_names))
+    formats = {scheme.format for scheme in config_groups.values()}
     ignore = [n for n in linear_names if n not in quantized]
     return QuantizationConfig(
         config_groups=config_groups,
         quant_method="compressed-tensors",
-        format=CompressionFormat.pack_quantized.value,
+        format=formats.pop() if len(formats) == 1 else CompressionFormat.mixed_precision.value,
         quantization_status=QuantizationStatus.COMPRESSED,
         ignore=ignore,
     )

@@ -31,6 +31,7 @@ from compressor.recipe import Recipe
 from compressor.sparse_format import pack_sparse_layers, write_sparsity_config
 from compressor.registry import stage_registry
 from compressor.stages.base import StageContext, StagePlan
+from compressor.stages.quant_sequence import check_quantize_sequence
 
 
 @dataclass
@@ -82,6 +83,7 @@ def plan_recipe(model: nn.Module, recipe: Recipe) -> list[StagePlan]:
     """Validate every stage against `model` as loaded; what each stage would touch."""
     registry = stage_registry()
     plans = []
+    by_index: dict[int, StagePlan] = {}
     for i, spec in enumerate(recipe.stages):
         stage = registry.get(spec.kind).implementation
         if getattr(stage, "runs_before_load", False):  # a merge builds the model before loading
@@ -89,6 +91,8 @@ def plan_recipe(model: nn.Module, recipe: Recipe) -> list[StagePlan]:
                 raise RecipeError(f"{spec.kind} must be the first stage", **recipe.where(("stages", i, spec.kind)))
             continue
         plans.append(stage.plan(model, spec.config, _locator(recipe, i, spec.kind)))
+        by_index[i] = plans[-1]
+    check_quantize_sequence(recipe, by_index)
     return plans
 
 

@@ -4,6 +4,8 @@
 - ``gptq``: GPTQ through the layer-by-layer engine. Layers that read the same input (q/k/v,
   gate/up) share one Hessian and are solved together as one stacked matrix: GPTQ treats
   rows independently, so the result equals solving them one by one, at a fraction of the cost.
+- ``smoothquant`` / ``smoothquant+gptq`` / ``fp8``: W8A8 and FP8 layers (activation_methods.py).
+- ``nf4``: bitsandbytes NF4 (nf4_method.py).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from compressor.algorithms.rtn import rtn_quantize
 from compressor.kernels.quant_linear import QuantLinear
 from compressor.layerwise import run_layerwise
 from compressor.registry import Registry
+from compressor.stages.activation_methods import ActivationQuantMethod
+from compressor.stages.nf4_method import NF4Method
 from compressor.stages.base import StageContext, replace_module
 
 
@@ -181,4 +185,8 @@ def quant_method_registry() -> Registry[QuantMethod]:
 
     registry.register("awq", AWQMethod())
     registry.register("hqq", HQQMethod())
+    registry.register("smoothquant", ActivationQuantMethod(smoothing=True, solver="rtn"))
+    registry.register("smoothquant+gptq", ActivationQuantMethod(smoothing=True, solver="gptq"))
+    registry.register("fp8", ActivationQuantMethod(smoothing=False, solver="rtn"))
+    registry.register("nf4", NF4Method())
     return registry.freeze()

@@ -4,8 +4,8 @@ Recipe block::
 
     - quantize:
         method: gptq            # see `compressor.stages.quant_methods` for the registry
-        weights: {bits: 4, group_size: 128, symmetric: true, observer: minmax}
-        activations: null
+        weights: {bits: 4, group_size: 128, symmetric: true, observer: minmax}   # type: float → FP8 e4m3
+        activations: null       # {bits: 8, type: int, dynamic: true, strategy: token} for W8A8
         targets: [Linear]
         ignore: [lm_head]
         act_order: true
@@ -32,6 +32,13 @@ from compressor.recipe import StrictModel
 from compressor.stages.base import Locator, StageContext, StagePlan
 from compressor.stages.quant_methods import quant_method_registry
 from compressor.stages.quant_overrides import OverrideRule, RuleChoice, resolve_rules
+from compressor.stages.activation_methods import ACTIVATION_VARIANTS, is_quantized_layer
+from compressor.stages.quant_schemes import (
+    ActivationArgs,
+    apply_method_defaults,
+    check_float_weights,
+    uses_activation_layers,
+)
 from compressor.targets import select_modules, validate_pattern
 
 
@@ -39,8 +46,12 @@ class WeightArgs(StrictModel):
     bits: Literal[2, 3, 4, 8] = 4
     group_size: PositiveInt | None = 128  # null: one scale per output channel
     symmetric: bool = True
-    type: Literal["int"] = "int"
+    type: Literal["int", "float"] = "int"  # float: FP8 e4m3, 8 bits, one scale per output channel
     observer: Literal["minmax", "mse", "hqq"] = "minmax"
+
+    @model_validator(mode="after")
+    def _float_weights(self) -> "WeightArgs":
+        return check_float_weights(self)
 
 
 class QuantOverride(OverrideRule):
@@ -56,10 +67,13 @@ class AWQArgs(StrictModel):
     search_tokens: PositiveInt = 8192  # calibration tokens the search evaluates its loss on
 
 
+_OVERRIDE_METHODS = ("rtn", "gptq", "awq", "hqq")
+
+
 class QuantizeConfig(StrictModel):
     method: str
     weights: WeightArgs = Field(default_factory=WeightArgs)
-    activations: None = None  # activation quantization comes with SmoothQuant/FP8 methods
+    activations: ActivationArgs | None = None  # W8A8 / FP8 activations; see quant_schemes.py
     targets: list[str] = Field(default_factory=lambda: ["Linear"], min_length=1)
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
     act_order: bool = True
@@ -67,6 +81,8 @@ class QuantizeConfig(StrictModel):
     block_size: PositiveInt = 128
     awq: AWQArgs | None = None
     overrides: list[QuantOverride] = Field(default_factory=list)
+    smoothing_strength: float = Field(default=0.5, ge=0, le=1)  # SmoothQuant's migration strength α
+    double_quant: bool = False  # nf4: quantize the block absmaxes again (QLoRA's double quantization)
 
     @model_validator(mode="after")
     def _method_options(self) -> "QuantizeConfig":
@@ -76,7 +92,13 @@ class QuantizeConfig(StrictModel):
             self.awq = AWQArgs()
         if self.method == "hqq" and self.weights.observer not in ("minmax", "hqq"):
             raise ValueError(f"method: hqq chooses its own scales; drop `observer: {self.weights.observer}`")
+        if self.overrides and (self.method not in _OVERRIDE_METHODS or self.activations is not None or self.weights.type != "int"):
+            raise ValueError(f"`overrides` apply to integer weight-only methods ({', '.join(_OVERRIDE_METHODS)})")
         return self
+
+    @model_validator(mode="after")
+    def _method_defaults(self) -> "QuantizeConfig":
+        return apply_method_defaults(self)
 
     @field_validator("method")
     @classmethod
@@ -124,23 +146,44 @@ def _describe(grid: WeightGrid, weights: WeightArgs, in_features: int) -> str:
     return f"int{grid.bits} {'sym' if grid.symmetric else 'asym'} {group}{note}{observer}"
 
 
+def resolve_method(config: QuantizeConfig):
+    """The implementation for the stage: `rtn`/`gptq` turn into their W8A8/FP8 variants when
+    the stage quantizes activations or uses FP8 weights."""
+    method = quant_method_registry().get(config.method)
+    if uses_activation_layers(config) and config.method in ACTIVATION_VARIANTS:
+        return ACTIVATION_VARIANTS[config.method]
+    return method
+
+
+def _needs_calibration(method, config: QuantizeConfig) -> bool:
+    check = getattr(method, "needs_calibration", None)
+    return check(config) if check is not None else method.calibrated
+
+
 class QuantizeStage:
     def needs_calibration(self, config: QuantizeConfig) -> bool:
-        return quant_method_registry().get(config.method).calibrated
+        return _needs_calibration(resolve_method(config), config)
 
     def plan(self, model: nn.Module, config: QuantizeConfig, locate: Locator) -> StagePlan:
-        method = quant_method_registry().get(config.method)
+        method = resolve_method(config)
+        calibrated = _needs_calibration(method, config)
         selection = select_modules(model, config.targets, config.ignore)
         plan = StagePlan(kind="quantize", method=config.method, skipped=dict(selection.skipped))
-        block_prefix = find_decoder_blocks(model)[0] + "." if method.calibrated else ""
+        block_prefix = find_decoder_blocks(model)[0] + "." if calibrated else ""
         candidates: dict[str, nn.Module] = {}
+        describe = getattr(method, "describe", None)
+        unsupported = getattr(method, "skip_reason", None)
         for name, module in selection.selected.items():
-            if not isinstance(module, nn.Linear):
-                if hasattr(module, "weight_packed"):
+            if not isinstance(module, nn.Linear) or is_quantized_layer(module):
+                if hasattr(module, "weight_packed") or is_quantized_layer(module):
                     plan.skipped[name] = "already quantized by an earlier stage"
                 continue
-            if method.calibrated and not name.startswith(block_prefix):
+            if calibrated and not name.startswith(block_prefix):
                 plan.skipped[name] = f"outside the decoder blocks, which {config.method} calibrates (use method: rtn)"
+                continue
+            reason = unsupported(module) if unsupported is not None else None
+            if reason is not None:
+                plan.skipped[name] = reason
                 continue
             candidates[name] = module
         for name, choice in _rule_choices(config, candidates, locate).items():
@@ -148,15 +191,18 @@ class QuantizeStage:
             if weights is None:
                 plan.skipped[name] = f"skipped by `overrides[{choice.rule}]`"
                 continue
-            grid = grid_for(candidates[name], weights)
             rule = "" if choice.rule is None else f" [overrides[{choice.rule}]]"
+            if describe is not None:
+                plan.selected[name] = describe(candidates[name], config) + rule
+                continue
+            grid = grid_for(candidates[name], weights)
             plan.selected[name] = _describe(grid, weights, candidates[name].in_features) + rule
         if not plan.selected:
             raise RecipeError("matches no Linear module of this model that the stage can quantize", **locate("targets"))
         return plan
 
     def run(self, model: nn.Module, config: QuantizeConfig, ctx: StageContext, plan: StagePlan) -> nn.Module:
-        method = quant_method_registry().get(config.method)
+        method = resolve_method(config)
         modules = {name: model.get_submodule(name) for name in plan.selected}
         choices = _rule_choices(config, modules, None)
         grids = {name: grid_for(module, module_weights(config, choices[name])) for name, module in modules.items()}
