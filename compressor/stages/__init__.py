@@ -9,3 +9,6 @@ def register_builtin_stages(registry: Registry[StageEntry]) -> None:
     from compressor.stages.quantize import QuantizeConfig, QuantizeStage
 
     registry.register("quantize", StageEntry(QuantizeConfig, QuantizeStage()))
+    from compressor.stages.lowrank import LowRankConfig, LowRankStage
+
+    registry.register("lowrank", StageEntry(LowRankConfig, LowRankStage()))
