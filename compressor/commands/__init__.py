@@ -12,6 +12,7 @@ from typing import Callable
 
 SUBCOMMAND_MODULES: dict[str, str] = {
     "recipes": "compressor.commands.recipes",
+    "finetune": "compressor.commands.finetune",
 }
 
 DEFAULT_MODULE = "compressor.commands.compress"

@@ -221,7 +221,8 @@ class SVDMethod:
                 continue
             dtype = weight.dtype
             new = FactorizedLinear(factors.a.to(dtype), factors.b.to(dtype), module.bias.data if module.bias is not None else None)
-            error = float((new.dense_weight().float() - weight.float()).norm() / weight.float().norm().clamp_min(1e-12))
+            with torch.no_grad():
+                error = float((new.dense_weight().float() - weight.float()).norm() / weight.float().norm().clamp_min(1e-12))
             replace_module(model, name, new.to(weight.device))
             _record(ctx, name, {"method": "svd", "rank": factors.rank, "relative_error": error})
         return model
