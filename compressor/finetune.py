@@ -149,7 +149,8 @@ def run_finetune(options: FinetuneOptions, echo: Callable[[str], None] = print) 
 
     if options.qlora:
         check_bitsandbytes()
-    accelerator = Accelerator()
+    # Without CUDA, say so: accelerate then runs several launched processes as MULTI_CPU (gloo).
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     if accelerator.is_main_process:
         check_output_dir(options.output, options.overwrite)
     _source, path, _folder = prepare_source(options.model)
