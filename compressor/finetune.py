@@ -151,10 +151,10 @@ def run_finetune(options: FinetuneOptions, echo: Callable[[str], None] = print) 
         check_bitsandbytes()
     # Without CUDA, say so: accelerate then runs several launched processes as MULTI_CPU (gloo).
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    if accelerator.is_main_process:
-        check_output_dir(options.output, options.overwrite)
+    check_output_dir(options.output, options.overwrite)  # every process: all of them must stop on bad input
     _source, path, _folder = prepare_source(options.model)
-    refuse_project_int4(path, options.model) if options.qlora else None
+    if options.qlora:
+        refuse_project_int4(path, options.model)
     tokenizer = load_tokenizer(path, options.model, False)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train = load_examples(options.dataset, tokenizer, max_length=options.max_length, split=options.split)
