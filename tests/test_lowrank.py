@@ -269,3 +269,12 @@ def test_rank_error_names_the_layer(tiny_llama):
 
     with pytest.raises(RecipeError, match=r"layer model\.layers\.0\.self_attn\.k_proj allows \(48×96, at most 48\)"):
         plan_recipe(skeleton_model(str(tiny_llama), allow_pickle=False, trust_remote_code=False), recipe)
+
+
+def test_default_rank_is_checked_too(tiny_llama):
+    recipe = parse_recipe_text(_recipe("lowrank: {method: eora, targets: [k_proj]}"))  # rank 32 ≤ 48: fine
+    from compressor.pipeline import skeleton_model, plan_recipe
+
+    model = skeleton_model(str(tiny_llama), allow_pickle=False, trust_remote_code=False)
+    (plan,) = plan_recipe(model, recipe)
+    assert all(detail.startswith("rank 32") for detail in plan.selected.values()) and len(plan.selected) == 2

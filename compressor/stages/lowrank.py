@@ -80,14 +80,15 @@ class LowRankStage:
         method = lowrank_method_registry().get(config.method)
         selection = select_modules(model, config.targets, config.ignore)
         plan = StagePlan(kind="lowrank", method=config.method, skipped=dict(selection.skipped))
+        rank = config.rank if config.rank is not None else method.default_rank
         for name, module in selection.selected.items():
             in_features = getattr(module, "in_features", None)
             out_features = getattr(module, "out_features", None)
             if in_features is None or out_features is None:
                 continue
-            if config.rank is not None and config.rank > min(in_features, out_features):
+            if rank is not None and rank > min(in_features, out_features):
                 raise RecipeError(
-                    f"rank {config.rank} is larger than layer {name} allows ({out_features}×{in_features},"
+                    f"rank {rank} is larger than layer {name} allows ({out_features}×{in_features},"
                     f" at most {min(in_features, out_features)})",
                     **locate("rank"),
                 )

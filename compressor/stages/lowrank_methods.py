@@ -39,6 +39,7 @@ class Verdict:
 class LowRankMethod(Protocol):
     calibrated: bool
     keys: frozenset[str]  # recipe keys this method reads, besides method/targets/ignore
+    default_rank: int | None  # the rank when the recipe gives none
 
     def check_config(self, config: Any, locate: Locator) -> None: ...
 
@@ -150,6 +151,7 @@ class _EoRABlockAlgorithm:
 class EoRAMethod:
     calibrated = True
     keys = frozenset({"rank", "original", "eigen_floor"})
+    default_rank = DEFAULT_RANK
 
     def check_config(self, config, locate: Locator) -> None:
         pass
@@ -193,6 +195,7 @@ class EoRAMethod:
 class SVDMethod:
     calibrated = False
     keys = frozenset({"rank", "energy"})
+    default_rank = None
 
     def check_config(self, config, locate: Locator) -> None:
         if (config.rank is None) == (config.energy is None):
@@ -234,6 +237,7 @@ class SVDMethod:
 class LoRAMethod:
     calibrated = True
     keys = frozenset({"rank", "alpha", "dropout", "steps", "lr", "batch_size", "seed", "dataset"})
+    default_rank = DEFAULT_RANK
 
     def check_config(self, config, locate: Locator) -> None:
         pass
