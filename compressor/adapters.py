@@ -37,11 +37,11 @@ def _pattern(name: str) -> str:
 
 def write_peft_adapter(model: nn.Module, folder: Path, base_reference: str | None) -> int:
     """Write every compensation of `model` as one peft adapter; returns the bytes written."""
-    from peft import LoraConfig
-
     found = compensations(model)
     if not found:
         return 0
+    from peft import LoraConfig
+
     folder.mkdir(parents=True, exist_ok=True)
     ranks = {name: c.rank for name, c in found.items()}
     common = Counter(ranks.values()).most_common(1)[0][0]
