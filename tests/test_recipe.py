@@ -66,7 +66,7 @@ def test_resolved_recipe_round_trips_through_safe_yaml():
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("name: x\nstages:\n  - quantise: {method: gptq}\n", "r.yaml:3 stages[0].quantise: unknown stage 'quantise' (known: quantize); did you mean 'quantize'?"),
+        ("name: x\nstages:\n  - quantise: {method: gptq}\n", "r.yaml:3 stages[0].quantise: unknown stage 'quantise' (known: lowrank, quantize); did you mean 'quantize'?"),
         ("name: x\nstages:\n  - quantize: {method: gptqq}\n", "r.yaml:3 stages[0].quantize.method: unknown quantize method 'gptqq' (known: gptq, rtn)"),
         ("name: x\nstages:\n  - quantize:\n      method: gptq\n      weights: {bits: 5}\n", "r.yaml:5 stages[0].quantize.weights.bits: must be one of 2, 3, 4, 8, got 5"),
         ("name: x\nstages:\n  - quantize:\n      method: gptq\n      weights:\n        group_size: -128\n", "r.yaml:6 stages[0].quantize.weights.group_size: must be greater than 0, got -128"),
