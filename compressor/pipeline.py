@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from compressor import __version__
+from compressor.adapters import write_lowrank_artifacts
 from compressor.cache import cache_root
 from compressor.checkpoint import atomic_output_dir, check_output_dir, prepare_workdir
 from compressor.errors import RecipeError
@@ -115,6 +116,7 @@ def _write_checkpoint(loaded: LoadedModel, recipe: Recipe, folder: Path, metadat
     write_quantization_config(loaded.model, folder)
     write_sparsity_config(loaded.model, folder)
     loaded.tokenizer.save_pretrained(str(folder))
+    metadata["sizes"]["lowrank_bytes"] = write_lowrank_artifacts(loaded.model, folder, loaded.source.reference)
     (folder / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
     metadata["sizes"]["compressed_bytes"] = weights_bytes(folder)
     (folder / "compression.json").write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n", encoding="utf-8")

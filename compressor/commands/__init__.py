@@ -17,6 +17,7 @@ SUBCOMMAND_MODULES: dict[str, str] = {
     "merge": "compressor.commands.merge",
     "push": "compressor.commands.push",
     "eval": "compressor.commands.eval",
+    "finetune": "compressor.commands.finetune",
 }
 
 DEFAULT_MODULE = "compressor.commands.compress"

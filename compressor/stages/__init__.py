@@ -17,3 +17,6 @@ def register_builtin_stages(registry: Registry[StageEntry]) -> None:
     from compressor.stages.merge import MergeConfig, MergeStage
 
     registry.register("merge", StageEntry(MergeConfig, MergeStage()))
+    from compressor.stages.lowrank import LowRankConfig, LowRankStage
+
+    registry.register("lowrank", StageEntry(LowRankConfig, LowRankStage()))

@@ -1,0 +1,85 @@
+"""`compress finetune MODEL --qlora --dataset D -o ADAPTER`: QLoRA / LoRA fine-tuning with peft."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from compressor.commands.args import Parser, positive_int
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="compress finetune", description="Train LoRA adapters (QLoRA: on a 4-bit NF4 base) with peft.")
+    parser.add_argument("model", help="Hub id, local checkpoint folder, .gguf file, or builtin:smollm2-135m-instruct")
+    parser.add_argument("--dataset", required=True, help=".txt, .jsonl/.json (text, messages, or instruction/output records), or a Hub dataset id")
+    parser.add_argument("--output", "-o", type=Path, required=True, help="adapter folder (a standard peft adapter)")
+    parser.add_argument("--qlora", action="store_true", help="load the base in NF4 with double quantization (bitsandbytes)")
+    parser.add_argument("--steps", type=positive_int, default=100)
+    parser.add_argument("--lr", type=positive_float, default=2e-4)
+    parser.add_argument("--r", type=positive_int, default=16, help="LoRA rank")
+    parser.add_argument("--alpha", type=positive_float, default=32.0, help="LoRA alpha (scaling alpha/r)")
+    parser.add_argument("--dropout", type=float, default=0.05)
+    parser.add_argument("--targets", default="all-linear", help="all-linear, or comma-separated module names")
+    parser.add_argument("--batch-size", type=positive_int, default=4)
+    parser.add_argument("--max-length", type=positive_int, default=512, help="tokens per example (longer ones are cut)")
+    parser.add_argument("--split", default="train", help="split of a Hub dataset")
+    parser.add_argument("--eval-dataset", help="held-out examples (same formats): loss before and after training")
+    parser.add_argument("--eval-every", type=int, default=0, help="also report the held-out loss every N steps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-gradient-checkpointing", action="store_true")
+    parser.add_argument("--merge", action="store_true", help="also write OUTPUT/merged: NF4 base dequantized to bf16 + adapter merged")
+    parser.add_argument("--recompress", metavar="RECIPE", help="after merging, compress OUTPUT/merged with this recipe into OUTPUT/compressed")
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--log-every", type=int, default=10)
+    return parser
+
+
+def run(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    from compressor.finetune import FinetuneOptions, check_bitsandbytes, run_finetune
+
+    if args.qlora:
+        check_bitsandbytes()
+    if not 0 <= args.dropout < 1:
+        raise SystemExit(_parser().error(f"--dropout must be in [0, 1), got {args.dropout}"))
+    if args.recompress:
+        from compressor.recipe import load_recipe
+
+        load_recipe(args.recompress)  # a bad recipe fails before training, not after
+    options = FinetuneOptions(
+        model=args.model,
+        dataset=args.dataset,
+        output=args.output,
+        qlora=args.qlora,
+        steps=args.steps,
+        lr=args.lr,
+        r=args.r,
+        alpha=args.alpha,
+        dropout=args.dropout,
+        targets=args.targets,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        split=args.split,
+        eval_dataset=args.eval_dataset,
+        eval_every=args.eval_every,
+        seed=args.seed,
+        gradient_checkpointing=not args.no_gradient_checkpointing,
+        merge=args.merge,
+        recompress=args.recompress,
+        overwrite=args.overwrite,
+        log_every=args.log_every,
+    )
+    summary = run_finetune(options)
+    if summary.losses:
+        print(f"adapter: {summary.output} ({len(summary.losses)} steps, loss {summary.losses[0]:.4f} → {summary.losses[-1]:.4f}, {summary.seconds:.0f} s)")
+    return 0

@@ -1,0 +1,274 @@
+"""QLoRA (and plain LoRA) fine-tuning with peft, driven by accelerate.
+
+QLoRA (Dettmers et al., 2023): the base loads in 4-bit NF4 with double quantization through
+bitsandbytes (``BitsAndBytesConfig``), ``peft.prepare_model_for_kbit_training`` readies it
+(norms and head in fp32, input gradients, gradient checkpointing), and LoRA adapters on every
+linear layer are the only trained parameters. The loop uses ``accelerate.Accelerator``, so
+``accelerate launch --num_processes N -m compressor.cli finetune ...`` runs it data-parallel
+without changes (each process loads its own 4-bit copy on its own device).
+
+``--merge`` order: load the base again in NF4 (bitsandbytes' rounding is deterministic, so it is
+the very base the adapter was trained against), dequantize it to bf16, merge the adapter in
+bf16, save. Merging into the dequantized NF4 weights reproduces what was trained; merging into
+the original bf16 weights would add the adapter to a base it never saw; merging into NF4 itself
+would re-round W + BA to the 4-bit grid, whose steps are larger than most of BA. To get a small
+model again, re-compress the merged bf16 checkpoint with a recipe (``--recompress RECIPE``), so
+the quantization error is controlled by calibrated GPTQ instead of plain re-rounding.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from compressor.errors import ModelError, UserError
+from compressor.finetune_data import collate, load_examples
+
+
+@dataclass
+class FinetuneOptions:
+    model: str
+    dataset: str
+    output: Path
+    qlora: bool = True
+    steps: int = 100
+    lr: float = 2e-4
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: str = "all-linear"
+    batch_size: int = 4
+    max_length: int = 512
+    split: str = "train"
+    eval_dataset: str | None = None
+    eval_every: int = 0
+    seed: int = 0
+    gradient_checkpointing: bool = True
+    merge: bool = False
+    recompress: str | None = None
+    overwrite: bool = False
+    log_every: int = 10
+
+
+@dataclass
+class FinetuneSummary:
+    output: Path
+    losses: list[float] = field(default_factory=list)
+    eval_loss_before: float | None = None
+    eval_loss_after: float | None = None
+    merged: Path | None = None
+    recompressed: Path | None = None
+    seconds: float = 0.0
+    processes: int = 1
+
+
+def check_bitsandbytes() -> None:
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("--qlora needs the bitsandbytes package (pip install bitsandbytes); or drop --qlora for plain LoRA", where="--qlora")
+
+
+def refuse_project_int4(path: str, reference: str) -> None:
+    """A checkpoint that is already quantized is not a QLoRA base.
+
+    NF4 would quantize the dequantized int4 weights a second time (two roundings stacked);
+    train adapters on the compressed model itself instead, with a recipe stage
+    ``lowrank: {method: lora}``, which keeps its packed weights frozen and exact.
+    """
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return
+    quantization = json.loads(config_file.read_text()).get("quantization_config")
+    if quantization:
+        method = quantization.get("quant_method", "unknown")
+        raise ModelError(
+            f"this checkpoint is already quantized ({method}); QLoRA would re-quantize its rounded weights to NF4."
+            " Train adapters on it directly with a recipe stage `lowrank: {method: lora}`, or fine-tune the original model",
+            where=reference,
+        )
+
+
+def _quantization_config():
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
+def _load_base(path: str, device, qlora: bool):
+    from transformers import AutoModelForCausalLM
+
+    if qlora:
+        return AutoModelForCausalLM.from_pretrained(path, quantization_config=_quantization_config(), device_map={"": device})
+    return AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(device)
+
+
+def _batches(examples, batch_size: int, pad_id: int, seed: int):
+    return torch.utils.data.DataLoader(
+        examples,
+        batch_size=batch_size,
+        shuffle=True,
+        collate_fn=lambda rows: collate(rows, pad_id),
+        generator=torch.Generator().manual_seed(seed),
+        drop_last=False,
+    )
+
+
+@torch.no_grad()
+def _mean_loss(model, loader, accelerator) -> float:
+    """Token-weighted mean loss over a data loader, gathered across processes."""
+    model.eval()
+    totals = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
+    for batch in loader:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        targets = batch["labels"][:, 1:]
+        losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="sum")
+        totals += torch.tensor([losses.item(), float((targets != -100).sum())], device=totals.device, dtype=torch.float64)
+    totals = accelerator.reduce(totals, reduction="sum")
+    model.train()
+    return float(totals[0] / totals[1].clamp_min(1))
+
+
+def run_finetune(options: FinetuneOptions, echo: Callable[[str], None] = print) -> FinetuneSummary:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from compressor.checkpoint import check_output_dir
+    from compressor.model_io import load_tokenizer, prepare_source
+
+    if options.qlora:
+        check_bitsandbytes()
+    # Without CUDA, say so: accelerate then runs several launched processes as MULTI_CPU (gloo).
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    check_output_dir(options.output, options.overwrite)  # every process: all of them must stop on bad input
+    _source, path, _folder = prepare_source(options.model)
+    if options.qlora:
+        refuse_project_int4(path, options.model)
+    tokenizer = load_tokenizer(path, options.model, False)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train = load_examples(options.dataset, tokenizer, max_length=options.max_length, split=options.split)
+    held_out = load_examples(options.eval_dataset, tokenizer, max_length=options.max_length) if options.eval_dataset else None
+
+    set_seed(options.seed)
+    model = _load_base(path, accelerator.device, options.qlora)
+    model.config.use_cache = False
+    if options.qlora:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=options.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif options.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    targets: Any = options.targets if options.targets == "all-linear" else [t.strip() for t in options.targets.split(",")]
+    lora = LoraConfig(
+        r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout, target_modules=targets,
+        bias="none", task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=options.lr, weight_decay=0.0)
+    loader = _batches(train, options.batch_size, pad_id, options.seed)
+    eval_loader = _batches(held_out, options.batch_size, pad_id, options.seed) if held_out else None
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if eval_loader is not None:
+        eval_loader = accelerator.prepare(eval_loader)
+
+    summary = FinetuneSummary(options.output, processes=accelerator.num_processes)
+    if eval_loader is not None:
+        summary.eval_loss_before = _mean_loss(model, eval_loader, accelerator)
+        if accelerator.is_main_process:
+            echo(f"held-out loss before: {summary.eval_loss_before:.4f}")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, options.steps) / options.steps)))
+    started = time.perf_counter()
+    model.train()
+    step = 0
+    while step < options.steps:
+        for batch in loader:
+            loss = model(**batch).loss
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            summary.losses.append(float(accelerator.reduce(loss.detach(), reduction="mean")))
+            if accelerator.is_main_process and options.log_every and step % options.log_every == 0:
+                echo(f"step {step}/{options.steps}: loss {summary.losses[-1]:.4f}")
+            if eval_loader is not None and options.eval_every and step % options.eval_every == 0 and step < options.steps:
+                loss_now = _mean_loss(model, eval_loader, accelerator)
+                if accelerator.is_main_process:
+                    echo(f"step {step}: held-out loss {loss_now:.4f}")
+            if step >= options.steps:
+                break
+    summary.seconds = time.perf_counter() - started
+    if eval_loader is not None:
+        summary.eval_loss_after = _mean_loss(model, eval_loader, accelerator)
+        if accelerator.is_main_process:
+            echo(f"held-out loss after: {summary.eval_loss_after:.4f}")
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _save_adapter(accelerator.unwrap_model(model), tokenizer, options, summary)
+        if options.merge or options.recompress:
+            summary.merged = merge_adapter(path, options.output, options.output / "merged", qlora=options.qlora)
+            echo(f"merged bf16 checkpoint: {summary.merged}")
+        if options.recompress:
+            summary.recompressed = _recompress(summary.merged, options.recompress, options.output / "compressed", echo)
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def _save_adapter(model, tokenizer, options: FinetuneOptions, summary: FinetuneSummary) -> None:
+    options.output.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(options.output))
+    tokenizer.save_pretrained(str(options.output))
+    record = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()}
+    log = {
+        "options": record,
+        "losses": summary.losses,
+        "eval_loss_before": summary.eval_loss_before,
+        "eval_loss_after": summary.eval_loss_after,
+        "seconds": round(summary.seconds, 2),
+        "processes": summary.processes,
+    }
+    (options.output / "training.json").write_text(json.dumps(log, indent=2) + "\n")
+
+
+def merge_adapter(base_path: str, adapter: Path, out: Path, *, qlora: bool) -> Path:
+    """Dequantize the NF4 base to bf16, merge the adapter in bf16, save (see the module doc)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if qlora:
+        base = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=_quantization_config(), device_map={"": "cpu"})
+        base = base.dequantize().to(torch.bfloat16)
+    else:
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.bfloat16)
+    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    merged.config.use_cache = True
+    for attribute in ("quantization_config",):
+        if hasattr(merged.config, attribute):
+            delattr(merged.config, attribute)
+    merged.hf_quantizer = None
+    merged.save_pretrained(str(out), safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(adapter)).save_pretrained(str(out))
+    return out
+
+
+def _recompress(merged: Path, recipe_name: str, out: Path, echo: Callable[[str], None]) -> Path:
+    from compressor.pipeline import RunOptions, run_recipe
+    from compressor.recipe import load_recipe
+
+    summary = run_recipe(str(merged), load_recipe(recipe_name), RunOptions(out_dir=out, show_progress=False), echo)
+    return summary.out_dir

@@ -1,0 +1,171 @@
+"""Fine-tuning examples: plain text, instruction/chat JSONL, or a Hub dataset → token ids + labels.
+
+A record is one of:
+- ``{"text": ...}`` (or a paragraph of a .txt file): the loss covers every token;
+- ``{"messages": [{"role", "content"}, ...]}``: rendered with the tokenizer's chat template;
+  the loss covers the assistant turns only;
+- ``{"instruction"|"prompt": ..., "output"|"response"|"completion": ..., ["input"], ["system"]}``:
+  turned into a user/assistant chat, same rule.
+The kind is decided from the first record; every later record must have that kind's fields,
+and a record that lacks them is named with the missing field.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from compressor.errors import DataError
+
+IGNORE_INDEX = -100
+PROMPT_FIELDS = ("instruction", "prompt")
+ANSWER_FIELDS = ("output", "response", "completion")
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX where no loss is taken
+
+
+def _read_records(dataset: str, split: str) -> tuple[list[dict[str, Any]], str]:
+    path = Path(dataset).expanduser()
+    if path.suffix == ".txt":
+        if not path.is_file():
+            raise DataError("dataset file not found", where=dataset)
+        paragraphs = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+        return [{"text": p} for p in paragraphs], dataset
+    if path.suffix in (".jsonl", ".json"):
+        if not path.is_file():
+            raise DataError("dataset file not found", where=dataset)
+        if path.suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, list):
+                raise DataError("a .json dataset must be a list of records", where=dataset)
+            return data, dataset
+        records = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"not valid JSON: {err.msg}", where=f"{dataset}:{number}") from None
+            if not isinstance(record, dict):
+                raise DataError("each line must be a JSON object", where=f"{dataset}:{number}")
+            records.append(record)
+        return records, dataset
+    if path.exists() or dataset.startswith((".", "/", "~")):
+        raise DataError("unsupported dataset file (use .txt, .jsonl, .json) or a Hub dataset id", where=dataset)
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("Hub datasets need the `datasets` package", where=dataset) from None
+    try:
+        return datasets.load_dataset(dataset, split=split).to_list(), dataset
+    except Exception as err:  # datasets raises many types for missing/offline sets
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"cannot load dataset (split {split}): {first}", where=dataset) from None
+
+
+def _kind(record: dict[str, Any], where: str) -> str:
+    if "messages" in record:
+        return "chat"
+    if any(f in record for f in PROMPT_FIELDS) or any(f in record for f in ANSWER_FIELDS):
+        return "instruction"
+    if "text" in record:
+        return "text"
+    raise DataError(
+        "records need `text`, `messages`, or an instruction pair (`instruction`/`prompt` with"
+        f" `output`/`response`/`completion`); the first record has: {', '.join(record) or 'no fields'}",
+        where=where,
+    )
+
+
+def _pick(record: dict[str, Any], fields: tuple[str, ...], index: int, where: str) -> str:
+    for name in fields:
+        if isinstance(record.get(name), str):
+            return record[name]
+    raise DataError(f"record {index} lacks the field {' / '.join(fields)} (it has: {', '.join(record)})", where=where)
+
+
+def _messages(record: dict[str, Any], kind: str, index: int, where: str) -> list[dict[str, str]]:
+    if kind == "chat":
+        messages = record.get("messages")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+            raise DataError(f"record {index}: `messages` must be a list of {{role, content}}", where=where)
+        if not any(m["role"] == "assistant" for m in messages):
+            raise DataError(f"record {index} has no assistant message to learn from", where=where)
+        return [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+    prompt = _pick(record, PROMPT_FIELDS, index, where)
+    answer = _pick(record, ANSWER_FIELDS, index, where)
+    if isinstance(record.get("input"), str) and record["input"].strip():
+        prompt = f"{prompt}\n\n{record['input']}"
+    messages = [{"role": "system", "content": record["system"]}] if isinstance(record.get("system"), str) else []
+    return messages + [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+
+
+def _template_ids(tokenizer, messages, *, generation_prompt: bool) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        out = out["input_ids"]
+    return list(out)
+
+
+def _chat_example(tokenizer, messages: list[dict[str, str]]) -> Example:
+    """Token ids of the whole chat; labels only on the assistant turns' tokens."""
+    ids = _template_ids(tokenizer, messages, generation_prompt=False)
+    labels = [IGNORE_INDEX] * len(ids)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(_template_ids(tokenizer, messages[:i], generation_prompt=True))
+        end = len(_template_ids(tokenizer, messages[: i + 1], generation_prompt=False))
+        labels[start:end] = ids[start:end]
+    return Example(ids, labels)
+
+
+def _text_example(tokenizer, text: str) -> Example:
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+        ids = ids + [tokenizer.eos_token_id]
+    return Example(ids, list(ids))
+
+
+def load_examples(dataset: str, tokenizer, *, max_length: int, split: str = "train") -> list[Example]:
+    """Tokenized examples, cut to `max_length`; examples left with no labelled token are dropped."""
+    records, where = _read_records(dataset, split)
+    if not records:
+        raise DataError("dataset is empty", where=where)
+    kind = _kind(records[0], where)
+    if kind != "text" and not getattr(tokenizer, "chat_template", None):
+        raise DataError("instruction/chat records need a tokenizer with a chat template; this one has none", where=where)
+    examples = []
+    for index, record in enumerate(records):
+        if kind == "text":
+            example = _text_example(tokenizer, _pick(record, ("text",), index, where))
+        else:
+            example = _chat_example(tokenizer, _messages(record, kind, index, where))
+        example = Example(example.input_ids[:max_length], example.labels[:max_length])
+        if any(label != IGNORE_INDEX for label in example.labels[1:]):
+            examples.append(example)
+    if not examples:
+        raise DataError(f"no example keeps an answer token within max_length={max_length}", where=where)
+    return examples
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, Any]:
+    import torch
+
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        ids[row, :n] = torch.tensor(example.input_ids)
+        labels[row, :n] = torch.tensor(example.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}

@@ -1,0 +1,163 @@
+"""`compress finetune`: QLoRA on a tiny model, data formats, merge, bad input, accelerate launch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from compressor.cli import main
+from compressor.finetune_data import IGNORE_INDEX, load_examples
+from tests.tiny_models import build_tiny_checkpoint
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def chat_llama(tiny_tokenizer_dir, tmp_path_factory) -> Path:
+    """A tiny model with a chat template on its tokenizer. Qwen3 (hidden 64): bitsandbytes'
+    CPU inference path repacks NF4 weights in blocks of 64 input columns and fails on the
+    96-wide tiny Llama (SmolLM2's 576 and 1536 are multiples of 64)."""
+    from transformers import AutoTokenizer
+
+    folder = build_tiny_checkpoint(tmp_path_factory.mktemp("chat-qwen3"), "qwen3", tiny_tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return path
+
+
+def _titles(n: int, offset: int = 0) -> list[dict]:
+    words = ["sparse", "quantized", "models", "attention", "scaling", "language", "vision", "fast"]
+    return [
+        {"instruction": f"Give a title for abstract {i}.", "output": f"{words[i % 8]} {words[(i * 3) % 8]} {words[(i + 5) % 8]}"}
+        for i in range(offset, offset + n)
+    ]
+
+
+def test_chat_labels_cover_only_the_answer(chat_llama, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(chat_llama))
+    path = _write_jsonl(tmp_path / "chat.jsonl", [{"messages": [
+        {"role": "user", "content": "Give a title."},
+        {"role": "assistant", "content": "Sparse models"},
+    ]}])
+    (example,) = load_examples(str(path), tokenizer, max_length=256)
+    labelled = [t for t, l in zip(example.input_ids, example.labels) if l != IGNORE_INDEX]
+    assert tokenizer.decode(labelled).strip().startswith("Sparse models")
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Give a title."}], tokenize=True, add_generation_prompt=True)
+    prompt = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
+    assert all(l == IGNORE_INDEX for l in example.labels[: len(prompt)])
+    assert example.labels[len(prompt)] != IGNORE_INDEX
+
+
+def test_plain_text_labels_everything(chat_llama, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(chat_llama))
+    path = tmp_path / "t.txt"
+    path.write_text("first paragraph of text\n\nsecond one here")
+    examples = load_examples(str(path), tokenizer, max_length=64)
+    assert len(examples) == 2 and examples[0].labels == examples[0].input_ids
+
+
+def test_qlora_loss_goes_down_and_adapter_loads_with_peft(chat_llama, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    train = _write_jsonl(tmp_path / "train.jsonl", _titles(16))
+    out = tmp_path / "adapter"
+    argv = ["finetune", str(chat_llama), "--qlora", "--dataset", str(train), "-o", str(out), "--steps", "15", "--lr", "0.03",
+            "--r", "8", "--alpha", "16", "--batch-size", "8", "--eval-dataset", str(train), "--merge", "--log-every", "0"]
+    assert main(argv) == 0
+    log = json.loads((out / "training.json").read_text())
+    assert log["eval_loss_after"] < log["eval_loss_before"] - 0.2  # 6.01 → 5.70 here
+    assert sum(log["losses"][-3:]) < sum(log["losses"][:3])
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 8
+    targets = config["target_modules"]  # all-linear: 7 per layer, lm_head excluded
+    assert len(targets) == 14 and not any("lm_head" in t for t in targets)
+    base = AutoModelForCausalLM.from_pretrained(str(chat_llama))
+    peft_model = PeftModel.from_pretrained(base, str(out)).eval()
+    merged = AutoModelForCausalLM.from_pretrained(str(out / "merged")).eval()
+    ids = torch.tensor([[1, 5, 9, 33, 70, 120, 7, 2]])
+    with torch.no_grad():
+        a = peft_model(input_ids=ids).logits.float()
+        b = merged(input_ids=ids).logits.float()
+    assert merged.config.to_dict().get("quantization_config") is None
+    assert merged.dtype == torch.bfloat16
+    assert (a - b).abs().max() < 0.1 * a.abs().max()  # merged bf16 ≈ original base + adapter (NF4 error apart)
+
+
+@pytest.mark.parametrize(
+    "records, fragment",
+    [
+        ([{"instruction": "a", "output": "b"}, {"instruction": "c"}], "record 1 lacks the field output / response / completion"),
+        ([{"question": "a", "answer": "b"}], "the first record has: question, answer"),
+        ([{"messages": [{"role": "user", "content": "hi"}]}], "record 0 has no assistant message"),
+    ],
+)
+def test_dataset_missing_fields_are_named(records, fragment, chat_llama, tmp_path, capsys):
+    data = _write_jsonl(tmp_path / "d.jsonl", records)
+    assert main(["finetune", str(chat_llama), "--dataset", str(data), "-o", str(tmp_path / "o"), "--steps", "1"]) == 2
+    assert fragment in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_chat_records_need_a_chat_template(tiny_llama, tmp_path, capsys):
+    data = _write_jsonl(tmp_path / "d.jsonl", _titles(2))
+    assert main(["finetune", str(tiny_llama), "--dataset", str(data), "-o", str(tmp_path / "o"), "--steps", "1"]) == 2
+    assert "chat template" in capsys.readouterr().err
+
+
+def test_qlora_refuses_a_project_int4_checkpoint(tiny_llama, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: t\ncalibration: {samples: 4, seq_len: 32}\nstages:\n  - quantize: {method: rtn}\n")
+    assert main([str(tiny_llama), "--recipe", str(recipe), "-o", str(tmp_path / "w4"), "-q", "--no-perplexity"]) == 0
+    data = _write_jsonl(tmp_path / "d.jsonl", [{"text": "hello world"}])
+    assert main(["finetune", str(tmp_path / "w4"), "--qlora", "--dataset", str(data), "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "already quantized (compressed-tensors)" in err and "lowrank: {method: lora}" in err
+
+
+def test_qlora_without_bitsandbytes(tiny_llama, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    data = _write_jsonl(tmp_path / "d.jsonl", [{"text": "hello world"}])
+    assert main(["finetune", str(tiny_llama), "--qlora", "--dataset", str(data), "-o", str(tmp_path / "o")]) == 2
+    assert "needs the bitsandbytes package" in capsys.readouterr().err
+
+
+def test_two_process_accelerate_launch_on_cpu(chat_llama, tmp_path):
+    """Two CPU processes (gloo) through `accelerate launch`, the command unchanged."""
+    train = _write_jsonl(tmp_path / "train.jsonl", _titles(8))
+    out = tmp_path / "adapter"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [
+        # `--cpu` alone picks accelerate's single-process (or mpirun) launcher; `--multi_gpu` on a
+        # machine without CUDA runs torchrun, and accelerate then uses gloo on the CPU.
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "compressor.cli", "finetune", str(chat_llama), "--qlora",
+        "--dataset", str(train), "-o", str(out), "--steps", "2", "--batch-size", "2", "--log-every", "0",
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = json.loads((out / "training.json").read_text())
+    assert log["processes"] == 2 and len(log["losses"]) == 2
+    assert (out / "adapter_model.safetensors").is_file()
