@@ -19,7 +19,10 @@ def assert_finite(model: nn.Module, stage: str) -> None:
     for module_name, module in model.named_modules():
         tensors = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
         for tensor_name, tensor in tensors:
-            if tensor.is_floating_point() and tensor.device.type != "meta" and not torch.isfinite(tensor).all():
+            if not tensor.is_floating_point() or tensor.device.type == "meta":
+                continue
+            values = tensor.float() if tensor.element_size() == 1 else tensor  # FP8 has no isfinite kernel
+            if not torch.isfinite(values).all():
                 raise CompressionError(
                     f"{stage} left NaN or Inf in {module_name or 'the model'}.{tensor_name}; nothing was written"
                 )

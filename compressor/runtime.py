@@ -26,14 +26,18 @@ from torch import nn
 from compressor.errors import ModelError
 from compressor.registry import Registry
 
-# name, the Linear it replaces, the scheme's weight args, dtype → module on the meta device
+# name, the Linear it replaces, the config group's scheme, dtype → module on the meta device
 ModuleBuilder = Callable[[str, nn.Linear, Any, torch.dtype], nn.Module]
 
 
-def build_pack_quantized(name: str, linear: nn.Linear, weights: Any, dtype: torch.dtype) -> nn.Module:
+def build_pack_quantized(name: str, linear: nn.Linear, scheme: Any, dtype: torch.dtype) -> nn.Module:
     from compressed_tensors.quantization import QuantizationStrategy, QuantizationType
 
     from compressor.kernels.quant_linear import QuantLinear
+
+    if scheme.input_activations is not None:
+        raise ModelError(f"{name}: pack-quantized layers are weight-only here; activations are not quantized")
+    weights = scheme.weights
 
     if weights.type != QuantizationType.INT:
         raise ModelError(f"{name}: pack-quantized weights of type {weights.type} are not supported (int only)")
@@ -54,12 +58,22 @@ def build_pack_quantized(name: str, linear: nn.Linear, weights: Any, dtype: torc
     )
 
 
+def build_eight_bit(name: str, linear: nn.Linear, scheme: Any, dtype: torch.dtype) -> nn.Module:
+    """W8A8 int8 (`int-quantized`) and FP8 (`float-quantized`): 8-bit codes, one scale per channel."""
+    from compressor.kernels.w8a8_linear import build_from_scheme
+
+    try:
+        return build_from_scheme(linear, scheme.model_dump(mode="json"), dtype)
+    except ValueError as err:
+        raise ModelError(f"{name}: {err}") from None
+
+
 @functools.cache
 def format_builders() -> Registry[ModuleBuilder]:
     registry: Registry[ModuleBuilder] = Registry("compressed-tensors format")
     registry.register("pack-quantized", build_pack_quantized)
-    # Other branches: registry.register("sparse-24-bitmask", build_sparse24)  (kernels/sparse_linear.py)
-    #                 registry.register("float-quantized", build_fp8)          (kernels/fp8_linear.py)
+    registry.register("int-quantized", build_eight_bit)
+    registry.register("float-quantized", build_eight_bit)
     return registry.freeze()
 
 
@@ -82,7 +96,9 @@ def _read_tensors(files: list[Path], device: torch.device, dtype: torch.dtype) -
         with safe_open(str(file), framework="pt", device=str(device)) as handle:
             for key in handle.keys():
                 tensor = handle.get_tensor(key)
-                tensors[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+                # 8-bit floats are FP8 codes, not values to cast.
+                wide_float = tensor.is_floating_point() and tensor.element_size() > 1
+                tensors[key] = tensor.to(dtype) if wide_float else tensor
     return tensors
 
 
@@ -100,14 +116,37 @@ def _replace_compressed_modules(model: nn.Module, qconfig: dict[str, Any], dtype
         fmt = scheme.format or parsed.format
         if fmt not in builders:
             raise ModelError(f"quantization_config.config_groups.{group_name}: {builders.unknown_message(fmt)}")
-        if scheme.weights is None or scheme.input_activations is not None:
-            raise ModelError(f"quantization_config.config_groups.{group_name}: only weight-only schemes load here")
+        if scheme.weights is None:
+            raise ModelError(f"quantization_config.config_groups.{group_name}: a scheme without weights does not load here")
         for name, module in list(match_named_modules(model, scheme.targets, parsed.ignore or [])):
             if not isinstance(module, nn.Linear) or name in chosen:
                 continue
-            replace_module(model, name, builders.get(fmt)(name, module, scheme.weights, dtype))
+            replace_module(model, name, builders.get(fmt)(name, module, scheme, dtype))
             chosen[name] = fmt
     return chosen
+
+
+def _replace_sparse_modules(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Pruned layers stored as bitmask + values (see compressor.sparse_format) become SparseLinear."""
+    from compressor.kernels.sparse_linear import build_sparse_linear
+    from compressor.sparse_format import sparse_prefixes
+    from compressor.stages.base import replace_module
+
+    chosen = {}
+    for prefix in sparse_prefixes(tensors):
+        replace_module(model, prefix, build_sparse_linear(prefix, tensors))
+        chosen[prefix] = "sparse-bitmask"
+    return chosen
+
+
+def _apply_lowrank_artifacts(model: nn.Module, folder: Path) -> None:
+    """Error-compensation adapters and SVD factors saved beside the weights (compressor.adapters)."""
+    from compressor.adapters import apply_adapter, apply_svd_factors
+
+    if (folder / "lowrank_adapter").is_dir():
+        apply_adapter(model, folder / "lowrank_adapter")
+    if (folder / "svd_factors").is_dir():
+        apply_svd_factors(model, folder / "svd_factors")
 
 
 def _resolve_dtype(config: Any, dtype: torch.dtype | str | None) -> torch.dtype:
@@ -143,6 +182,7 @@ def load(path: str | Path, device: torch.device | str | None = None, dtype: torc
     tensors = _read_tensors(_checkpoint_files(folder), target, torch_dtype)
     if any(key.endswith("weight_g_idx") for key in tensors):
         raise ModelError("activation-ordered groups (weight_g_idx) are not supported", where=str(path))
+    formats.update(_replace_sparse_modules(model, tensors))
     result = model.load_state_dict(tensors, strict=False, assign=True)
     if result.unexpected_keys:
         raise ModelError(f"checkpoint tensors the model has no place for: {result.unexpected_keys[:5]}", where=str(path))
@@ -150,6 +190,7 @@ def load(path: str | Path, device: torch.device | str | None = None, dtype: torc
     still_empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if still_empty:
         raise ModelError(f"checkpoint lacks tensors: {still_empty[:5]}", where=str(path))
+    _apply_lowrank_artifacts(model, folder)
     model.to(target)
     model.eval()
     if (folder / "generation_config.json").is_file():
