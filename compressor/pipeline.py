@@ -186,7 +186,8 @@ def run_recipe(
     )
     summary = RunSummary(options.out_dir, original_bytes, 0, base_ppl, None)
     stage_log: list[dict[str, Any]] = []
-    checkpoints = stage_checkpoints_for(model_reference, loaded, recipe, options, device, echo)
+    # A merged model sits in a fresh temporary folder each run: its stage checkpoints could never match.
+    checkpoints = stage_checkpoints_for(model_reference, loaded, recipe, options, device, echo, merged="merge" in (extra_metadata or {}))
     loop = LoopState(stage_log, summary.stage_seconds, summary.plans)
     model, first_stage = checkpoints.restore(model, ctx, loop)
     for index, spec in enumerate(recipe.stages):
@@ -241,11 +242,18 @@ def run_recipe(
 
 
 def stage_checkpoints_for(
-    model_reference: str, loaded: LoadedModel, recipe: Recipe, options: RunOptions, device: torch.device, echo: Callable[[str], None]
+    model_reference: str,
+    loaded: LoadedModel,
+    recipe: Recipe,
+    options: RunOptions,
+    device: torch.device,
+    echo: Callable[[str], None],
+    merged: bool = False,
 ) -> StageCheckpoints:
     assert options.out_dir is not None
     key = run_key(recipe.sha256(), model_reference, loaded.folder, device, options.batch_size)
-    return StageCheckpoints(workdir_for(options.out_dir), key, [s.kind for s in recipe.stages], options.stage_checkpoints, options.resume, echo)
+    enabled = options.stage_checkpoints and not merged
+    return StageCheckpoints(workdir_for(options.out_dir), key, [s.kind for s in recipe.stages], enabled, options.resume, echo)
 
 
 def _hub_token_for(recipe: Recipe) -> str | None:

@@ -80,8 +80,9 @@ def save_model_files(model: nn.Module, folder: Path) -> None:
     write_sparsity_config(model, folder)
 
 
-def _plain_attributes(module: nn.Module) -> dict[str, Any]:
-    return {k: v for k, v in vars(module).items() if not k.startswith("_") and k != "training" and isinstance(v, _PLAIN)}
+def _message(err: Exception) -> str:
+    text = err.format() if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
+    return text.strip().splitlines()[0] if text.strip() else type(err).__name__
 
 
 def _difference(live: nn.Module, reloaded: nn.Module) -> tuple[str | None, dict[str, dict[str, Any]]]:
@@ -179,8 +180,8 @@ class StageCheckpoints:
 
         try:
             restored = load(folder)
-        except UserError as err:  # a builder that vanished since: never a wrong resume
-            self.echo(f"resume: {folder.name} cannot be reloaded ({err.format()}); running every stage")
+        except Exception as err:  # e.g. a builder that vanished since: never a wrong resume
+            self.echo(f"resume: {folder.name} cannot be reloaded ({_message(err)}); running every stage")
             return model, 0
         extra = folder / _STATE
         state = json.loads((extra / "state.json").read_text())
@@ -227,8 +228,8 @@ class StageCheckpoints:
 
         try:
             reloaded = load(folder)
-        except UserError as err:
-            return f"cannot be reloaded: {err.format()}", {}
+        except Exception as err:  # whatever stops it reloading (no builder, a shape the skeleton lacks): no checkpoint
+            return f"cannot be reloaded: {_message(err)}", {}
         problem, attributes = _difference(model, reloaded)
         del reloaded
         return problem, attributes
