@@ -179,7 +179,7 @@ class StageCheckpoints:
         from compressor.runtime import load
 
         try:
-            restored = load(folder)
+            restored = load(folder, prepare_kernels=False)
         except Exception as err:  # e.g. a builder that vanished since: never a wrong resume
             self.echo(f"resume: {folder.name} cannot be reloaded ({_message(err)}); running every stage")
             return model, 0
@@ -227,7 +227,7 @@ class StageCheckpoints:
         from compressor.runtime import load
 
         try:
-            reloaded = load(folder)
+            reloaded = load(folder, prepare_kernels=False)
         except Exception as err:  # whatever stops it reloading (no builder, a shape the skeleton lacks): no checkpoint
             return f"cannot be reloaded: {_message(err)}", {}
         problem, attributes = _difference(model, reloaded)
