@@ -106,7 +106,9 @@ def _difference(live: nn.Module, reloaded: nn.Module) -> tuple[str | None, dict[
                     attributes.setdefault(name, {})[key] = value
             elif key not in theirs:
                 return f"{name or 'model'}.{key} ({type(value).__name__}) is not saved", {}
-    live_state, other_state = live.state_dict(), reloaded.state_dict()
+    # state_dict plus the buffers it leaves out (non-persistent ones, e.g. rotary frequencies)
+    live_state = {**dict(live.named_buffers()), **live.state_dict()}
+    other_state = {**dict(reloaded.named_buffers()), **reloaded.state_dict()}
     if live_state.keys() != other_state.keys():
         return f"tensors differ ({', '.join(sorted(live_state.keys() ^ other_state.keys())[:3])})", {}
     for key, tensor in live_state.items():
