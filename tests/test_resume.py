@@ -11,6 +11,7 @@ when a state cannot be reloaded exactly.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -245,3 +246,43 @@ def test_restore_brings_back_attributes_flags_and_records(tiny_llama, tmp_path):
     for key, tensor in model.state_dict().items():
         assert torch.equal(tensor, restored.state_dict()[key]), key
     shutil.rmtree(tmp_path / "work")
+
+
+QUANTIZE_THEN_DISTILL = """name: rtn-rtn-distill
+calibration: {samples: 8, seq_len: 32}
+stages:
+  - quantize: {method: rtn, weights: {bits: 4, group_size: 32}, targets: ["re:.*mlp.*"]}
+  - quantize: {method: rtn, weights: {bits: 8, group_size: null}, targets: ["re:.*self_attn.*"]}
+  - distill: {loss: {kind: kl}, steps: 4, lr: 1.0e-3, batch_size: 4, train: scales, checkpoint_every: 2}
+"""
+
+
+def test_interrupted_inside_distill_resumes_stage_and_training(tiny_llama, tmp_path, capsys, monkeypatch):
+    """Ctrl-C after the distill stage's first training checkpoint: --resume restores stage 2's
+    model, then the training continues from step 2; the result equals an uninterrupted run."""
+    import compressor.training.distill_loop as loop_module
+
+    recipe = tmp_path / "d.yaml"
+    recipe.write_text(QUANTIZE_THEN_DISTILL)
+    assert compress(tiny_llama, recipe, tmp_path / "ref") == 0
+    original = loop_module.save_training_checkpoint
+
+    def save_then_interrupt(folder, *args, **kwargs):
+        original(folder, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop_module, "save_training_checkpoint", save_then_interrupt)
+    out = tmp_path / "out"
+    assert compress(tiny_llama, recipe, out) == 130
+    assert {"stage-2", "stage-3-distill"} <= {p.name for p in workdir(out).iterdir()}
+    monkeypatch.setattr(loop_module, "save_training_checkpoint", original)
+    capsys.readouterr()
+    assert compress(tiny_llama, recipe, out, "--resume") == 0
+    assert "resume: stages 1-2 of 3 restored" in capsys.readouterr().out
+    record = json.loads((out / "compression.json").read_text())["training"]["stage-3-distill"]
+    assert record["resumed_from"] == 2 and record["steps"] == 4
+    log = json.loads((out / "stage-3-distill.json").read_text())  # the training log records the resume
+    assert log["resumed_from_step"] == 2 and log["curve"] == json.loads((tmp_path / "ref" / "stage-3-distill.json").read_text())["curve"]
+    resumed, reference = digests(out), digests(tmp_path / "ref")
+    del resumed["stage-3-distill.json"], reference["stage-3-distill.json"]
+    assert resumed == reference and "model.safetensors" in resumed
