@@ -22,13 +22,14 @@ from torch import nn
 from compressor import __version__
 from compressor.adapters import write_lowrank_artifacts
 from compressor.cache import cache_root
-from compressor.checkpoint import atomic_output_dir, check_output_dir, prepare_workdir
+from compressor.checkpoint import atomic_output_dir, check_output_dir, prepare_workdir, workdir_for
 from compressor.errors import RecipeError
 from compressor.formats import write_quantization_config
 from compressor.guards import assert_finite, check_free_space, state_bytes
 from compressor.model_card import build_model_card
 from compressor.model_io import LoadedModel, load_config, load_model, load_tokenizer, prepare_source, weights_bytes
 from compressor.recipe import Recipe
+from compressor.resume import LoopState, StageCheckpoints, run_key
 from compressor.sparse_format import pack_sparse_layers, write_sparsity_config
 from compressor.registry import stage_registry
 from compressor.stages.base import StageContext, StagePlan
@@ -46,6 +47,7 @@ class RunOptions:
     show_progress: bool = True
     measure_perplexity: bool = True
     resume: bool = False
+    stage_checkpoints: bool = True  # write .OUT.work/stage-<i>/ after each stage but the last (for --resume)
     command: str | None = None  # the command line, recorded in compression.json and the model card
 
 
@@ -204,10 +206,14 @@ def run_recipe(
         load_reference_model=reference_model,
     )
     summary = RunSummary(options.out_dir, original_bytes, 0, base_ppl, None)
-    stage_log = []
+    stage_log: list[dict[str, Any]] = []
+    # A merged model sits in a fresh temporary folder each run: its stage checkpoints could never match.
+    checkpoints = stage_checkpoints_for(model_reference, loaded, recipe, options, device, echo, merged="merge" in (extra_metadata or {}))
+    loop = LoopState(stage_log, summary.stage_seconds, summary.plans)
+    model, first_stage = checkpoints.restore(model, ctx, loop)
     for index, spec in enumerate(recipe.stages):
         stage = registry.get(spec.kind).implementation
-        if getattr(stage, "runs_before_load", False):
+        if getattr(stage, "runs_before_load", False) or index < first_stage:
             continue
         plan = stage.plan(model, spec.config, _locator(recipe, index, spec.kind))
         ctx.stage_index = index
@@ -219,6 +225,7 @@ def run_recipe(
         summary.stage_seconds.append(seconds)
         summary.plans.append(plan)
         stage_log.append({"kind": spec.kind, "method": plan.method, "modules": len(plan.selected), "seconds": round(seconds, 3)})
+        checkpoints.save(index, model, ctx, loop)
     loaded.model = model
 
     if windows is not None:
@@ -257,6 +264,21 @@ def run_recipe(
     if hub_token is not None:
         _push_output(recipe, options.out_dir, hub_token, echo)
     return summary
+
+
+def stage_checkpoints_for(
+    model_reference: str,
+    loaded: LoadedModel,
+    recipe: Recipe,
+    options: RunOptions,
+    device: torch.device,
+    echo: Callable[[str], None],
+    merged: bool = False,
+) -> StageCheckpoints:
+    assert options.out_dir is not None
+    key = run_key(recipe.sha256(), model_reference, loaded.folder, device, options.batch_size)
+    enabled = options.stage_checkpoints and not merged
+    return StageCheckpoints(workdir_for(options.out_dir), key, [s.kind for s in recipe.stages], enabled, options.resume, echo)
 
 
 def _hub_token_for(recipe: Recipe) -> str | None:

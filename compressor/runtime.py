@@ -160,8 +160,16 @@ def _resolve_dtype(config: Any, dtype: torch.dtype | str | None) -> torch.dtype:
     return value
 
 
-def load(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None):
-    """A compressed checkpoint folder → a PreTrainedModel whose compressed layers stay compressed."""
+def load(
+    path: str | Path,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | str | None = None,
+    prepare_kernels: bool = True,
+):
+    """A compressed checkpoint folder → a PreTrainedModel whose compressed layers stay compressed.
+
+    `prepare_kernels=False` skips packing each layer for its decode kernel (done lazily on first
+    use anyway): for a model that is about to be compressed further, not run."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
@@ -200,7 +208,8 @@ def load(path: str | Path, device: torch.device | str | None = None, dtype: torc
         # Kept as the plain dict (no hf_quantizer is attached), so save_pretrained writes it back
         # and the saved folder is again a compressed-tensors checkpoint.
         model.config.quantization_config = qconfig
-    _prepare_kernels(model, target, torch_dtype)
+    if prepare_kernels:
+        _prepare_kernels(model, target, torch_dtype)
     return model
 
 

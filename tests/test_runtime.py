@@ -146,6 +146,8 @@ def test_load_refuses_unknown_format_and_missing_folder(tiny_llama, tmp_path):
     shutil.copytree(out, broken)
     config = json.loads((broken / "config.json").read_text())
     config["quantization_config"]["format"] = "marlin-24"
+    for group in config["quantization_config"]["config_groups"].values():
+        group["format"] = "marlin-24"
     (broken / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelError, match="unknown compressed-tensors format 'marlin-24'"):
         compressor.load(broken)

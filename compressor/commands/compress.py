@@ -30,7 +30,12 @@ def _run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", type=device_name, help="compute device for calibration (default: cuda if available, else cpu)")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="calibration windows per forward (default 8)")
     parser.add_argument("--no-perplexity", action="store_true", help="skip the held-out perplexity before and after")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its last training checkpoint")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run from its last completed stage (and training checkpoint)"
+    )
+    parser.add_argument(
+        "--no-stage-checkpoints", action="store_true", help="do not save the model after each stage (saves disk and time; --resume then restarts)"
+    )
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     return parser
 
@@ -87,6 +92,7 @@ def run(argv: list[str]) -> int:
         show_progress=not args.quiet,
         measure_perplexity=not args.no_perplexity,
         resume=args.resume,
+        stage_checkpoints=not args.no_stage_checkpoints,
         command=command_line(argv),
     )
     from compressor.merging.recipe_run import check_merge_position, dry_run_merge_recipe, run_merge_recipe, starts_with_merge
