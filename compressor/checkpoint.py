@@ -28,6 +28,11 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
 _OWNER_FILE = ".owner-pid"
 
 
+def claim(folder: Path) -> None:
+    """Mark a scratch folder beside OUT as this process's, so a later run can tell it is stale."""
+    (folder / _OWNER_FILE).write_text(str(os.getpid()))
+
+
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -41,7 +46,8 @@ def _process_alive(pid: int) -> bool:
 def remove_stale_staging(out_dir: Path) -> list[Path]:
     """Remove staging folders left by runs that were killed (SIGKILL skips every cleanup)."""
     removed = []
-    for candidate in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
+    leftovers = [*out_dir.parent.glob(f".{out_dir.name}.partial-*"), *out_dir.parent.glob(f".{out_dir.name}.merged-*")]
+    for candidate in leftovers:
         owner = candidate / _OWNER_FILE
         try:
             pid = int(owner.read_text().strip())
@@ -61,7 +67,7 @@ def atomic_output_dir(out_dir: Path) -> Iterator[Path]:
     remove_stale_staging(out_dir)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
-        (staging / _OWNER_FILE).write_text(str(os.getpid()))
+        claim(staging)
         yield staging
         (staging / _OWNER_FILE).unlink()
         previous = None

@@ -65,12 +65,15 @@ def test_stale_staging_of_dead_process_is_removed(tmp_path):
         os._exit(0)
     os.waitpid(child, 0)
     (dead / ".owner-pid").write_text(str(child))
+    merged = tmp_path / ".out.merged-dead"  # a merge's scratch model, left by a SIGKILL
+    merged.mkdir()
+    (merged / ".owner-pid").write_text(str(child))
     alive = tmp_path / ".out.partial-alive"
     alive.mkdir()
     (alive / ".owner-pid").write_text(str(os.getpid()))
     removed = remove_stale_staging(out)
-    assert removed == [dead]
-    assert alive.exists() and not dead.exists()
+    assert sorted(removed) == sorted([dead, merged])
+    assert alive.exists() and not dead.exists() and not merged.exists()
     shutil.rmtree(alive)
 
 

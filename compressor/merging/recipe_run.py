@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from compressor.checkpoint import atomic_output_dir, check_output_dir
+from compressor.checkpoint import atomic_output_dir, check_output_dir, claim, remove_stale_staging
 from compressor.errors import RecipeError
 from compressor.merging.engine import MergePlan, plan_merge, run_merge
 from compressor.model_io import weights_bytes
@@ -108,7 +108,9 @@ def run_merge_recipe(recipe: Recipe, options, echo: Callable[[str], None] = prin
 
     out_parent = options.out_dir.resolve().parent
     out_parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(options.out_dir)
     merged = Path(tempfile.mkdtemp(prefix=f".{options.out_dir.name}.merged-", dir=out_parent))
+    claim(merged)  # a SIGKILL skips the `finally` below; the next run removes the folder
     try:
         started = time.perf_counter()
         stats = run_merge(plan, merged, show_progress=options.show_progress, trust_remote_code=options.trust_remote_code)
