@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -23,6 +22,7 @@ from compressor.algorithms.lowrank import eora_factors, shrinks, svd_factors, we
 from compressor.errors import RecipeError
 from compressor.kernels.lowrank import FactorizedLinear, attach_compensation, compensations
 from compressor.kernels.quant_linear import QuantLinear
+from compressor.input_statistics import InputStatisticsAlgorithm
 from compressor.layerwise import run_layerwise
 from compressor.registry import Registry
 from compressor.stages.base import Locator, StageContext, StagePlan, replace_module
@@ -66,54 +66,18 @@ def _dense_or_quantized(name: str, module: nn.Module, config) -> Verdict:
 # ---------------------------------------------------------------- eora
 
 
-class _EoRABlockAlgorithm:
+class _EoRABlockAlgorithm(InputStatisticsAlgorithm):
     """Input covariances of one block's compressed layers, then their EoRA factors."""
 
     def __init__(self, modules: dict[str, QuantLinear], config, ctx: StageContext, originals):
-        self.modules = modules
+        super().__init__(modules, HessianAccumulator, self._compensate_group)
         self.config = config
         self.ctx = ctx
         self.originals = originals
-        self._stash: dict[str, torch.Tensor] = {}
-        self._groups: list[list[str]] = []
-        self._covariances: list[HessianAccumulator] = []
 
-    def attach(self, index: int, name: str, block: nn.Module):
-        self._stash.clear()
-        self._groups, self._covariances = [], []
-        prefix = name + "."
-        return [
-            module.register_forward_hook(self._hook(module_name))
-            for module_name, module in self.modules.items()
-            if module_name.startswith(prefix)
-        ]
-
-    def _hook(self, module_name: str):
-        def hook(_module, args, _output):
-            self._stash[module_name] = args[0].detach()
-
-        return hook
-
-    def after_chunk(self) -> None:
-        if not self._stash:
-            return
-        if not self._groups:  # layers reading the same tensor (q/k/v, gate/up) share one covariance
-            by_input: dict[tuple, list[str]] = defaultdict(list)
-            for module_name, tensor in self._stash.items():
-                by_input[(tensor.data_ptr(), tuple(tensor.shape))].append(module_name)
-            self._groups = list(by_input.values())
-            self._covariances = [
-                HessianAccumulator(self._stash[g[0]].shape[-1], device=self._stash[g[0]].device) for g in self._groups
-            ]
-        for group, accumulator in zip(self._groups, self._covariances):
-            accumulator.add(self._stash[group[0]])
-        self._stash.clear()
-
-    def compress(self, index: int, name: str, block: nn.Module) -> None:
-        for group, accumulator in zip(self._groups, self._covariances):
-            for module_name in group:
-                self._compensate(module_name, accumulator.hessian)
-        self._groups, self._covariances = [], []
+    def _compensate_group(self, group: list[str], covariance: HessianAccumulator) -> None:
+        for module_name in group:  # q/k/v (gate/up) read one tensor and share its covariance
+            self._compensate(module_name, covariance.hessian)
 
     def _compensate(self, module_name: str, covariance: torch.Tensor) -> None:
         started = time.perf_counter()

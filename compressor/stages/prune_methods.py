@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections import defaultdict
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -25,7 +24,7 @@ from compressor.algorithms.gptq import HessianAccumulator
 from compressor.algorithms.masks import NMPattern, measured_sparsity, nm_mask, unstructured_mask
 from compressor.algorithms.sparsegpt import HessianFactor, factor_hessian, sparsegpt_prune
 from compressor.algorithms.wanda import ColumnNormAccumulator, wanda_prune
-from compressor.layerwise import run_layerwise
+from compressor.input_statistics import run_statistics
 from compressor.registry import Registry
 from compressor.stages.base import StageContext
 
@@ -71,57 +70,6 @@ class MagnitudeMethod:
             module.weight.data.mul_(keep.to(module.weight.dtype))
             mark_pruned(module, targets[name])
             _record(ctx, name, "magnitude", module, targets[name], time.perf_counter() - started)
-
-
-class InputStatisticsAlgorithm:
-    """Block algorithm for the layer-by-layer engine: one statistic per distinct input of the
-    block's target layers, folded after every chunk, handed to `solve` once per block."""
-
-    def __init__(self, modules: dict[str, nn.Linear], make_statistic: Callable[[int, torch.device], Any], solve: Callable[[list[str], Any], None]):
-        self.modules = modules
-        self.make_statistic = make_statistic
-        self.solve = solve
-        self._stash: dict[str, torch.Tensor] = {}
-        self._groups: list[list[str]] = []
-        self._statistics: list[Any] = []
-
-    def attach(self, index: int, name: str, block: nn.Module):
-        prefix = name + "."
-        self._stash.clear()
-        self._groups, self._statistics = [], []
-        return [m.register_forward_hook(self._hook(n)) for n, m in self.modules.items() if n.startswith(prefix)]
-
-    def _hook(self, module_name: str):
-        def hook(_module, args, _output):
-            self._stash[module_name] = args[0].detach()
-
-        return hook
-
-    def after_chunk(self) -> None:
-        if not self._stash:
-            return
-        if not self._groups:
-            by_input: dict[tuple, list[str]] = defaultdict(list)
-            for module_name, tensor in self._stash.items():
-                by_input[(tensor.data_ptr(), tuple(tensor.shape))].append(module_name)
-            self._groups = list(by_input.values())
-            self._statistics = [self.make_statistic(self._stash[g[0]].shape[-1], self._stash[g[0]].device) for g in self._groups]
-        for group, statistic in zip(self._groups, self._statistics):
-            statistic.add(self._stash[group[0]])
-        self._stash.clear()
-
-    def compress(self, index: int, name: str, block: nn.Module) -> None:
-        for group, statistic in zip(self._groups, self._statistics):
-            self.solve(group, statistic)
-        self._groups, self._statistics = [], []
-
-
-def run_statistics(model: nn.Module, modules, make_statistic, solve, ctx: StageContext, description: str) -> None:
-    algorithm = InputStatisticsAlgorithm(modules, make_statistic, solve)
-    run_layerwise(
-        model, ctx.calibration(), algorithm, batch_size=ctx.batch_size, device=ctx.device,
-        description=description, show_progress=ctx.show_progress,
-    )
 
 
 class WandaMethod:

@@ -22,6 +22,7 @@ from compressor.algorithms.gptq import GPTQResult, HessianAccumulator, gptq_quan
 from compressor.algorithms.grid import WeightGrid
 from compressor.algorithms.rtn import rtn_quantize
 from compressor.kernels.quant_linear import QuantLinear
+from compressor.input_statistics import InputStatisticsAlgorithm
 from compressor.layerwise import run_layerwise
 from compressor.registry import Registry
 from compressor.stages.activation_methods import ActivationQuantMethod
@@ -63,60 +64,23 @@ class RTNMethod:
             ctx.records[name] = {"stage": "quantize", "method": "rtn", **_grid_record(grids[name])}
 
 
-class _GPTQBlockAlgorithm:
+class _GPTQBlockAlgorithm(InputStatisticsAlgorithm):
     """Hessians for one block's targets, then GPTQ on each group of layers sharing an input."""
 
     def __init__(self, model: nn.Module, modules: dict[str, nn.Linear], grids: dict[str, WeightGrid], config, ctx):
+        super().__init__(modules, HessianAccumulator, self._solve_group)
         self.model = model
-        self.modules = modules
         self.grids = grids
         self.config = config
         self.ctx = ctx
-        self._stash: dict[str, torch.Tensor] = {}
-        self._groups: list[list[str]] = []
-        self._hessians: list[HessianAccumulator] = []
 
-    def attach(self, index: int, name: str, block: nn.Module):
-        prefix = name + "."
-        self._stash.clear()
-        self._groups = []
-        self._hessians = []
-        handles = []
-        for module_name, module in self.modules.items():
-            if module_name.startswith(prefix):
-                handles.append(module.register_forward_hook(self._make_hook(module_name)))
-        return handles
-
-    def _make_hook(self, module_name: str):
-        def hook(_module, args, _output):
-            self._stash[module_name] = args[0].detach()
-
-        return hook
-
-    def after_chunk(self) -> None:
-        if not self._stash:
-            return
-        if not self._groups:
-            by_input: dict[tuple, list[str]] = defaultdict(list)
-            for module_name, tensor in self._stash.items():
-                by_input[(tensor.data_ptr(), tuple(tensor.shape))].append(module_name)
-            self._groups = list(by_input.values())
-            self._hessians = [
-                HessianAccumulator(self._stash[g[0]].shape[-1], device=self._stash[g[0]].device) for g in self._groups
-            ]
-        for group, accumulator in zip(self._groups, self._hessians):
-            accumulator.add(self._stash[group[0]])
-        self._stash.clear()
-
-    def compress(self, index: int, name: str, block: nn.Module) -> None:
-        for group, accumulator in zip(self._groups, self._hessians):
-            by_grid: dict[WeightGrid, list[str]] = defaultdict(list)
-            for module_name in group:
-                by_grid[self.grids[module_name]].append(module_name)
-            for grid, names in by_grid.items():
-                self._solve(names, grid, accumulator.hessian, len(group) > 1)
-        self._groups = []
-        self._hessians = []
+    def _solve_group(self, group: list[str], accumulator: HessianAccumulator) -> None:
+        # Layers sharing an input share the Hessian; those with one grid are solved stacked.
+        by_grid: dict[WeightGrid, list[str]] = defaultdict(list)
+        for module_name in group:
+            by_grid[self.grids[module_name]].append(module_name)
+        for grid, names in by_grid.items():
+            self._solve(names, grid, accumulator.hessian, len(group) > 1)
 
     def _solve(self, names: list[str], grid: WeightGrid, hessian: torch.Tensor, shared: bool) -> None:
         started = time.perf_counter()
