@@ -119,6 +119,21 @@ def test_pruned_zeros_stay_zero_and_the_rest_trains(tiny_llama):
     assert not any(p.requires_grad for p in student.parameters())
 
 
+def test_time_budget_stops_after_the_step_that_passes_it(tiny_llama):
+    student, teacher = _tiny(tiny_llama), _tiny(tiny_llama)
+    trainable = select_trainable(student, "unquantized", ["lm_head"])
+    result = run_distillation(student, teacher, _windows(), _kl_loss(), trainable, _settings(max_seconds=1e-9),
+                              checkpoint_dir=None, resume=False, show_progress=False, autocast_dtype=None, cpu=True)
+    trainable.finish()
+    assert result.state.step == 1 and result.stopped_by_time
+    assert [row["step"] for row in result.curve] == [1]
+    roomy = select_trainable(student, "unquantized", ["lm_head"])
+    result = run_distillation(student, teacher, _windows(), _kl_loss(), roomy, _settings(max_seconds=3600.0),
+                              checkpoint_dir=None, resume=False, show_progress=False, autocast_dtype=None, cpu=True)
+    roomy.finish()
+    assert result.state.step == 6 and not result.stopped_by_time
+
+
 def test_resume_continues_from_the_saved_step(tiny_llama, tmp_path):
     def fresh():
         student = _tiny(tiny_llama)
@@ -213,6 +228,7 @@ def test_distill_after_quantize_trains_scales_only(tiny_llama, tmp_path, capsys)
         ("{loss: {kind: ce, temperature: 2.0}}", 4, "stages[0].distill.loss", "`temperature` applies to"),
         ("{loss: [{kind: kl}, {kind: mse_hidden, layers: [[1, 9]]}]}", 4, "stages[0].distill.loss[1].layers", "out of range"),
         ("{warmup_steps: 10, steps: 10}", 4, "stages[0].distill", "fewer than steps"),
+        ("{max_minutes: 0}", 4, "stages[0].distill.max_minutes", "greater than 0"),
         ("{train: everything}", 4, "stages[0].distill.train", "got 'everything'"),
         ("{teacher: TEACHER}", 4, "stages[0].distill.teacher", "different vocabulary"),
     ],
