@@ -245,3 +245,40 @@ def test_bad_distill_blocks(block, line, key, fragment, tiny_llama, tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert code == 2, err
     assert f"{recipe}:{line} {key}:" in err and fragment in err, err
+
+
+def test_builtin_prune_then_distill_recipe_keeps_2_4(tiny_llama, tmp_path):
+    """The benchmark's recipe, shrunk: every pruned layer is still 2:4 in the saved checkpoint,
+    the distilled weights differ from the pruned ones, and the loss curve is saved."""
+    import re
+
+    from compressor.algorithms.masks import is_nm_sparse, parse_nm
+    from compressor.recipe import builtin_recipes
+    from compressor.sparse_format import dense_tensor, sparse_prefixes
+
+    text = builtin_recipes()["sparse24-sparsegpt-distill"].read_text()
+    text = re.sub(r"samples: \d+", "samples: 8", text)
+    text = re.sub(r"seq_len: \d+", "seq_len: 32", text)
+    text = re.sub(r"\bsteps: \d+", "steps: 4", text)
+    text = re.sub(r"warmup_steps: \d+", "warmup_steps: 1", text)
+    text = re.sub(r"lr: [0-9.e-]+", "lr: 1.0e-3", text)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    pruned_recipe = tmp_path / "p.yaml"
+    pruned_recipe.write_text(text.split("  - distill:")[0])
+    outputs = {}
+    for name, path in (("pruned", pruned_recipe), ("distilled", recipe)):
+        outputs[name] = tmp_path / name
+        assert main([str(tiny_llama), "--recipe", str(path), "-o", str(outputs[name]), "-q", "--no-perplexity"]) == 0
+    tensors = {name: load_file(str(out / "model.safetensors")) for name, out in outputs.items()}
+    prefixes = sparse_prefixes(tensors["distilled"])
+    assert len(prefixes) == 2 * 7 and sparse_prefixes(tensors["pruned"]) == prefixes
+    pattern = parse_nm("2:4")
+    for prefix in prefixes:
+        before, after = dense_tensor(tensors["pruned"], prefix), dense_tensor(tensors["distilled"], prefix)
+        assert is_nm_sparse(after, pattern), prefix
+        assert torch.all(after[before == 0] == 0), prefix
+        assert not torch.equal(before, after), prefix
+    log = json.loads((outputs["distilled"] / "stage-2-distill.json").read_text())
+    assert log["steps"] == 4 and not log["stopped_by_time"]
+    assert (outputs["distilled"] / "stage-2-distill-loss.png").is_file()
