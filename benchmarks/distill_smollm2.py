@@ -6,11 +6,14 @@ gap to bf16 a short `distill` stage closes, through the `compress` command users
         [--out benchmarks/out/distill-smollm2] [--pruned-from DIR] [--json out.json]
 
 1. Prune only: the recipe with its distill stage removed (same calibration, same prune block,
-   `storage: dense`) through `compress`, for the pruned model's held-out perplexity
-   (skipped with --pruned-from, an earlier prune-only output of the same recipe).
+   `storage: dense`) through `compress`, for the pruned model's held-out perplexity.
 2. The whole recipe through `compress`: bf16 and final held-out perplexity (the evaluation
    slice in windows of calibration.seq_len, never the distillation text), the distill stage's
    wall time and steps, the loss curve PNG.
+   With --pruned-from DIR (an earlier prune-only output of this recipe, e.g. step 1's), step 1 is
+   skipped and step 2 runs only the recipe's distill stage on DIR, with `teacher: base` replaced by
+   the original model: the same student, teacher and training, without pruning twice (for a machine
+   too busy to run SparseGPT again).
 3. The saved checkpoint is read back: every layer the prune-only run left 2:4 must still be
    2:4, with every pruned zero still zero (exit 1 otherwise).
 
@@ -58,8 +61,18 @@ def _shown(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
-def run_compress(recipe: Path, out: Path) -> float:
-    command = [str(COMPRESS), MODEL, "--recipe", str(recipe), "--output", str(out), "--overwrite", "--quiet"]
+def distill_only_recipe(recipe: dict) -> dict:
+    """The recipe's distill stage alone, taught by the original model instead of `base`."""
+    stages = []
+    for stage in recipe["stages"]:
+        if "distill" in stage:
+            block = stage["distill"]
+            stages.append({"distill": {**block, "teacher": MODEL if block.get("teacher", "base") == "base" else block["teacher"]}})
+    return {**recipe, "name": recipe["name"] + "-distill-only", "stages": stages}
+
+
+def run_compress(model: str, recipe: Path, out: Path) -> float:
+    command = [str(COMPRESS), model, "--recipe", str(recipe), "--output", str(out), "--overwrite", "--quiet"]
     print("$", " ".join(command), flush=True)
     started = time.perf_counter()
     subprocess.run(command, check=True)
@@ -103,7 +116,6 @@ def main() -> int:
     args = parser.parse_args()
 
     recipe = yaml.safe_load(args.recipe.read_text())
-    distill_index = next(i for i, s in enumerate(recipe["stages"]) if "distill" in s)
     pattern = next(s["prune"]["sparsity"] for s in recipe["stages"] if "prune" in s)
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -112,16 +124,21 @@ def main() -> int:
     if args.pruned_from is None:
         prune_recipe = args.out / "prune-only.yaml"
         prune_recipe.write_text(yaml.safe_dump(prune_only_recipe(recipe), sort_keys=False))
-        prune_seconds = run_compress(prune_recipe, pruned_dir)
+        prune_seconds = run_compress(MODEL, prune_recipe, pruned_dir)
     pruned_info = json.loads((pruned_dir / "compression.json").read_text())
 
     distilled_dir = args.out / "distilled"
+    run_recipe, start_model = args.recipe, MODEL
+    if args.pruned_from is not None:
+        run_recipe, start_model = args.out / "distill-only.yaml", str(args.pruned_from)
+        run_recipe.write_text(yaml.safe_dump(distill_only_recipe(recipe), sort_keys=False))
+    distill_index = next(i for i, s in enumerate(yaml.safe_load(run_recipe.read_text())["stages"]) if "distill" in s)
     load_before = os.getloadavg()
-    total_seconds = run_compress(args.recipe, distilled_dir)
+    total_seconds = run_compress(start_model, run_recipe, distilled_dir)
     load_after = os.getloadavg()
     info = json.loads((distilled_dir / "compression.json").read_text())
 
-    ppl_bf16 = info["perplexity"]["base"]
+    ppl_bf16 = pruned_info["perplexity"]["base"] if args.pruned_from is not None else info["perplexity"]["base"]
     ppl_pruned = pruned_info["perplexity"]["compressed"]
     ppl_distilled = info["perplexity"]["compressed"]
     gap_closed = (ppl_pruned - ppl_distilled) / (ppl_pruned - ppl_bf16)
@@ -132,7 +149,8 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{os.cpu_count()} CPU cores (shared with other agents), torch threads {torch.get_num_threads()}",
         "load_average_1_5_15": {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in load_after]},
-        "command": f"{_shown(COMPRESS)} {MODEL} --recipe {_shown(args.recipe)} --output {_shown(distilled_dir)}",
+        "command": f"{_shown(COMPRESS)} {_shown(Path(start_model)) if args.pruned_from else MODEL} --recipe {_shown(run_recipe)} --output {_shown(distilled_dir)}",
+        "mode": "distill stage on the prune-only output" if args.pruned_from else "whole recipe",
         "eval_tokens": info["perplexity"]["tokens"],
         "ppl_bf16": round(ppl_bf16, 3),
         "ppl_pruned": round(ppl_pruned, 3),
@@ -144,7 +162,8 @@ def main() -> int:
         "training": info["training"][label],
         "whole_run_seconds": round(total_seconds, 1),
         "prune_only_run_seconds": round(prune_seconds, 1) if prune_seconds is not None else None,
-        "pruned_ppl_bf16_check": round(pruned_info["perplexity"]["base"], 3),
+        "bf16_ppl_in_prune_only_run": round(pruned_info["perplexity"]["base"], 3),
+        "start_ppl_in_distill_run": round(info["perplexity"]["base"], 3),
         "loss_curve": str(distilled_dir / f"{label}-loss.png"),
         "masks": masks,
     }
