@@ -56,6 +56,24 @@ def prune_only_recipe(recipe: dict) -> dict:
     return {**recipe, "name": recipe["name"] + "-prune-only", "stages": stages}
 
 
+def apply_overrides(recipe: dict, args: argparse.Namespace) -> bool:
+    """Shrink the run for a busy machine; the changes are reported with the results."""
+    changed = False
+    if args.samples is not None:
+        recipe.setdefault("calibration", {})["samples"] = args.samples
+        changed = True
+    if args.eval_limit is not None:
+        recipe["evaluate"] = {"tasks": ["perplexity"], "limit": args.eval_limit}
+        changed = True
+    for stage in recipe["stages"]:
+        if "distill" in stage:
+            for key, value in (("steps", args.steps), ("max_minutes", args.max_minutes)):
+                if value is not None:
+                    stage["distill"][key] = value
+                    changed = True
+    return changed
+
+
 def _shown(path: Path) -> str:
     path = path.resolve()
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
@@ -112,12 +130,22 @@ def main() -> int:
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "sparse24-sparsegpt-distill.yaml")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "distill-smollm2")
     parser.add_argument("--pruned-from", type=Path, help="an earlier prune-only output of this recipe")
+    parser.add_argument("--prune-once", action="store_true",
+                        help="run step 1, then the distill stage on its output (as --pruned-from)")
+    parser.add_argument("--samples", type=int, help="override calibration.samples (a busy machine)")
+    parser.add_argument("--eval-limit", type=int, help="held-out perplexity on the first N windows only")
+    parser.add_argument("--steps", type=int, help="override the distill stage's steps")
+    parser.add_argument("--max-minutes", type=float, help="override the distill stage's max_minutes")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
     recipe = yaml.safe_load(args.recipe.read_text())
-    pattern = next(s["prune"]["sparsity"] for s in recipe["stages"] if "prune" in s)
+    overridden = apply_overrides(recipe, args)
     args.out.mkdir(parents=True, exist_ok=True)
+    if overridden:
+        args.recipe = args.out / "recipe.yaml"
+        args.recipe.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    pattern = next(s["prune"]["sparsity"] for s in recipe["stages"] if "prune" in s)
 
     pruned_dir = args.pruned_from or args.out / "pruned"
     prune_seconds = None
@@ -126,6 +154,8 @@ def main() -> int:
         prune_recipe.write_text(yaml.safe_dump(prune_only_recipe(recipe), sort_keys=False))
         prune_seconds = run_compress(MODEL, prune_recipe, pruned_dir)
     pruned_info = json.loads((pruned_dir / "compression.json").read_text())
+    if args.prune_once:
+        args.pruned_from = pruned_dir
 
     distilled_dir = args.out / "distilled"
     run_recipe, start_model = args.recipe, MODEL
@@ -151,6 +181,8 @@ def main() -> int:
         "load_average_1_5_15": {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in load_after]},
         "command": f"{_shown(COMPRESS)} {_shown(Path(start_model)) if args.pruned_from else MODEL} --recipe {_shown(run_recipe)} --output {_shown(distilled_dir)}",
         "mode": "distill stage on the prune-only output" if args.pruned_from else "whole recipe",
+        "benchmark_command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "recipe_run": yaml.safe_load(run_recipe.read_text()),
         "eval_tokens": info["perplexity"]["tokens"],
         "ppl_bf16": round(ppl_bf16, 3),
         "ppl_pruned": round(ppl_pruned, 3),
