@@ -119,6 +119,21 @@ def test_pruned_zeros_stay_zero_and_the_rest_trains(tiny_llama):
     assert not any(p.requires_grad for p in student.parameters())
 
 
+def test_time_budget_stops_after_the_step_that_passes_it(tiny_llama):
+    student, teacher = _tiny(tiny_llama), _tiny(tiny_llama)
+    trainable = select_trainable(student, "unquantized", ["lm_head"])
+    result = run_distillation(student, teacher, _windows(), _kl_loss(), trainable, _settings(max_seconds=1e-9),
+                              checkpoint_dir=None, resume=False, show_progress=False, autocast_dtype=None, cpu=True)
+    trainable.finish()
+    assert result.state.step == 1 and result.stopped_by_time
+    assert [row["step"] for row in result.curve] == [1]
+    roomy = select_trainable(student, "unquantized", ["lm_head"])
+    result = run_distillation(student, teacher, _windows(), _kl_loss(), roomy, _settings(max_seconds=3600.0),
+                              checkpoint_dir=None, resume=False, show_progress=False, autocast_dtype=None, cpu=True)
+    roomy.finish()
+    assert result.state.step == 6 and not result.stopped_by_time
+
+
 def test_resume_continues_from_the_saved_step(tiny_llama, tmp_path):
     def fresh():
         student = _tiny(tiny_llama)
@@ -213,6 +228,7 @@ def test_distill_after_quantize_trains_scales_only(tiny_llama, tmp_path, capsys)
         ("{loss: {kind: ce, temperature: 2.0}}", 4, "stages[0].distill.loss", "`temperature` applies to"),
         ("{loss: [{kind: kl}, {kind: mse_hidden, layers: [[1, 9]]}]}", 4, "stages[0].distill.loss[1].layers", "out of range"),
         ("{warmup_steps: 10, steps: 10}", 4, "stages[0].distill", "fewer than steps"),
+        ("{max_minutes: 0}", 4, "stages[0].distill.max_minutes", "greater than 0"),
         ("{train: everything}", 4, "stages[0].distill.train", "got 'everything'"),
         ("{teacher: TEACHER}", 4, "stages[0].distill.teacher", "different vocabulary"),
     ],
@@ -229,3 +245,40 @@ def test_bad_distill_blocks(block, line, key, fragment, tiny_llama, tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert code == 2, err
     assert f"{recipe}:{line} {key}:" in err and fragment in err, err
+
+
+def test_builtin_prune_then_distill_recipe_keeps_2_4(tiny_llama, tmp_path):
+    """The benchmark's recipe, shrunk: every pruned layer is still 2:4 in the saved checkpoint,
+    the distilled weights differ from the pruned ones, and the loss curve is saved."""
+    import re
+
+    from compressor.algorithms.masks import is_nm_sparse, parse_nm
+    from compressor.recipe import builtin_recipes
+    from compressor.sparse_format import dense_tensor, sparse_prefixes
+
+    text = builtin_recipes()["sparse24-sparsegpt-distill"].read_text()
+    text = re.sub(r"samples: \d+", "samples: 8", text)
+    text = re.sub(r"seq_len: \d+", "seq_len: 32", text)
+    text = re.sub(r"\bsteps: \d+", "steps: 4", text)
+    text = re.sub(r"warmup_steps: \d+", "warmup_steps: 1", text)
+    text = re.sub(r"lr: [0-9.e-]+", "lr: 1.0e-3", text)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    pruned_recipe = tmp_path / "p.yaml"
+    pruned_recipe.write_text(text.split("  - distill:")[0])
+    outputs = {}
+    for name, path in (("pruned", pruned_recipe), ("distilled", recipe)):
+        outputs[name] = tmp_path / name
+        assert main([str(tiny_llama), "--recipe", str(path), "-o", str(outputs[name]), "-q", "--no-perplexity"]) == 0
+    tensors = {name: load_file(str(out / "model.safetensors")) for name, out in outputs.items()}
+    prefixes = sparse_prefixes(tensors["distilled"])
+    assert len(prefixes) == 2 * 7 and sparse_prefixes(tensors["pruned"]) == prefixes
+    pattern = parse_nm("2:4")
+    for prefix in prefixes:
+        before, after = dense_tensor(tensors["pruned"], prefix), dense_tensor(tensors["distilled"], prefix)
+        assert is_nm_sparse(after, pattern), prefix
+        assert torch.all(after[before == 0] == 0), prefix
+        assert not torch.equal(before, after), prefix
+    log = json.loads((outputs["distilled"] / "stage-2-distill.json").read_text())
+    assert log["steps"] == 4 and not log["stopped_by_time"]
+    assert (outputs["distilled"] / "stage-2-distill-loss.png").is_file()

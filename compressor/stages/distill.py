@@ -14,6 +14,7 @@ Recipe block::
         train: auto                   # auto | unquantized | scales (see compressor.training.trainable)
         data: null                    # a calibration block of its own; default: the recipe's calibration
         checkpoint_every: 50          # resumable with `compress ... --resume`
+        max_minutes: null             # wall-time budget: stop after the step that passes it
 
 Losses: kl, reverse_kl, jsd (with beta), ce, mse_hidden / cosine_hidden (with layers:
 [[student, teacher], ...] indices into hidden_states: 0 is the embeddings, i the output of block i).
@@ -96,6 +97,8 @@ class DistillConfig(StrictModel):
     checkpoint_every: PositiveInt | None = 50
     log_every: PositiveInt = 10
     seed: NonNegativeInt = 0
+    # A budget for shared or slow machines; the schedule still spans `steps`, so size `steps` to fit it.
+    max_minutes: float | None = Field(default=None, gt=0)
 
     @field_validator("ignore")
     @classmethod

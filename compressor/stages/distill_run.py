@@ -68,6 +68,7 @@ def distill_model(model: nn.Module, config: DistillConfig, ctx: StageContext) ->
         checkpoint_every=config.checkpoint_every,
         log_every=config.log_every,
         seed=config.seed,
+        max_seconds=config.max_minutes * 60 if config.max_minutes is not None else None,
     )
     label = f"stage-{ctx.stage_index + 1}-distill"
     checkpoint_dir = ctx.workdir / label if ctx.workdir is not None else None
@@ -92,11 +93,13 @@ def distill_model(model: nn.Module, config: DistillConfig, ctx: StageContext) ->
     if ctx.workdir is not None:
         artifacts = ctx.workdir / "artifacts"
         artifacts.mkdir(parents=True, exist_ok=True)
-        log = {"resumed_from_step": result.resumed_from, "steps": result.state.step, "curve": result.curve}
+        log = {"resumed_from_step": result.resumed_from, "steps": result.state.step,
+               "stopped_by_time": result.stopped_by_time, "curve": result.curve}
         (artifacts / f"{label}.json").write_text(json.dumps(log, indent=1) + "\n")
         plot_loss_curve(result.curve, artifacts / f"{label}-loss.png", f"distillation ({', '.join(l.name for l in losses)})")
         ctx.artifacts[f"{label}-loss.png"] = artifacts / f"{label}-loss.png"
         ctx.artifacts[f"{label}.json"] = artifacts / f"{label}.json"
     first, last = result.curve[0]["loss"], result.curve[-1]["loss"]
-    ctx.notes[label] = {"steps": result.state.step, "first_loss": first, "last_loss": last, "resumed_from": result.resumed_from}
+    ctx.notes[label] = {"steps": result.state.step, "first_loss": first, "last_loss": last, "resumed_from": result.resumed_from,
+                        "stopped_by_time": result.stopped_by_time}
     return model

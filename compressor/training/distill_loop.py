@@ -8,6 +8,7 @@ continues from the last checkpoint when asked to resume.
 
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ class LoopSettings:
     checkpoint_every: int | None
     log_every: int
     seed: int
+    max_seconds: float | None = None
 
 
 @dataclass
@@ -51,6 +53,7 @@ class LoopResult:
     state: TrainingState
     resumed_from: int = 0
     curve: list[dict[str, float]] = field(default_factory=list)
+    stopped_by_time: bool = False
 
 
 def _batch_sampler(windows: torch.Tensor, batch_size: int, generator: torch.Generator) -> Callable[[], torch.Tensor]:
@@ -117,6 +120,8 @@ def run_distillation(
 
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
     student.train()
+    started = time.monotonic()
+    stopped_by_time = False
     progress = tqdm(range(state.step, settings.steps), desc="distilling", unit="step", disable=not show_progress)
     for step in progress:
         totals: dict[str, float] = {}
@@ -149,10 +154,13 @@ def run_distillation(
             if accelerator.is_main_process:
                 save_training_checkpoint(checkpoint_dir, trainable, optimizer, scheduler, generator, state)
             accelerator.wait_for_everyone()
+        if settings.max_seconds is not None and time.monotonic() - started >= settings.max_seconds:
+            stopped_by_time = state.step < settings.steps
+            break
     student.eval()
     if settings.gradient_checkpointing:
         student.gradient_checkpointing_disable()
-    return LoopResult(state=state, resumed_from=resumed_from, curve=state.losses)
+    return LoopResult(state=state, resumed_from=resumed_from, curve=state.losses, stopped_by_time=stopped_by_time)
 
 
 def plot_loss_curve(curve: list[dict[str, float]], path: Path, title: str) -> None:
