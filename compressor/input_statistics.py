@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from compressor.layerwise import run_layerwise
+from compressor.layerwise import BlockStatisticsComplete, run_layerwise
 from compressor.stages.base import StageContext
 
 
@@ -28,16 +28,24 @@ class InputStatisticsAlgorithm:
         self._stash: dict[str, torch.Tensor] = {}
         self._groups: list[list[str]] = []
         self._statistics: list[Any] = []
+        self._expected = 0
 
     def attach(self, index: int, name: str, block: nn.Module):
         prefix = name + "."
         self._stash.clear()
         self._groups, self._statistics = [], []
-        return [m.register_forward_hook(self._hook(n)) for n, m in self.modules.items() if n.startswith(prefix)]
+        hooked = {n: m for n, m in self.modules.items() if n.startswith(prefix)}
+        self._expected = len(hooked)
+        return [m.register_forward_pre_hook(self._hook(n)) for n, m in hooked.items()]
 
     def _hook(self, module_name: str):
-        def hook(_module, args, _output):
+        # A pre-hook: once every target layer of the block has shown its input, the rest of the
+        # block's forward (at least the last layer's matmul) is wasted work, so it is cut short.
+        # Blocks whose targets do not all run on every chunk (MoE experts) just run to the end.
+        def hook(_module, args):
             self._stash[module_name] = args[0].detach()
+            if len(self._stash) == self._expected:
+                raise BlockStatisticsComplete
 
         return hook
 

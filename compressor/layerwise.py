@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compressor.errors import CompressionError
+from compressor.offload import compute_device, onload
 
 
 class BlockAlgorithm(Protocol):
@@ -42,6 +43,11 @@ class BlockInputs:
 
 class _StopForward(Exception):
     pass
+
+
+class BlockStatisticsComplete(Exception):
+    """Raised by an algorithm's hook once it holds every input it needs from a chunk, so the
+    statistics pass skips the rest of the block (its output is never used)."""
 
 
 def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -80,7 +86,7 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, tokens: torch
         raise _StopForward
 
     handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
-    device = next(model.parameters()).device
+    device = compute_device(model)
     try:
         for chunk in tokens.split(batch_size):
             try:
@@ -115,18 +121,22 @@ def run_layerwise(
 ) -> None:
     """Compress `model` block by block with `algorithm`, calibrated on `tokens` [N, L]."""
     blocks_name, blocks = find_decoder_blocks(model)
-    home = next(blocks[0].parameters()).device
-    device = torch.device(device) if device is not None else home
+    device = torch.device(device) if device is not None else compute_device(blocks[0])
     inputs = capture_block_inputs(model, blocks[0], tokens, batch_size)
     progress = tqdm(range(len(blocks)), desc=description, unit="block", disable=not show_progress)
     for index in progress:
         block = blocks[index]
         name = f"{blocks_name}.{index}"
+        onload(block)  # a block left on disk by --max-memory is read into memory now, once
+        home = compute_device(block)
         block.to(device)
         handles = algorithm.attach(index, name, block)
         try:
             for i, hidden in enumerate(inputs.hidden):
-                block(hidden.to(device), **_move_kwargs(inputs.kwargs[i], device))
+                try:
+                    block(hidden.to(device), **_move_kwargs(inputs.kwargs[i], device))
+                except BlockStatisticsComplete:
+                    pass
                 algorithm.after_chunk()
         finally:
             for handle in handles:

@@ -1,0 +1,86 @@
+"""The layer-by-layer engine's statistics pass: cut short once every target has its input,
+with statistics identical to those of a full forward; bf16 Hessians close to float32 ones."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from compressor.algorithms.gptq import HessianAccumulator
+from compressor.input_statistics import InputStatisticsAlgorithm
+from compressor.layerwise import find_decoder_blocks, run_layerwise
+
+
+def _targets(model: nn.Module) -> dict[str, nn.Linear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n}
+
+
+def _reference_hessians(model: nn.Module, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """H for every target from one plain forward over all tokens (no compression happens)."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name):
+        def grab(_module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            sums[name] = sums.get(name, 0) + x.t() @ x
+            counts[name] = counts.get(name, 0) + x.shape[0]
+
+        return grab
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in _targets(model).items()]
+    with torch.no_grad():
+        for chunk in tokens.split(4):
+            model(input_ids=chunk, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    return {n: (2.0 * sums[n] / counts[n]).float() for n in sums}
+
+
+def test_statistics_pass_stops_after_the_last_target_and_keeps_statistics_exact(tiny_llama):
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32).eval()
+    tokens = torch.randint(3, 300, (8, 32), generator=torch.Generator().manual_seed(0))
+    reference = _reference_hessians(model, tokens)
+
+    # Count how often each block's last layer really runs its matmul.
+    _, blocks = find_decoder_blocks(model)
+    down_calls = [0] * len(blocks)
+    for index, block in enumerate(blocks):
+        block.mlp.down_proj.register_forward_hook(lambda *_a, i=index: down_calls.__setitem__(i, down_calls[i] + 1))
+
+    seen: dict[str, torch.Tensor] = {}
+
+    def solve(names, statistic):  # no compression: the next block sees the same inputs
+        for name in names:
+            seen[name] = statistic.hessian.clone()
+
+    algorithm = InputStatisticsAlgorithm(_targets(model), lambda n, d: HessianAccumulator(n, d), solve)
+    run_layerwise(model, tokens, algorithm, batch_size=4, show_progress=False)
+
+    chunks = 2
+    # Block 0..n-2: propagation pass only; the last block is never propagated.
+    assert down_calls == [chunks] * (len(blocks) - 1) + [0]
+    assert set(seen) == set(reference)
+    for name, hessian in reference.items():
+        torch.testing.assert_close(seen[name], hessian, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_hessian_matches_float32_within_rounding():
+    torch.manual_seed(0)
+    chunks = [torch.randn(256, 48, dtype=torch.bfloat16) * 3 for _ in range(6)]
+    fast, exact = HessianAccumulator(48), HessianAccumulator(48)
+    for chunk in chunks:
+        fast.add(chunk)
+        exact.add(chunk.float())
+    relative = (fast.hessian - exact.hessian).norm() / exact.hessian.norm()
+    assert relative < 5e-3
+    assert fast.count == exact.count == 6 * 256
+
+
+def test_float16_inputs_are_upcast_not_overflowed():
+    big = torch.full((4096, 8), 60.0, dtype=torch.float16)  # 4096 * 3600 overflows float16
+    accumulator = HessianAccumulator(8)
+    accumulator.add(big)
+    assert torch.isfinite(accumulator.hessian).all()
+    torch.testing.assert_close(accumulator.hessian, torch.full((8, 8), 2 * 3600.0))
