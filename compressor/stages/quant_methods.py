@@ -125,6 +125,7 @@ def _sparsity_mask(names: list[str], weights: list[torch.Tensor], modules: dict[
 
 class GPTQMethod:
     calibrated = True
+    streams_blocks = True  # weights are read block by block inside run_layerwise
 
     def quantize(self, model, modules, grids, config, ctx) -> None:
         algorithm = _GPTQBlockAlgorithm(model, modules, grids, config, ctx)

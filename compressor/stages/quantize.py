@@ -201,6 +201,11 @@ class QuantizeStage:
             raise RecipeError("matches no Linear module of this model that the stage can quantize", **locate("targets"))
         return plan
 
+    def streams_blocks(self, config: QuantizeConfig) -> bool:
+        """True when the method reads weights one decoder block at a time (through the
+        layer-by-layer engine), so a model offloaded to disk need not be loaded whole first."""
+        return bool(getattr(resolve_method(config), "streams_blocks", False))
+
     def run(self, model: nn.Module, config: QuantizeConfig, ctx: StageContext, plan: StagePlan) -> nn.Module:
         method = resolve_method(config)
         modules = {name: model.get_submodule(name) for name in plan.selected}
