@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from compressor.calibration.corpus import evaluation_slice_path, read_abstracts
+from compressor.offload import compute_device
 
 
 @dataclass(frozen=True)
@@ -34,17 +35,33 @@ def evaluation_windows(tokenizer, seq_len: int) -> torch.Tensor:
     return torch.tensor(stream[: windows * seq_len], dtype=torch.int64).reshape(windows, seq_len)
 
 
+# Positions whose logits are upcast to float32 at once. A 512-token window of a 49k vocabulary
+# is 100 MB of float32 logits, and the loss needs another copy: upcasting it whole (four
+# windows at a time, as this once did) was most of a compress run's peak memory.
+_LOSS_ROWS = 128
+
+
+def _window_nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Summed next-token NLL of one window: logits [L-1, V] (model dtype), targets [L-1]."""
+    total = 0.0
+    for start in range(0, targets.shape[0], _LOSS_ROWS):
+        rows = slice(start, start + _LOSS_ROWS)
+        total += F.cross_entropy(logits[rows].float(), targets[rows], reduction="sum").item()
+    return total
+
+
 @torch.no_grad()
-def perplexity_on(model, windows: torch.Tensor, batch_size: int = 4) -> PerplexityResult:
-    device = next(model.parameters()).device
+def perplexity_on(model, windows: torch.Tensor, batch_size: int = 1) -> PerplexityResult:
+    device = compute_device(model)
     total_nll = 0.0
     total_tokens = 0
     for start in range(0, windows.shape[0], batch_size):
         batch = windows[start : start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        targets = batch[:, 1:]
-        total_nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
-        total_tokens += targets.numel()
+        logits = model(input_ids=batch, use_cache=False).logits
+        for row in range(batch.shape[0]):
+            total_nll += _window_nll(logits[row, :-1], batch[row, 1:])
+        total_tokens += batch[:, 1:].numel()
+        del logits
     return PerplexityResult(math.exp(total_nll / total_tokens), total_tokens, windows.shape[0])
 
 
