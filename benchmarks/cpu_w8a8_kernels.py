@@ -7,6 +7,9 @@ Layers in 4096 × out 4096 and in 4096 × out 14336, bf16 activations quantized 
 token, batch 1 and 16, at each thread count (torch.set_num_threads, same process). Within one
 (layer, batch, threads) group the calls are interleaved, the L3 flushed before each, and the
 min and median reported (see `cpu_kernels.interleaved_timings`). Ratios are within one group.
+
+The FP8 fast path is called through its backend (`Fp8ScaledMmBackend(on_cpu=True)`): the default
+dispatch leaves FP8 layers on CPU to the reference path because of what this script measures.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch.nn.functional as F
 
 from cpu_kernels import interleaved_timings  # benchmarks/ is the script's directory
 
+from compressor.kernels.w8a8_backends import Fp8ScaledMmBackend
 from compressor.kernels.w8a8_linear import ActivationScheme, W8A8Linear
 
 SHAPES = ((4096, 4096), (4096, 14336))  # (in, out)
@@ -40,13 +44,17 @@ def make_layer(in_features: int, out_features: int, kind: str, dense: torch.Tens
 def run_group(in_features: int, out_features: int, batch: int, repeats: int, layers: dict, dense: torch.Tensor) -> None:
     x = torch.randn(batch, in_features, dtype=torch.bfloat16)
     calls = {"bf16 F.linear": lambda: F.linear(x, dense)}
-    for kind, layer in layers.items():
-        label = "int8 W8A8" if kind == "int" else "fp8 W8A8"
-        calls[f"{label} {FAST[kind]}"] = lambda m=layer: m(x)
-        calls[f"{label} reference"] = lambda m=layer: m.reference_forward(x)
+    fp8_backend = Fp8ScaledMmBackend(on_cpu=True)
+    fp8_state = layers["float"].prepared_state(fp8_backend, x.device)
+    calls["int8 W8A8 int8-int-mm"] = lambda: layers["int"](x)
+    calls["int8 W8A8 reference"] = lambda: layers["int"].reference_forward(x)
+    calls["fp8 W8A8 fp8-scaled-mm"] = lambda: fp8_backend.run(fp8_state, x)
+    calls["fp8 W8A8 reference"] = lambda: layers["float"].reference_forward(x)
     timings = interleaved_timings(calls, repeats)
-    for kind, layer in layers.items():
-        assert layer.kernel_report["kernel"] == FAST[kind], layer.kernel_report
+    assert layers["int"].kernel_report["kernel"] == FAST["int"], layers["int"].kernel_report
+    fast_fp8 = fp8_backend.run(fp8_state, x).float()
+    reference_fp8 = layers["float"].reference_forward(x).float()
+    assert (fast_fp8 - reference_fp8).norm() <= 1e-2 * reference_fp8.norm()
     base_min, base_median = timings["bf16 F.linear"]
     print(f"layer {in_features}x{out_features} (in x out), batch {batch}, threads {torch.get_num_threads()}, "
           f"{repeats} interleaved calls each")

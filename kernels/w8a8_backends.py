@@ -1,8 +1,10 @@
 """W8A8Linear backends: the codes × codes products of ``compressor::w8a8_linear``.
 
 - ``int8-int-mm``: int8 weights and int8 activations through ``torch._int_mm`` (CPU and CUDA);
-- ``fp8-scaled-mm``: FP8 e4m3 weights and activations through ``torch._scaled_mm`` (CPU and
-  CUDA with compute capability ≥ 8.9).
+- ``fp8-scaled-mm``: FP8 e4m3 weights and activations through ``torch._scaled_mm`` (CUDA with
+  compute capability ≥ 8.9; on CPU only when asked for, ``Fp8ScaledMmBackend(on_cpu=True)``:
+  PyTorch's CPU ``_scaled_mm`` converts the FP8 codes element by element and measured 0.7–0.9 ×
+  the speed of the reference path, so the default registry leaves CPU FP8 layers to the reference).
 
 Each says why it cannot run a layer (the shape and device rules of the PyTorch operator),
 so the layer falls back to the reference path (dequantize, then matmul) with the reason kept
@@ -24,6 +26,10 @@ INT_MM_CUDA_MULTIPLE = 8
 # torch._scaled_mm on CUDA: FP8 tensor cores (Ada / Hopper and later), K and N multiples of 16.
 SCALED_MM_MIN_CAPABILITY = (8, 9)
 SCALED_MM_CUDA_MULTIPLE = 16
+CPU_SCALED_MM_SLOWER = (
+    "torch._scaled_mm on CPU converts FP8 element by element: 0.7-0.9x the reference path's speed"
+    " (benchmarks/cpu_w8a8_kernels.py)"
+)
 
 
 @dataclass(frozen=True)
@@ -58,9 +64,10 @@ def _common_reason(module: nn.Module, x: torch.Tensor, kind: str) -> str | None:
 
 
 def _run(state: W8A8State, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    from compressor.kernels.w8a8_ops import w8a8_linear
+    from compressor.kernels.w8a8_ops import needs_custom_op, w8a8_linear, w8a8_linear_eager
 
-    return w8a8_linear(x, state.weight_t, state.weight_scale, state.input_scale, bias)
+    op = w8a8_linear if needs_custom_op(x) else w8a8_linear_eager
+    return op(x, state.weight_t, state.weight_scale, state.input_scale, bias)
 
 
 class Int8IntMmBackend:
@@ -88,10 +95,15 @@ class Int8IntMmBackend:
 class Fp8ScaledMmBackend:
     name = "fp8-scaled-mm"
 
+    def __init__(self, on_cpu: bool = False):
+        self.on_cpu = on_cpu
+
     def unsupported(self, module: nn.Module, x: torch.Tensor) -> str | None:
         reason = _common_reason(module, x, "float")
         if reason is not None:
             return reason
+        if x.device.type == "cpu" and not self.on_cpu:
+            return CPU_SCALED_MM_SLOWER
         if not hasattr(torch, "_scaled_mm"):
             return "this torch has no torch._scaled_mm"
         if x.device.type == "cuda":

@@ -13,7 +13,8 @@ Compute paths (``forward`` dispatches by device, dtype and batch size to the fir
 ``compressor.kernels.dispatch.w8a8_linear_kernels()`` that can run the layer, else the
 reference path; ``kernel_report`` records the choice and why the others were skipped):
 - int8 × int8: ``torch._int_mm`` (exact int32 accumulation), then both scales (CPU and CUDA);
-- FP8 × FP8: ``torch._scaled_mm`` with row-wise scales (CPU, and CUDA with capability ≥ 8.9);
+- FP8 × FP8: ``torch._scaled_mm`` with row-wise scales (CUDA with capability ≥ 8.9; on CPU it
+  is slower than the reference path, which the default registry therefore keeps there);
 - reference: the input's codes times their scale, times the dequantized weight, in fp32.
 Every path is differentiable with respect to the input (frozen codes): the activation
 quantization is passed straight through and the gradient multiplies by the dequantized weight.

@@ -2,6 +2,9 @@
 reference computation, their dispatch, backward, the custom op under torch.compile, and
 `compressor.load` of W8A8 / FP8 checkpoints running the fast paths.
 
+The default registry leaves FP8 layers on CPU to the reference path (PyTorch's CPU _scaled_mm
+is slower than it); tests of the FP8 fast path ask for it on CPU with the `fp8_on_cpu` fixture.
+
 Tolerances: every comparison is against float64 math on the same codes. The int8 product is
 exact in int32; the fp32 output then carries only fp32 rounding of the scales (≤ 1e-5 of the
 largest output). FP8 products on CPU are summed in fp32 (≤ 1e-5 as well). bf16 outputs are
@@ -18,13 +21,22 @@ import torch
 from torch import nn
 
 from compressor.cli import main
-from compressor.kernels.dispatch import REFERENCE, w8a8_linear_kernels
-from compressor.kernels.w8a8_backends import Fp8ScaledMmBackend, Int8IntMmBackend
+from compressor.kernels import dispatch
+from compressor.kernels.dispatch import REFERENCE, KernelRegistry, w8a8_linear_kernels
+from compressor.kernels.w8a8_backends import CPU_SCALED_MM_SLOWER, Fp8ScaledMmBackend, Int8IntMmBackend
 from compressor.kernels.w8a8_linear import ActivationScheme, W8A8Linear
 from compressor.kernels.w8a8_ops import w8a8_linear
 
 FAST = {"int": "int8-int-mm", "float": "fp8-scaled-mm"}
 SHAPES = [(1, 37, 19), (3, 64, 33), (17, 130, 45)]  # rows, in, out: odd and not powers of two
+
+
+@pytest.fixture
+def fp8_on_cpu(monkeypatch):
+    """The W8A8 registry with the FP8 backend allowed on CPU."""
+    registry = KernelRegistry([Int8IntMmBackend(), Fp8ScaledMmBackend(on_cpu=True)])
+    monkeypatch.setattr(dispatch, "w8a8_linear_kernels", lambda: registry)
+    return registry
 
 
 def random_layer(out_features: int, in_features: int, kind: str, dynamic: bool | None, *, dtype=torch.float32,
@@ -62,7 +74,7 @@ def inputs(rows: int, in_features: int, dtype: torch.dtype, generator: torch.Gen
 @pytest.mark.parametrize("kind", ["int", "float"])
 @pytest.mark.parametrize("dynamic", [True, False])
 @pytest.mark.parametrize("rows, in_features, out_features", SHAPES)
-def test_fast_path_matches_float64_reference_fp32(kind, dynamic, rows, in_features, out_features):
+def test_fast_path_matches_float64_reference_fp32(kind, dynamic, rows, in_features, out_features, fp8_on_cpu):
     gen = torch.Generator().manual_seed(rows * 1000 + in_features)
     layer = random_layer(out_features, in_features, kind, dynamic, generator=gen)
     x = inputs(rows, in_features, torch.float32, gen)
@@ -79,7 +91,7 @@ def test_fast_path_matches_float64_reference_fp32(kind, dynamic, rows, in_featur
 
 @pytest.mark.parametrize("kind", ["int", "float"])
 @pytest.mark.parametrize("rows", [1, 5, 16])
-def test_fast_path_bf16_activations_and_3d_input(kind, rows):
+def test_fast_path_bf16_activations_and_3d_input(kind, rows, fp8_on_cpu):
     gen = torch.Generator().manual_seed(7 + rows)
     layer = random_layer(29, 72, kind, True, dtype=torch.bfloat16, generator=gen)
     x = inputs(rows * 2, 72, torch.bfloat16, gen).reshape(2, rows, 72)
@@ -92,7 +104,7 @@ def test_fast_path_bf16_activations_and_3d_input(kind, rows):
     assert ((out.double() - reference.double()).norm() / expected.norm()).item() <= 1e-2
 
 
-def test_static_scale_saturates_and_fp8_codes_are_cast(seeded):
+def test_static_scale_saturates_and_fp8_codes_are_cast(seeded, fp8_on_cpu):
     layer = random_layer(8, 16, "float", False, bias=False)
     x = torch.randn(3, 16)
     x[0, 0] = 1e4  # far beyond 448 · 0.03: saturates at the top of the e4m3 grid
@@ -104,14 +116,18 @@ def test_static_scale_saturates_and_fp8_codes_are_cast(seeded):
     assert torch.allclose(out.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
-def test_dispatch_picks_the_fast_paths_on_cpu_and_says_why_not_elsewhere():
+def test_dispatch_picks_int8_on_cpu_leaves_fp8_to_the_reference_and_says_why():
     assert w8a8_linear_kernels().names == ["int8-int-mm", "fp8-scaled-mm"]
     int_layer, fp8_layer = random_layer(16, 32, "int", True), random_layer(16, 32, "float", True)
     x = torch.randn(2, 32)
     assert int_layer.prepare_kernels(x) == "int8-int-mm"
     choice = fp8_layer.choose_kernel(x)
-    assert choice.name == "fp8-scaled-mm"
-    assert choice.skipped == {"int8-int-mm": "multiplies int8 × int8 codes; layer is FP8 weights × FP8 activations"}
+    assert choice.name == REFERENCE
+    assert choice.skipped == {
+        "int8-int-mm": "multiplies int8 × int8 codes; layer is FP8 weights × FP8 activations",
+        "fp8-scaled-mm": CPU_SCALED_MM_SLOWER,
+    }
+    assert Fp8ScaledMmBackend(on_cpu=True).unsupported(fp8_layer, x) is None
 
     weight_only = random_layer(16, 32, "float", None)
     weight_only(x)
@@ -145,7 +161,7 @@ def test_cuda_rules_of_the_operators(monkeypatch):
 
 @pytest.mark.parametrize("kind", ["int", "float"])
 @pytest.mark.parametrize("dynamic", [True, False])
-def test_backward_matches_the_reference_path(kind, dynamic):
+def test_backward_matches_the_reference_path(kind, dynamic, fp8_on_cpu):
     gen = torch.Generator().manual_seed(3)
     layer = random_layer(21, 35, kind, dynamic, generator=gen)
     x = inputs(6, 35, torch.float32, gen).reshape(2, 3, 35).requires_grad_()
@@ -161,10 +177,10 @@ def test_backward_matches_the_reference_path(kind, dynamic):
 
 
 @pytest.mark.parametrize("kind", ["int", "float"])
-def test_custom_op_registration_and_torch_compile(kind):
+def test_custom_op_registration_and_torch_compile(kind, fp8_on_cpu):
     gen = torch.Generator().manual_seed(11)
     layer = random_layer(24, 40, kind, True, generator=gen)
-    state = layer.prepared_state(w8a8_linear_kernels().choose(layer, torch.randn(1, 40)).backend, torch.device("cpu"))
+    state = layer.prepared_state(fp8_on_cpu.choose(layer, torch.randn(1, 40)).backend, torch.device("cpu"))
     x = torch.randn(5, 40, generator=gen, requires_grad=True)
     # opcheck's schema check compares the inputs before and after with arithmetic that float8
     # tensors lack on CPU; the FP8 op gets the other two checks.
@@ -186,7 +202,7 @@ IDS = torch.tensor([[5, 17, 42, 99, 7, 250, 13, 64, 3, 120], [9, 8, 7, 6, 5, 4, 
 
 
 @pytest.mark.parametrize("name, kernel", [("w8a8", "int8-int-mm"), ("w8a8-static", "int8-int-mm"), ("fp8-dynamic", "fp8-scaled-mm")])
-def test_load_runs_the_fast_paths_with_the_reference_logits(name, kernel, tiny_llama, tmp_path: Path):
+def test_load_runs_the_fast_paths_with_the_reference_logits(name, kernel, tiny_llama, tmp_path: Path, fp8_on_cpu):
     from compressor.runtime import kernel_summary, load
 
     recipe = tmp_path / f"{name}.yaml"
