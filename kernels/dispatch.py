@@ -5,11 +5,10 @@ can), builds its own packed form of the weight once (``prepare``, at load time o
 use), and runs the matmul (``run``: 2-D input → 2-D output, no bias). The reference path
 (dequantize, then matmul) is the fallback, so every layer always runs.
 
-Hook for other formats: sparse 2:4 (``torch.sparse.to_sparse_semi_structured``) and FP8
-(``torch._scaled_mm``) are separate modules with their own ``forward`` (built by
-``compressor.runtime``'s format registry); when one of them wants device/batch dispatch of
-its own, it builds a ``KernelRegistry`` from its backends exactly as ``quant_linear_kernels``
-does here.
+Hook for other formats: sparse 2:4 (``torch.sparse.to_sparse_semi_structured``) is a separate
+module with its own ``forward`` (built by ``compressor.runtime``'s format registry); when it
+wants device/batch dispatch of its own, it builds a ``KernelRegistry`` from its backends as
+``quant_linear_kernels`` and ``w8a8_linear_kernels`` (W8A8 int8 / FP8) do here.
 """
 
 from __future__ import annotations
@@ -82,3 +81,11 @@ def quant_linear_kernels() -> KernelRegistry:
     from compressor.kernels.triton_backend import TritonWxA16Backend
 
     return KernelRegistry([TritonWxA16Backend(), CpuInt4PackBackend(), CpuInt8PackBackend()])
+
+
+@functools.cache
+def w8a8_linear_kernels() -> KernelRegistry:
+    """W8A8Linear's backends (int8 and FP8 codes × codes). The reference path is the implicit last one."""
+    from compressor.kernels.w8a8_backends import Fp8ScaledMmBackend, Int8IntMmBackend
+
+    return KernelRegistry([Int8IntMmBackend(), Fp8ScaledMmBackend()])

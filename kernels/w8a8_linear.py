@@ -9,17 +9,21 @@ Activations are quantized in ``forward``, symmetric, either dynamically (one sca
 computed from the token's own maximum) or statically (one calibrated scale for the tensor).
 With ``activations=None`` the layer is weight-only (FP8 W8A16).
 
-Compute paths:
-- int8 × int8 on CPU: ``torch._int_mm`` (exact int32 accumulation), then both scales;
-- elsewhere int8 × int8: the same product in float64, which is exact for int8 codes (every
-  partial sum stays far below 2^53), so it equals the integer path bit for bit;
-- FP8: codes are cast up and multiplied in float32 (the reference path).
+Compute paths (``forward`` dispatches by device, dtype and batch size to the first backend of
+``compressor.kernels.dispatch.w8a8_linear_kernels()`` that can run the layer, else the
+reference path; ``kernel_report`` records the choice and why the others were skipped):
+- int8 × int8: ``torch._int_mm`` (exact int32 accumulation), then both scales (CPU and CUDA);
+- FP8 × FP8: ``torch._scaled_mm`` with row-wise scales (CUDA with capability ≥ 8.9; on CPU it
+  is slower than the reference path, which the default registry therefore keeps there);
+- reference: the input's codes times their scale, times the dequantized weight, in fp32.
+Every path is differentiable with respect to the input (frozen codes): the activation
+quantization is passed straight through and the gradient multiplies by the dequantized weight.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +99,9 @@ class W8A8Linear(nn.Module):
         else:
             self.input_scale = None
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self._choices: dict[tuple, Any] = {}
+        self._prepared: dict[tuple, tuple[tuple, Any]] = {}  # (backend, device) → (buffer key, state)
+        self.kernel_report: dict[str, Any] = {}
 
     @classmethod
     def from_codes(
@@ -135,19 +142,72 @@ class W8A8Linear(nn.Module):
         scale = self.input_scale.float()
         return quantize_per_tensor(x, scale, self.activations.type), scale
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    # -- dispatch -------------------------------------------------------------------------
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Dequantize, then matmul: the input's codes × their scale against the dequantized weight, in fp32."""
         if self.activations is None:
             return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
         codes, x_scale = self.quantize_input(x)
-        flat = codes.reshape(-1, self.in_features)
-        if self.weight_type == "int" and self.activations.type == "int":
-            accumulated = _int8_matmul(flat, self.weight)
-        else:
-            accumulated = flat.float() @ self.weight.float().t()
-        out = accumulated.reshape(*x.shape[:-1], self.out_features) * x_scale * self.weight_scale.float().t()
-        if self.bias is not None:
-            out = out + self.bias.float()
-        return out.to(x.dtype)
+        xf = x.float()
+        # Straight-through: the value is the quantized input, the gradient that of the identity.
+        quantized = xf + (codes.float() * x_scale - xf).detach()
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(quantized, self.dequantized_weight(torch.float32), bias).to(x.dtype)
+
+    def _buffer_key(self) -> tuple:
+        """Changes whenever a buffer is replaced or written in place (load_state_dict, copy_)."""
+        tensors = [t for t in (self.weight, self.weight_scale, self.input_scale) if t is not None]
+        return tuple((t.data_ptr(), t._version) for t in tensors)
+
+    def choose_kernel(self, x: torch.Tensor):
+        from compressor.kernels.dispatch import batch_bucket, w8a8_linear_kernels
+
+        rows = x.numel() // self.in_features if self.in_features else 0
+        key = (x.device.type, x.dtype, batch_bucket(rows))
+        choice = self._choices.get(key)
+        if choice is None:
+            choice = w8a8_linear_kernels().choose(self, x)
+            self._choices[key] = choice
+        return choice
+
+    def prepared_state(self, backend: Any, device: torch.device) -> Any:
+        """The backend's form of this layer for `device`, built on first use."""
+        if torch.compiler.is_compiling():
+            # Inside a traced graph the form is part of the graph (views and a cast of the scales);
+            # the cache's data-pointer key cannot be traced.
+            return backend.prepare(self, device)
+        slot = (backend.name, device)
+        key = self._buffer_key()
+        cached = self._prepared.get(slot)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, backend.prepare(self, device))
+            self._prepared[slot] = cached
+        return cached[1]
+
+    def prepare_kernels(self, example: torch.Tensor) -> str:
+        """Build what the kernel chosen for inputs like `example` needs (at load time)."""
+        choice = self.choose_kernel(example)
+        if choice.backend is not None:
+            self.prepared_state(choice.backend, example.device)
+        return choice.name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        choice = self.choose_kernel(x)
+        if self.kernel_report.get("kernel") != choice.name:
+            self.kernel_report = {"kernel": choice.name, "skipped": dict(choice.skipped)}
+        if choice.backend is None:
+            return self.reference_forward(x)
+        state = self.prepared_state(choice.backend, x.device)
+        out = choice.backend.run(state, x.reshape(-1, self.in_features), self.bias)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _apply(self, fn, recurse: bool = True):
+        # Moving or casting the buffers invalidates every prepared form and choice.
+        self._prepared.clear()
+        self._choices.clear()
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         weights = "w8 int" if self.weight_type == "int" else "w8 fp8-e4m3"
@@ -156,13 +216,6 @@ class W8A8Linear(nn.Module):
         else:
             acts = f"a8 {self.activations.type} {'dynamic per-token' if self.activations.dynamic else 'static per-tensor'}"
         return f"in={self.in_features}, out={self.out_features}, {weights} per-channel, {acts}"
-
-
-def _int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a [M, K] int8 @ b[N, K]ᵀ int8 → float32 [M, N], exact."""
-    if a.device.type == "cpu":
-        return torch._int_mm(a, b.t().contiguous()).float()
-    return (a.double() @ b.double().t()).float()
 
 
 def build_from_scheme(linear: nn.Linear, scheme: dict, dtype: torch.dtype) -> W8A8Linear:
