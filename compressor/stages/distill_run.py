@@ -99,7 +99,7 @@ def distill_model(model: nn.Module, config: DistillConfig, ctx: StageContext, pl
     finally:
         trainable.finish()
         del teacher
-    if ctx.workdir is not None:
+    if ctx.workdir is not None and result.is_main_process:
         artifacts = ctx.workdir / "artifacts"
         artifacts.mkdir(parents=True, exist_ok=True)
         log = {"resumed_from_step": result.resumed_from, "steps": result.state.step,
@@ -110,5 +110,5 @@ def distill_model(model: nn.Module, config: DistillConfig, ctx: StageContext, pl
         ctx.artifacts[f"{label}.json"] = artifacts / f"{label}.json"
     first, last = result.curve[0]["loss"], result.curve[-1]["loss"]
     ctx.notes[label] = {"steps": result.state.step, "first_loss": first, "last_loss": last, "resumed_from": result.resumed_from,
-                        "stopped_by_time": result.stopped_by_time}
+                        "stopped_by_time": result.stopped_by_time, "processes": result.processes}
     return model
