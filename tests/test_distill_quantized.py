@@ -158,3 +158,55 @@ def test_bad_lora_keys_fail_at_dry_run(block, key, fragment, tiny_llama, tmp_pat
     err = capsys.readouterr().err.strip()
     assert code == 2, err
     assert f"{recipe}:4 {key}:" in err and fragment in err, err
+
+
+def test_lora_distillation_resumes_bit_for_bit(tiny_llama, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from compressor.training.lora_trainable import select_lora_trainable
+
+    teacher = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
+    windows = torch.randint(3, 384, (8, 24), generator=torch.Generator().manual_seed(0))
+    kl = [WeightedLoss("kl", losses.loss_registry().get("kl"), LossSpec(kind="kl"))]
+    targets = ["model.layers.0.mlp.up_proj", "model.layers.1.self_attn.q_proj"]
+
+    def fresh():
+        student = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
+        with torch.no_grad():  # a gap for the adapters to close
+            student.model.layers[0].mlp.up_proj.weight.mul_(0.5)
+        torch.manual_seed(0)
+        return student, select_lora_trainable(student, targets, rank=2, alpha=4.0, dropout=0.0)
+
+    def run(student, trainable, folder, resume):
+        return run_distillation(student, teacher, windows, kl, trainable, _settings(lr=1e-2, checkpoint_every=3),
+                                checkpoint_dir=folder, resume=resume, show_progress=False, autocast_dtype=None, cpu=True)
+
+    whole, whole_set = fresh()
+    run(whole, whole_set, tmp_path / "a", False)
+    reference = {name: p.detach().clone() for name, p in whole_set.named.items()}
+    assert len(reference) == 4 and any("lora_B" in name and p.abs().max() > 0 for name, p in reference.items())
+
+    crashed, crashed_set = fresh()
+    original_step, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def failing_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", failing_step)
+    with pytest.raises(KeyboardInterrupt):
+        run(crashed, crashed_set, tmp_path / "b", False)
+    monkeypatch.setattr(torch.optim.AdamW, "step", original_step)
+
+    resumed, resumed_set = fresh()
+    result = run(resumed, resumed_set, tmp_path / "b", True)
+    assert result.resumed_from == 3 and result.state.step == 8
+    for name, value in resumed_set.named.items():
+        assert torch.equal(value, reference[name]), name
+    resumed_set.finish()  # the adapters become compensation terms on their layers
+    from compressor.kernels.lowrank import compensations
+
+    assert sorted(compensations(resumed)) == sorted(targets)
+    assert not any("lora" in name for name, _ in resumed.named_parameters())
