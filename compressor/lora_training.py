@@ -37,17 +37,11 @@ def train_lora_on(
     seed: int,
 ) -> LoRAResult:
     """Causal-LM LoRA training on token windows [N, L]; adapters end up attached to `model`."""
-    from peft import get_peft_model
-
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     was_training = model.training
-    config = lora_config_for_quantized(
-        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none", task_type="CAUSAL_LM"
-    )
-    with device_anchors(model):
-        peft_model = get_peft_model(model, config)
+    peft_model = inject_lora(model, targets, rank=rank, alpha=alpha, dropout=dropout)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     device = next(model.parameters()).device
@@ -61,6 +55,28 @@ def train_lora_on(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         result.losses.append(float(loss.detach()))
+    base = keep_as_compensations(peft_model, targets)
+    for name, parameter in base.named_parameters():
+        parameter.requires_grad_(requires_grad.get(name, parameter.requires_grad))
+    base.train(was_training)
+    return result
+
+
+def inject_lora(model: nn.Module, targets: list[str], *, rank: int, alpha: float, dropout: float) -> nn.Module:
+    """peft LoRA layers on `targets` (Linear or QuantLinear), injected into `model` in place;
+    returns the peft wrapper. Only the adapters require gradients afterwards."""
+    from peft import get_peft_model
+
+    config = lora_config_for_quantized(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none", task_type="CAUSAL_LM"
+    )
+    with device_anchors(model):
+        return get_peft_model(model, config)
+
+
+def keep_as_compensations(peft_model: nn.Module, targets: list[str]) -> nn.Module:
+    """Remove peft's wrappers (no merge) and attach each trained adapter to its base layer as a
+    compensation term, LoRA scaling folded into B; returns the base model."""
     adapters = {}
     for name in targets:
         layer = peft_model.base_model.model.get_submodule(name)
@@ -71,10 +87,7 @@ def train_lora_on(
         layer = base.get_submodule(name)
         dtype = _layer_dtype(layer)
         attach_compensation(layer, a.to(dtype), b.to(dtype), "lora")
-    for name, parameter in base.named_parameters():
-        parameter.requires_grad_(requires_grad.get(name, parameter.requires_grad))
-    base.train(was_training)
-    return result
+    return base
 
 
 def _layer_dtype(layer: nn.Module) -> torch.dtype:

@@ -30,6 +30,7 @@ from compressor.guards import assert_finite, check_free_space, state_bytes
 from compressor.model_card import build_model_card
 from compressor.model_io import LoadedModel, load_config, load_model, load_tokenizer, prepare_source, weights_bytes
 from compressor.offload import is_dispatched, undispatch
+from compressor.processes import launch_processes
 from compressor.recipe import Recipe
 from compressor.resume import LoopState, StageCheckpoints, run_key
 from compressor.sparse_format import pack_sparse_layers, write_sparsity_config
@@ -64,6 +65,7 @@ class RunSummary:
     stage_seconds: list[float] = field(default_factory=list)
     plans: list[StagePlan] = field(default_factory=list)
     evaluation: dict[str, Any] | None = None  # report.json of the `evaluate:` block
+    saved: bool = True  # False in the other processes of an `accelerate launch` (the main one saves)
 
 
 def default_device(requested: str | None) -> torch.device:
@@ -205,7 +207,9 @@ def run_recipe(
     def reference_model() -> nn.Module:
         return load_model(model_reference, allow_pickle=options.allow_pickle, trust_remote_code=options.trust_remote_code).model
 
-    workdir = prepare_workdir(options.out_dir, options.resume)
+    processes = launch_processes(device)
+    workdir = prepare_workdir(options.out_dir, options.resume) if processes.is_main else workdir_for(options.out_dir)
+    processes.wait()
     ctx = StageContext(
         tokenizer=tokenizer,
         calibration=calibration_tokens,
@@ -219,7 +223,8 @@ def run_recipe(
     summary = RunSummary(options.out_dir, original_bytes, 0, base_ppl, None)
     stage_log: list[dict[str, Any]] = []
     # A merged model sits in a fresh temporary folder each run: its stage checkpoints could never match.
-    checkpoints = stage_checkpoints_for(model_reference, loaded, recipe, options, device, echo, merged="merge" in (extra_metadata or {}))
+    checkpoints = stage_checkpoints_for(model_reference, loaded, recipe, options, device, echo,
+                                        merged="merge" in (extra_metadata or {}), writes=processes.is_main)
     loop = LoopState(stage_log, summary.stage_seconds, summary.plans)
     model, first_stage = checkpoints.restore(model, ctx, loop)
     for index, spec in enumerate(recipe.stages):
@@ -242,6 +247,10 @@ def run_recipe(
         stage_log.append({"kind": spec.kind, "method": plan.method, "modules": len(plan.selected), "seconds": round(seconds, 3)})
         checkpoints.save(index, model, ctx, loop)
     loaded.model = model
+    if not processes.is_main:
+        echo(f"process {processes.index + 1} of {processes.count}: every stage done; process 1 saves {options.out_dir}")
+        summary.saved = False
+        return summary
 
     if windows is not None:
         summary.compressed_perplexity = perplexity_on(model, windows).perplexity
@@ -289,10 +298,11 @@ def stage_checkpoints_for(
     device: torch.device,
     echo: Callable[[str], None],
     merged: bool = False,
+    writes: bool = True,
 ) -> StageCheckpoints:
     assert options.out_dir is not None
     key = run_key(recipe.sha256(), model_reference, loaded.folder, device, options.batch_size)
-    enabled = options.stage_checkpoints and not merged
+    enabled = options.stage_checkpoints and not merged and writes
     return StageCheckpoints(workdir_for(options.out_dir), key, [s.kind for s in recipe.stages], enabled, options.resume, echo)
 
 

@@ -117,6 +117,8 @@ def run(argv: list[str]) -> int:
         print("dry run: nothing written")
         return 0
     summary = run_merge_recipe(recipe, options) if merging else run_recipe(args.model, recipe, options)
+    if not summary.saved:  # another process of this launch saved the output
+        return 0
     ratio = summary.original_bytes / max(summary.compressed_bytes, 1)
     print(f"saved: {summary.out_dir}")
     print(

@@ -11,7 +11,9 @@ Recipe block::
         batch_size: 4
         gradient_accumulation: 1
         gradient_checkpointing: false
-        train: auto                   # auto | unquantized | scales (see compressor.training.trainable)
+        train: auto                   # auto | unquantized | scales | lora (see compressor.training.trainable)
+        rank: 32                      # train: lora only, like the lowrank stage: rank, alpha (2 × rank),
+        alpha: null                   #   dropout, targets (module classes or re:<regex>; `ignore` applies)
         data: null                    # a calibration block of its own; default: the recipe's calibration
         checkpoint_every: 50          # resumable with `compress ... --resume`
         max_minutes: null             # wall-time budget: stop after the step that passes it
@@ -32,7 +34,8 @@ from compressor.algorithms.distill_losses import loss_registry
 from compressor.errors import RecipeError
 from compressor.recipe import CalibrationSpec, StrictModel
 from compressor.stages.base import Locator, StageContext, StagePlan
-from compressor.targets import validate_pattern
+from compressor.kernels.quant_linear import QuantLinear
+from compressor.targets import select_modules, validate_pattern
 from compressor.training.trainable import TRAIN_MODES, describe_trainable, select_trainable
 
 _LOGIT_LOSSES = {"kl", "reverse_kl", "jsd"}
@@ -99,8 +102,17 @@ class DistillConfig(StrictModel):
     seed: NonNegativeInt = 0
     # A budget for shared or slow machines; the schedule still spans `steps`, so size `steps` to fit it.
     max_minutes: float | None = Field(default=None, gt=0)
+    # train: lora (the lowrank stage's names and defaults)
+    rank: PositiveInt = 32
+    alpha: float | None = Field(default=None, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    targets: list[str] = Field(default_factory=lambda: ["Linear", "QuantLinear"], min_length=1)
 
-    @field_validator("ignore")
+    @property
+    def lora_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else 2.0 * self.rank
+
+    @field_validator("ignore", "targets")
     @classmethod
     def _patterns(cls, values: list[str]) -> list[str]:
         return [validate_pattern(v) for v in values]
@@ -153,20 +165,54 @@ def _check_teacher(model: nn.Module, config: DistillConfig, locate: Locator) -> 
         )
 
 
+_LORA_KEYS = ("rank", "alpha", "dropout", "targets")
+
+
+def lora_targets(model: nn.Module, config: DistillConfig, locate: Locator) -> dict[str, str]:
+    """`train: lora`: the Linear / QuantLinear layers the adapters go on, with a detail each."""
+    selection = select_modules(model, config.targets, config.ignore)
+    chosen = {}
+    for name, module in selection.selected.items():
+        if not isinstance(module, (nn.Linear, QuantLinear)):
+            continue
+        if config.rank > min(module.in_features, module.out_features):
+            raise RecipeError(
+                f"rank {config.rank} is larger than layer {name} allows ({module.out_features}×{module.in_features},"
+                f" at most {min(module.in_features, module.out_features)})",
+                **locate("rank"),
+            )
+        chosen[name] = f"LoRA rank {config.rank} on {type(module).__name__}"
+    if not chosen:
+        raise RecipeError("`targets` matches no Linear or QuantLinear layer for LoRA", **locate("targets"))
+    return chosen
+
+
+def _check_lora_keys(config: DistillConfig, locate: Locator) -> None:
+    if config.train == "lora":
+        return
+    for key in _LORA_KEYS:
+        if key in config.model_fields_set:
+            raise RecipeError(f"'{key}' applies to `train: lora`, not `train: {config.train}`", **locate(key))
+
+
 class DistillStage:
     def needs_calibration(self, config: DistillConfig) -> bool:
         return config.data is None
 
     def plan(self, model: nn.Module, config: DistillConfig, locate: Locator) -> StagePlan:
         _check_layers(model, config, locate)
+        _check_lora_keys(config, locate)
         _check_teacher(model, config, locate)
+        method = "+".join(s.kind for s in config.losses())
+        if config.train == "lora":
+            return StagePlan(kind="distill", method=method, selected=lora_targets(model, config, locate))
         selected = describe_trainable(model, config.train, config.ignore)
         # Before the stages run there are no quantized layers yet: `scales` is checked again at run time.
         if not selected and config.train != "scales":
             raise RecipeError(f"`train: {config.train}` finds nothing to train in this model", **locate("train"))
-        return StagePlan(kind="distill", method="+".join(s.kind for s in config.losses()), selected=selected)
+        return StagePlan(kind="distill", method=method, selected=selected)
 
     def run(self, model: nn.Module, config: DistillConfig, ctx: StageContext, plan: StagePlan) -> nn.Module:
         from compressor.stages.distill_run import distill_model
 
-        return distill_model(model, config, ctx)
+        return distill_model(model, config, ctx, plan)

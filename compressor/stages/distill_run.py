@@ -10,10 +10,11 @@ from torch import nn
 from compressor.algorithms.distill_losses import loss_registry
 from compressor.cache import cache_root
 from compressor.errors import CompressionError
-from compressor.stages.base import StageContext
+from compressor.stages.base import StageContext, StagePlan
 from compressor.stages.distill import DistillConfig
 from compressor.training.distill_loop import LoopSettings, WeightedLoss, plot_loss_curve, run_distillation
-from compressor.training.trainable import select_trainable
+from compressor.training.lora_trainable import select_lora_trainable
+from compressor.training.trainable import TrainableSet, select_trainable
 
 
 def _windows(config: DistillConfig, ctx: StageContext) -> torch.Tensor:
@@ -46,13 +47,21 @@ def _weighted_losses(config: DistillConfig) -> list[WeightedLoss]:
     return [WeightedLoss(name, registry.get(spec.kind), spec) for name, spec in zip(names, specs)]
 
 
-def distill_model(model: nn.Module, config: DistillConfig, ctx: StageContext) -> nn.Module:
+def _trainable(model: nn.Module, config: DistillConfig, plan: StagePlan) -> TrainableSet:
+    if config.train == "lora":
+        with torch.random.fork_rng(devices=[]):  # LoRA's A starts random: the recipe's seed decides it
+            torch.manual_seed(config.seed)
+            return select_lora_trainable(model, list(plan.selected), rank=config.rank, alpha=config.lora_alpha, dropout=config.dropout)
+    return select_trainable(model, config.train, config.ignore)
+
+
+def distill_model(model: nn.Module, config: DistillConfig, ctx: StageContext, plan: StagePlan) -> nn.Module:
     losses = _weighted_losses(config)
     needs_teacher = any(item.entry.needs_teacher for item in losses)
     windows = _windows(config, ctx)
     teacher = _teacher(config, ctx) if needs_teacher else None
     model_dtype = next(model.parameters()).dtype
-    trainable = select_trainable(model, config.train, config.ignore)
+    trainable = _trainable(model, config, plan)
     if not trainable.named:
         raise CompressionError(f"distill `train: {config.train}` found nothing to train (no quantized layers before it?)")
     settings = LoopSettings(
@@ -90,7 +99,7 @@ def distill_model(model: nn.Module, config: DistillConfig, ctx: StageContext) ->
     finally:
         trainable.finish()
         del teacher
-    if ctx.workdir is not None:
+    if ctx.workdir is not None and result.is_main_process:
         artifacts = ctx.workdir / "artifacts"
         artifacts.mkdir(parents=True, exist_ok=True)
         log = {"resumed_from_step": result.resumed_from, "steps": result.state.step,
@@ -101,5 +110,5 @@ def distill_model(model: nn.Module, config: DistillConfig, ctx: StageContext) ->
         ctx.artifacts[f"{label}.json"] = artifacts / f"{label}.json"
     first, last = result.curve[0]["loss"], result.curve[-1]["loss"]
     ctx.notes[label] = {"steps": result.state.step, "first_loss": first, "last_loss": last, "resumed_from": result.resumed_from,
-                        "stopped_by_time": result.stopped_by_time}
+                        "stopped_by_time": result.stopped_by_time, "processes": result.processes}
     return model

@@ -54,6 +54,8 @@ class LoopResult:
     resumed_from: int = 0
     curve: list[dict[str, float]] = field(default_factory=list)
     stopped_by_time: bool = False
+    processes: int = 1
+    is_main_process: bool = True
 
 
 def _batch_sampler(windows: torch.Tensor, batch_size: int, generator: torch.Generator) -> Callable[[], torch.Tensor]:
@@ -79,6 +81,13 @@ def _loss_terms(student: nn.Module, teacher: nn.Module | None, ids: torch.Tensor
         input_ids=ids,
     )
     return {item.name: item.entry.function(inputs, item.spec) * item.spec.weight for item in losses}
+
+
+def _out_of_time(accelerator, mine: bool) -> bool:
+    """Every process stops after the same step (one leaving early would stall the others' all-reduce)."""
+    if accelerator.num_processes == 1:
+        return mine
+    return bool(accelerator.reduce(torch.tensor([float(mine)], device=accelerator.device), reduction="sum").item() > 0)
 
 
 def run_distillation(
@@ -137,6 +146,9 @@ def run_distillation(
                 accelerator.backward(loss / settings.gradient_accumulation)
             for name, value in terms.items():
                 totals[name] = totals.get(name, 0.0) + value.item() / settings.gradient_accumulation
+        if accelerator.num_processes > 1:  # the curve is the mean over processes, the same in each
+            means = accelerator.reduce(torch.tensor(list(totals.values()), device=device), reduction="mean")
+            totals = dict(zip(totals, means.tolist()))
         trainable.mask_gradients()
         if settings.max_grad_norm is not None:
             accelerator.clip_grad_norm_(trainable.parameters(), settings.max_grad_norm)
@@ -154,13 +166,14 @@ def run_distillation(
             if accelerator.is_main_process:
                 save_training_checkpoint(checkpoint_dir, trainable, optimizer, scheduler, generator, state)
             accelerator.wait_for_everyone()
-        if settings.max_seconds is not None and time.monotonic() - started >= settings.max_seconds:
+        if settings.max_seconds is not None and _out_of_time(accelerator, time.monotonic() - started >= settings.max_seconds):
             stopped_by_time = state.step < settings.steps
             break
     student.eval()
     if settings.gradient_checkpointing:
         student.gradient_checkpointing_disable()
-    return LoopResult(state=state, resumed_from=resumed_from, curve=state.losses, stopped_by_time=stopped_by_time)
+    return LoopResult(state=state, resumed_from=resumed_from, curve=state.losses, stopped_by_time=stopped_by_time,
+                      processes=accelerator.num_processes, is_main_process=accelerator.is_main_process)
 
 
 def plot_loss_curve(curve: list[dict[str, float]], path: Path, title: str) -> None:

@@ -3,8 +3,14 @@
 - Pruned Linear weights keep their zeros: a weight with exact zeros in more than
   `PRUNED_FRACTION` of its entries counts as pruned, its zero pattern becomes a mask that is
   applied to the gradient and again after every optimizer step.
-- Quantized layers (`QuantLinear`) keep their integer codes; only their scales can train
-  (the scales become fp32 parameters while training and return to their dtype after).
+- Quantized layers (`QuantLinear`) keep their integer codes; only their scales and, for
+  asymmetric layers, their zero points train. Scales become fp32 parameters and return to their
+  dtype after. Zero points are integers in the format, so they train as fp32 values that the
+  forward rounds (straight-through: the gradient passes the rounding unchanged) and clamps to
+  the code range; the rounded value is packed back at the end, so the trained model computes
+  exactly what the saved one will. While training, a QuantLinear runs a dequantize-then-matmul
+  forward from its cached codes, which carries gradients to the scales and zero points (the
+  packed kernels differentiate only with respect to the input).
 - Trainable tensors train in fp32 (master weights) and are cast back when training ends,
   because bf16 cannot hold updates as small as a typical distillation step.
 """
@@ -12,18 +18,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from compressor.kernels.packing import pack_codes
 from compressor.kernels.quant_linear import QuantLinear
 from compressor.targets import matches
 
 # A trained dense weight has essentially no exact zeros; a pruned one has many.
 PRUNED_FRACTION = 0.01
 
-TRAIN_MODES = ("auto", "unquantized", "scales")
+TRAIN_MODES = ("auto", "unquantized", "scales", "lora")
 
 
 @dataclass
@@ -76,16 +85,47 @@ def _train_parameter(trainable: TrainableSet, module: nn.Module, name: str, attr
     trainable._restores.append(restore)
 
 
-def _train_scale(trainable: TrainableSet, module: QuantLinear, name: str) -> None:
+def _rounded_zero(zero: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """round + clamp in the forward, identity in the backward (straight-through estimator)."""
+    return zero + (zero.round().clamp(qmin, qmax) - zero).detach()
+
+
+def _code_range(bits: int) -> tuple[int, int]:
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def _training_forward(module: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    scale = module.weight_scale
+    grouped = module.training_codes.float().reshape(module.out_features, scale.shape[1], -1)
+    if module.training_zero_point is not None:
+        grouped = grouped - _rounded_zero(module.training_zero_point, *_code_range(module.bits)).unsqueeze(-1)
+    weight = (grouped * scale.float().unsqueeze(-1)).reshape(module.out_features, module.in_features)
+    return F.linear(x, weight.to(x.dtype), module.bias)
+
+
+def _train_quantization(trainable: TrainableSet, module: QuantLinear, name: str) -> None:
     buffer = module._buffers.pop("weight_scale")
     parameter = nn.Parameter(buffer.float())
     module.weight_scale = parameter
-    trainable.named[f"{name}.weight_scale"] = parameter
+    prefix = f"{name}." if name else ""
+    trainable.named[f"{prefix}weight_scale"] = parameter
+    # Registered on the module so that `.to(device)` moves them and DDP averages the gradients.
+    module.register_buffer("training_codes", module.codes(), persistent=False)
+    zero = nn.Parameter(module.zero_points().float()) if module.weight_zero_point is not None else None
+    module.register_parameter("training_zero_point", zero)
+    if zero is not None:
+        trainable.named[f"{prefix}weight_zero_point"] = zero
+    # An instance attribute shadows the class's forward until `restore` deletes it.
+    module.forward = partial(_training_forward, module)
 
     def restore() -> None:
+        del module.forward, module.training_codes, module.training_zero_point
         value = parameter.detach().to(buffer.dtype)
         del module.weight_scale
         module.register_buffer("weight_scale", value)
+        if zero is not None:
+            rounded = zero.detach().round().clamp(*_code_range(module.bits)).to(torch.int8)
+            module.weight_zero_point.copy_(pack_codes(rounded.cpu(), module.bits, dim=0).to(module.weight_zero_point.device))
 
     trainable._restores.append(restore)
 
@@ -101,7 +141,7 @@ def _trainable_modules(model: nn.Module, mode: str, ignore: list[str]):
         seen.add(id(module))
         if isinstance(module, QuantLinear):
             if mode in ("auto", "scales"):
-                yield name, module, "scales"
+                yield name, module, "scales" if module.weight_zero_point is None else "scales, zero points"
         elif mode in ("auto", "unquantized"):
             if isinstance(module, nn.Linear):
                 yield name, module, "weight" if module.bias is None else "weight, bias"
@@ -120,8 +160,8 @@ def select_trainable(model: nn.Module, mode: str, ignore: list[str]) -> Trainabl
         parameter.requires_grad_(False)
     trainable = TrainableSet()
     for name, module, what in list(_trainable_modules(model, mode, ignore)):
-        if what == "scales":
-            _train_scale(trainable, module, name)
+        if what.startswith("scales"):
+            _train_quantization(trainable, module, name)
         elif what == "norm weight":
             _train_parameter(trainable, module, name, "weight", masked=False)
         else:
