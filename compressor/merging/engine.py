@@ -75,6 +75,7 @@ class MergePlan:
             "normalize": self.normalize,
             "seed": self.config.seed,
             "tokenizer_source": self.config.tokenizer_source or "base",
+            "tie_break": self.config.tie_break,
             "tensors": len(self.slots),
         }
 
@@ -276,6 +277,7 @@ def merge_tensor(plan: MergePlan, index: int, tensors: list[torch.Tensor]) -> to
         t=params.t,
         filter_wise=plan.config.filter_wise,
         generator=_generator(plan.config.seed, slot.name) if plan.method.randomized else None,
+        tie_break=plan.config.tie_break,
     )
     return plan.method.function(call)
 

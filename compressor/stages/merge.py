@@ -74,7 +74,10 @@ class MergeConfig(StrictModel):
     seed: NonNegativeInt = 0
     dtype: DType | None = None  # dtype the inputs are cast to before merging (mergekit's `dtype`)
     out_dtype: DType | None = None  # dtype written (default: the merge's result dtype)
-    tokenizer_source: str | None = None  # "base" or one of `models[].model`
+    tokenizer_source: str | None = None  # "base", "union" or one of `models[].model`
+    # Equal magnitudes at a TIES / Breadcrumbs cut: "index" (streamed, lower index first) or
+    # "sort" (torch.argsort's order, bit-identical to mergekit, ~20 bytes per entry more memory).
+    tie_break: Literal["index", "sort"] = "index"
     max_shard_size: str = "5GB"
 
     @field_validator("method")
