@@ -46,9 +46,10 @@ def row_slices(shape: tuple[int, ...] | torch.Size, max_elements: int | None = C
 
 
 def magnitude_bits(delta: torch.Tensor) -> torch.Tensor:
-    """|delta| as int64 numbers that order exactly like the magnitudes."""
-    view = _INT_VIEWS[delta.element_size()]
-    return delta.abs().reshape(-1).view(view).to(torch.int64)
+    """|delta| as integers that order exactly like the magnitudes (int32, int64 for float64)."""
+    size = delta.element_size()
+    bits = delta.abs().reshape(-1).view(_INT_VIEWS[size])
+    return bits.to(torch.int32) if size < 4 else bits
 
 
 def _value_bits(dtype: torch.dtype) -> int:
@@ -114,10 +115,15 @@ class RankWindow:
     top: _Boundary | None = None
     bottom: _Boundary | None = None
     factor: torch.Tensor | None = None
+    whole: torch.Tensor | None = None  # the kept mask, when the delta comes in one chunk
 
     def prepare(self, chunks: Chunks) -> None:
-        first = next(iter(chunks()))
+        sweep = chunks()
+        first = next(sweep)
         dtype = first.dtype
+        if next(sweep, None) is None:
+            self._prepare_whole(first)
+            return
         if self.lo > 0:
             self.top = _Boundary(*select_rank(chunks, dtype, self.lo))
         self.bottom = _Boundary(*select_rank(chunks, dtype, self.hi - 1))
@@ -125,25 +131,41 @@ class RankWindow:
             before = after = 0.0
             for delta in chunks():
                 before += _l1(delta)
-                after += _l1(delta * self._mask(delta, count=False))
+                after += _l1(delta * self._mask(delta))
             self.factor = _rescale_factor(before, after, dtype)
+            for boundary in (self.top, self.bottom):  # `select` counts equal entries from the start again
+                if boundary is not None:
+                    boundary.seen = 0
 
-    def _mask(self, delta: torch.Tensor, count: bool = True) -> torch.Tensor:
+    def _prepare_whole(self, delta: torch.Tensor) -> None:
+        # Small tensors: a stable sort orders equal magnitudes by index, as the radix path does.
+        keys = magnitude_bits(delta)
+        order = torch.sort(keys, descending=True, stable=True).indices
+        keep = torch.zeros(keys.numel(), dtype=torch.bool)
+        keep[order[self.lo : self.hi]] = True
+        self.whole = keep.reshape(delta.shape)
+        if self.rescale:
+            self.factor = _rescale_factor(_l1(delta), _l1(delta * self.whole), delta.dtype)
+
+    def _mask(self, delta: torch.Tensor) -> torch.Tensor:
+        if self.whole is not None:
+            return self.whole
         keys = magnitude_bits(delta)
         assert self.bottom is not None
         keep = keys > self.bottom.bits
         if self.top is not None:
             keep &= keys < self.top.bits
         boundaries = [self.bottom] if self.top is None or self.top.bits == self.bottom.bits else [self.top, self.bottom]
-        saved = [b.seen for b in boundaries]
         for boundary in boundaries:
             equal = keys == boundary.bits
-            rank = boundary.above + boundary.seen + equal.cumsum(0) - 1
-            keep |= equal & (rank >= self.lo) & (rank < self.hi)
-            boundary.seen += int(equal.sum())
-        if not count:
-            for boundary, seen in zip(boundaries, saved):
-                boundary.seen = seen
+            equals = int(equal.sum())
+            first = boundary.above + boundary.seen  # ranks of this chunk's equal entries: [first, first + equals)
+            if self.lo <= first and first + equals <= self.hi:
+                keep |= equal
+            elif first < self.hi and first + equals > self.lo:  # the chunk where the cut falls
+                rank = first + equal.cumsum(0) - 1
+                keep |= equal & (rank >= self.lo) & (rank < self.hi)
+            boundary.seen += equals
         return keep.reshape(delta.shape)
 
     def select(self, index: int, delta: torch.Tensor) -> torch.Tensor:
