@@ -1,6 +1,7 @@
 """Every merge method, compressor against mergekit side by side: same inputs, same config.
 
-    python benchmarks/merge_vs_mergekit.py [--skip-smol] [--json benchmarks/out/merge.json]
+    python benchmarks/merge_vs_mergekit.py [--skip-smol | --skip-tiny] [--methods ties,...] [--no-sort-variant]
+        [--json benchmarks/out/merge.json]
 
 Inputs: a tiny random Llama (float32) and SmolLM2-135M-Instruct (bf16), each with three
 "fine-tunes" made by adding Gaussian noise (1 % of each tensor's std). For every method the same
@@ -183,7 +184,7 @@ def run_process(command: list[str]) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def bench(label: str, base: Path, ft: list[Path], work: Path, methods: list[str]) -> list[dict]:
+def bench(label: str, base: Path, ft: list[Path], work: Path, methods: list[str], sort_variant: bool = True) -> list[dict]:
     rows = []
     model_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
     for method, text in configs(base, ft).items():
@@ -198,7 +199,7 @@ def bench(label: str, base: Path, ft: list[Path], work: Path, methods: list[str]
         ours = run_process([sys.executable, __file__, "--ours", str(config), str(folder / "ours")])
         theirs["rss_over_baseline"] = theirs["peak_rss_bytes"] - theirs["baseline_rss_bytes"]
         # TIES / Breadcrumbs also with `tie_break: sort` (mergekit's argsort order among equal magnitudes).
-        for tie_break in (None, "sort") if method in SORTING else (None,):
+        for tie_break in (None, "sort") if method in SORTING and sort_variant else (None,):
             suffix = f"-{tie_break}" if tie_break else ""
             command = [sys.executable, __file__, "--ours", str(config), str(folder / f"ours{suffix}")]
             ours = run_process(command + (["--tie-break", tie_break] if tie_break else []))
@@ -225,6 +226,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=HERE / "out" / "merge")
     parser.add_argument("--skip-smol", action="store_true")
     parser.add_argument("--skip-tiny", action="store_true")
+    parser.add_argument("--no-sort-variant", action="store_true", help="skip the tie_break: sort rows")
     parser.add_argument("--methods", default="", help="comma-separated subset")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -238,10 +240,12 @@ def main() -> None:
     inputs = args.work / "inputs"
     tiny = tiny_base(inputs / "tiny-base", smol)
     rows = [] if args.skip_tiny else bench(
-        "tiny", tiny, [perturbed_copy(tiny, inputs / f"tiny-ft{i}", seed=i + 1) for i in range(3)], args.work, methods
+        "tiny", tiny, [perturbed_copy(tiny, inputs / f"tiny-ft{i}", seed=i + 1) for i in range(3)], args.work, methods,
+        not args.no_sort_variant,
     )
     if not args.skip_smol:
-        rows += bench("smol", smol, [perturbed_copy(smol, inputs / f"smol-ft{i}", seed=i + 1) for i in range(3)], args.work, methods)
+        smol_ft = [perturbed_copy(smol, inputs / f"smol-ft{i}", seed=i + 1) for i in range(3)]
+        rows += bench("smol", smol, smol_ft, args.work, methods, not args.no_sort_variant)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=2))
