@@ -21,6 +21,7 @@ masks, and the L1 rescale can use whole-tensor norms.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import EllipsisType
 from typing import Callable, Iterator, Protocol
 
 import torch
@@ -33,7 +34,9 @@ _INT_VIEWS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 Chunks = Callable[[], Iterator[torch.Tensor]]  # a fresh sweep over the delta's row slices
 
 
-def row_slices(shape: tuple[int, ...] | torch.Size, max_elements: int | None = CHUNK_ELEMENTS) -> list[slice | type(Ellipsis)]:
+def row_slices(
+    shape: tuple[int, ...] | torch.Size, max_elements: int | None = CHUNK_ELEMENTS
+) -> list[slice | EllipsisType]:
     """Row ranges that cover a tensor with at most `max_elements` entries each (whole: `...`)."""
     numel = 1
     for size in shape:

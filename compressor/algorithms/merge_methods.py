@@ -112,17 +112,20 @@ def _consensus_mask(deltas: torch.Tensor) -> torch.Tensor:
     return deltas.sign() == majority
 
 
-def _sorted_whole(sparsify: Sparsifier, density: float, rescale: bool, gamma: float) -> DeltaSelector:
-    """A whole-tensor sort-based sparsifier behind the chunked selector interface (one chunk)."""
+@dataclass(frozen=True)
+class SortedWhole:
+    """A whole-tensor, sort-based sparsifier (`tie_break: sort`) behind the selector interface."""
 
-    class Sorted:
-        def prepare(self, chunks: Chunks) -> None:
-            return None
+    sparsify: Sparsifier
+    density: float
+    rescale: bool
+    gamma: float
 
-        def select(self, index: int, delta: torch.Tensor) -> torch.Tensor:
-            return sparsify(delta, density, rescale, gamma=gamma)
+    def prepare(self, chunks: Chunks) -> None:
+        return None
 
-    return Sorted()
+    def select(self, index: int, delta: torch.Tensor) -> torch.Tensor:
+        return self.sparsify(delta, self.density, self.rescale, gamma=self.gamma)
 
 
 SELECTORS: dict[str, Callable[[TensorMerge, int, int], DeltaSelector]] = {
@@ -148,7 +151,7 @@ def _task_vectors(sparsifier: str | None, consensus: bool) -> Callable[[TensorMe
         selectors: list[DeltaSelector] = []
         for index in others:
             if sort_based is not None:
-                selector = _sorted_whole(sort_based, m.density[index], m.rescale, m.gamma[index])
+                selector = SortedWhole(sort_based, m.density[index], m.rescale, m.gamma[index])
             elif sparsifier is None:
                 selector = Identity()
             else:
