@@ -162,3 +162,36 @@ def test_streamed_ties_memory_is_the_output_plus_a_few_slices(tie_break):
         assert peak < 2 * tensor_bytes
     else:
         assert peak > 6 * tensor_bytes
+
+
+def test_recipe_tie_break_reaches_the_merge_and_its_record(tiny_tokenizer_dir, tmp_path):
+    """bf16 inputs (ties at the cut): `sort` and `index` differ only in which equal magnitudes they keep."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from compressor.cli import main
+    from tests.merge_fixtures import perturbed_copy, recipe_text
+    from tests.tiny_models import build_tiny_checkpoint
+
+    base = build_tiny_checkpoint(tmp_path / "base", "llama", tiny_tokenizer_dir, dtype=torch.bfloat16)
+    ft = perturbed_copy(base, tmp_path / "ft", seed=1, scale=0.01)
+    outputs = {}
+    for tie_break in ("index", "sort"):
+        block = f"method: ties\nbase: {base}\nmodels:\n  - {{model: {ft}, weight: 1.0, density: 0.5}}\ntie_break: {tie_break}"
+        (tmp_path / f"{tie_break}.yaml").write_text(recipe_text(block))
+        assert main(["--recipe", str(tmp_path / f"{tie_break}.yaml"), "-o", str(tmp_path / tie_break), "-q"]) == 0
+        record = json.loads((tmp_path / tie_break / "compression.json").read_text())
+        assert record["merge"]["tie_break"] == tie_break
+        outputs[tie_break] = load_file(str(tmp_path / tie_break / "model.safetensors"))
+    reference, model = load_file(str(base / "model.safetensors")), load_file(str(ft / "model.safetensors"))
+    name = "model.embed_tokens.weight"
+    delta = (model[name] - reference[name]).abs().reshape(-1)
+    keep = int(0.5 * delta.numel())
+    threshold = torch.sort(delta.float(), descending=True).values[keep - 1]
+    differ = (outputs["index"][name] != outputs["sort"][name]).reshape(-1)
+    assert differ.any()  # the orders do differ on bf16 ties...
+    assert bool((delta[differ].float() == threshold).all())  # ...but only among entries at the cut
+    assert threshold > 0
+    for out in outputs.values():  # and both keep exactly `keep` (nonzero) deltas: base + delta differs from base
+        assert int((out[name] != reference[name]).sum()) == keep
