@@ -12,6 +12,7 @@ Recipe block (must be the first stage; the recipe then takes no input MODEL)::
         normalize: true              # method default when left out
         seed: 0                      # DARE's random masks
         tokenizer_source: base       # union, or one of the models; needed when vocabularies differ
+        tie_break: index             # equal magnitudes at a TIES cut: index (streamed) or sort (mergekit's)
 
 The merge streams tensors from disk (see `compressor.merging.engine`); it runs before any model
 is loaded, so the stage has no in-memory `plan`/`run` step of its own.
