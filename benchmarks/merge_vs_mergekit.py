@@ -1,6 +1,7 @@
 """Every merge method, compressor against mergekit side by side: same inputs, same config.
 
-    python benchmarks/merge_vs_mergekit.py [--skip-smol] [--json benchmarks/out/merge.json]
+    python benchmarks/merge_vs_mergekit.py [--skip-smol | --skip-tiny] [--methods ties,...] [--no-sort-variant]
+        [--json benchmarks/out/merge.json]
 
 Inputs: a tiny random Llama (float32) and SmolLM2-135M-Instruct (bf16), each with three
 "fine-tunes" made by adding Gaussian noise (1 % of each tensor's std). For every method the same
@@ -32,6 +33,7 @@ from safetensors.torch import load_file, save_file
 HERE = Path(__file__).resolve().parent
 MERGEKIT_PYTHON = HERE / ".venv-mergekit" / "bin" / "python"
 DARE = ("dare_ties", "dare_linear")
+SORTING = ("ties", "breadcrumbs")  # magnitude cuts: equal magnitudes are ordered by `tie_break`
 
 
 def rss_bytes() -> int:
@@ -42,7 +44,7 @@ def rss_bytes() -> int:
     return 0
 
 
-def run_ours(config: Path, out: Path) -> None:
+def run_ours(config: Path, out: Path, tie_break: str | None = None) -> None:
     """In a fresh process: `compress merge CONFIG -o OUT`, timed, with peak RSS."""
     import resource
 
@@ -54,6 +56,11 @@ def run_ours(config: Path, out: Path) -> None:
     from compressor.pipeline import RunOptions
 
     recipe = load_merge_config(config)
+    if tie_break is not None:  # not a mergekit key: set on the translated recipe
+        from dataclasses import replace
+
+        spec = recipe.stages[0]
+        recipe = replace(recipe, stages=(replace(spec, config=spec.config.model_copy(update={"tie_break": tie_break})),))
     baseline = rss_bytes()
     started = time.perf_counter()
     run_merge_recipe(recipe, RunOptions(out_dir=out, overwrite=True, show_progress=False), echo=lambda _: None)
@@ -177,7 +184,7 @@ def run_process(command: list[str]) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def bench(label: str, base: Path, ft: list[Path], work: Path, methods: list[str]) -> list[dict]:
+def bench(label: str, base: Path, ft: list[Path], work: Path, methods: list[str], sort_variant: bool = True) -> list[dict]:
     rows = []
     model_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
     for method, text in configs(base, ft).items():
@@ -190,32 +197,41 @@ def bench(label: str, base: Path, ft: list[Path], work: Path, methods: list[str]
         config.write_text(text)
         theirs = run_process([str(MERGEKIT_PYTHON), str(HERE / "mergekit_driver.py"), str(config), str(folder / "mergekit")])
         ours = run_process([sys.executable, __file__, "--ours", str(config), str(folder / "ours")])
-        row = {"model": label, "method": method, "inputs": text.count("model:") + (0 if "base_model" in text else 0),
-               "model_bytes": model_bytes, "ours": ours, "mergekit": theirs,
-               "comparison": compare(folder / "ours", folder / "mergekit", base, method)}
-        for side in ("ours", "mergekit"):
-            row[side]["rss_over_baseline"] = row[side]["peak_rss_bytes"] - row[side]["baseline_rss_bytes"]
-        rows.append(row)
-        c = row["comparison"]
-        detail = (f"share {c['max_share_diff']:.4f} l1 {c['max_l1_rel_diff']:.4f}" if method in DARE
-                  else f"max rel err {c['max_rel_error']:.2e}")
-        print(f"{label:6} {method:16} {'PASS' if c['passed'] else 'FAIL'} {detail:30} "
-              f"ours {ours['seconds']:6.2f}s {row['ours']['rss_over_baseline'] / 1e6:7.1f} MB | "
-              f"mergekit {theirs['seconds']:6.2f}s {row['mergekit']['rss_over_baseline'] / 1e6:7.1f} MB "
-              f"(model {model_bytes / 1e6:.1f} MB)", flush=True)
+        theirs["rss_over_baseline"] = theirs["peak_rss_bytes"] - theirs["baseline_rss_bytes"]
+        # TIES / Breadcrumbs also with `tie_break: sort` (mergekit's argsort order among equal magnitudes).
+        for tie_break in (None, "sort") if method in SORTING and sort_variant else (None,):
+            suffix = f"-{tie_break}" if tie_break else ""
+            command = [sys.executable, __file__, "--ours", str(config), str(folder / f"ours{suffix}")]
+            ours = run_process(command + (["--tie-break", tie_break] if tie_break else []))
+            ours["rss_over_baseline"] = ours["peak_rss_bytes"] - ours["baseline_rss_bytes"]
+            row = {"model": label, "method": method, "tie_break": tie_break or "index", "model_bytes": model_bytes,
+                   "ours": ours, "mergekit": theirs,
+                   "comparison": compare(folder / f"ours{suffix}", folder / "mergekit", base, method)}
+            rows.append(row)
+            c = row["comparison"]
+            detail = (f"share {c['max_share_diff']:.4f} l1 {c['max_l1_rel_diff']:.4f}" if method in DARE
+                      else f"max rel err {c['max_rel_error']:.2e} ({c['differing_elements']} differ)")
+            name = method + (f" ({tie_break})" if tie_break else "")
+            print(f"{label:6} {name:18} {'PASS' if c['passed'] else 'FAIL'} {detail:40} "
+                  f"ours {ours['seconds']:6.2f}s {ours['rss_over_baseline'] / 1e6:7.1f} MB | "
+                  f"mergekit {theirs['seconds']:6.2f}s {theirs['rss_over_baseline'] / 1e6:7.1f} MB "
+                  f"(model {model_bytes / 1e6:.1f} MB)", flush=True)
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ours", nargs=2, metavar=("CONFIG", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--tie-break", choices=("index", "sort"), help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, default=HERE / "out" / "merge")
     parser.add_argument("--skip-smol", action="store_true")
+    parser.add_argument("--skip-tiny", action="store_true")
+    parser.add_argument("--no-sort-variant", action="store_true", help="skip the tie_break: sort rows")
     parser.add_argument("--methods", default="", help="comma-separated subset")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.ours:
-        run_ours(Path(args.ours[0]), Path(args.ours[1]))
+        run_ours(Path(args.ours[0]), Path(args.ours[1]), args.tie_break)
         return
     if not MERGEKIT_PYTHON.is_file():
         sys.exit("mergekit venv missing: bash benchmarks/setup_mergekit_venv.sh")
@@ -223,9 +239,13 @@ def main() -> None:
     smol = smol_base()
     inputs = args.work / "inputs"
     tiny = tiny_base(inputs / "tiny-base", smol)
-    rows = bench("tiny", tiny, [perturbed_copy(tiny, inputs / f"tiny-ft{i}", seed=i + 1) for i in range(3)], args.work, methods)
+    rows = [] if args.skip_tiny else bench(
+        "tiny", tiny, [perturbed_copy(tiny, inputs / f"tiny-ft{i}", seed=i + 1) for i in range(3)], args.work, methods,
+        not args.no_sort_variant,
+    )
     if not args.skip_smol:
-        rows += bench("smol", smol, [perturbed_copy(smol, inputs / f"smol-ft{i}", seed=i + 1) for i in range(3)], args.work, methods)
+        smol_ft = [perturbed_copy(smol, inputs / f"smol-ft{i}", seed=i + 1) for i in range(3)]
+        rows += bench("smol", smol, smol_ft, args.work, methods, not args.no_sort_variant)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=2))

@@ -116,8 +116,8 @@ def test_merge_must_be_first_and_takes_no_model(pair, tmp_path, capsys):
 def test_mergekit_configs_refuse_what_they_cannot_translate(pair, tmp_path, capsys):
     slices = f"merge_method: linear\nslices:\n  - sources:\n      - model: {pair['a']}\n        layer_range: [0, 2]\n"
     refused(tmp_path, capsys, slices, "merge.yaml:2", "slices", "not supported")
-    union = f"merge_method: linear\nmodels:\n  - model: {pair['a']}\n    parameters: {{weight: 1.0}}\ntokenizer_source: union\n"
-    refused(tmp_path, capsys, union, "merge.yaml:5", "union is not supported")
+    unknown_source = f"merge_method: linear\nmodels:\n  - model: {pair['a']}\n    parameters: {{weight: 1.0}}\ntokenizer_source: other\n"
+    refused(tmp_path, capsys, unknown_source, "merge.yaml:5", "tokenizer_source must be 'base', 'union' or one of the models")
     bad_density = f"merge_method: ties\nbase_model: {pair['base']}\nmodels:\n  - model: {pair['a']}\n    parameters:\n      weight: 1.0\n      density: 2.0\n"
     refused(tmp_path, capsys, bad_density, "merge.yaml:7", "density must be in (0, 1]")
 

@@ -10,7 +10,8 @@ resolved for that tensor. Semantics follow mergekit 0.1.5:
   rescale, or magnitude with outliers cut), multiplied by its weight, optionally masked by the
   sign consensus (TIES "sum": the sign of the summed weighted deltas; ties go to +), summed,
   optionally divided by the sum of the weights that agree (or all weights), times `lambda`,
-  added to the base. Computed in the input dtype, as mergekit does unless `dtype` is set.
+  added to the base. Computed in the input dtype, as mergekit does unless `dtype` is set,
+  a row slice at a time (sparsifiers sweep the delta first: `delta_selection`).
 - ``slerp``: spherical interpolation between the base (t=0) and the other model (t=1) on the
   whole flattened tensor, in float32; nearly colinear tensors (|cos| > 0.9995) fall back to lerp.
 - ``model_stock``: average of the fine-tunes pulled toward the base by t = N·cosθ / (1 + (N-1)·cosθ),
@@ -25,7 +26,17 @@ from typing import Callable, Literal
 
 import torch
 
-from compressor.algorithms.sparsify import SPARSIFIERS
+from compressor.algorithms.delta_selection import (
+    CHUNK_ELEMENTS,
+    Chunks,
+    DeltaSelector,
+    Identity,
+    RandomMask,
+    largest,
+    middle,
+    row_slices,
+)
+from compressor.algorithms.sparsify import SORTED_SPARSIFIERS, Sparsifier, TieBreak
 from compressor.registry import Registry
 
 SLERP_DOT_THRESHOLD = 0.9995
@@ -48,6 +59,7 @@ class TensorMerge:
     t: float = 0.5
     filter_wise: bool = False
     generator: torch.Generator | None = None
+    tie_break: TieBreak = "index"  # order of equal magnitudes at a TIES / Breadcrumbs cut
 
     @property
     def base(self) -> torch.Tensor:
@@ -100,37 +112,77 @@ def _consensus_mask(deltas: torch.Tensor) -> torch.Tensor:
     return deltas.sign() == majority
 
 
+@dataclass(frozen=True)
+class SortedWhole:
+    """A whole-tensor, sort-based sparsifier (`tie_break: sort`) behind the selector interface."""
+
+    sparsify: Sparsifier
+    density: float
+    rescale: bool
+    gamma: float
+
+    def prepare(self, chunks: Chunks) -> None:
+        return None
+
+    def select(self, index: int, delta: torch.Tensor) -> torch.Tensor:
+        return self.sparsify(delta, self.density, self.rescale, gamma=self.gamma)
+
+
+SELECTORS: dict[str, Callable[[TensorMerge, int, int], DeltaSelector]] = {
+    "magnitude": lambda m, i, numel: largest(numel, m.density[i], m.rescale),
+    "magnitude_outliers": lambda m, i, numel: middle(numel, m.density[i], m.rescale, m.gamma[i]),
+    "random": lambda m, i, numel: Identity() if m.density[i] >= 1 else RandomMask(m.density[i], m.rescale, m.generator),
+}
+
+
 def _task_vectors(sparsifier: str | None, consensus: bool) -> Callable[[TensorMerge], torch.Tensor]:
     def merge(m: TensorMerge) -> torch.Tensor:
         base = m.base
         others = m.others()
         if not others:
             return base
-        deltas = base.new_empty((len(others), *base.shape))
-        for row, index in enumerate(others):
-            delta = m.tensors[index] - base
-            if sparsifier is not None:
-                delta = SPARSIFIERS[sparsifier](
-                    delta, m.density[index], m.rescale, gamma=m.gamma[index], generator=m.generator
-                )
-            deltas[row] = delta
-        weights = torch.tensor([m.weight[i] for i in others], dtype=deltas.dtype, device=deltas.device)
+        sort_based = SORTED_SPARSIFIERS.get(sparsifier) if m.tie_break == "sort" and sparsifier else None
+        # Row slices bound the intermediates; the sort-based order needs the whole tensor at once.
+        slices = row_slices(base.shape, None if sort_based else CHUNK_ELEMENTS)
+
+        def sweep(index: int) -> Chunks:
+            return lambda: (m.tensors[index][rows] - base[rows] for rows in slices)
+
+        selectors: list[DeltaSelector] = []
+        for index in others:
+            if sort_based is not None:
+                selector = SortedWhole(sort_based, m.density[index], m.rescale, m.gamma[index])
+            elif sparsifier is None:
+                selector = Identity()
+            else:
+                selector = SELECTORS[sparsifier](m, index, base.numel())
+            selector.prepare(sweep(index))
+            selectors.append(selector)
+        weights = torch.tensor([m.weight[i] for i in others], dtype=base.dtype, device=base.device)
         weights = weights.reshape(-1, *([1] * base.dim()))
-        deltas.mul_(weights)
-        if consensus:
-            mask = _consensus_mask(deltas)
-            mixed = (deltas * mask).sum(dim=0)
-            divisor = (weights * mask).sum(dim=0)
-            divisor[divisor == 0] = 1
-        else:
-            mixed = deltas.sum(dim=0)
-            divisor = weights.sum(dim=0)
-            divisor[divisor.abs() < NORMALIZE_EPS] = 1
-        if m.normalize:
-            mixed /= divisor
-        if m.lambda_ != 1:
-            mixed *= m.lambda_
-        return (base + mixed).to(base.dtype)
+        out = torch.empty_like(base)
+        for chunk, rows in enumerate(slices):
+            start = base[rows]
+            deltas = start.new_empty((len(others), *start.shape))
+            for row, (index, selector) in enumerate(zip(others, selectors)):
+                deltas[row] = selector.select(chunk, m.tensors[index][rows] - start)
+            deltas.mul_(weights)
+            if consensus:
+                mask = _consensus_mask(deltas)
+                mixed = (deltas * mask).sum(dim=0)
+                divisor = (weights * mask).sum(dim=0)
+                divisor[divisor == 0] = 1
+            else:
+                mixed = deltas.sum(dim=0)
+                divisor = weights.sum(dim=0)
+                divisor[divisor.abs() < NORMALIZE_EPS] = 1
+            if m.normalize:
+                mixed /= divisor
+            if m.lambda_ != 1:
+                mixed *= m.lambda_
+            out[rows] = (start + mixed).to(base.dtype)
+            del deltas, mixed
+        return out
 
     return merge
 

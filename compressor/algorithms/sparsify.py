@@ -2,15 +2,31 @@
 
 Each keeps a `density` share of a delta's entries and, with ``rescale``, scales what is kept so
 its L1 norm equals the original's (mergekit 0.1.5 rescales DARE this way, not by 1/density).
+
+Two orders for equal magnitudes at the cut (bf16 deltas have millions of them):
+- ``index`` (default): the lower flat index counts as larger. Computed a row slice at a time
+  (`compressor.algorithms.delta_selection`), so big tensors need no whole-tensor sort.
+- ``sort``: whatever `torch.argsort` of float32 magnitudes gives, as mergekit does. Bit-identical
+  to mergekit on the same machine and torch build (the order among equal keys is the sort
+  kernel's, unstable), at the cost of about 20 bytes per entry for the sort.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 
+from compressor.algorithms.delta_selection import DeltaSelector, RandomMask, largest, middle
+
 RESCALE_EPS = 1e-7
+TieBreak = Literal["index", "sort"]
+
+
+def apply_whole(selector: DeltaSelector, delta: torch.Tensor) -> torch.Tensor:
+    """Run a chunked selector on one tensor taken as a single chunk."""
+    selector.prepare(lambda: iter([delta]))
+    return selector.select(0, delta)
 
 
 def _rescaled(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor:
@@ -24,13 +40,24 @@ def _rescaled(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.T
 
 
 def _sort_keys(delta: torch.Tensor) -> torch.Tensor:
-    # Sorting bf16/fp16 on the CPU is slow and coarse: sort float32 magnitudes.
+    # Sorting bf16/fp16 on the CPU is slow and coarse: sort float32 magnitudes (mergekit does too).
     keys = delta.abs().reshape(-1)
     return keys.float() if keys.device.type == "cpu" else keys
 
 
 def keep_largest(delta: torch.Tensor, density: float, rescale: bool, **_: object) -> torch.Tensor:
     """TIES trimming: keep the `density` share of entries largest in magnitude (at least one)."""
+    return apply_whole(largest(delta.numel(), density, rescale), delta)
+
+
+def keep_middle(delta: torch.Tensor, density: float, rescale: bool, gamma: float = 0.01, **_: object) -> torch.Tensor:
+    """Breadcrumbs: drop the `gamma` share of largest entries as outliers, then the smallest,
+    so that a `density` share is kept (the outlier cut shrinks when both do not fit)."""
+    return apply_whole(middle(delta.numel(), density, rescale, gamma), delta)
+
+
+def keep_largest_sorted(delta: torch.Tensor, density: float, rescale: bool, **_: object) -> torch.Tensor:
+    """`keep_largest` with equal magnitudes ordered by `torch.argsort`, as mergekit orders them."""
     if density >= 1:
         return delta
     if delta.numel() == 0:
@@ -41,9 +68,8 @@ def keep_largest(delta: torch.Tensor, density: float, rescale: bool, **_: object
     return _rescaled(delta, mask.reshape_as(delta), rescale)
 
 
-def keep_middle(delta: torch.Tensor, density: float, rescale: bool, gamma: float = 0.01, **_: object) -> torch.Tensor:
-    """Breadcrumbs: drop the `gamma` share of largest entries as outliers, then the smallest,
-    so that a `density` share is kept (the outlier cut shrinks when both do not fit)."""
+def keep_middle_sorted(delta: torch.Tensor, density: float, rescale: bool, gamma: float = 0.01, **_: object) -> torch.Tensor:
+    """`keep_middle` with equal magnitudes ordered by `torch.sort`, as mergekit orders them."""
     if density >= 1:
         return delta
     count = delta.numel()
@@ -62,17 +88,13 @@ def keep_random(
     """DARE: keep each entry with probability `density`."""
     if density >= 1:
         return delta
-    # torch.bernoulli has no float16 CPU kernel; bf16 and float32 work as they are.
-    work = delta.dtype if delta.device.type != "cpu" or delta.dtype != torch.float16 else torch.float32
-    probabilities = torch.full(delta.shape, density, dtype=work, device=delta.device)
-    mask = torch.bernoulli(probabilities, generator=generator)
-    return _rescaled(delta.to(work), mask, rescale).to(delta.dtype)
+    return apply_whole(RandomMask(density, rescale, generator), delta)
 
 
 Sparsifier = Callable[..., torch.Tensor]
 
-SPARSIFIERS: dict[str, Sparsifier] = {
-    "magnitude": keep_largest,
-    "magnitude_outliers": keep_middle,
-    "random": keep_random,
+# Whole-tensor sparsifiers with mergekit's sort order, for `tie_break: sort`.
+SORTED_SPARSIFIERS: dict[str, Sparsifier] = {
+    "magnitude": keep_largest_sorted,
+    "magnitude_outliers": keep_middle_sorted,
 }

@@ -75,6 +75,7 @@ class MergePlan:
             "normalize": self.normalize,
             "seed": self.config.seed,
             "tokenizer_source": self.config.tokenizer_source or "base",
+            "tie_break": self.config.tie_break,
             "tensors": len(self.slots),
         }
 
@@ -242,7 +243,7 @@ def plan_merge(config: MergeConfig, locate: Locate, *, allow_pickle: bool = Fals
 
 def _tokenizer_index(config: MergeConfig, references: list[str], reference_index: int) -> int:
     source = config.tokenizer_source
-    if source is None or source == "base":
+    if source in (None, "base", "union"):  # union: built on the base's tokenizer
         return reference_index
     return references.index(source)
 
@@ -276,6 +277,7 @@ def merge_tensor(plan: MergePlan, index: int, tensors: list[torch.Tensor]) -> to
         t=params.t,
         filter_wise=plan.config.filter_wise,
         generator=_generator(plan.config.seed, slot.name) if plan.method.randomized else None,
+        tie_break=plan.config.tie_break,
     )
     return plan.method.function(call)
 
@@ -350,6 +352,8 @@ def _write_model_files(plan: MergePlan, folder: Path) -> None:
     generation = plan.inputs[plan.reference_index].config_folder / "generation_config.json"
     if generation.is_file():
         (folder / "generation_config.json").write_bytes(generation.read_bytes())
+    if plan.vocab is not None and plan.vocab.save_tokenizer(folder):
+        return
     tokenizer_folder = plan.inputs[plan.tokenizer_index].config_folder
     if not copy_tokenizer(tokenizer_folder, folder):
         from transformers import AutoTokenizer  # a tokenizer in some other layout: let transformers write it

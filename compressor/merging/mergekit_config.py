@@ -10,7 +10,7 @@
 
 Supported: the methods our registry has, `models` (not `slices`/`modules`), per-model and global
 `parameters` (numbers, gradients, filtered values), `dtype`, `out_dtype`, `tokenizer_source`
-(`base` or a model). `int8_mask` only changes the dtype mergekit builds its sign mask in, so it is
+(`base`, `union` or a model). `int8_mask` only changes the dtype mergekit builds its sign mask in, so it is
 accepted and has no effect.
 """
 
@@ -96,8 +96,6 @@ class _Translation:
                 self.place((key,), (key,))
         source = data.get("tokenizer_source")
         if source is not None:
-            if source == "union":
-                raise self.error("tokenizer_source: union is not supported; use base or one of the models", ("tokenizer_source",))
             merge["tokenizer_source"] = source
             self.place(("tokenizer_source",), ("tokenizer_source",))
         self.lines[()] = 1

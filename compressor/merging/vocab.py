@@ -1,11 +1,16 @@
 """Vocabularies: refuse inputs whose tokenizers differ, or align their embeddings to one tokenizer.
 
-With `tokenizer_source` (``base`` or one of the models), the output uses that tokenizer, and
-every input's token-indexed tensors (embeddings, lm_head) are re-indexed to it by token string
-before merging, as mergekit does: a model that has the token uses its own row; for a model that
-lacks it, the row comes from the only model that has it, else from the base when the base has
-it, else the average of the models that have it, else zeros. Rows past the tokenizer's tokens
-(padding) take the mean of that model's token rows.
+With `tokenizer_source` (``base``, ``union`` or one of the models), the output uses that
+tokenizer, and every input's token-indexed tensors (embeddings, lm_head) are re-indexed to it by
+token string before merging, as mergekit does: a model that has the token uses its own row; for a
+model that lacks it, the row comes from the only model that has it, else from the base when the
+base has it, else the average of the models that have it, else zeros. Rows past the tokenizer's
+tokens (padding) take the mean of that model's token rows.
+
+``union`` (mergekit's construction): the base's tokenizer (the first model's without a base)
+with every other token appended, in input order: first each model's ordinary tokens the base
+lacks (as added tokens, so they decode, but, as in mergekit, BPE text does not encode to them),
+then the models' added / special tokens it lacks, with their first model's settings.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -88,6 +93,13 @@ class VocabAlignment:
     rows: list[torch.Tensor]  # per input: output row -> input row, -1 where the input lacks the token
     fallbacks: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # output row -> (input, row) to average
     padding: list[int] = field(default_factory=list)  # output rows that hold no token
+    tokenizer: Any = None  # a tokenizer built for the output (union); None: copy the source's files
+
+    def save_tokenizer(self, folder: Path) -> bool:
+        if self.tokenizer is None:
+            return False
+        self.tokenizer.save_pretrained(str(folder))
+        return True
 
     def output_shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
         return (self.size, *shape[1:]) if name in self.tensor_names else shape
@@ -134,7 +146,7 @@ def plan_vocabulary(
         i = differing[0]
         raise RecipeError(
             f"vocabulary differs from {inputs[target].reference}'s ({len(vocabularies[i])} tokens, {sizes[i]} rows"
-            f" against {len(vocabularies[target])}, {sizes[target]}); set tokenizer_source: base (or one of the models)"
+            f" against {len(vocabularies[target])}, {sizes[target]}); set tokenizer_source: base, union or one of the models"
             " to align the embeddings to that tokenizer",
             **where(i),
         )
@@ -142,13 +154,20 @@ def plan_vocabulary(
     names = [n for n, info in reference.tensors.items() if n.endswith(VOCAB_TENSOR_SUFFIXES) and info.shape[0] == sizes[target]]
     if not names:
         raise RecipeError("found no token embedding tensor to align", **locate("tokenizer_source"))
+    input_rows = [item.load().tensors[names[0]].shape[0] if names[0] in item.load().tensors else 0 for item in inputs]
     size = reference.tensors[names[0]].shape[0]
-    tokens = vocabularies[target]
+    tokenizer = None
+    if tokenizer_source == "union":
+        tokenizer = union_tokenizer([item.config_folder for item in inputs], target, input_rows)
+        tokens = tokenizer.get_vocab()
+        size = max(size, max(tokens.values()) + 1)
+    else:
+        tokens = vocabularies[target]
     rows = []
-    for vocab in vocabularies:
+    for vocab, available in zip(vocabularies, input_rows):
         mapping = torch.full((size,), -1, dtype=torch.long)
         for token, token_id in tokens.items():
-            if token_id < size and token in vocab:
+            if token_id < size and vocab.get(token, available) < available:
                 mapping[token_id] = vocab[token]
         rows.append(mapping)
     used = {token_id for token_id in tokens.values() if token_id < size}
@@ -165,4 +184,30 @@ def plan_vocabulary(
             fallbacks[token_id] = [(donor, int(rows[donor][token_id]))]
         else:
             fallbacks[token_id] = [(i, int(rows[i][token_id])) for i in present]
-    return VocabAlignment(size, names, rows, fallbacks, padding)
+    return VocabAlignment(size, names, rows, fallbacks, padding, tokenizer)
+
+
+def union_tokenizer(folders: list[Path], first: int, input_rows: list[int]) -> Any:
+    """The `first` input's tokenizer extended with every token the others have (see the module doc)."""
+    from transformers import AutoTokenizer
+
+    order = [first] + [i for i in range(len(folders)) if i != first]
+    loaded = {i: AutoTokenizer.from_pretrained(str(folders[i])) for i in order}
+    union = loaded[first]
+    present = set(union.get_vocab())
+    ordinary: list[str] = []
+    special: dict[str, Any] = {}
+    for i in order:
+        added = {token_id: info for token_id, info in loaded[i].added_tokens_decoder.items() if token_id < input_rows[i]}
+        added_text = {info.content for info in added.values()}
+        for token, token_id in sorted(loaded[i].get_vocab().items(), key=lambda item: item[1]):
+            if token_id < input_rows[i] and token not in added_text and token not in present:
+                ordinary.append(token)
+                present.add(token)
+        for token_id in sorted(added):
+            info = added[token_id]
+            if info.content not in present and info.content not in special:
+                special[info.content] = info
+    union.add_tokens(ordinary)
+    union.add_tokens(list(special.values()))
+    return union

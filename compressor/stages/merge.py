@@ -11,7 +11,8 @@ Recipe block (must be the first stage; the recipe then takes no input MODEL)::
         density: 0.5                 # defaults for every model (weight / density / gamma)
         normalize: true              # method default when left out
         seed: 0                      # DARE's random masks
-        tokenizer_source: base       # or one of the models; needed when vocabularies differ
+        tokenizer_source: base       # union, or one of the models; needed when vocabularies differ
+        tie_break: index             # equal magnitudes at a TIES cut: index (streamed) or sort (mergekit's)
 
 The merge streams tensors from disk (see `compressor.merging.engine`); it runs before any model
 is loaded, so the stage has no in-memory `plan`/`run` step of its own.
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import ConfigDict, Field, NonNegativeInt, field_validator, model_validator
+from pydantic import ConfigDict, Field, NonNegativeInt, ValidationInfo, field_validator
 
 from compressor.algorithms.merge_methods import merge_method_registry
 from compressor.merging.params import Setting, numbers_in
@@ -74,7 +75,10 @@ class MergeConfig(StrictModel):
     seed: NonNegativeInt = 0
     dtype: DType | None = None  # dtype the inputs are cast to before merging (mergekit's `dtype`)
     out_dtype: DType | None = None  # dtype written (default: the merge's result dtype)
-    tokenizer_source: str | None = None  # "base" or one of `models[].model`
+    tokenizer_source: str | None = None  # "base", "union" or one of `models[].model`
+    # Equal magnitudes at a TIES / Breadcrumbs cut: "index" (streamed, lower index first) or
+    # "sort" (torch.argsort's order, bit-identical to mergekit, ~20 bytes per entry more memory).
+    tie_break: Literal["index", "sort"] = "index"
     max_shard_size: str = "5GB"
 
     @field_validator("method")
@@ -101,14 +105,16 @@ class MergeConfig(StrictModel):
         parse_size(value)
         return value
 
-    @model_validator(mode="after")
-    def _tokenizer_source_known(self) -> "MergeConfig":
-        source = self.tokenizer_source
-        if source is not None and source != "base" and source not in [m.model for m in self.models]:
-            raise ValueError(f"tokenizer_source must be 'base' or one of the models, got {source!r}")
-        if source == "base" and self.base is None:
+    @field_validator("tokenizer_source")
+    @classmethod
+    def _tokenizer_source_known(cls, source: str | None, info: ValidationInfo) -> str | None:
+        # A field validator (models and base are validated first), so the error names this key.
+        models = [m.model for m in info.data.get("models") or []]
+        if source is not None and source not in ("base", "union") and source not in models:
+            raise ValueError(f"tokenizer_source must be 'base', 'union' or one of the models, got {source!r}")
+        if source == "base" and info.data.get("base") is None:
             raise ValueError("tokenizer_source: base needs a `base` model")
-        return self
+        return source
 
     def max_shard_bytes(self) -> int:
         return parse_size(self.max_shard_size)
