@@ -136,6 +136,7 @@ def main() -> None:
         windows = windows[: args.eval_windows]
     forward_s = time_forward(model, tokens)
     result = {
+        "command": " ".join(sys.argv),
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{os.cpu_count()} CPU cores (shared), torch threads {torch.get_num_threads()}",
         "calibration": f"{args.samples}x{args.seq_len} builtin:abstracts",
@@ -147,18 +148,19 @@ def main() -> None:
     }
     print(json.dumps(result), flush=True)
     del model
-    for run in args.runs:
-        entry = run_one(run, load_model(MODEL).model, tokenizer, tokens, windows, forward_s)  # fresh bf16 weights
+    def record(entry: dict) -> None:
         result["runs"].append(entry)
         print(json.dumps(entry), flush=True)
-    if args.with_llmcompressor:
-        entry = run_llmcompressor(loaded.folder, tokens, windows)
-        result["runs"].append(entry)
-        print(json.dumps(entry), flush=True)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+        if args.json:  # after every run, so a stopped benchmark keeps what it measured
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+    for index, run in enumerate(args.runs):
+        record(run_one(run, load_model(MODEL).model, tokenizer, tokens, windows, forward_s))  # fresh bf16 weights
+        if index == 0 and args.with_llmcompressor:
+            # Right after our first run (SparseGPT 2:4 by default), so the side by side lands early.
+            record(run_llmcompressor(loaded.folder, tokens, windows))
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
