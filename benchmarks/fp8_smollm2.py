@@ -48,8 +48,8 @@ DYNAMIC = "activations: {bits: 8, type: float, dynamic: true, strategy: token}"
 VARIANTS = {
     "fp8-dynamic": f"{{method: fp8, weights: {{type: float}}, {DYNAMIC}}}",
     "fp8-dynamic-mse": f"{{method: fp8, weights: {{type: float, observer: mse}}, {DYNAMIC}}}",
-    "fp8-w8a16": "{method: fp8, weights: {type: float}}",
-    "fp8-w8a16-mse": "{method: fp8, weights: {type: float, observer: mse}}",
+    "fp8-w8a16": "{method: fp8, weights: {type: float}, activations: null}",  # method fp8 defaults to dynamic activations
+    "fp8-w8a16-mse": "{method: fp8, weights: {type: float, observer: mse}, activations: null}",
 }
 
 
