@@ -122,10 +122,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--runs", nargs="+", default=["sparsegpt:2:4", "sparsegpt:0.5", "wanda:0.5", "magnitude:0.5"])
+    parser.add_argument("--runs", nargs="*", default=["sparsegpt:2:4", "sparsegpt:0.5", "wanda:0.5", "magnitude:0.5"])
     parser.add_argument("--eval-windows", type=int, default=None, help="use only the first N held-out windows")
     parser.add_argument("--with-llmcompressor", action="store_true")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--bf16-from", type=Path,
+                        help="reuse the bf16 forward time, perplexity and size from this earlier --json of the same settings")
     args = parser.parse_args()
 
     loaded = load_model(MODEL)
@@ -134,31 +136,43 @@ def main() -> None:
     windows = evaluation_windows(tokenizer, args.seq_len)
     if args.eval_windows is not None:
         windows = windows[: args.eval_windows]
-    forward_s = time_forward(model, tokens)
     result = {
+        "command": " ".join(sys.argv),
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{os.cpu_count()} CPU cores (shared), torch threads {torch.get_num_threads()}",
         "calibration": f"{args.samples}x{args.seq_len} builtin:abstracts",
         "eval_tokens": int(windows[:, 1:].numel()),
-        "bf16_forward_s": round(forward_s, 2),
-        "ppl_bf16": round(perplexity_on(model, windows).perplexity, 3),
-        "bytes_bf16": weights_bytes(loaded.folder),
-        "runs": [],
     }
+    if args.bf16_from:
+        earlier = json.loads(args.bf16_from.read_text())
+        if (earlier["calibration"], earlier["eval_tokens"]) != (result["calibration"], result["eval_tokens"]):
+            parser.error(f"{args.bf16_from} was measured with other calibration/evaluation settings")
+        result.update({k: earlier[k] for k in ("bf16_forward_s", "ppl_bf16", "bytes_bf16")}, bf16_from=str(args.bf16_from))
+    else:
+        result.update(
+            bf16_forward_s=round(time_forward(model, tokens), 2),
+            ppl_bf16=round(perplexity_on(model, windows).perplexity, 3),
+            bytes_bf16=weights_bytes(loaded.folder),
+        )
+    result["runs"] = []
+    forward_s = result["bf16_forward_s"]
     print(json.dumps(result), flush=True)
     del model
-    for run in args.runs:
-        entry = run_one(run, load_model(MODEL).model, tokenizer, tokens, windows, forward_s)  # fresh bf16 weights
+    def record(entry: dict) -> None:
         result["runs"].append(entry)
         print(json.dumps(entry), flush=True)
-    if args.with_llmcompressor:
-        entry = run_llmcompressor(loaded.folder, tokens, windows)
-        result["runs"].append(entry)
-        print(json.dumps(entry), flush=True)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+        if args.json:  # after every run, so a stopped benchmark keeps what it measured
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+    for index, run in enumerate(args.runs):
+        record(run_one(run, load_model(MODEL).model, tokenizer, tokens, windows, forward_s))  # fresh bf16 weights
+        if index == 0 and args.with_llmcompressor:
+            # Right after our first run (SparseGPT 2:4 by default), so the side by side lands early.
+            record(run_llmcompressor(loaded.folder, tokens, windows))
+    if not args.runs and args.with_llmcompressor:
+        record(run_llmcompressor(loaded.folder, tokens, windows))
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

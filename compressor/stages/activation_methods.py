@@ -91,6 +91,8 @@ class ActivationQuantMethod:
         if smooths_only(config):
             return f"smooth α={config.smoothing_strength} (weights left for a later stage)"
         weights = "int8" if config.weights.type == "int" else "fp8-e4m3"
+        if config.weights.observer != "minmax":
+            weights += f" ({config.weights.observer} observer)"
         acts = config.activations
         if acts is None:
             act = "a16"
@@ -274,9 +276,12 @@ class _ActivationQuantBlocks:
     def _quantize_weight(self, module: nn.Linear, hessian: torch.Tensor | None):
         dtype = module.weight.dtype
         if self.config.weights.type == "float":
-            codes, scale = fp8_quantize(module.weight.data, dtype)
-            return codes, scale, {}
-        grid = WeightGrid(bits=8, symmetric=True, group_size=None, scale_dtype=dtype)
+            mse = self.config.weights.observer == "mse"
+            codes, scale = fp8_quantize(module.weight.data, dtype, mse_search=mse)
+            return codes, scale, {"observer": "mse"} if mse else {}
+        observer = self.config.weights.observer
+        grid = WeightGrid(bits=8, symmetric=True, group_size=None, scale_dtype=dtype,
+                          mse_search=observer == "mse", hqq_search=observer == "hqq")
         if hessian is None:
             codes, scale, _ = rtn_quantize(module.weight.data, grid)
             return codes, scale, {}

@@ -78,6 +78,8 @@ def check_float_weights(weights: Any) -> Any:
     if "group_size" in weights.model_fields_set and weights.group_size is not None:
         raise ValueError("FP8 weights have one scale per output channel: set group_size: null")
     weights.group_size = None
+    if weights.observer == "hqq":
+        raise ValueError("FP8 weights take observer: minmax or mse (hqq searches integer scale/zero grids)")
     return weights
 
 
