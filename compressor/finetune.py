@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +29,13 @@ import torch
 
 from compressor.errors import ModelError, UserError
 from compressor.finetune_data import collate, load_examples
+from compressor.training.stability import (
+    QLORA_MAX_GRAD_NORM,
+    clip_gradients,
+    default_warmup_steps,
+    warmup_cosine_schedule,
+    warmup_problem,
+)
 
 
 @dataclass
@@ -40,6 +46,8 @@ class FinetuneOptions:
     qlora: bool = True
     steps: int = 100
     lr: float = 2e-4
+    max_grad_norm: float = QLORA_MAX_GRAD_NORM  # global-norm clip; 0 disables
+    warmup_steps: int | None = None  # linear warm-up before the cosine decay; None: about 3 % of steps
     r: int = 16
     alpha: float = 32.0
     dropout: float = 0.05
@@ -61,12 +69,16 @@ class FinetuneOptions:
 class FinetuneSummary:
     output: Path
     losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)  # before clipping
+    learning_rates: list[float] = field(default_factory=list)  # the lr each step used
+    eval_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out loss)
     eval_loss_before: float | None = None
     eval_loss_after: float | None = None
     merged: Path | None = None
     recompressed: Path | None = None
     seconds: float = 0.0
     processes: int = 1
+    warmup_steps: int = 0
 
 
 def check_bitsandbytes() -> None:
@@ -92,6 +104,18 @@ def refuse_project_int4(path: str, reference: str) -> None:
             " Train adapters on it directly with a recipe stage `lowrank: {method: lora}`, or fine-tune the original model",
             where=reference,
         )
+
+
+def resolved_warmup_steps(options: FinetuneOptions) -> int:
+    """The warm-up the run uses; bad settings raise UserError before any weight is read."""
+    if options.max_grad_norm < 0:
+        raise UserError(f"must be 0 (no clipping) or more, got {options.max_grad_norm}", where="--max-grad-norm")
+    if options.warmup_steps is None:
+        return default_warmup_steps(options.steps)
+    problem = warmup_problem(options.warmup_steps, options.steps)
+    if problem:
+        raise UserError(problem, where="--warmup-steps")
+    return options.warmup_steps
 
 
 def _quantization_config():
@@ -149,6 +173,7 @@ def run_finetune(options: FinetuneOptions, echo: Callable[[str], None] = print) 
 
     if options.qlora:
         check_bitsandbytes()
+    warmup_steps = resolved_warmup_steps(options)
     # Without CUDA, say so: accelerate then runs several launched processes as MULTI_CPU (gloo).
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     check_output_dir(options.output, options.overwrite)  # every process: all of them must stop on bad input
@@ -185,12 +210,16 @@ def run_finetune(options: FinetuneOptions, echo: Callable[[str], None] = print) 
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
 
-    summary = FinetuneSummary(options.output, processes=accelerator.num_processes)
+    summary = FinetuneSummary(options.output, processes=accelerator.num_processes, warmup_steps=warmup_steps)
     if eval_loader is not None:
         summary.eval_loss_before = _mean_loss(model, eval_loader, accelerator)
+        summary.eval_curve.append((0, summary.eval_loss_before))
         if accelerator.is_main_process:
             echo(f"held-out loss before: {summary.eval_loss_before:.4f}")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, options.steps) / options.steps)))
+    scheduler = warmup_cosine_schedule(optimizer, warmup_steps, options.steps)
+    if accelerator.is_main_process:
+        echo(f"{options.steps} steps: lr {options.lr:g}, warm-up {warmup_steps} steps, cosine decay;"
+             f" gradient clipping {'at global norm ' + format(options.max_grad_norm, 'g') if options.max_grad_norm > 0 else 'off'}")
     started = time.perf_counter()
     model.train()
     step = 0
@@ -198,15 +227,19 @@ def run_finetune(options: FinetuneOptions, echo: Callable[[str], None] = print) 
         for batch in loader:
             loss = model(**batch).loss
             accelerator.backward(loss)
+            summary.grad_norms.append(clip_gradients(model.parameters(), options.max_grad_norm, accelerator.clip_grad_norm_))
+            summary.learning_rates.append(scheduler.get_last_lr()[0])
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             summary.losses.append(float(accelerator.reduce(loss.detach(), reduction="mean")))
             if accelerator.is_main_process and options.log_every and step % options.log_every == 0:
-                echo(f"step {step}/{options.steps}: loss {summary.losses[-1]:.4f}")
+                echo(f"step {step}/{options.steps}: loss {summary.losses[-1]:.4f}, gradient norm"
+                     f" {summary.grad_norms[-1]:.3f}, lr {summary.learning_rates[-1]:.3g}")
             if eval_loader is not None and options.eval_every and step % options.eval_every == 0 and step < options.steps:
                 loss_now = _mean_loss(model, eval_loader, accelerator)
+                summary.eval_curve.append((step, loss_now))
                 if accelerator.is_main_process:
                     echo(f"step {step}: held-out loss {loss_now:.4f}")
             if step >= options.steps:
@@ -214,6 +247,7 @@ def run_finetune(options: FinetuneOptions, echo: Callable[[str], None] = print) 
     summary.seconds = time.perf_counter() - started
     if eval_loader is not None:
         summary.eval_loss_after = _mean_loss(model, eval_loader, accelerator)
+        summary.eval_curve.append((step, summary.eval_loss_after))
         if accelerator.is_main_process:
             echo(f"held-out loss after: {summary.eval_loss_after:.4f}")
 
@@ -237,8 +271,12 @@ def _save_adapter(model, tokenizer, options: FinetuneOptions, summary: FinetuneS
     log = {
         "options": record,
         "losses": summary.losses,
+        "grad_norms": summary.grad_norms,
+        "learning_rates": summary.learning_rates,
+        "eval_curve": summary.eval_curve,
         "eval_loss_before": summary.eval_loss_before,
         "eval_loss_after": summary.eval_loss_after,
+        "warmup_steps": summary.warmup_steps,
         "seconds": round(summary.seconds, 2),
         "processes": summary.processes,
     }

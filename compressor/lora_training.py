@@ -16,11 +16,14 @@ from torch import nn
 
 from compressor.kernels.lowrank import attach_compensation
 from compressor.peft_quant import device_anchors, lora_config_for_quantized
+from compressor.training.stability import clip_gradients, warmup_cosine_schedule
 
 
 @dataclass
 class LoRAResult:
     losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)  # before clipping
+    learning_rates: list[float] = field(default_factory=list)  # the lr each step used
 
 
 def train_lora_on(
@@ -35,8 +38,13 @@ def train_lora_on(
     lr: float,
     batch_size: int,
     seed: int,
+    max_grad_norm: float,
+    warmup_steps: int,
 ) -> LoRAResult:
-    """Causal-LM LoRA training on token windows [N, L]; adapters end up attached to `model`."""
+    """Causal-LM LoRA training on token windows [N, L]; adapters end up attached to `model`.
+
+    lr: linear warm-up over `warmup_steps`, then cosine to 0; gradients clipped to global norm
+    `max_grad_norm` (0: no clipping), as in `compress finetune`."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -44,6 +52,7 @@ def train_lora_on(
     peft_model = inject_lora(model, targets, rank=rank, alpha=alpha, dropout=dropout)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    scheduler = warmup_cosine_schedule(optimizer, warmup_steps, steps)
     device = next(model.parameters()).device
     result = LoRAResult()
     peft_model.train()
@@ -52,7 +61,10 @@ def train_lora_on(
         batch = tokens[rows].to(device)
         loss = peft_model(input_ids=batch, labels=batch, use_cache=False).loss
         loss.backward()
+        result.grad_norms.append(clip_gradients(trainable, max_grad_norm))
+        result.learning_rates.append(scheduler.get_last_lr()[0])
         optimizer.step()
+        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         result.losses.append(float(loss.detach()))
     base = keep_as_compensations(peft_model, targets)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import torch
 from compressor.cli import main
 from compressor.finetune_data import IGNORE_INDEX, load_examples
 from tests.tiny_models import build_tiny_checkpoint
+from tests.training_fixtures import StepNorms
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -161,3 +163,91 @@ def test_two_process_accelerate_launch_on_cpu(chat_llama, tmp_path):
     log = json.loads((out / "training.json").read_text())
     assert log["processes"] == 2 and len(log["losses"]) == 2
     assert (out / "adapter_model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------ clipping and warm-up
+
+
+def _finetune_argv(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["finetune", str(model), "--qlora", "--dataset", str(data), "-o", str(out), "--r", "8", "--alpha", "16",
+            "--batch-size", "4", "--log-every", "0", *extra]
+
+
+def test_clipping_bounds_the_gradient_the_optimizer_step_sees(chat_llama, tmp_path):
+    data = _write_jsonl(tmp_path / "train.jsonl", _titles(8))
+    clip = 1e-4  # below this model's gradient norms, so (nearly) every step is clipped
+    with StepNorms() as seen:
+        assert main(_finetune_argv(chat_llama, data, tmp_path / "clipped", "--steps", "4", "--lr", "1", "--max-grad-norm", str(clip))) == 0
+    log = json.loads((tmp_path / "clipped" / "training.json").read_text())
+    before = log["grad_norms"]  # the unclipped norms, recorded by the loop
+    assert len(seen.norms) == len(before) == 4
+    assert sum(norm > 2 * clip for norm in before) >= 3, before
+    assert all(norm <= clip * 1.001 for norm in seen.norms), seen.norms
+    # scaled down to the bound, not zeroed; steps already under it untouched
+    assert seen.norms == pytest.approx([min(norm, clip) for norm in before], rel=1e-3)
+    assert all(math.isfinite(loss) for loss in log["losses"])
+
+    with StepNorms() as unclipped:
+        assert main(_finetune_argv(chat_llama, data, tmp_path / "free", "--steps", "2", "--lr", "1", "--max-grad-norm", "0")) == 0
+    free = json.loads((tmp_path / "free" / "training.json").read_text())["grad_norms"]
+    assert unclipped.norms == pytest.approx(free, rel=1e-4) and min(unclipped.norms) > 10 * clip
+
+
+def test_warmup_then_cosine_in_the_training_loop(chat_llama, tmp_path):
+    data = _write_jsonl(tmp_path / "train.jsonl", _titles(8))
+    argv = _finetune_argv(chat_llama, data, tmp_path / "o", "--steps", "6", "--warmup-steps", "2", "--lr", "0.01")
+    with StepNorms() as seen:
+        assert main(argv) == 0
+    log = json.loads((tmp_path / "o" / "training.json").read_text())
+    expected = [0.0, 0.005, 0.01] + [0.01 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 4)) for s in (3, 4, 5)]
+    assert seen.rates == pytest.approx(expected, abs=1e-9)  # what the optimizer used
+    assert log["learning_rates"] == pytest.approx(expected, abs=1e-9)  # what the log says
+    assert log["warmup_steps"] == 2 and log["options"]["max_grad_norm"] == 0.3
+
+
+def test_schedule_values_and_default_warmup():
+    from compressor.training.stability import default_warmup_steps, warmup_cosine_schedule
+
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=2e-4)
+    scheduler = warmup_cosine_schedule(optimizer, warmup_steps=10, steps=100)
+    rates = []
+    for _ in range(101):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == 0.0 and rates[5] == pytest.approx(1e-4) and rates[10] == pytest.approx(2e-4)
+    assert rates[55] == pytest.approx(1e-4) and rates[100] == pytest.approx(0.0, abs=1e-12)
+    assert max(rates) == pytest.approx(2e-4) and all(b <= a for a, b in zip(rates[10:], rates[11:]))
+    assert [default_warmup_steps(n) for n in (1, 10, 17, 100, 200, 300)] == [0, 0, 1, 3, 6, 9]
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--max-grad-norm", "-1"], "--max-grad-norm: expected a finite number ≥ 0, got '-1'"),
+        (["--max-grad-norm", "x"], "--max-grad-norm: expected a number ≥ 0, got 'x'"),
+        (["--max-grad-norm", "inf"], "expected a finite number ≥ 0"),
+        (["--warmup-steps", "-2"], "--warmup-steps: expected an integer ≥ 0, got '-2'"),
+        (["--warmup-steps", "1.5"], "--warmup-steps: expected an integer ≥ 0"),
+        (["--steps", "10", "--warmup-steps", "10"], "--warmup-steps must be fewer than the steps (10), got 10"),
+    ],
+)
+def test_bad_clipping_and_warmup_flags(flags, fragment, chat_llama, tmp_path, capsys):
+    data = _write_jsonl(tmp_path / "d.jsonl", _titles(2))
+    with pytest.raises(SystemExit) as exit_info:  # argparse's one-line error (compressor.commands.args.Parser)
+        main(["finetune", str(chat_llama), "--dataset", str(data), "-o", str(tmp_path / "o"), *flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert fragment in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_warmup_through_the_python_api(chat_llama, tmp_path):
+    from compressor.errors import UserError
+    from compressor.finetune import FinetuneOptions, run_finetune
+
+    data = _write_jsonl(tmp_path / "d.jsonl", _titles(2))
+    options = FinetuneOptions(model=str(chat_llama), dataset=str(data), output=tmp_path / "o", steps=5, warmup_steps=7)
+    with pytest.raises(UserError, match="--warmup-steps: must be fewer than the steps"):
+        run_finetune(options)
+    assert not (tmp_path / "o").exists()

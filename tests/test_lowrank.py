@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from compressor.kernels.quant_linear import QuantLinear
 from compressor.model_io import load_model
 from compressor.recipe import parse_recipe_text
 from compressor.stages.base import StageContext
+from tests.training_fixtures import StepNorms
 
 IDS = torch.tensor([[1, 5, 9, 33, 70, 120, 7, 2, 44, 200, 17, 3]])
 
@@ -233,6 +235,26 @@ def test_lora_on_compressed_model_trains_only_the_adapters(tiny_llama, tmp_path)
         assert torch.allclose(load_with_adapters(out)(input_ids=IDS).logits, model(input_ids=IDS).logits, atol=0.05)
 
 
+def test_lora_stage_clips_gradients_and_warms_up(tiny_llama):
+    model, ctx, tokens, loaded = _run_stages(tiny_llama, "quantize: {method: rtn, weights: {bits: 4, group_size: 32}}")
+    clip = 1e-4  # far below the gradient norms of this model at lr 1
+    recipe = parse_recipe_text(_recipe(f"lowrank: {{method: lora, rank: 4, steps: 5, lr: 1.0, batch_size: 2, max_grad_norm: {clip}, warmup_steps: 2}}"))
+    from compressor.stages.lowrank import LowRankStage
+
+    stage, config = LowRankStage(), recipe.stages[0].config
+    with StepNorms() as seen:
+        stage.run(model, config, ctx, stage.plan(model, config, lambda *k: {}))
+    record = next(r["lowrank"][0] for r in ctx.records.values() if "lowrank" in r)
+    assert record["warmup_steps"] == 2 and record["max_grad_norm"] == clip and record["largest_grad_norm"] > 10 * clip
+    assert len(seen.norms) == 5 and all(norm <= clip * 1.001 for norm in seen.norms), seen.norms
+    assert seen.rates == pytest.approx([0.0, 0.5, 1.0, 0.5 * (1 + math.cos(math.pi / 3)), 0.5 * (1 + math.cos(2 * math.pi / 3))])
+
+
+def test_lora_stage_defaults_follow_qlora(tiny_llama):
+    config = parse_recipe_text(_recipe("lowrank: {method: lora, steps: 200}")).stages[0].config
+    assert config.max_grad_norm == 0.3 and config.warmup_steps is None  # None: 3 % of steps, here 6
+
+
 # ------------------------------------------------------------------ bad input
 
 
@@ -245,6 +267,10 @@ def test_lora_on_compressed_model_trains_only_the_adapters(tiny_llama, tmp_path)
         ("lowrank: {method: svd, rank: 4, energy: 0.9}", "stages[1].lowrank.rank", "exactly one of"),
         ("lowrank: {method: eorra}", "stages[1].lowrank.method", "did you mean 'eora'"),
         ("lowrank: {method: svd, energy: 1.5}", "stages[1].lowrank.energy", "less than or equal to 1"),
+        ("lowrank: {method: lora, steps: 5, warmup_steps: 5}", "stages[1].lowrank.warmup_steps", "must be fewer than the steps (5), got 5"),
+        ("lowrank: {method: lora, max_grad_norm: -1}", "stages[1].lowrank.max_grad_norm", "greater than or equal to 0"),
+        ("lowrank: {method: lora, warmup_steps: -1}", "stages[1].lowrank.warmup_steps", "greater than or equal to 0"),
+        ("lowrank: {method: eora, rank: 8, max_grad_norm: 1}", "stages[1].lowrank.max_grad_norm", "'max_grad_norm' does not apply to method eora"),
     ],
 )
 def test_bad_lowrank_recipes_fail_at_dry_run(stage, key, fragment, tiny_llama, tmp_path, capsys):

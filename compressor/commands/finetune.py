@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from compressor.commands.args import Parser, positive_int
+from compressor.training.stability import QLORA_MAX_GRAD_NORM, warmup_problem
 
 
 def positive_float(text: str) -> float:
@@ -18,6 +19,26 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number ≥ 0, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number ≥ 0, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = Parser(prog="compress finetune", description="Train LoRA adapters (QLoRA: on a 4-bit NF4 base) with peft.")
     parser.add_argument("model", help="Hub id, local checkpoint folder, .gguf file, or builtin:smollm2-135m-instruct")
@@ -25,7 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", "-o", type=Path, required=True, help="adapter folder (a standard peft adapter)")
     parser.add_argument("--qlora", action="store_true", help="load the base in NF4 with double quantization (bitsandbytes)")
     parser.add_argument("--steps", type=positive_int, default=100)
-    parser.add_argument("--lr", type=positive_float, default=2e-4)
+    parser.add_argument("--lr", type=positive_float, default=2e-4, help="peak learning rate (after the warm-up; cosine decay to 0)")
+    parser.add_argument("--max-grad-norm", type=non_negative_float, default=QLORA_MAX_GRAD_NORM,
+                        help="clip the global gradient norm to this before each step (QLoRA: 0.3); 0 disables")
+    parser.add_argument("--warmup-steps", type=non_negative_int,
+                        help="steps of linear lr warm-up, fewer than --steps (default: about 3 %% of --steps)")
     parser.add_argument("--r", type=positive_int, default=16, help="LoRA rank")
     parser.add_argument("--alpha", type=positive_float, default=32.0, help="LoRA alpha (scaling alpha/r)")
     parser.add_argument("--dropout", type=float, default=0.05)
@@ -52,6 +77,8 @@ def run(argv: list[str]) -> int:
         check_bitsandbytes()
     if not 0 <= args.dropout < 1:
         raise SystemExit(_parser().error(f"--dropout must be in [0, 1), got {args.dropout}"))
+    if args.warmup_steps is not None and (problem := warmup_problem(args.warmup_steps, args.steps)):
+        _parser().error(f"--warmup-steps {problem}")
     if args.recompress:
         from compressor.recipe import load_recipe
 
@@ -63,6 +90,8 @@ def run(argv: list[str]) -> int:
         qlora=args.qlora,
         steps=args.steps,
         lr=args.lr,
+        max_grad_norm=args.max_grad_norm,
+        warmup_steps=args.warmup_steps,
         r=args.r,
         alpha=args.alpha,
         dropout=args.dropout,

@@ -9,20 +9,22 @@ Recipe block::
         targets: [Linear, QuantLinear]
         ignore: [lm_head]
         original: null        # eora only: where the uncompressed weights are (default: the model's source)
-        alpha: null           # lora only (default 2 × rank); steps, lr, batch_size, dropout, seed, dataset
+        alpha: null           # lora only (default 2 × rank); steps, lr, batch_size, dropout, seed, dataset,
+                              # max_grad_norm (0.3; 0: off), warmup_steps (default ≈ 3 % of steps)
 
 Keys that belong to another method are refused by name at plan time (so `--dry-run` shows it).
 """
 
 from __future__ import annotations
 
-from pydantic import Field, PositiveFloat, PositiveInt, field_validator
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, field_validator
 
 from compressor.errors import RecipeError
 from compressor.recipe import CalibrationSpec, StrictModel
 from compressor.stages.base import Locator, StageContext, StagePlan
 from compressor.stages.lowrank_methods import lowrank_method_registry
 from compressor.targets import select_modules, validate_pattern
+from compressor.training.stability import QLORA_MAX_GRAD_NORM
 
 
 class LowRankConfig(StrictModel):
@@ -39,6 +41,8 @@ class LowRankConfig(StrictModel):
     dropout: float = Field(default=0.0, ge=0, lt=1)
     steps: PositiveInt = 100
     lr: PositiveFloat = 1e-4
+    max_grad_norm: float = Field(default=QLORA_MAX_GRAD_NORM, ge=0, allow_inf_nan=False)  # 0 disables clipping
+    warmup_steps: NonNegativeInt | None = None  # None: about 3 % of steps
     batch_size: PositiveInt = 4
     seed: int = 0
     dataset: CalibrationSpec | None = None

@@ -26,6 +26,7 @@ from compressor.input_statistics import InputStatisticsAlgorithm
 from compressor.layerwise import run_layerwise
 from compressor.registry import Registry
 from compressor.stages.base import Locator, StageContext, StagePlan, replace_module
+from compressor.training.stability import default_warmup_steps, warmup_problem
 
 DEFAULT_RANK = 32
 
@@ -200,11 +201,12 @@ class SVDMethod:
 
 class LoRAMethod:
     calibrated = True
-    keys = frozenset({"rank", "alpha", "dropout", "steps", "lr", "batch_size", "seed", "dataset"})
+    keys = frozenset({"rank", "alpha", "dropout", "steps", "lr", "batch_size", "seed", "dataset", "max_grad_norm", "warmup_steps"})
     default_rank = DEFAULT_RANK
 
     def check_config(self, config, locate: Locator) -> None:
-        pass
+        if config.warmup_steps is not None and (problem := warmup_problem(config.warmup_steps, config.steps)):
+            raise RecipeError(problem, **locate("warmup_steps"))
 
     def plan_module(self, name: str, module: nn.Module, config) -> Verdict:
         return _dense_or_quantized(name, module, config)
@@ -214,6 +216,7 @@ class LoRAMethod:
 
         tokens = ctx.calibration() if config.dataset is None else _dataset_tokens(config.dataset, ctx)
         rank = _rank(config)
+        warmup_steps = config.warmup_steps if config.warmup_steps is not None else default_warmup_steps(config.steps)
         result = train_lora_on(
             model,
             list(plan.selected),
@@ -225,10 +228,16 @@ class LoRAMethod:
             lr=config.lr,
             batch_size=config.batch_size,
             seed=config.seed,
+            max_grad_norm=config.max_grad_norm,
+            warmup_steps=warmup_steps,
         )
+        training = {
+            "first_loss": result.losses[0], "last_loss": result.losses[-1], "warmup_steps": warmup_steps,
+            "max_grad_norm": config.max_grad_norm, "largest_grad_norm": max(result.grad_norms),  # before clipping
+        }
         for name, compensation in compensations(model).items():
             if name in plan.selected:
-                _record(ctx, name, {"method": "lora", "rank": rank, "first_loss": result.losses[0], "last_loss": result.losses[-1]})
+                _record(ctx, name, {"method": "lora", "rank": rank, **training})
         return model
 
 
