@@ -133,8 +133,29 @@ def _load_base(path: str, device, qlora: bool):
     from transformers import AutoModelForCausalLM
 
     if qlora:
-        return AutoModelForCausalLM.from_pretrained(path, quantization_config=_quantization_config(), device_map={"": device})
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=_quantization_config(), device_map={"": device})
+        keep_nf4_trainable_layout(model)
+        return model
     return AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(device)
+
+
+def keep_nf4_trainable_layout(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes repacking NF4 weights for its CPU inference kernel; returns the layers changed.
+
+    On a CPU with AVX-512 BF16, bitsandbytes 0.50's ``Linear4bit.forward`` in eval mode without
+    gradients (the held-out evaluation) rewrites the weight in place into a packed layout and never
+    restores it; every later forward then takes ``gemv_4bit``, which has no backward, so the
+    gradient stops flowing through the frozen base matmuls and the LoRA gradients are wrong
+    (measured on SmolLM2: they change by ~100 % after one evaluation while the loss does not).
+    That is what made the first 200-step QLoRA run diverge. Keeping the trainable layout costs
+    the evaluation the packed kernel's speed and makes it use the very numerics training uses.
+    """
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
 
 
 def _batches(examples, batch_size: int, pad_id: int, seed: int):

@@ -251,3 +251,53 @@ def test_bad_warmup_through_the_python_api(chat_llama, tmp_path):
     with pytest.raises(UserError, match="--warmup-steps: must be fewer than the steps"):
         run_finetune(options)
     assert not (tmp_path / "o").exists()
+
+
+def _nf4_lora_gradients_around_an_evaluation(folder: Path, keep_layout: bool) -> tuple[dict, dict]:
+    """LoRA gradients on one batch, before and after a no-grad eval-mode forward (what the held-out
+    evaluation does between training steps)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    from compressor.finetune import _quantization_config, keep_nf4_trainable_layout
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), quantization_config=_quantization_config(), device_map={"": "cpu"})
+    if keep_layout:
+        assert keep_nf4_trainable_layout(model) == 14 or not _cpu_packs_nf4()
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    with torch.no_grad():  # B starts at 0; make it non-zero so A's gradients (through the base layers) count
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.05)
+    ids = torch.tensor([[1, 5, 9, 33, 70, 120, 7, 2, 44, 100, 17, 3]])
+
+    def gradients() -> dict:
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    before = gradients()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    model.train()
+    return before, gradients()
+
+
+def _cpu_packs_nf4() -> bool:
+    from bitsandbytes.functional import has_avx512bf16
+
+    return bool(has_avx512bf16())
+
+
+def test_held_out_evaluation_leaves_nf4_gradients_intact(chat_llama):
+    before, after = _nf4_lora_gradients_around_an_evaluation(chat_llama, keep_layout=True)
+    assert len(before) == 28
+    for name in before:
+        assert torch.allclose(before[name], after[name], rtol=1e-4, atol=1e-7), name
+    if _cpu_packs_nf4():  # the hazard keep_nf4_trainable_layout removes is real on this CPU
+        before, after = _nf4_lora_gradients_around_an_evaluation(chat_llama, keep_layout=False)
+        changed = [n for n in before if not torch.allclose(before[n], after[n], rtol=1e-2, atol=1e-6)]
+        assert len(changed) > len(before) // 2
