@@ -2,8 +2,10 @@
 
 Defaults follow the QLoRA recipe (Dettmers et al., 2023): clip the global gradient norm at 0.3 and
 warm the learning rate up linearly over about 3 % of the steps, then decay it along a cosine to 0.
-Small batches of short answers give noisy, occasionally huge gradients; without the clip one bad
-batch can throw the adapters far off, which is how an unclipped 200-step run diverged.
+Small batches of short answers give noisy gradients; the clip bounds what one outsized batch can do
+(Adam alone rescales by running averages, so a sudden spike still moves the adapters several times
+further than a typical step), and the warm-up keeps the first steps small while Adam's second-moment
+estimates are still based on a handful of batches.
 """
 
 from __future__ import annotations
