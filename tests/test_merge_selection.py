@@ -160,21 +160,23 @@ def rss(field):
             return int(line.split()[1]) * 1024
 before = rss("VmRSS:")
 open("/proc/self/clear_refs", "w").write("5")  # restart the high-water mark here
-merge_call("ties", [*models, base], tie_break=sys.argv[1])
+merge_call(sys.argv[2], [*models, base], tie_break=sys.argv[1], generator=torch.Generator().manual_seed(0))
 print(rss("VmHWM:") - before)
 """
 
 
-@pytest.mark.parametrize("tie_break", ["index", "sort"])
-def test_streamed_ties_memory_is_the_output_plus_a_few_slices(tie_break):
-    """Peak resident memory of one ties call on a 4M-entry bf16 tensor (inputs already held):
-    streamed, about the output; the sort-based order, ~20 bytes per entry more."""
+@pytest.mark.parametrize(
+    "method, tie_break", [("ties", "index"), ("ties", "sort"), ("dare_ties", "index"), ("dare_linear", "index")]
+)
+def test_streamed_memory_is_the_output_plus_a_few_slices(method, tie_break):
+    """Peak resident memory of one ties / DARE call on a 4M-entry bf16 tensor (inputs already
+    held): streamed, about the output; the sort-based order, ~20 bytes per entry more."""
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    result = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, tie_break], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, tie_break, method], capture_output=True, text=True,
                             cwd=root, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr[-2000:]
     peak = int(result.stdout.split()[-1])
