@@ -205,7 +205,15 @@ def run_recipe(
         evaluation.evaluate_base(loaded, model_reference)
 
     def reference_model() -> nn.Module:
-        return load_model(model_reference, allow_pickle=options.allow_pickle, trust_remote_code=options.trust_remote_code).model
+        # Under `--max-memory` the frozen copy (a distill teacher) gets the same accelerate device
+        # map as the model: what does not fit is read from disk for each forward, never trained.
+        return load_model(
+            model_reference,
+            allow_pickle=options.allow_pickle,
+            trust_remote_code=options.trust_remote_code,
+            max_memory=options.max_memory,
+            offload_folder=Path(offload_scratch.name) if offload_scratch else None,
+        ).model
 
     processes = launch_processes(device)
     workdir = prepare_workdir(options.out_dir, options.resume) if processes.is_main else workdir_for(options.out_dir)

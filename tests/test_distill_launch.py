@@ -7,7 +7,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 from safetensors.torch import load_file
+
+from compressor.cli import main
 
 RECIPE = """name: two-processes
 calibration: {samples: 8, seq_len: 32}
@@ -43,3 +46,16 @@ def test_two_process_distill_saves_once(tiny_llama, tmp_path):
     adapter = load_file(str(out / "lowrank_adapter" / "adapter_model.safetensors"))
     assert adapter and any(t.abs().max() > 0 for k, t in adapter.items() if "lora_B" in k)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "r.yaml"]  # no work folder or staging left
+
+
+@pytest.mark.parametrize("variable, name", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
+def test_sharded_launch_is_refused_before_any_weight_is_read(variable, name, tiny_llama, tmp_path, monkeypatch, capsys):
+    # What `accelerate launch --config_file fsdp.yaml` (or a DeepSpeed config) sets in each process.
+    monkeypatch.setenv(variable, "true")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE)
+    assert main([str(tiny_llama), "--recipe", str(recipe), "--dry-run", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert f"accelerate {name} config" in err and "--multi_gpu" in err, err
+    monkeypatch.setenv(variable, "false")
+    assert main([str(tiny_llama), "--recipe", str(recipe), "--dry-run", "-q"]) == 0

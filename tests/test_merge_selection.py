@@ -83,6 +83,27 @@ def test_dare_chunks_replay_their_masks_and_keep_the_l1_norm():
     torch.testing.assert_close(ratio, torch.full_like(ratio, ratio[0].item()))  # one scale for the whole tensor
 
 
+@pytest.mark.parametrize("rescale", [True, False])
+def test_dare_mask_does_not_depend_on_the_slice_size(rescale, monkeypatch):
+    # Small mask blocks, so slices of 1, 7 or 300 rows start and end inside blocks.
+    monkeypatch.setattr(delta_selection, "MASK_BLOCK_ELEMENTS", 64)
+    delta = torch.randn(300, 40, generator=torch.Generator().manual_seed(4), dtype=torch.float32)
+    results = [run_chunked(RandomMask(0.4, rescale, torch.Generator().manual_seed(9)), delta, rows) for rows in (1, 7, 300)]
+    for other in results[1:]:
+        torch.testing.assert_close(other, results[0], rtol=0, atol=0)
+    assert abs((results[0] != 0).double().mean().item() - 0.4) < 0.02
+    different_seed = run_chunked(RandomMask(0.4, rescale, torch.Generator().manual_seed(10)), delta, 7)
+    assert not torch.equal(different_seed != 0, results[0] != 0)
+
+
+def test_dare_inputs_sharing_a_generator_get_different_masks():
+    delta = torch.ones(100, 50)
+    generator = torch.Generator().manual_seed(3)
+    first = run_chunked(RandomMask(0.5, False, generator), delta, 9)
+    second = run_chunked(RandomMask(0.5, False, generator), delta, 9)
+    assert not torch.equal(first, second)
+
+
 def merge_call(method: str, tensors, **options) -> torch.Tensor:
     n = len(tensors)
     spec = merge_method_registry().get(method)
@@ -139,21 +160,23 @@ def rss(field):
             return int(line.split()[1]) * 1024
 before = rss("VmRSS:")
 open("/proc/self/clear_refs", "w").write("5")  # restart the high-water mark here
-merge_call("ties", [*models, base], tie_break=sys.argv[1])
+merge_call(sys.argv[2], [*models, base], tie_break=sys.argv[1], generator=torch.Generator().manual_seed(0))
 print(rss("VmHWM:") - before)
 """
 
 
-@pytest.mark.parametrize("tie_break", ["index", "sort"])
-def test_streamed_ties_memory_is_the_output_plus_a_few_slices(tie_break):
-    """Peak resident memory of one ties call on a 4M-entry bf16 tensor (inputs already held):
-    streamed, about the output; the sort-based order, ~20 bytes per entry more."""
+@pytest.mark.parametrize(
+    "method, tie_break", [("ties", "index"), ("ties", "sort"), ("dare_ties", "index"), ("dare_linear", "index")]
+)
+def test_streamed_memory_is_the_output_plus_a_few_slices(method, tie_break):
+    """Peak resident memory of one ties / DARE call on a 4M-entry bf16 tensor (inputs already
+    held): streamed, about the output; the sort-based order, ~20 bytes per entry more."""
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    result = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, tie_break], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, tie_break, method], capture_output=True, text=True,
                             cwd=root, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr[-2000:]
     peak = int(result.stdout.split()[-1])

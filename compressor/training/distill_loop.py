@@ -105,13 +105,17 @@ def run_distillation(
     cpu: bool,
 ) -> LoopResult:
     from accelerate import Accelerator
+
+    from compressor.offload import is_dispatched
     from transformers import get_scheduler
 
     accelerator = Accelerator(cpu=cpu)
     device = accelerator.device
     student.to(device)
     if teacher is not None:
-        teacher.to(device).eval()
+        if not is_dispatched(teacher):  # an offloaded teacher's hooks already place each block
+            teacher.to(device)
+        teacher.eval()
     if settings.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(trainable.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
