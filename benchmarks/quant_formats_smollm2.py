@@ -4,7 +4,8 @@ disk, bits per weight of the quantized layers, and wall time as a ratio to one b
 over the calibration set; optionally llm-compressor side by side (W8A8 SmoothQuant, FP8 dynamic).
 
     python benchmarks/quant_formats_smollm2.py [--samples 128 --seq-len 512]
-        [--methods w8a8-smoothquant,w8a8-smoothquant-gptq,fp8-dynamic,fp8-static,nf4]
+        [--methods w8a8-smoothquant,w8a8-smoothquant-gptq,fp8-dynamic,fp8-static,nf4,
+                   w4a16-g64-gptq,w4a16-awq-gptq,w4a16-mixed,fp8-dynamic-smoothquant]
         [--eval-windows N] [--with-llmcompressor] [--json out.json]
 
 In one process: the calibration windows come from compressor's own calibration code; one bf16
@@ -35,7 +36,7 @@ from compressor.calibration.batches import build_calibration  # noqa: E402
 from compressor.evaluation.perplexity import evaluation_windows, perplexity_on  # noqa: E402
 from compressor.formats import write_quantization_config  # noqa: E402
 from compressor.model_io import load_model, weights_bytes  # noqa: E402
-from compressor.recipe import CalibrationSpec, load_recipe  # noqa: E402
+from compressor.recipe import CalibrationSpec, load_recipe, parse_recipe_text  # noqa: E402
 from compressor.stages.base import StageContext  # noqa: E402
 from compressor.stages.quantize import QuantizeStage  # noqa: E402
 
@@ -47,6 +48,25 @@ RECIPES = {
     "fp8-dynamic": "fp8-dynamic",
     "fp8-static": "fp8-static",
     "nf4": "nf4",
+    # int4 weight-only rows of the method table, so every row shares one bf16 forward
+    "w4a16-g64-gptq": "w4a16-g64-gptq",
+    "w4a16-awq-gptq": "w4a16-awq-gptq",
+    "w4a16-mixed": "w4a16-mixed",
+}
+# Variants that are not built-in recipes: the stage is written out here.
+INLINE_RECIPES = {
+    # fp8-dynamic with SmoothQuant's per-channel migration (α 0.5) folded into the norms first
+    "fp8-dynamic-smoothquant": (
+        "name: fp8-dynamic-smoothquant\n"
+        "description: SmoothQuant (α 0.5) folded into the norms, then FP8 weights per channel (mse) x FP8 dynamic per token.\n"
+        "stages:\n"
+        "  - quantize:\n"
+        "      method: smoothquant\n"
+        "      smoothing_strength: 0.5\n"
+        "      weights: {type: float, bits: 8, observer: mse}\n"
+        "      activations: {bits: 8, type: float, dynamic: true, strategy: token}\n"
+        "      ignore: [lm_head]\n"
+    ),
 }
 LLMCOMPRESSOR_SCHEMES = ("w8a8-smoothquant", "fp8-dynamic")
 
@@ -60,7 +80,7 @@ def time_forward(model, tokens: torch.Tensor) -> float:
 
 
 def run_ours(name: str, base_model, tokenizer, tokens, windows, workdir: Path) -> dict:
-    recipe = load_recipe(RECIPES[name])
+    recipe = parse_recipe_text(INLINE_RECIPES[name], source=f"<{name}>") if name in INLINE_RECIPES else load_recipe(RECIPES[name])
     model = copy.deepcopy(base_model)
     stage = QuantizeStage()
     config = recipe.stages[0].config
@@ -118,6 +138,10 @@ def main() -> None:
     parser.add_argument("--with-llmcompressor", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    names = [n.strip() for n in args.methods.split(",") if n.strip()]
+    unknown = [n for n in names if n not in RECIPES and n not in INLINE_RECIPES]
+    if unknown:
+        parser.error(f"unknown methods {unknown} (known: {', '.join([*RECIPES, *INLINE_RECIPES])})")
 
     loaded = load_model(MODEL)
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -137,7 +161,7 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        for name in args.methods.split(","):
+        for name in names:
             ours = run_ours(name, model, tokenizer, tokens, windows, workdir)
             entry = {
                 "description": ours["description"],
@@ -158,6 +182,9 @@ def main() -> None:
                     theirs["ratio_to_forward"] = round(theirs["oneshot_s"] / forward_s, 3)
                 entry["llmcompressor"] = theirs
                 print(name, "llm-compressor", json.dumps(theirs), flush=True)
+            if args.json:  # after every method, so a stopped run keeps what it measured
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps(result, indent=2) + "\n")
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
