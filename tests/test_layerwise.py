@@ -84,3 +84,33 @@ def test_float16_inputs_are_upcast_not_overflowed():
     accumulator.add(big)
     assert torch.isfinite(accumulator.hessian).all()
     torch.testing.assert_close(accumulator.hessian, torch.full((8, 8), 2 * 3600.0))
+
+
+def test_float32_products_make_the_bf16_hessian_exact_to_float32():
+    torch.manual_seed(1)
+    chunks = [torch.randn(256, 48, dtype=torch.bfloat16) * 3 for _ in range(4)]
+    upcast, fast, exact = HessianAccumulator(48, float32_products=True), HessianAccumulator(48), HessianAccumulator(48)
+    for chunk in chunks:
+        upcast.add(chunk)
+        fast.add(chunk)
+        exact.add(chunk.float())
+    torch.testing.assert_close(upcast.hessian, exact.hessian, rtol=1e-5, atol=1e-4)
+    assert (upcast.hessian - exact.hessian).norm() < (fast.hessian - exact.hessian).norm() / 10
+
+
+def test_sparsegpt_collects_float32_product_hessians(monkeypatch):
+    # SparseGPT chooses its masks from the inverse Hessian, so its statistics must not use the
+    # bf16 shortcut GPTQ takes.
+    import compressor.stages.prune_methods as prune_methods
+    from tests.prune_fixtures import prune_recipe, run_stages, tiny_model
+
+    made = []
+    original = prune_methods.HessianAccumulator
+
+    def spy(*args, **kwargs):
+        made.append(original(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(prune_methods, "HessianAccumulator", spy)
+    run_stages(tiny_model(), prune_recipe('{method: sparsegpt, sparsity: "2:4"}'))
+    assert made and all(accumulator.float32_products and accumulator.count > 0 for accumulator in made)

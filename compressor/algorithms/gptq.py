@@ -156,18 +156,23 @@ class HessianAccumulator:
     with bf16 units this is 2-3x faster than upcasting first, and the relative rounding of a
     chunk's product (~0.2 %) is far below the 1 % damping added to the diagonal. float16
     inputs are upcast, since x xᵀ over thousands of tokens overflows float16.
+
+    ``float32_products`` upcasts bfloat16 inputs too. SparseGPT wants it: it divides by the
+    inverse Hessian's diagonal to *choose* which weights to drop, so the per-chunk rounding
+    reaches the sparsity masks, while GPTQ only sizes its updates with it.
     """
 
-    def __init__(self, in_features: int, device: torch.device | str = "cpu"):
+    def __init__(self, in_features: int, device: torch.device | str = "cpu", *, float32_products: bool = False):
         self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.count = 0
+        self.float32_products = float32_products
 
     def add(self, inputs: torch.Tensor) -> None:
         x = inputs.reshape(-1, inputs.shape[-1])
         n = x.shape[0]
         total = self.count + n
         self.hessian *= self.count / total
-        if x.dtype == torch.bfloat16:
+        if x.dtype == torch.bfloat16 and not self.float32_products:
             self.hessian.add_(torch.mm(x.t(), x).float(), alpha=2.0 / total)
         else:
             x = x.float() * (2.0 / total) ** 0.5

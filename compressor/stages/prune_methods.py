@@ -109,7 +109,10 @@ class SparseGPTMethod:
                     solved_with=names,
                 )
 
-        run_statistics(model, modules, HessianAccumulator, solve, ctx, "sparsegpt")
+        def exact_hessian(in_features: int, device: torch.device) -> HessianAccumulator:
+            return HessianAccumulator(in_features, device, float32_products=True)
+
+        run_statistics(model, modules, exact_hessian, solve, ctx, "sparsegpt")
 
 
 @functools.cache
