@@ -52,22 +52,10 @@ RECIPES = {
     "w4a16-g64-gptq": "w4a16-g64-gptq",
     "w4a16-awq-gptq": "w4a16-awq-gptq",
     "w4a16-mixed": "w4a16-mixed",
+    # SmoothQuant migration (α 0.5) folded into the norms, then FP8 weights x FP8 dynamic per token
+    "fp8-dynamic-smoothquant": "fp8-dynamic-smoothquant",
 }
-# Variants that are not built-in recipes: the stage is written out here.
-INLINE_RECIPES = {
-    # fp8-dynamic with SmoothQuant's per-channel migration (α 0.5) folded into the norms first
-    "fp8-dynamic-smoothquant": (
-        "name: fp8-dynamic-smoothquant\n"
-        "description: SmoothQuant (α 0.5) folded into the norms, then FP8 weights per channel (mse) x FP8 dynamic per token.\n"
-        "stages:\n"
-        "  - quantize:\n"
-        "      method: smoothquant\n"
-        "      smoothing_strength: 0.5\n"
-        "      weights: {type: float, bits: 8, observer: mse}\n"
-        "      activations: {bits: 8, type: float, dynamic: true, strategy: token}\n"
-        "      ignore: [lm_head]\n"
-    ),
-}
+INLINE_RECIPES: dict[str, str] = {}  # variants that are not built-in recipes, written out here
 LLMCOMPRESSOR_SCHEMES = ("w8a8-smoothquant", "fp8-dynamic")
 
 

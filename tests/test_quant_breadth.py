@@ -319,7 +319,7 @@ def test_cli_awq_run_records_mappings(tiny_llama, tmp_path):
     assert record["modules"]["model.layers.0.mlp.gate_proj"]["awq"]["producer"] == "model.layers.0.post_attention_layernorm"
 
 
-@pytest.mark.parametrize("name", ["w4a16-awq", "w4a16-awq-gptq", "w4a16-hqq", "w4a16-mixed"])
+@pytest.mark.parametrize("name", ["w4a16-awq", "w4a16-awq-gptq", "w4a16-hqq", "w4a16-mixed", "fp8-dynamic-smoothquant"])
 def test_builtin_recipes_plan_on_a_tiny_model(name):
     from compressor.recipe import load_recipe
 
