@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--recipe", default="w4a16-gptq")
     parser.add_argument("--max-memory")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--timeline", type=Path, help="also write every sample as CSV: seconds,vmrss,rssanon,rssfile (MB)")
     parser.add_argument("extra", nargs="*", help="more compress flags (after --)")
     args = parser.parse_args()
 
@@ -53,13 +54,19 @@ def main() -> None:
         command += ["--max-memory", args.max_memory]
     command += args.extra
     peaks = dict.fromkeys(FIELDS, 0)
+    timeline: list[str] = []
     started = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     while child.poll() is None:
-        for key, value in sample(child.pid).items():
+        values = sample(child.pid)
+        for key, value in values.items():
             peaks[key] = max(peaks[key], value)
+        if values:
+            timeline.append(f"{time.perf_counter() - started:.1f}," + ",".join(str(values.get(key, 0)) for key in FIELDS))
         time.sleep(0.2)
     seconds = time.perf_counter() - started
+    if args.timeline:
+        args.timeline.write_text("seconds,vmrss,rssanon,rssfile\n" + "\n".join(timeline) + "\n")
     output = child.stdout.read() if child.stdout else ""
     shutil.rmtree(out, ignore_errors=True)
     if child.returncode != 0:

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compressor.errors import CompressionError
+from compressor.file_pages import release_file_pages, storage_address
 from compressor.offload import compute_device, onload
 
 
@@ -141,7 +142,13 @@ def run_layerwise(
         finally:
             for handle in handles:
                 handle.remove()
+        dense = list(block.parameters())
         algorithm.compress(index, name, block)
+        # The weights the algorithm replaced are dead; if they were views of the mapped checkpoint
+        # their pages would stay resident to the end of the run.
+        kept = {storage_address(p) for p in block.parameters()}
+        release_file_pages(p for p in dense if storage_address(p) not in kept)
+        del dense
         if index + 1 < len(blocks):
             _run_block(block, inputs, index, device)
             bad = next((i for i, h in enumerate(inputs.hidden) if not torch.isfinite(h).all()), None)

@@ -25,6 +25,7 @@ from compressor.adapters import write_lowrank_artifacts
 from compressor.cache import cache_root
 from compressor.checkpoint import atomic_output_dir, check_output_dir, prepare_workdir, workdir_for
 from compressor.errors import RecipeError
+from compressor.file_pages import release_file_pages
 from compressor.formats import write_quantization_config
 from compressor.guards import assert_finite, check_free_space, state_bytes
 from compressor.model_card import build_model_card
@@ -203,6 +204,8 @@ def run_recipe(
         echo(f"base held-out perplexity: {base_ppl:.3f}")
     if evaluation is not None:
         evaluation.evaluate_base(loaded, model_reference)
+    # The base evaluation made every mapped weight resident; stages read them back block by block.
+    release_file_pages(model.parameters())
 
     def reference_model() -> nn.Module:
         # Under `--max-memory` the frozen copy (a distill teacher) gets the same accelerate device
@@ -249,6 +252,7 @@ def run_recipe(
         if is_dispatched(model):
             undispatch(model)  # what is left on disk after a streaming stage is small (norms, rotary)
         seconds = time.perf_counter() - started
+        release_file_pages(model.parameters())
         assert_finite(model, f"stage {index + 1} ({spec.kind})")
         summary.stage_seconds.append(seconds)
         summary.plans.append(plan)
