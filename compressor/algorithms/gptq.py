@@ -34,6 +34,10 @@ from compressor.algorithms.grid import (
 from compressor.algorithms.rtn import rtn_quantize
 
 _DAMPING_RETRIES = 4
+# Columns whose rank-1 updates are applied one by one inside a lazy-update block; the rest of
+# the block gets them as one matmul. Exact in real arithmetic; on CPU the per-column updates
+# over a 128-column block were most of the solve's time.
+_INNER_BLOCK = 32
 
 
 @dataclass
@@ -113,13 +117,26 @@ def gptq_quantize(
     total_error = 0.0
     for start in range(0, in_features, block_size):
         end = min(start + block_size, in_features)
+        width = end - start
         block = wt[start:end].clone()
         errors = torch.empty_like(block)
         hinv_block = hinv[start:end, start:end]
-        for i in range(end - start):
+        flushed, limit = 0, 0
+        for i in range(width):
             column = start + i
             group = group_of[column]
-            if not static and column % per_group == 0:
+            new_group = not static and column % per_group == 0
+            if i == limit or (new_group and i > flushed):
+                # Push the errors of columns [flushed, i) onto the rest of the block in one
+                # matmul; rank-1 updates below only reach columns before `limit`. Same sums
+                # as updating every later column of the block per column, far fewer passes.
+                if i > flushed:
+                    block[i:].addmm_(hinv_block[flushed:i, i:].t(), errors[flushed:i], alpha=-1.0)
+                flushed = i
+                limit = min(i + _INNER_BLOCK, width)
+                if not static:  # a group's range is read with every earlier error applied
+                    limit = min(limit, i + per_group - column % per_group)
+            if new_group:
                 # The group's columns past this block have not yet received this block's
                 # pending (lazy) updates; apply them before measuring the group's range.
                 stop = min(column + per_group, in_features)
@@ -138,7 +155,7 @@ def gptq_quantize(
             codes_t[column] = q
             err = (current - dequantize_codes(q, scale_t[group], col_zero)) / hinv_block[i, i]
             errors[i] = err
-            block[i:].addr_(hinv_block[i, i:], err, alpha=-1.0)
+            block[i:limit].addr_(hinv_block[i, i:limit], err, alpha=-1.0)
         total_error += float(errors.pow(2).sum()) / 2
         wt[end:].addmm_(hinv[start:end, end:].t(), errors, alpha=-1.0)
 
