@@ -25,7 +25,6 @@ Losses: kl, reverse_kl, jsd (with beta), ce, mse_hidden / cosine_hidden (with la
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from typing import Literal
 
 import torch
@@ -38,6 +37,7 @@ from compressor.recipe import CalibrationSpec, StrictModel
 from compressor.stages.base import Locator, StageContext, StagePlan
 from compressor.kernels.quant_linear import QuantLinear
 from compressor.targets import select_modules, validate_pattern
+from compressor.training.launch import check_launch
 from compressor.training.trainable import TRAIN_MODES, describe_trainable, select_trainable
 
 _LOGIT_LOSSES = {"kl", "reverse_kl", "jsd"}
@@ -169,24 +169,6 @@ def _check_teacher(model: nn.Module, config: DistillConfig, locate: Locator) -> 
 
 _LORA_KEYS = ("rank", "alpha", "dropout", "targets")
 
-# `accelerate launch` tells its processes the distributed type through these variables.
-_SHARDED_LAUNCHES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
-
-
-def _check_launch(environ: Mapping[str, str]) -> None:
-    """Refuse sharded launches before any weight is read: the loop builds its optimizer over the
-    unwrapped trainable tensors (fp32 masters, scales, LoRA factors), which FSDP / ZeRO would
-    flatten and shard under it, so it would train copies that are never updated. Data-parallel
-    launches (`--multi_gpu`, several processes) are supported."""
-    for variable, name in _SHARDED_LAUNCHES.items():
-        if environ.get(variable, "").lower() in ("1", "true", "yes"):
-            raise UserError(
-                f"the distill stage does not run under an accelerate {name} config yet (its optimizer is built"
-                " before the model is wrapped); launch it data-parallel instead: accelerate launch --multi_gpu"
-                " --num_processes N"
-            )
-
-
 def lora_targets(model: nn.Module, config: DistillConfig, locate: Locator) -> dict[str, str]:
     """`train: lora`: the Linear / QuantLinear layers the adapters go on, with a detail each."""
     selection = select_modules(model, config.targets, config.ignore)
@@ -219,7 +201,7 @@ class DistillStage:
         return config.data is None
 
     def plan(self, model: nn.Module, config: DistillConfig, locate: Locator) -> StagePlan:
-        _check_launch(os.environ)
+        check_launch(os.environ)  # before any weight is read
         _check_layers(model, config, locate)
         _check_lora_keys(config, locate)
         _check_teacher(model, config, locate)

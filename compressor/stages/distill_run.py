@@ -110,5 +110,6 @@ def distill_model(model: nn.Module, config: DistillConfig, ctx: StageContext, pl
         ctx.artifacts[f"{label}.json"] = artifacts / f"{label}.json"
     first, last = result.curve[0]["loss"], result.curve[-1]["loss"]
     ctx.notes[label] = {"steps": result.state.step, "first_loss": first, "last_loss": last, "resumed_from": result.resumed_from,
-                        "stopped_by_time": result.stopped_by_time, "processes": result.processes}
+                        "stopped_by_time": result.stopped_by_time, "processes": result.processes,
+                        "backend": result.backend}
     return model

@@ -1,13 +1,15 @@
 """The distillation loop: the student learns to match a frozen teacher on token windows.
 
-Runs through accelerate (device placement, autocast, gradient accumulation, DDP when
-launched with `accelerate launch`), keeps pruning masks and quantized codes intact (see
+Runs through accelerate (device placement, autocast, gradient accumulation; DDP or DeepSpeed
+ZeRO 1 / 2 when launched with `accelerate launch`, see `compressor.training.launch`), keeps pruning masks and quantized codes intact (see
 `compressor.training.trainable`), checkpoints every N steps into the work directory and
 continues from the last checkpoint when asked to resume.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -21,7 +23,10 @@ from tqdm.auto import tqdm
 from compressor.algorithms.distill_losses import LossEntry, LossInputs
 from compressor.errors import CompressionError
 from compressor.training.checkpoints import TrainingState, load_training_checkpoint, save_training_checkpoint
+from compressor.training.launch import Backend, configure_deepspeed, launch_backend, make_accelerator
 from compressor.training.trainable import TrainableSet
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,7 @@ class LoopResult:
     stopped_by_time: bool = False
     processes: int = 1
     is_main_process: bool = True
+    backend: str = "data_parallel"
 
 
 def _batch_sampler(windows: torch.Tensor, batch_size: int, generator: torch.Generator) -> Callable[[], torch.Tensor]:
@@ -90,6 +96,45 @@ def _out_of_time(accelerator, mine: bool) -> bool:
     return bool(accelerator.reduce(torch.tensor([float(mine)], device=accelerator.device), reduction="sum").item() > 0)
 
 
+def _prepare(accelerator, backend: Backend, student: nn.Module, trainable: TrainableSet, settings: LoopSettings):
+    """Wrap the student, then build the optimizer over what the wrapped model trains.
+
+    Returns (the model to call, the optimizer to step, the schedule). The schedule drives the plain
+    AdamW and is stepped once per optimizer step: accelerate's scheduler wrapper would step it once
+    per process, which assumes a schedule counted in per-process batches."""
+    from transformers import get_scheduler
+
+    def adamw() -> torch.optim.Optimizer:
+        return torch.optim.AdamW(trainable.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+
+    def schedule(optimizer: torch.optim.Optimizer):
+        return get_scheduler(settings.schedule, optimizer, num_warmup_steps=settings.warmup_steps, num_training_steps=settings.steps)
+
+    if backend == "deepspeed":
+        configure_deepspeed(accelerator, batch_size=settings.batch_size, gradient_accumulation=settings.gradient_accumulation,
+                            max_grad_norm=settings.max_grad_norm)
+        # deepspeed.initialize takes the model and its optimizer in one call; ZeRO 1 / 2 keep the
+        # parameter objects and the optimizer's param groups (checked below), so the schedule holds.
+        optimizer = adamw()
+        scheduler = schedule(optimizer)
+        trained, prepared = accelerator.prepare(student, optimizer)
+        trainable.check_bound(trained)
+        return trained, prepared, scheduler
+    trained = accelerator.prepare_model(student) if accelerator.num_processes > 1 else student
+    trainable.check_bound(trained)
+    optimizer = adamw()
+    scheduler = schedule(optimizer)
+    return trained, accelerator.prepare_optimizer(optimizer), scheduler
+
+
+def _backward(accelerator, backend: Backend, loss: torch.Tensor, accumulation: int, last: bool) -> None:
+    if backend == "deepspeed":
+        # The engine divides by its accumulation count and steps (clips, updates, zeroes) on the last micro-batch.
+        accelerator.deepspeed_engine_wrapped.backward(loss, sync_gradients=last)
+    else:
+        accelerator.backward(loss / accumulation)
+
+
 def run_distillation(
     student: nn.Module,
     teacher: nn.Module | None,
@@ -104,12 +149,10 @@ def run_distillation(
     autocast_dtype: torch.dtype | None,
     cpu: bool,
 ) -> LoopResult:
-    from accelerate import Accelerator
-
     from compressor.offload import is_dispatched
-    from transformers import get_scheduler
 
-    accelerator = Accelerator(cpu=cpu)
+    backend = launch_backend(os.environ)
+    accelerator = make_accelerator(cpu, backend)
     device = accelerator.device
     student.to(device)
     if teacher is not None:
@@ -118,11 +161,13 @@ def run_distillation(
         teacher.eval()
     if settings.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = torch.optim.AdamW(trainable.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = get_scheduler(settings.schedule, optimizer, num_warmup_steps=settings.warmup_steps, num_training_steps=settings.steps)
-    trained = accelerator.prepare_model(student) if accelerator.num_processes > 1 else student
+    trained, optimizer, scheduler = _prepare(accelerator, backend, student, trainable, settings)
     generator = torch.Generator().manual_seed(settings.seed + accelerator.process_index)
     sample = _batch_sampler(windows, settings.batch_size, generator)
+    if backend == "deepspeed" and checkpoint_dir is not None and settings.checkpoint_every:
+        # ZeRO splits the optimizer state across processes; the checkpoint format holds one whole state.
+        logger.warning("distill: no step checkpoints under DeepSpeed; an interrupted stage restarts from its first step")
+        checkpoint_dir = None
 
     state = TrainingState(step=0, losses=[])
     if resume and checkpoint_dir is not None:
@@ -141,22 +186,21 @@ def run_distillation(
         for micro in range(settings.gradient_accumulation):
             # Gradients are averaged across processes only on the last micro-batch.
             last = micro == settings.gradient_accumulation - 1
-            with (nullcontext() if last else accelerator.no_sync(trained)):
+            with (nullcontext() if last or backend == "deepspeed" else accelerator.no_sync(trained)):
                 with autocast:
                     terms = _loss_terms(trained, teacher, sample().to(device), losses)
                     loss = torch.stack(list(terms.values())).sum()
                 if not torch.isfinite(loss):
                     raise CompressionError(f"distillation loss became {loss.item()} at step {step + 1}; lower lr")
-                accelerator.backward(loss / settings.gradient_accumulation)
+                _backward(accelerator, backend, loss, settings.gradient_accumulation, last)
             for name, value in terms.items():
                 totals[name] = totals.get(name, 0.0) + value.item() / settings.gradient_accumulation
         if accelerator.num_processes > 1:  # the curve is the mean over processes, the same in each
             means = accelerator.reduce(torch.tensor(list(totals.values()), device=device), reduction="mean")
             totals = dict(zip(totals, means.tolist()))
-        trainable.mask_gradients()
-        if settings.max_grad_norm is not None:
+        if settings.max_grad_norm is not None and backend != "deepspeed":  # DeepSpeed clips in its engine
             accelerator.clip_grad_norm_(trainable.parameters(), settings.max_grad_norm)
-        optimizer.step()
+        optimizer.step()  # under DeepSpeed a no-op: the engine stepped in the last backward
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         trainable.apply_masks()
@@ -176,8 +220,11 @@ def run_distillation(
     student.eval()
     if settings.gradient_checkpointing:
         student.gradient_checkpointing_disable()
+    # Data-parallel and ZeRO 1 / 2 keep every parameter whole on every process, so `student` (the
+    # unwrapped model the pipeline saves from the main process) already holds the full trained state.
+    accelerator.wait_for_everyone()
     return LoopResult(state=state, resumed_from=resumed_from, curve=state.losses, stopped_by_time=stopped_by_time,
-                      processes=accelerator.num_processes, is_main_process=accelerator.is_main_process)
+                      processes=accelerator.num_processes, is_main_process=accelerator.is_main_process, backend=backend)
 
 
 def plot_loss_curve(curve: list[dict[str, float]], path: Path, title: str) -> None:

@@ -2,7 +2,8 @@
 
 - Pruned Linear weights keep their zeros: a weight with exact zeros in more than
   `PRUNED_FRACTION` of its entries counts as pruned, its zero pattern becomes a mask that is
-  applied to the gradient and again after every optimizer step.
+  applied to the gradient as autograd produces it (a tensor hook, so before DDP or DeepSpeed
+  reduce it and before clipping measures it) and again to the weight after every optimizer step.
 - Quantized layers (`QuantLinear`) keep their integer codes; only their scales and, for
   asymmetric layers, their zero points train. Scales become fp32 parameters and return to their
   dtype after. Zero points are integers in the format, so they train as fp32 values that the
@@ -47,13 +48,19 @@ class TrainableSet:
     @torch.no_grad()
     def apply_masks(self) -> None:
         for name, mask in self.masks.items():
-            self.named[name].mul_(mask)
+            parameter = self.named[name]
+            parameter.mul_(mask.to(parameter.device))
 
-    def mask_gradients(self) -> None:
-        for name, mask in self.masks.items():
-            grad = self.named[name].grad
-            if grad is not None:
-                grad.mul_(mask)
+    def check_bound(self, model: nn.Module) -> None:
+        """Fail when a wrapper (`accelerator.prepare`) replaced or resized a trainable tensor: the
+        optimizer and the masks would then act on tensors the forward no longer reads."""
+        present = {id(p): p for p in model.parameters()}
+        for name, parameter in self.named.items():
+            if id(parameter) not in present:
+                raise RuntimeError(f"the prepared model no longer holds the trainable tensor {name} (sharded or copied)")
+            mask = self.masks.get(name)
+            if mask is not None and mask.shape != parameter.shape:
+                raise RuntimeError(f"the trainable tensor {name} is {tuple(parameter.shape)} now, its mask {tuple(mask.shape)}")
 
     def finish(self) -> None:
         """Return every tensor to its original dtype and kind (buffer or frozen parameter)."""
@@ -66,6 +73,10 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")
 
 
+def _masked_gradient(mask: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    return grad * mask.to(grad.device, grad.dtype)
+
+
 def _train_parameter(trainable: TrainableSet, module: nn.Module, name: str, attribute: str, masked: bool) -> None:
     parameter: nn.Parameter = getattr(module, attribute)
     original_dtype = parameter.dtype
@@ -73,12 +84,16 @@ def _train_parameter(trainable: TrainableSet, module: nn.Module, name: str, attr
     parameter.requires_grad_(True)
     key = f"{name}.{attribute}" if name else attribute
     trainable.named[key] = parameter
+    hook = None
     if masked:
         zeros = parameter.data == 0
         if zeros.float().mean().item() > PRUNED_FRACTION:
-            trainable.masks[key] = (~zeros).to(parameter.dtype)
+            mask = trainable.masks[key] = (~zeros).to(parameter.dtype)
+            hook = parameter.register_hook(partial(_masked_gradient, mask))
 
     def restore() -> None:
+        if hook is not None:
+            hook.remove()
         parameter.requires_grad_(False)
         parameter.data = parameter.data.to(original_dtype)
 
