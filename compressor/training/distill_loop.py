@@ -1,9 +1,9 @@
 """The distillation loop: the student learns to match a frozen teacher on token windows.
 
 Runs through accelerate (device placement, autocast, gradient accumulation; DDP or DeepSpeed
-ZeRO 1 / 2 when launched with `accelerate launch`, see `compressor.training.launch`), keeps pruning masks and quantized codes intact (see
-`compressor.training.trainable`), checkpoints every N steps into the work directory and
-continues from the last checkpoint when asked to resume.
+ZeRO 1 / 2 when launched with `accelerate launch`, see `compressor.training.launch`), keeps
+pruning masks and quantized codes intact (see `compressor.training.trainable`), checkpoints
+every N steps into the work directory and continues from the last checkpoint when asked to resume.
 """
 
 from __future__ import annotations
