@@ -5,6 +5,7 @@ never from the network."""
 from __future__ import annotations
 
 import re
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -90,10 +91,49 @@ def weight_scheme_tag(config: dict[str, Any]) -> str | None:
 
 
 def _gguf_license(path: Path) -> str | None:
-    from gguf import GGUFReader
+    """`general.license` of a GGUF file, read by walking the metadata only as far as that key.
 
-    field = GGUFReader(str(path)).fields.get("general.license")
-    return str(field.contents()) if field is not None else None
+    gguf's GGUFReader parses every field and tensor record up front (for SmolLM2 that is the
+    49k-token vocabulary as numpy views: ~150 MB of Python objects, the peak of a whole run
+    when the model card was written last), so the key-value section is scanned here with
+    gguf's own type table and nothing else is built.
+    """
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.constants import GGUFValueType
+
+    scalar_sizes = {kind: np.dtype(dtype).itemsize for kind, dtype in GGUFReader.gguf_scalar_to_np.items()}
+    with path.open("rb") as handle:
+
+        def number(fmt: str) -> int:
+            return struct.unpack("<" + fmt, handle.read(struct.calcsize(fmt)))[0]
+
+        def text() -> bytes:
+            return handle.read(number("Q"))
+
+        def skip(kind: GGUFValueType) -> None:
+            if kind == GGUFValueType.STRING:
+                handle.seek(number("Q"), 1)
+            elif kind == GGUFValueType.ARRAY:
+                item, count = GGUFValueType(number("I")), number("Q")
+                if item in scalar_sizes:
+                    handle.seek(scalar_sizes[item] * count, 1)
+                else:
+                    for _ in range(count):
+                        skip(item)
+            else:
+                handle.seek(scalar_sizes[kind], 1)
+
+        if handle.read(4) != b"GGUF" or number("I") < 2:
+            return None  # not GGUF, or version 1 (32-bit counts): no license to report
+        number("Q")  # tensor count
+        for _ in range(number("Q")):
+            key = text()
+            kind = GGUFValueType(number("I"))
+            if key == b"general.license" and kind == GGUFValueType.STRING:
+                return text().decode("utf-8", errors="replace")
+            skip(kind)
+    return None
 
 
 def _card_license(readme: Path | None) -> str | None:

@@ -130,3 +130,33 @@ def test_recorded_inputs_and_hub_cache_paths_name_the_base():
 )
 def test_base_model_relation_follows_the_stages(stages, relation):
     assert base_model_relation(stages) == relation
+
+
+def test_gguf_license_is_read_past_arrays_and_scalars_of_every_kind(tmp_path):
+    from gguf import GGUFWriter
+
+    from compressor.card_facts import _gguf_license
+
+    def write(path, license_value):
+        writer = GGUFWriter(str(path), "llama")
+        writer.add_array("tokenizer.ggml.tokens", [f"tok{i}" for i in range(300)])
+        writer.add_array("tokenizer.ggml.scores", [float(i) for i in range(300)])
+        writer.add_array("nested.numbers", [1, 2, 3])
+        writer.add_uint32("llama.block_count", 2)
+        writer.add_float32("llama.rope.freq_base", 10000.0)
+        writer.add_bool("general.flag", True)
+        writer.add_string("general.name", "tiny")
+        if license_value is not None:
+            writer.add_string("general.license", license_value)
+        writer.add_uint64("general.after", 7)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    write(tmp_path / "with.gguf", "mit")
+    write(tmp_path / "without.gguf", None)
+    assert _gguf_license(tmp_path / "with.gguf") == "mit"
+    assert _gguf_license(tmp_path / "without.gguf") is None
+    (tmp_path / "not.gguf").write_bytes(b"PK\x03\x04 not a gguf")
+    assert _gguf_license(tmp_path / "not.gguf") is None
