@@ -38,7 +38,7 @@ class _Mapping:
 
 
 def _file_mappings() -> list[_Mapping]:
-    """Private file-backed mappings of this process, sorted by start address."""
+    """File-backed mappings of this process (marked private or shared), sorted by start address."""
     mappings = []
     with open("/proc/self/maps") as maps:
         for line in maps:

@@ -252,12 +252,13 @@ def run_recipe(
         if is_dispatched(model):
             undispatch(model)  # what is left on disk after a streaming stage is small (norms, rotary)
         seconds = time.perf_counter() - started
-        release_file_pages(model.parameters())
         assert_finite(model, f"stage {index + 1} ({spec.kind})")
         summary.stage_seconds.append(seconds)
         summary.plans.append(plan)
         stage_log.append({"kind": spec.kind, "method": plan.method, "modules": len(plan.selected), "seconds": round(seconds, 3)})
         checkpoints.save(index, model, ctx, loop)
+        # Last in the loop: the finiteness check and the stage checkpoint read every weight again.
+        release_file_pages(model.parameters())
     loaded.model = model
     if not processes.is_main:
         echo(f"process {processes.index + 1} of {processes.count}: every stage done; process 1 saves {options.out_dir}")
