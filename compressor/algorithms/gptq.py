@@ -126,15 +126,17 @@ def gptq_quantize(
             column = start + i
             group = group_of[column]
             new_group = not static and column % per_group == 0
-            if i == limit or (new_group and i > flushed):
+            if i == limit:
                 # Push the errors of columns [flushed, i) onto the rest of the block in one
                 # matmul; rank-1 updates below only reach columns before `limit`. Same sums
                 # as updating every later column of the block per column, far fewer passes.
+                # Without static groups `limit` never passes a group start, so a group's range
+                # is read with every earlier error applied.
                 if i > flushed:
                     block[i:].addmm_(hinv_block[flushed:i, i:].t(), errors[flushed:i], alpha=-1.0)
                 flushed = i
                 limit = min(i + _INNER_BLOCK, width)
-                if not static:  # a group's range is read with every earlier error applied
+                if not static:
                     limit = min(limit, i + per_group - column % per_group)
             if new_group:
                 # The group's columns past this block have not yet received this block's
