@@ -36,7 +36,7 @@ from compressor.calibration.batches import build_calibration  # noqa: E402
 from compressor.evaluation.perplexity import evaluation_windows, perplexity_on  # noqa: E402
 from compressor.formats import write_quantization_config  # noqa: E402
 from compressor.model_io import load_model, weights_bytes  # noqa: E402
-from compressor.recipe import CalibrationSpec, load_recipe, parse_recipe_text  # noqa: E402
+from compressor.recipe import CalibrationSpec, load_recipe  # noqa: E402
 from compressor.stages.base import StageContext  # noqa: E402
 from compressor.stages.quantize import QuantizeStage  # noqa: E402
 
@@ -55,7 +55,6 @@ RECIPES = {
     # SmoothQuant migration (α 0.5) folded into the norms, then FP8 weights x FP8 dynamic per token
     "fp8-dynamic-smoothquant": "fp8-dynamic-smoothquant",
 }
-INLINE_RECIPES: dict[str, str] = {}  # variants that are not built-in recipes, written out here
 LLMCOMPRESSOR_SCHEMES = ("w8a8-smoothquant", "fp8-dynamic")
 
 
@@ -68,7 +67,7 @@ def time_forward(model, tokens: torch.Tensor) -> float:
 
 
 def run_ours(name: str, base_model, tokenizer, tokens, windows, workdir: Path) -> dict:
-    recipe = parse_recipe_text(INLINE_RECIPES[name], source=f"<{name}>") if name in INLINE_RECIPES else load_recipe(RECIPES[name])
+    recipe = load_recipe(RECIPES[name])
     model = copy.deepcopy(base_model)
     stage = QuantizeStage()
     config = recipe.stages[0].config
@@ -127,9 +126,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
-    unknown = [n for n in names if n not in RECIPES and n not in INLINE_RECIPES]
+    unknown = [n for n in names if n not in RECIPES]
     if unknown:
-        parser.error(f"unknown methods {unknown} (known: {', '.join([*RECIPES, *INLINE_RECIPES])})")
+        parser.error(f"unknown methods {unknown} (known: {', '.join(RECIPES)})")
 
     loaded = load_model(MODEL)
     model, tokenizer = loaded.model, loaded.tokenizer
