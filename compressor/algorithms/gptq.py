@@ -35,8 +35,8 @@ from compressor.algorithms.rtn import rtn_quantize
 
 _DAMPING_RETRIES = 4
 # Columns whose rank-1 updates are applied one by one inside a lazy-update block; the rest of
-# the block gets them as one matmul. Exact in real arithmetic; on CPU the per-column updates
-# over a 128-column block were most of the solve's time.
+# the block gets them as one matmul. Exact in real arithmetic. It shortens the memory-bound
+# per-column updates, which only pays on a loaded CPU (benchmarks/gptq_stage_profile.py).
 _INNER_BLOCK = 32
 
 
