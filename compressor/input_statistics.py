@@ -13,7 +13,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from compressor.layerwise import BlockStatisticsComplete, run_layerwise
+from compressor.block_io import BlockStatisticsComplete
+from compressor.layerwise import run_layerwise
 from compressor.stages.base import StageContext
 
 
@@ -30,13 +31,30 @@ class InputStatisticsAlgorithm:
         self._statistics: list[Any] = []
         self._expected = 0
 
-    def attach(self, index: int, name: str, block: nn.Module):
+    def targets(self, name: str) -> list[str]:
         prefix = name + "."
+        return [n for n in self.modules if n.startswith(prefix)]
+
+    def attach(self, index: int, name: str, block: nn.Module, only: list[str] | None = None, shared_input: bool = False):
+        """Hooks on the block's targets (or on `only`). With `shared_input` (the caller knows
+        they all read one tensor) the first of them to run records it for all and ends the
+        forward, so none of their matmuls is computed."""
         self._stash.clear()
         self._groups, self._statistics = [], []
-        hooked = {n: m for n, m in self.modules.items() if n.startswith(prefix)}
+        hooked = {n: self.modules[n] for n in (self.targets(name) if only is None else only)}
         self._expected = len(hooked)
+        if shared_input:
+            return [m.register_forward_pre_hook(self._shared_hook(list(hooked))) for m in hooked.values()]
         return [m.register_forward_pre_hook(self._hook(n)) for n, m in hooked.items()]
+
+    def _shared_hook(self, module_names: list[str]):
+        def hook(_module, args):
+            tensor = args[0].detach()
+            for module_name in module_names:
+                self._stash[module_name] = tensor
+            raise BlockStatisticsComplete
+
+        return hook
 
     def _hook(self, module_name: str):
         # A pre-hook: once every target layer of the block has shown its input, the rest of the

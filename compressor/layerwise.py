@@ -7,20 +7,27 @@
    run the compressed block to produce the next block's inputs (propagation pass).
 Only one block's activations and statistics are alive at a time, and the next block sees
 the outputs of the *compressed* block, so errors do not compound unseen.
+
+An algorithm marked ``sequential`` (GPTQ) gets pre-norm blocks (Llama, Qwen, Mistral) through
+`compressor.sequential_block` instead: one pass per block that compresses its layers in the
+order they run, each calibrated on the compressed layers before it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from compressor.block_io import BlockInputs, BlockStatisticsComplete, first_output, move_kwargs
 from compressor.errors import CompressionError
 from compressor.file_pages import release_file_pages, storage_address
 from compressor.offload import compute_device, onload
+from compressor.sequential_block import SequentialBlockPass, follows_layout, match_layout, plan_steps
+
+__all__ = ["BlockAlgorithm", "BlockInputs", "BlockStatisticsComplete", "find_decoder_blocks", "run_layerwise"]
 
 
 class BlockAlgorithm(Protocol):
@@ -36,19 +43,8 @@ class BlockAlgorithm(Protocol):
         """Compress the block's modules in place from the gathered statistics."""
 
 
-@dataclass
-class BlockInputs:
-    hidden: list[torch.Tensor] = field(default_factory=list)
-    kwargs: list[dict[str, Any]] = field(default_factory=list)
-
-
 class _StopForward(Exception):
     pass
-
-
-class BlockStatisticsComplete(Exception):
-    """Raised by an algorithm's hook once it holds every input it needs from a chunk, so the
-    statistics pass skips the rest of the block (its output is never used)."""
 
 
 def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -58,18 +54,6 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if isinstance(module, nn.ModuleList) and len(module) > 0 and (count is None or len(module) == count):
             return name, module
     raise CompressionError("cannot find the decoder blocks (a ModuleList of num_hidden_layers blocks)")
-
-
-def _first_output(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
-def _move(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple):
-        return tuple(_move(v, device) for v in value)
-    return value
 
 
 @torch.no_grad()
@@ -99,14 +83,52 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, tokens: torch
     return captured
 
 
-def _run_block(block: nn.Module, inputs: BlockInputs, index: int, device: torch.device) -> None:
+def _propagate(block: nn.Module, inputs: BlockInputs, device: torch.device) -> None:
     for i, hidden in enumerate(inputs.hidden):
-        out = _first_output(block(hidden.to(device), **_move_kwargs(inputs.kwargs[i], device)))
+        out = first_output(block(hidden.to(device), **move_kwargs(inputs.kwargs[i], device)))
         inputs.hidden[i] = out.to(hidden.device)
 
 
-def _move_kwargs(kwargs: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: _move(v, device) for k, v in kwargs.items()}
+def _two_passes(block: nn.Module, name: str, index: int, inputs: BlockInputs, algorithm: BlockAlgorithm, device: torch.device, propagate: bool) -> None:
+    """Statistics pass through the dense block, compression, propagation pass."""
+    handles = algorithm.attach(index, name, block)
+    try:
+        for i, hidden in enumerate(inputs.hidden):
+            try:
+                block(hidden.to(device), **move_kwargs(inputs.kwargs[i], device))
+            except BlockStatisticsComplete:
+                pass
+            algorithm.after_chunk()
+    finally:
+        for handle in handles:
+            handle.remove()
+    algorithm.compress(index, name, block)
+    if propagate:
+        _propagate(block, inputs, device)
+
+
+class _SequentialPlanner:
+    """Decides, block by block, whether the sequential pass applies; the layout check runs
+    once per block class (on that class's first block, before it is compressed)."""
+
+    def __init__(self, algorithm) -> None:
+        self.algorithm = algorithm
+        self.enabled = bool(getattr(algorithm, "sequential", False))
+        self.verdicts: dict[type, bool] = {}
+
+    def plan(self, block: nn.Module, name: str, index: int, inputs: BlockInputs, device: torch.device) -> SequentialBlockPass | None:
+        if not self.enabled:
+            return None
+        parts = match_layout(block)
+        steps = plan_steps(parts, name, self.algorithm.targets(name)) if parts is not None else None
+        if parts is None or steps is None:
+            return None
+        kind = type(block)
+        if kind not in self.verdicts:
+            self.verdicts[kind] = follows_layout(parts, inputs.hidden[0].to(device), move_kwargs(inputs.kwargs[0], device))
+        if not self.verdicts[kind]:
+            return None
+        return SequentialBlockPass(parts, steps, self.algorithm, index, name, device)
 
 
 @torch.no_grad()
@@ -124,6 +146,7 @@ def run_layerwise(
     blocks_name, blocks = find_decoder_blocks(model)
     device = torch.device(device) if device is not None else compute_device(blocks[0])
     inputs = capture_block_inputs(model, blocks[0], tokens, batch_size)
+    planner = _SequentialPlanner(algorithm)
     progress = tqdm(range(len(blocks)), desc=description, unit="block", disable=not show_progress)
     for index in progress:
         block = blocks[index]
@@ -131,26 +154,19 @@ def run_layerwise(
         onload(block)  # a block left on disk by --max-memory is read into memory now, once
         home = compute_device(block)
         block.to(device)
-        handles = algorithm.attach(index, name, block)
-        try:
-            for i, hidden in enumerate(inputs.hidden):
-                try:
-                    block(hidden.to(device), **_move_kwargs(inputs.kwargs[i], device))
-                except BlockStatisticsComplete:
-                    pass
-                algorithm.after_chunk()
-        finally:
-            for handle in handles:
-                handle.remove()
         dense = list(block.parameters())
-        algorithm.compress(index, name, block)
+        propagate = index + 1 < len(blocks)
+        sequential = planner.plan(block, name, index, inputs, device)
+        if sequential is not None:
+            sequential.run(inputs, propagate)
+        else:
+            _two_passes(block, name, index, inputs, algorithm, device, propagate)
         # The weights the algorithm replaced are dead; if they were views of the mapped checkpoint
         # their pages would stay resident to the end of the run.
         kept = {storage_address(p) for p in block.parameters()}
         release_file_pages(p for p in dense if storage_address(p) not in kept)
         del dense
-        if index + 1 < len(blocks):
-            _run_block(block, inputs, index, device)
+        if propagate:
             bad = next((i for i, h in enumerate(inputs.hidden) if not torch.isfinite(h).all()), None)
             if bad is not None:
                 raise CompressionError(f"block {name} produced NaN or Inf after compression (chunk {bad})")

@@ -65,7 +65,10 @@ class RTNMethod:
 
 
 class _GPTQBlockAlgorithm(InputStatisticsAlgorithm):
-    """Hessians for one block's targets, then GPTQ on each group of layers sharing an input."""
+    """Hessians for one block's targets, then GPTQ on each group of layers sharing an input.
+    Sequential: each group's Hessian comes from the outputs of the groups already quantized."""
+
+    sequential = True
 
     def __init__(self, model: nn.Module, modules: dict[str, nn.Linear], grids: dict[str, WeightGrid], config, ctx):
         super().__init__(modules, HessianAccumulator, self._solve_group)

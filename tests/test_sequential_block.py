@@ -1,0 +1,153 @@
+"""The true-sequential block pass (compressor.sequential_block): every layer is calibrated on
+what the already compressed layers produce, the down projection's inputs are kept within one
+hidden-state-sized buffer, and a block of another shape goes through the two-pass engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from compressor.algorithms.gptq import HessianAccumulator
+from compressor.input_statistics import InputStatisticsAlgorithm
+from compressor.layerwise import find_decoder_blocks, run_layerwise
+from compressor.sequential_block import SequentialBlockPass, match_layout, plan_steps
+
+
+def _targets(model: nn.Module) -> dict[str, nn.Linear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n}
+
+
+def _plain_forward_hessians(model: nn.Module, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name):
+        def grab(_module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            sums[name] = sums.get(name, 0) + x.t() @ x
+            counts[name] = counts.get(name, 0) + x.shape[0]
+
+        return grab
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in _targets(model).items()]
+    with torch.no_grad():
+        for chunk in tokens.split(4):
+            model(input_ids=chunk, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    return {n: (2.0 * sums[n] / counts[n]).float() for n in sums}
+
+
+class _CoarseRounding(InputStatisticsAlgorithm):
+    """Records each layer's Hessian, then 'compresses' the layer by rounding its weights to a
+    coarse grid in place, so that later layers see a changed input."""
+
+    def __init__(self, model: nn.Module, sequential: bool):
+        self.seen: dict[str, torch.Tensor] = {}
+        self.order: list[list[str]] = []
+        super().__init__(_targets(model), lambda n, d: HessianAccumulator(n, d), self._solve)
+        self.sequential = sequential
+
+    def _solve(self, names: list[str], statistic: HessianAccumulator) -> None:
+        self.order.append(sorted(names))
+        for name in names:
+            self.seen[name] = statistic.hessian.clone()
+            weight = self.modules[name].weight.data
+            weight.copy_(torch.round(weight * 4) / 4)
+
+
+def _model(path) -> nn.Module:
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+TOKENS = torch.randint(3, 300, (16, 32), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2"])
+def test_each_layer_is_calibrated_on_the_compressed_layers_before_it(fixture, request):
+    model = _model(request.getfixturevalue(fixture))
+    algorithm = _CoarseRounding(model, sequential=True)
+    run_layerwise(model, TOKENS, algorithm, batch_size=4, show_progress=False)
+
+    # Groups are solved in the order the layers run: q/k/v, o, gate/up, down.
+    first = algorithm.order[:4]
+    assert first == [
+        ["model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"],
+        ["model.layers.0.self_attn.o_proj"],
+        ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"],
+        ["model.layers.0.mlp.down_proj"],
+    ]
+    # True sequential: every layer's Hessian is that of its input in the *final* model.
+    final = _plain_forward_hessians(model, TOKENS)
+    assert set(algorithm.seen) == set(final)
+    for name, hessian in final.items():
+        torch.testing.assert_close(algorithm.seen[name], hessian, rtol=1e-4, atol=1e-5)
+
+
+def test_the_two_pass_engine_differs_so_the_check_above_can_fail(tiny_llama):
+    model = _model(tiny_llama)
+    algorithm = _CoarseRounding(model, sequential=False)
+    run_layerwise(model, TOKENS, algorithm, batch_size=4, show_progress=False)
+    final = _plain_forward_hessians(model, TOKENS)
+    name = "model.layers.0.mlp.down_proj"
+    assert (algorithm.seen[name] - final[name]).norm() > 1e-3 * final[name].norm()
+
+
+def test_down_inputs_are_kept_within_one_hidden_buffer(tiny_llama):
+    model = _model(tiny_llama)
+    _, blocks = find_decoder_blocks(model)
+    gate_calls = [0] * len(blocks)
+    down_calls = [0] * len(blocks)
+    for index, block in enumerate(blocks):
+        block.mlp.gate_proj.register_forward_hook(lambda *_a, i=index: gate_calls.__setitem__(i, gate_calls[i] + 1))
+        block.mlp.down_proj.register_forward_hook(lambda *_a, i=index: down_calls.__setitem__(i, down_calls[i] + 1))
+    algorithm = _CoarseRounding(model, sequential=True)
+    run_layerwise(model, TOKENS, algorithm, batch_size=4, show_progress=False)
+
+    chunks = 4
+    hidden, intermediate = model.config.hidden_size, model.config.intermediate_size
+    kept = chunks * hidden // intermediate  # down inputs that fit where the hidden states' size allows
+    assert 0 < kept < chunks
+    # Gate runs once per chunk for down's statistics (not for its own: step 3 stops at the
+    # norm), again for the chunks not kept; down once per chunk, for the output. The last
+    # block is not propagated. The layout check runs block 0's first chunk twice (+2, +2).
+    assert gate_calls == [2 + chunks + (chunks - kept), chunks]
+    assert down_calls == [2 + chunks, 0]
+
+
+def test_a_block_of_another_shape_goes_through_two_passes(tiny_llama, monkeypatch):
+    model = _model(tiny_llama)
+    _, blocks = find_decoder_blocks(model)
+    for block in blocks:  # an extra scaling of the block output: no longer h2 + mlp(norm(h2))
+        block.register_forward_hook(lambda _m, _a, output: output * 0.5)
+    runs = []
+    monkeypatch.setattr(SequentialBlockPass, "run", lambda self, *a: runs.append(self))
+    reference = _plain_forward_hessians(model, TOKENS)
+
+    seen: dict[str, torch.Tensor] = {}
+
+    def solve(names, statistic):
+        for name in names:
+            seen[name] = statistic.hessian.clone()
+
+    algorithm = InputStatisticsAlgorithm(_targets(model), lambda n, d: HessianAccumulator(n, d), solve)
+    algorithm.sequential = True
+    run_layerwise(model, TOKENS, algorithm, batch_size=4, show_progress=False)
+    assert runs == []
+    for name, hessian in reference.items():
+        torch.testing.assert_close(seen[name], hessian, rtol=1e-4, atol=1e-5)
+
+
+def test_steps_refuse_a_target_outside_attention_and_mlp(tiny_llama):
+    model = _model(tiny_llama)
+    _, blocks = find_decoder_blocks(model)
+    parts = match_layout(blocks[0])
+    assert parts is not None
+    name = "model.layers.0"
+    inside = [f"{name}.self_attn.q_proj", f"{name}.mlp.down_proj"]
+    steps = plan_steps(parts, name, inside)
+    assert steps is not None and steps.attention_inputs == inside[:1] and steps.mlp_output == inside[1:]
+    assert plan_steps(parts, name, inside + [f"{name}.extra_proj"]) is None
+    assert match_layout(nn.Linear(2, 2)) is None
