@@ -114,3 +114,19 @@ def test_sparsegpt_collects_float32_product_hessians(monkeypatch):
     monkeypatch.setattr(prune_methods, "HessianAccumulator", spy)
     run_stages(tiny_model(), prune_recipe('{method: sparsegpt, sparsity: "2:4"}'))
     assert made and all(accumulator.float32_products and accumulator.count > 0 for accumulator in made)
+
+
+def test_gram_by_panels_equals_the_full_product():
+    from compressor.algorithms.gptq import gram
+
+    torch.manual_seed(2)
+    for width in (48, 256, 600, 1536):
+        x = torch.randn(300, width, dtype=torch.float64)
+        product = gram(x)
+        torch.testing.assert_close(product, x.t() @ x)
+        if width > 256:  # below the first panel's rows: mirrored, not multiplied
+            assert torch.equal(product[256:, :256], product[:256, 256:].t())
+    x = torch.randn(512, 600, dtype=torch.bfloat16)
+    reference = x.double().t() @ x.double()
+    relative = (gram(x).double() - reference).norm() / reference.norm()
+    assert relative < 5e-3
