@@ -25,7 +25,7 @@ from compressor.block_io import BlockInputs, BlockStatisticsComplete, first_outp
 from compressor.errors import CompressionError
 from compressor.file_pages import release_file_pages, storage_address
 from compressor.offload import compute_device, onload
-from compressor.sequential_block import SequentialBlockPass, follows_layout, match_layout, plan_steps
+from compressor.sequential_block import KeptInputs, SequentialBlockPass, follows_layout, match_layout, plan_steps
 
 __all__ = ["BlockAlgorithm", "BlockInputs", "BlockStatisticsComplete", "find_decoder_blocks", "run_layerwise"]
 
@@ -115,6 +115,13 @@ class _SequentialPlanner:
         self.algorithm = algorithm
         self.enabled = bool(getattr(algorithm, "sequential", False))
         self.verdicts: dict[type, bool] = {}
+        self._store: KeptInputs | None = None
+
+    def store(self, inputs: BlockInputs, device: torch.device) -> KeptInputs:
+        """The buffer for kept layer inputs, made on first use and reused by every block."""
+        if self._store is None:
+            self._store = KeptInputs(inputs, device)
+        return self._store
 
     def plan(self, block: nn.Module, name: str, index: int, inputs: BlockInputs, device: torch.device) -> SequentialBlockPass | None:
         if not self.enabled:
@@ -158,7 +165,7 @@ def run_layerwise(
         propagate = index + 1 < len(blocks)
         sequential = planner.plan(block, name, index, inputs, device)
         if sequential is not None:
-            sequential.run(inputs, propagate)
+            sequential.run(inputs, propagate, planner.store(inputs, device))
         else:
             _two_passes(block, name, index, inputs, algorithm, device, propagate)
         # The weights the algorithm replaced are dead; if they were views of the mapped checkpoint

@@ -11,10 +11,11 @@ are walked here in the order their layers run, and each group is compressed as s
 inputs are known:
 
 1. q/k/v read attention_norm(h) (only the norm runs, not their matmuls);
-2. o reads the attention's core output, computed with the compressed q/k/v; that input is kept;
+2. o reads the attention's core output, computed with the compressed q/k/v; that input is kept
+   in a buffer as large as the block's inputs (whole, unless the attention is wider);
 3. h2 = h + o(kept input) with the compressed o; gate/up read mlp_norm(h2) (only the norm runs);
 4. down reads act(gate) * up from the compressed gate/up; kept for as many chunks as fit in
-   one hidden-state-sized buffer (the one step 2's buffer used), recomputed for the rest;
+   the same hidden-state-sized buffer, the MLP's first half recomputed for the rest;
 5. out = h2 + down(kept input), the next block's input.
 
 Every layer is calibrated on what the compressed layers before it produce, and a block costs
@@ -252,16 +253,10 @@ class SequentialBlockPass:
         self.algorithm.compress(self.index, self.name, self.parts.block)
 
     def _kept_inputs(
-        self,
-        layer: nn.Module,
-        names: list[str],
-        chunks: int,
-        run: Callable[[int], object],
-        keep: Callable[[torch.Tensor], bool],
-    ) -> list[torch.Tensor | None]:
-        """The input of `layer` for each chunk (None where `keep` says no), gathering the
-        statistics of `names` on the way; then compress them."""
-        kept: list[torch.Tensor | None] = []
+        self, layer: nn.Module, names: list[str], chunks: int, run: Callable[[int], object], store: KeptInputs | None
+    ) -> None:
+        """Gather the statistics of `names` from the input of `layer` in each chunk, keeping
+        those inputs in `store` as far as it has room; then compress them."""
         handles = self.algorithm.attach(self.index, self.name, self.parts.block, only=names) if names else []
         capture = _InputCapture(layer)
         try:
@@ -269,17 +264,25 @@ class SequentialBlockPass:
                 value = capture.run(lambda: run(i))
                 if names:
                     self.algorithm.after_chunk()
-                kept.append(value if keep(value) else None)
+                if store is not None:
+                    store.put(i, value)
+                del value
         finally:
             capture.remove()
             for handle in handles:
                 handle.remove()
         if names:
             self.algorithm.compress(self.index, self.name, self.parts.block)
-        return kept
+
+    @staticmethod
+    def _add_residual(inputs: BlockInputs, i: int, branch: torch.Tensor) -> None:
+        # In place: the block's input is dead once its branch is added, and new hidden states
+        # allocated between the chunks' temporaries would fragment the heap.
+        inputs.hidden[i].add_(branch.to(inputs.hidden[i].device))
 
     @torch.no_grad()
-    def run(self, inputs: BlockInputs, propagate: bool) -> None:
+    def run(self, inputs: BlockInputs, propagate: bool, store: KeptInputs) -> None:
+        """Steps 1-5 over every chunk; `store` holds the kept inputs of o and down in turn."""
         parts, steps, device = self.parts, self.steps, self.device
         chunks = len(inputs.hidden)
         kwargs = [move_kwargs(k, device) for k in inputs.kwargs]
@@ -290,35 +293,51 @@ class SequentialBlockPass:
         def attention(i: int):
             return parts.attention()(hidden_states=parts.attention_norm()(hidden(i)), **kwargs[i])
 
-        self._gather(steps.attention_inputs, chunks, attention)
-        attention_inputs = self._kept_inputs(parts.attention_output(), steps.attention_output, chunks, attention, lambda _v: True)
-        for i in range(chunks):
-            mid = hidden(i) + parts.attention_output()(attention_inputs[i])
-            attention_inputs[i] = None
-            inputs.hidden[i] = mid.to(inputs.hidden[i].device)
-        del attention_inputs
-
         def mlp(i: int):
             return parts.mlp()(parts.mlp_norm()(hidden(i)))
 
+        self._gather(steps.attention_inputs, chunks, attention)
+        self._kept_inputs(parts.attention_output(), steps.attention_output, chunks, attention, store)
+        for i in range(chunks):
+            kept = store.get(i)
+            self._add_residual(inputs, i, parts.attention_output()(kept) if kept is not None else first_output(attention(i)))
+        store.clear()
+
         self._gather(steps.mlp_inputs, chunks, mlp)
-        # Keep down's inputs within the bytes the attention inputs just gave back.
-        budget = sum(h.numel() * h.element_size() for h in inputs.hidden) if propagate else 0
-        spent = 0
-
-        def keep(value: torch.Tensor) -> bool:
-            nonlocal spent
-            size = value.numel() * value.element_size()
-            if spent + size > budget:
-                return False
-            spent += size
-            return True
-
-        mlp_inputs = self._kept_inputs(parts.mlp_output(), steps.mlp_output, chunks, mlp, keep)
+        self._kept_inputs(parts.mlp_output(), steps.mlp_output, chunks, mlp, store if propagate else None)
         if not propagate:
             return
         for i in range(chunks):
-            kept = mlp_inputs[i]
-            mlp_output = parts.mlp_output()(kept) if kept is not None else mlp(i)
-            mlp_inputs[i] = None
-            inputs.hidden[i] = (hidden(i) + mlp_output).to(inputs.hidden[i].device)
+            kept = store.get(i)
+            self._add_residual(inputs, i, parts.mlp_output()(kept) if kept is not None else mlp(i))
+        store.clear()
+
+
+class KeptInputs:
+    """One preallocated buffer (as many bytes as the block inputs) that holds layer inputs for
+    as many chunks as fit; the rest are recomputed. Allocated once per run: a buffer of that size
+    is its own memory mapping, and copying into it lets each chunk's tensors be freed at once,
+    so the heap does not fragment around long-lived tensors."""
+
+    def __init__(self, inputs: BlockInputs, device: torch.device) -> None:
+        size = sum(h.numel() * h.element_size() for h in inputs.hidden)
+        self.buffer = torch.empty(size, dtype=torch.uint8, device=device)
+        self.used = 0
+        self.kept: dict[int, torch.Tensor] = {}
+
+    def put(self, chunk: int, value: torch.Tensor) -> bool:
+        size = value.numel() * value.element_size()
+        if self.used + size > self.buffer.numel():
+            return False
+        view = self.buffer[self.used : self.used + size].view(value.dtype).view(value.shape)
+        view.copy_(value)
+        self.kept[chunk] = view
+        self.used += size
+        return True
+
+    def get(self, chunk: int) -> torch.Tensor | None:
+        return self.kept.get(chunk)
+
+    def clear(self) -> None:
+        self.kept.clear()
+        self.used = 0

@@ -13,6 +13,7 @@ from compressor.algorithms.gptq import HessianAccumulator
 from compressor.input_statistics import InputStatisticsAlgorithm
 from compressor.layerwise import find_decoder_blocks, run_layerwise
 from compressor.sequential_block import SequentialBlockPass, match_layout, plan_steps
+from tests.tiny_models import build_tiny_checkpoint
 
 
 def _targets(model: nn.Module) -> dict[str, nn.Linear]:
@@ -65,7 +66,13 @@ def _model(path) -> nn.Module:
 TOKENS = torch.randint(3, 300, (16, 32), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2"])
+@pytest.fixture(scope="module")
+def tiny_qwen3(tmp_path_factory, tiny_tokenizer_dir):
+    # Qwen3 normalizes q and k inside the attention: still one output projection at its end.
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen3"), "qwen3", tiny_tokenizer_dir)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2", "tiny_qwen3"])
 def test_each_layer_is_calibrated_on_the_compressed_layers_before_it(fixture, request):
     model = _model(request.getfixturevalue(fixture))
     algorithm = _CoarseRounding(model, sequential=True)
@@ -151,3 +158,22 @@ def test_steps_refuse_a_target_outside_attention_and_mlp(tiny_llama):
     assert steps is not None and steps.attention_inputs == inside[:1] and steps.mlp_output == inside[1:]
     assert plan_steps(parts, name, inside + [f"{name}.extra_proj"]) is None
     assert match_layout(nn.Linear(2, 2)) is None
+
+
+def test_a_mixture_of_experts_block_has_no_layout(tmp_path, tiny_tokenizer_dir):
+    # Qwen2-MoE's MLP is a router over experts, with no down projection of its own.
+    model = _model(build_tiny_checkpoint(tmp_path / "moe", "qwen2_moe", tiny_tokenizer_dir))
+    _, blocks = find_decoder_blocks(model)
+    assert match_layout(blocks[0]) is None
+
+
+def test_layers_reading_different_tensors_go_through_two_passes(tiny_llama, monkeypatch):
+    model = _model(tiny_llama)
+    _, blocks = find_decoder_blocks(model)
+    for block in blocks:  # k reads a copy of the normalized input: the same values, another tensor
+        block.self_attn.k_proj.register_forward_pre_hook(lambda _m, args: (args[0] * 1.0,))
+    runs = []
+    monkeypatch.setattr(SequentialBlockPass, "run", lambda self, *a: runs.append(self))
+    algorithm = _CoarseRounding(model, sequential=True)
+    run_layerwise(model, TOKENS, algorithm, batch_size=4, show_progress=False)
+    assert runs == [] and len(algorithm.seen) == len(_targets(model))
