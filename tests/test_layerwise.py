@@ -4,44 +4,18 @@ with statistics identical to those of a full forward; bf16 Hessians close to flo
 from __future__ import annotations
 
 import torch
-from torch import nn
 from transformers import AutoModelForCausalLM
 
 from compressor.algorithms.gptq import HessianAccumulator
 from compressor.input_statistics import InputStatisticsAlgorithm
 from compressor.layerwise import find_decoder_blocks, run_layerwise
-
-
-def _targets(model: nn.Module) -> dict[str, nn.Linear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n}
-
-
-def _reference_hessians(model: nn.Module, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-    """H for every target from one plain forward over all tokens (no compression happens)."""
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-
-    def hook(name):
-        def grab(_module, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
-            sums[name] = sums.get(name, 0) + x.t() @ x
-            counts[name] = counts.get(name, 0) + x.shape[0]
-
-        return grab
-
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in _targets(model).items()]
-    with torch.no_grad():
-        for chunk in tokens.split(4):
-            model(input_ids=chunk, use_cache=False)
-    for handle in handles:
-        handle.remove()
-    return {n: (2.0 * sums[n] / counts[n]).float() for n in sums}
+from tests.layerwise_fixtures import decoder_linears, plain_forward_hessians
 
 
 def test_statistics_pass_stops_after_the_last_target_and_keeps_statistics_exact(tiny_llama):
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32).eval()
     tokens = torch.randint(3, 300, (8, 32), generator=torch.Generator().manual_seed(0))
-    reference = _reference_hessians(model, tokens)
+    reference = plain_forward_hessians(model, tokens)
 
     # Count how often each block's last layer really runs its matmul.
     _, blocks = find_decoder_blocks(model)
@@ -55,7 +29,7 @@ def test_statistics_pass_stops_after_the_last_target_and_keeps_statistics_exact(
         for name in names:
             seen[name] = statistic.hessian.clone()
 
-    algorithm = InputStatisticsAlgorithm(_targets(model), lambda n, d: HessianAccumulator(n, d), solve)
+    algorithm = InputStatisticsAlgorithm(decoder_linears(model), lambda n, d: HessianAccumulator(n, d), solve)
     run_layerwise(model, tokens, algorithm, batch_size=4, show_progress=False)
 
     chunks = 2

@@ -13,32 +13,8 @@ from compressor.algorithms.gptq import HessianAccumulator
 from compressor.input_statistics import InputStatisticsAlgorithm
 from compressor.layerwise import find_decoder_blocks, run_layerwise
 from compressor.sequential_block import SequentialBlockPass, match_layout, plan_steps
+from tests.layerwise_fixtures import decoder_linears, plain_forward_hessians
 from tests.tiny_models import build_tiny_checkpoint
-
-
-def _targets(model: nn.Module) -> dict[str, nn.Linear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n}
-
-
-def _plain_forward_hessians(model: nn.Module, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-
-    def hook(name):
-        def grab(_module, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
-            sums[name] = sums.get(name, 0) + x.t() @ x
-            counts[name] = counts.get(name, 0) + x.shape[0]
-
-        return grab
-
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in _targets(model).items()]
-    with torch.no_grad():
-        for chunk in tokens.split(4):
-            model(input_ids=chunk, use_cache=False)
-    for handle in handles:
-        handle.remove()
-    return {n: (2.0 * sums[n] / counts[n]).float() for n in sums}
 
 
 class _CoarseRounding(InputStatisticsAlgorithm):
@@ -48,7 +24,7 @@ class _CoarseRounding(InputStatisticsAlgorithm):
     def __init__(self, model: nn.Module, sequential: bool):
         self.seen: dict[str, torch.Tensor] = {}
         self.order: list[list[str]] = []
-        super().__init__(_targets(model), lambda n, d: HessianAccumulator(n, d), self._solve)
+        super().__init__(decoder_linears(model), lambda n, d: HessianAccumulator(n, d), self._solve)
         self.sequential = sequential
 
     def _solve(self, names: list[str], statistic: HessianAccumulator) -> None:
@@ -87,7 +63,7 @@ def test_each_layer_is_calibrated_on_the_compressed_layers_before_it(fixture, re
         ["model.layers.0.mlp.down_proj"],
     ]
     # True sequential: every layer's Hessian is that of its input in the *final* model.
-    final = _plain_forward_hessians(model, TOKENS)
+    final = plain_forward_hessians(model, TOKENS)
     assert set(algorithm.seen) == set(final)
     for name, hessian in final.items():
         torch.testing.assert_close(algorithm.seen[name], hessian, rtol=1e-4, atol=1e-5)
@@ -97,7 +73,7 @@ def test_the_two_pass_engine_differs_so_the_check_above_can_fail(tiny_llama):
     model = _model(tiny_llama)
     algorithm = _CoarseRounding(model, sequential=False)
     run_layerwise(model, TOKENS, algorithm, batch_size=4, show_progress=False)
-    final = _plain_forward_hessians(model, TOKENS)
+    final = plain_forward_hessians(model, TOKENS)
     name = "model.layers.0.mlp.down_proj"
     assert (algorithm.seen[name] - final[name]).norm() > 1e-3 * final[name].norm()
 
@@ -131,7 +107,7 @@ def test_a_block_of_another_shape_goes_through_two_passes(tiny_llama, monkeypatc
         block.register_forward_hook(lambda _m, _a, output: output * 0.5)
     runs = []
     monkeypatch.setattr(SequentialBlockPass, "run", lambda self, *a: runs.append(self))
-    reference = _plain_forward_hessians(model, TOKENS)
+    reference = plain_forward_hessians(model, TOKENS)
 
     seen: dict[str, torch.Tensor] = {}
 
@@ -139,7 +115,7 @@ def test_a_block_of_another_shape_goes_through_two_passes(tiny_llama, monkeypatc
         for name in names:
             seen[name] = statistic.hessian.clone()
 
-    algorithm = InputStatisticsAlgorithm(_targets(model), lambda n, d: HessianAccumulator(n, d), solve)
+    algorithm = InputStatisticsAlgorithm(decoder_linears(model), lambda n, d: HessianAccumulator(n, d), solve)
     algorithm.sequential = True
     run_layerwise(model, TOKENS, algorithm, batch_size=4, show_progress=False)
     assert runs == []
@@ -176,4 +152,4 @@ def test_layers_reading_different_tensors_go_through_two_passes(tiny_llama, monk
     monkeypatch.setattr(SequentialBlockPass, "run", lambda self, *a: runs.append(self))
     algorithm = _CoarseRounding(model, sequential=True)
     run_layerwise(model, TOKENS, algorithm, batch_size=4, show_progress=False)
-    assert runs == [] and len(algorithm.seen) == len(_targets(model))
+    assert runs == [] and len(algorithm.seen) == len(decoder_linears(model))
