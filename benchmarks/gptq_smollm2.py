@@ -80,6 +80,7 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--no-act-order", action="store_true")
+    parser.add_argument("--observer", choices=["minmax", "mse"], default="minmax", help="how group scales are chosen")
     parser.add_argument("--with-llmcompressor", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -94,7 +95,8 @@ def main() -> None:
     base_ppl = perplexity_on(model, windows).perplexity
 
     recipe = parse_recipe_text(
-        f"name: bench\nstages:\n  - quantize: {{method: gptq, weights: {{bits: {args.bits}, group_size: {args.group_size}}},"
+        f"name: bench\nstages:\n  - quantize: {{method: gptq, weights: {{bits: {args.bits}, group_size: {args.group_size},"
+        f" observer: {args.observer}}},"
         f" act_order: {str(not args.no_act_order).lower()}}}\n"
     )
     config = recipe.stages[0].config
@@ -110,7 +112,7 @@ def main() -> None:
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}",
-        "scheme": f"W{args.bits} g{args.group_size} sym, act_order={not args.no_act_order}",
+        "scheme": f"W{args.bits} g{args.group_size} sym, act_order={not args.no_act_order}, observer={args.observer}",
         "calibration": f"{args.samples}x{args.seq_len} builtin:abstracts",
         "bf16_forward_s": round(forward_s, 2),
         "gptq_s": round(gptq_s, 2),
