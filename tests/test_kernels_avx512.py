@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from compressor.kernels import native_build
+from compressor.kernels.dispatch import REFERENCE
 from compressor.kernels.cpu_int4_avx512 import MAX_ROWS, CpuAvx512W4Backend, kernel_unavailable, pack_w4
 from tests.kernel_fixtures import TOLERANCE, float64_reference, random_quant_linear, relative_error
 
@@ -43,7 +44,7 @@ CASES = [(40, 96, 32, True), (24, 192, 64, False), (17, 256, 128, True), (33, 16
 
 @needs_kernel
 @pytest.mark.parametrize("n,k,group,symmetric", CASES)
-@pytest.mark.parametrize("rows", [1, 2, MAX_ROWS])
+@pytest.mark.parametrize("rows", [1, 3, MAX_ROWS])
 def test_kernel_matches_float64_reference(n, k, group, symmetric, rows):
     layer = random_quant_linear(n, k, bits=4, group_size=group, symmetric=symmetric, dtype=torch.bfloat16, bias=True)
     x = torch.randn(2, rows, k).to(torch.bfloat16)[1]  # a view at an offset: the kernel must honour it
@@ -56,11 +57,11 @@ def test_kernel_matches_float64_reference(n, k, group, symmetric, rows):
 
 
 @needs_kernel
-def test_other_inputs_keep_the_int4pack_operator():
+def test_fp32_keeps_the_int4pack_operator_and_prefill_the_dense_path():
     layer = random_quant_linear(40, 96, bits=4, group_size=32, symmetric=True, dtype=torch.bfloat16)
     with torch.no_grad():
         layer(torch.randn(MAX_ROWS + 1, 96).to(torch.bfloat16))
-        assert layer.kernel_report["kernel"] == "cpu-int4pack"
+        assert layer.kernel_report["kernel"] == REFERENCE  # prefill: dequantize + dense matmul
         assert f"more than {MAX_ROWS} rows" in layer.kernel_report["skipped"][AVX512]
         layer32 = random_quant_linear(40, 96, bits=4, group_size=32, symmetric=True, dtype=torch.float32)
         layer32(torch.randn(1, 96))
@@ -108,3 +109,40 @@ def test_fast_path_plan_is_reused_and_rebuilt_when_inputs_or_buffers_change():
         assert relative_error(layer(x), float64_reference(other, x)) <= 5e-3
         layer.float()
         assert layer(x.float()).dtype == torch.float32 and layer.kernel_report["kernel"] == "cpu-int4pack"
+
+
+@needs_kernel
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_cached_decode_matches_plain_transformers_dense_load(tiny_llama, tmp_path, symmetric):
+    """Token-by-token decode (batch 1, KV cache) through compressor.load runs our kernel and keeps
+    the logits of transformers' own bf16 dense load of the same checkpoint (which cannot load
+    asymmetric int4: there the reference is the checkpoint dequantized into plain bf16 Linears)."""
+    from transformers import AutoModelForCausalLM
+
+    import compressor
+    from compressor.cli import main
+    from compressor.decode_speed import densified
+    from compressor.runtime import kernel_summary
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "name: t\ndescription: t\ncalibration: {samples: 4, seq_len: 32}\nstages:\n"
+        f"  - quantize: {{method: rtn, weights: {{bits: 4, group_size: 32, symmetric: {str(symmetric).lower()}}}, ignore: [lm_head]}}\n"
+    )
+    assert main([str(tiny_llama), "--recipe", str(recipe), "-o", str(tmp_path / "out"), "-q", "--no-perplexity"]) == 0
+    ours = compressor.load(tmp_path / "out", dtype=torch.bfloat16)
+    if symmetric:
+        dense = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.bfloat16)
+    else:
+        dense = densified(ours)
+    ids = torch.tensor([[1, 5, 9, 33, 70, 120]])
+    with torch.no_grad():
+        for model in (ours, dense):
+            out = model(input_ids=ids[:, :3], use_cache=True)
+            steps = [model(input_ids=ids[:, 3:4], past_key_values=out.past_key_values, use_cache=True)]
+            for i in range(4, 6):
+                steps.append(model(input_ids=ids[:, i : i + 1], past_key_values=steps[-1].past_key_values, use_cache=True))
+            model.decoded = torch.cat([s.logits.float() for s in steps], dim=1)
+    assert {r["kernel"] for r in kernel_summary(ours).values()} == {AVX512}
+    reference = dense.decoded
+    assert (ours.decoded - reference).abs().max().item() <= 2e-2 * reference.abs().max().item()
