@@ -2,9 +2,9 @@
 
 Why a kernel of our own: at batch 1 PyTorch's ``_weight_int4pack_mm_for_cpu`` is bound by
 arithmetic, not memory (it dequantizes every weight to fp32 and scales it before the multiply):
-about 18 G weights/s on one Zen 4 core, where the memory would feed 90. This kernel turns each
+about 18 G weights/s on one AMD EPYC (AVX512-BF16) core, where the memory would feed 90. This kernel turns each
 4-bit code into its exact bf16 value with a table lookup, multiplies pairs with ``vdpbf16ps``
-(fp32 accumulation) and applies the scale once per group: 2.2-2.7x faster per layer, measured in
+(fp32 accumulation) and applies the scale once per group: 1.8-2.7x faster per layer at batch 1, measured in
 benchmarks/cpu_kernels.py. It runs bf16 activations and up to 16 rows (decode); fp32/fp16
 activations keep the int4pack operator, and prefill the dense path.
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -29,8 +29,8 @@ from compressor.kernels.reference import unpack_zero_points
 SOURCE = "w4a16_avx512bf16"
 ROW_TILE = 64  # the kernel computes 64 output rows at a time; layers are zero-padded to it
 # Every input row re-decodes the weight (the tile stays in L2), so the cost grows with the rows,
-# but the int4pack operator's does too: ours measured 2.2-2.4x faster at 1 row, 1.1-1.5x at
-# 2-16 (Zen 4, one thread, 576x1536 and 4096x14336). Above 16 rows the dense path wins anyway.
+# but the int4pack operator's does too: ours measured 2.2-2.4x faster at 1 row (warm cache), 1.1-1.5x at
+# 2-16 (AMD EPYC, one thread, 576x1536 and 4096x14336). Above 16 rows the dense path wins anyway.
 MAX_ROWS = 16
 
 
@@ -74,12 +74,12 @@ class Avx512W4State:
     group_size: int
     out_features: int
     padded_out: int
+    # packed, scale, zero x scale (None: symmetric), read once: the state owns these tensors
+    pointers: tuple[int, int, int | None] = field(init=False)
 
-    @property
-    def pointers(self) -> tuple[int, int, int | None]:
-        """packed, scale, zero x scale (None: symmetric): the state owns them, so they stay valid."""
+    def __post_init__(self) -> None:
         zs = self.zero_times_scale
-        return self.packed.data_ptr(), self.scale.data_ptr(), None if zs is None else zs.data_ptr()
+        self.pointers = (self.packed.data_ptr(), self.scale.data_ptr(), None if zs is None else zs.data_ptr())
 
 
 def repack_avx512(module: nn.Module) -> Avx512W4State:
@@ -99,22 +99,23 @@ def repack_avx512(module: nn.Module) -> Avx512W4State:
 
 
 def run_avx512(state: Avx512W4State, x: torch.Tensor) -> torch.Tensor:
-    """x [M, K] bf16 → [M, N] bf16."""
+    """x [..., K] bf16 → [..., N] bf16 (any leading shape: it saves QuantLinear two reshapes a call)."""
     matmul, reason = _kernel()
     if matmul is None:
         raise RuntimeError(reason)
     x = x.contiguous()
-    rows, k = x.shape
-    out = torch.empty(rows, state.padded_out, dtype=torch.bfloat16)
-    status = matmul(x.data_ptr(), *state.pointers, rows, state.padded_out, k, state.group_size, out.data_ptr(),
-                    torch.get_num_threads())
+    k = x.shape[-1]
+    out = torch.empty((*x.shape[:-1], state.padded_out), dtype=torch.bfloat16)
+    status = matmul(x.data_ptr(), *state.pointers, x.numel() // k, state.padded_out, k, state.group_size,
+                    out.data_ptr(), torch.get_num_threads())
     if status != 0:
         raise MemoryError("w4a16 kernel could not allocate its scratch")
-    return out if state.padded_out == state.out_features else out[:, : state.out_features]
+    return out if state.padded_out == state.out_features else out[..., : state.out_features]
 
 
 class CpuAvx512W4Backend:
     name = "cpu-w4a16-avx512bf16"
+    takes_any_leading_shape = True  # run() keeps x's leading dimensions (see QuantLinear.forward)
 
     def __init__(self, max_rows: int = MAX_ROWS):
         self.max_rows = max_rows

@@ -65,7 +65,8 @@ def _build(source: Path, compiler: str) -> Path:
     handle, temporary = tempfile.mkstemp(dir=folder, suffix=".so.tmp")
     os.close(handle)
     try:
-        done = subprocess.run([compiler, *FLAGS, str(source), "-o", temporary], capture_output=True, text=True, timeout=300)
+        command = [compiler, *FLAGS, str(source), "-o", temporary]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{Path(compiler).name} failed: {done.stderr.strip()[-400:]}")
         os.replace(temporary, target)

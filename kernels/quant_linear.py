@@ -72,7 +72,6 @@ class QuantLinear(nn.Module):
         self._choices: dict[tuple, KernelChoice] = {}
         self._prepared: dict[tuple, tuple[tuple, Any]] = {}  # (backend, device) → (buffer key, state)
         self.kernel_report: dict[str, Any] = {}
-        self._plan: tuple | None = None  # forward's inference fast path, see forward
 
     @classmethod
     def from_codes(
@@ -166,51 +165,30 @@ class QuantLinear(nn.Module):
         return choice.name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
-            return self._dispatch(x)
-        # Inference: reuse the last (dtype, rows, device, buffers) → (run, state) plan. At batch 1
-        # the matmul itself takes 4-20 us here, so the full dispatch below (~10 us) would double it.
-        rows = x.numel() // self.in_features if self.in_features else 0
-        plan = self._plan
-        if plan is None or plan[0] is not x.dtype or plan[1] != rows or plan[2] != x.device or plan[3] != self._buffer_key():
-            plan = self._make_plan(x, rows)
-            if plan is None:
-                return self.reference_forward(x)
-        out = plan[4](plan[5], x.reshape(rows, self.in_features)).reshape(*x.shape[:-1], self.out_features)
-        bias = self._parameters.get("bias")
-        return out if bias is None else out + bias
-
-    def _make_plan(self, x: torch.Tensor, rows: int) -> tuple | None:
-        """The fast path's plan for inputs like `x` (None for the reference path, which needs none)."""
-        choice = self.choose_kernel(x)
-        self.kernel_report = {"kernel": choice.name, "skipped": dict(choice.skipped)}
-        if choice.backend is None:
-            self._plan = None
-            return None
-        state = self.prepared_state(choice.backend, x.device)
-        self._plan = (x.dtype, rows, x.device, self._buffer_key(), choice.backend.run, state)
-        return self._plan
-
-    def _dispatch(self, x: torch.Tensor) -> torch.Tensor:
         choice = self.choose_kernel(x)
         if self.kernel_report.get("kernel") != choice.name:
             self.kernel_report = {"kernel": choice.name, "skipped": dict(choice.skipped)}
         if choice.backend is None:
             return self.reference_forward(x)
         state = self.prepared_state(choice.backend, x.device)
+        bias = self._parameters.get("bias")  # not self.bias: Module.__getattr__ costs ~1 us a call
+        needs_grad = torch.is_grad_enabled() and x.requires_grad
+        if not needs_grad and getattr(choice.backend, "takes_any_leading_shape", False):
+            # At batch 1 a matmul takes 4-20 us, so the two reshapes below (~1 us each) are worth skipping.
+            out = choice.backend.run(state, x)
+            return out if bias is None else out + bias
         x2d = x.reshape(-1, self.in_features)
-        if torch.is_grad_enabled() and x.requires_grad:
+        if needs_grad:
             out = _PackedKernelLinear.apply(x2d, self, choice.backend, state)
         else:
             out = choice.backend.run(state, x2d)
         out = out.reshape(*x.shape[:-1], self.out_features)
-        return out + self.bias if self.bias is not None else out
+        return out if bias is None else out + bias
 
     def _apply(self, fn, recurse: bool = True):
         # Moving or casting the buffers invalidates every packed form and choice.
         self._prepared.clear()
         self._choices.clear()
-        self._plan = None
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:

@@ -8,7 +8,7 @@
  * codes by a pair of activations per instruction, accumulating in fp32; the group's scale is
  * applied once per group, not per weight. That is about 8 instructions per 64 weights, against
  * PyTorch's _weight_int4pack_mm_for_cpu, which converts every weight to fp32 and multiplies
- * it by its scale first (2.2-2.7x slower at batch 1 on Zen 4).
+ * it by its scale first (1.8-2.7x slower at batch 1 on an AMD EPYC with AVX512-BF16).
  *
  * Packed layout (built by compressor.kernels.cpu_int4_avx512.pack_w4): rows in tiles of 64,
  * columns in quads of 4; for each (tile, quad) 128 bytes, 32 per 16-row subtile t. Byte 2j+s of
