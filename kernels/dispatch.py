@@ -77,10 +77,13 @@ def batch_bucket(rows: int) -> int:
 def quant_linear_kernels() -> KernelRegistry:
     """QuantLinear's backends, fastest first. The reference path is the implicit last one."""
     from compressor.kernels.cpu_int4 import CpuInt4PackBackend
+    from compressor.kernels.cpu_int4_avx512 import CpuAvx512W4Backend
     from compressor.kernels.cpu_int8 import CpuInt8PackBackend
     from compressor.kernels.triton_backend import TritonWxA16Backend
 
-    return KernelRegistry([TritonWxA16Backend(), CpuInt4PackBackend(), CpuInt8PackBackend()])
+    # Our AVX512-BF16 kernel before PyTorch's int4 operator: it takes bf16 decode inputs only
+    # and says why not otherwise, so fp32/fp16 and longer inputs still reach the operator.
+    return KernelRegistry([TritonWxA16Backend(), CpuAvx512W4Backend(), CpuInt4PackBackend(), CpuInt8PackBackend()])
 
 
 @functools.cache

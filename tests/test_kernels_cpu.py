@@ -1,4 +1,7 @@
-"""QuantLinear's CPU fast paths (PyTorch's packed int4/int8 operators) against the reference."""
+"""QuantLinear's CPU fast paths (PyTorch's packed int4/int8 operators) against the reference.
+
+Our own AVX512-BF16 kernel would take the bf16 decode cases here; it is switched off in this file
+so these keep testing PyTorch's operators (tests/test_kernels_avx512.py tests ours)."""
 
 from __future__ import annotations
 
@@ -6,7 +9,15 @@ import pytest
 import torch
 
 from compressor.kernels.dispatch import REFERENCE
+from compressor.kernels.native_build import SWITCH
 from tests.kernel_fixtures import TOLERANCE, float64_reference, random_quant_linear, relative_error
+
+
+
+@pytest.fixture(autouse=True)
+def _pytorch_operators_only(monkeypatch):
+    monkeypatch.setenv(SWITCH, "0")
+
 
 # (bits, out, in, group, symmetric, kernel expected): odd row counts (padded to 16 inside),
 # per-channel int4 through repeated scales, grouped int8 and int4 g16 falling back.

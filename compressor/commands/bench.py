@@ -24,7 +24,7 @@ def _print_kernels(model) -> None:
             reasons[backend].add(reason)
     print("kernels used at batch 1:")
     for kernel, names in sorted(by_kernel.items()):
-        print(f"  {kernel:<14} {len(names):>4} layers  e.g. {names[0]}")
+        print(f"  {kernel:<20} {len(names):>4} layers  e.g. {names[0]}")
     for backend, why in sorted(reasons.items()):
         for reason in sorted(why):
             print(f"  skipped {backend}: {reason}")
