@@ -128,8 +128,8 @@ class CpuAvx512W4Backend:
         if x.dtype != torch.bfloat16:
             return f"takes bf16 activations, not {x.dtype}"
         group = kernel_group(module.in_features, module.group_size)
-        if module.in_features % 4 or group % 4:
-            return f"needs input width and group size divisible by 4; layer has {module.in_features} and {group}"
+        if module.in_features % 4 or group % 4 or module.in_features % group:
+            return f"needs the group size to divide the input width, both by 4; layer has {module.in_features} and {group}"
         if x.numel() // module.in_features > self.max_rows:
             return f"more than {self.max_rows} rows: dequantize + dense matmul is faster on CPU"
         return kernel_unavailable()
