@@ -153,3 +153,30 @@ def test_layers_reading_different_tensors_go_through_two_passes(tiny_llama, monk
     algorithm = _CoarseRounding(model, sequential=True)
     run_layerwise(model, TOKENS, algorithm, batch_size=4, show_progress=False)
     assert runs == [] and len(algorithm.seen) == len(decoder_linears(model))
+
+
+def test_attention_wider_than_the_hidden_size_recomputes_what_does_not_fit():
+    # Qwen3-style heads: 4 × 32 = 128 attention columns on a 64-wide residual, so o's inputs
+    # for only half the chunks fit in the buffer; the other half re-run the attention.
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(
+        "qwen3", vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, head_dim=32,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    _, blocks = find_decoder_blocks(model)
+    q_calls = [0] * len(blocks)
+    for index, block in enumerate(blocks):
+        block.self_attn.q_proj.register_forward_hook(lambda *_a, i=index: q_calls.__setitem__(i, q_calls[i] + 1))
+    algorithm = _CoarseRounding(model, sequential=True)
+    run_layerwise(model, TOKENS, algorithm, batch_size=4, show_progress=False)
+
+    chunks, kept = 4, 2  # o's inputs: 128 columns where the buffer has room for 64 per token
+    # q runs once per chunk for o's inputs, again for the chunks whose o input was not kept
+    # (the last block too: its gate/up statistics need h + attention); +2 for block 0's check.
+    assert q_calls == [2 + chunks + (chunks - kept), chunks + (chunks - kept)]
+    final = plain_forward_hessians(model, TOKENS)
+    for name, hessian in final.items():
+        torch.testing.assert_close(algorithm.seen[name], hessian, rtol=1e-4, atol=1e-5)
