@@ -257,6 +257,8 @@ class SequentialBlockPass:
     ) -> None:
         """Gather the statistics of `names` from the input of `layer` in each chunk, keeping
         those inputs in `store` as far as it has room; then compress them."""
+        if not names and store is None:
+            return  # nothing to gather and nothing to keep: the forward would be wasted
         handles = self.algorithm.attach(self.index, self.name, self.parts.block, only=names) if names else []
         capture = _InputCapture(layer)
         try:
