@@ -3,6 +3,7 @@ arguments each block receives, chunk by chunk, and the small helpers that move t
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,3 +35,19 @@ def move(value: Any, device: torch.device) -> Any:
 
 def move_kwargs(kwargs: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: move(v, device) for k, v in kwargs.items()}
+
+
+def statistics_pass(handles: Iterable, chunks: int, run: Callable[[int], object], after_chunk: Callable[[], None]) -> None:
+    """`run(i)` for every chunk with the algorithm's hooks (`handles`) attached, each forward
+    possibly cut short by BlockStatisticsComplete, and `after_chunk` after each; then the hooks
+    are removed."""
+    try:
+        for i in range(chunks):
+            try:
+                run(i)
+            except BlockStatisticsComplete:
+                pass
+            after_chunk()
+    finally:
+        for handle in handles:
+            handle.remove()

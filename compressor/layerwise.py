@@ -21,13 +21,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from compressor.block_io import BlockInputs, BlockStatisticsComplete, first_output, move_kwargs
+from compressor.block_io import BlockInputs, first_output, move_kwargs, statistics_pass
 from compressor.errors import CompressionError
 from compressor.file_pages import release_file_pages, storage_address
 from compressor.offload import compute_device, onload
 from compressor.sequential_block import KeptInputs, SequentialBlockPass, follows_layout, match_layout, plan_steps
 
-__all__ = ["BlockAlgorithm", "BlockInputs", "BlockStatisticsComplete", "find_decoder_blocks", "run_layerwise"]
+__all__ = ["BlockAlgorithm", "BlockInputs", "find_decoder_blocks", "run_layerwise"]
 
 
 class BlockAlgorithm(Protocol):
@@ -91,17 +91,11 @@ def _propagate(block: nn.Module, inputs: BlockInputs, device: torch.device) -> N
 
 def _two_passes(block: nn.Module, name: str, index: int, inputs: BlockInputs, algorithm: BlockAlgorithm, device: torch.device, propagate: bool) -> None:
     """Statistics pass through the dense block, compression, propagation pass."""
-    handles = algorithm.attach(index, name, block)
-    try:
-        for i, hidden in enumerate(inputs.hidden):
-            try:
-                block(hidden.to(device), **move_kwargs(inputs.kwargs[i], device))
-            except BlockStatisticsComplete:
-                pass
-            algorithm.after_chunk()
-    finally:
-        for handle in handles:
-            handle.remove()
+
+    def forward(i: int) -> None:
+        block(inputs.hidden[i].to(device), **move_kwargs(inputs.kwargs[i], device))
+
+    statistics_pass(algorithm.attach(index, name, block), len(inputs.hidden), forward, algorithm.after_chunk)
     algorithm.compress(index, name, block)
     if propagate:
         _propagate(block, inputs, device)

@@ -34,7 +34,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from compressor.block_io import BlockInputs, BlockStatisticsComplete, first_output, move_kwargs
+from compressor.block_io import BlockInputs, BlockStatisticsComplete, first_output, move_kwargs, statistics_pass
 
 
 class SequentialAlgorithm(Protocol):
@@ -240,16 +240,7 @@ class SequentialBlockPass:
         if not names:
             return
         handles = self.algorithm.attach(self.index, self.name, self.parts.block, only=names, shared_input=True)
-        try:
-            for i in range(chunks):
-                try:
-                    run(i)
-                except BlockStatisticsComplete:
-                    pass
-                self.algorithm.after_chunk()
-        finally:
-            for handle in handles:
-                handle.remove()
+        statistics_pass(handles, chunks, run, self.algorithm.after_chunk)
         self.algorithm.compress(self.index, self.name, self.parts.block)
 
     def _kept_inputs(
