@@ -3,11 +3,13 @@
 
     python benchmarks/decode_profile.py [--model-dir DIR] [--tokens 32]
 
-For each thread count, in one process: the whole decode token (median of 3 decodes), the part
-spent in QuantLinear's kernel calls (timers around the backend's `run` for one-row inputs), and the tied bf16
-lm_head alone on one token (median of 50 calls). Then the decode again with our AVX512 kernel
-held to one thread while torch uses two, to see whether the kernel's own threads matter. The
-model folder is made as in benchmarks/cpu_kernels.py when absent.
+For each thread count, in one process: the whole decode token (median of 3 decodes); the part
+spent inside our kernel's calls (timers around the bound call QuantLinear makes for one-row
+inputs: the C call, its output tensor and argument passing); the token again with every
+quantized layer answering a one-row input with a ready zero tensor (everything the quantized
+layers do not own: attention, norms, the bf16 lm_head, transformers' Python); and the tied bf16
+lm_head alone on one token (median of 50 calls). The model folder is made as in
+benchmarks/cpu_kernels.py when absent.
 """
 
 from __future__ import annotations
@@ -46,45 +48,57 @@ def main() -> None:
     import compressor
     import compressor.kernels.cpu_int4_avx512 as avx512
     from compressor.decode_speed import _decode_once
+    from compressor.kernels.quant_linear import QuantLinear
 
     model = compressor.load(ensure_model(args.model_dir), dtype=torch.bfloat16)
     prompt = torch.randint(3, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     kernel_seconds = [0.0]
-    original_run = avx512.run_avx512
+    bind = avx512.CpuAvx512W4Backend.bind
 
-    def timed_run(state, x):
-        if x.numel() != x.shape[-1]:
-            return original_run(state, x)  # the prompt's rows: not a decode token
-        started = time.perf_counter()
-        try:
-            return original_run(state, x)
-        finally:
-            kernel_seconds[0] += time.perf_counter() - started
+    def timed_bind(self, state):
+        run = bind(self, state)
 
-    def one_thread_run(state, x):
-        # Same call as run_avx512 with the kernel's OpenMP team held to one thread.
-        matmul, _ = avx512._kernel()
-        x = x.contiguous()
-        out = torch.empty((*x.shape[:-1], state.padded_out), dtype=torch.bfloat16)
-        matmul(x.data_ptr(), *state.pointers, x.numel() // x.shape[-1], state.padded_out, x.shape[-1],
-               state.group_size, out.data_ptr(), 1)
-        return out if state.padded_out == state.out_features else out[..., : state.out_features]
+        def timed(x):
+            if x.numel() != x.shape[-1]:
+                return run(x)  # the prompt's rows: not a decode token
+            started = time.perf_counter()
+            try:
+                return run(x)
+            finally:
+                kernel_seconds[0] += time.perf_counter() - started
+
+        return timed
+
+    real_forward = QuantLinear.forward
+    zeros: dict[int, torch.Tensor] = {}
+
+    def zero_forward(self, x):
+        if x.numel() != self.in_features:
+            return real_forward(self, x)  # the prompt's rows
+        if self.out_features not in zeros:
+            zeros[self.out_features] = torch.zeros(1, 1, self.out_features, dtype=torch.bfloat16)
+        return zeros[self.out_features]
+
+    def token_ms() -> float:
+        _decode_once(model, prompt, 4)
+        return statistics.median(_decode_once(model, prompt, args.tokens) for _ in range(3)) * 1e3 / args.tokens
 
     hidden = torch.randn(1, 1, model.config.hidden_size, dtype=torch.bfloat16)
-    rows = []
-    for threads, kernel in ((1, "timed"), (2, "timed"), (2, "one-thread kernel")):
+    avx512.CpuAvx512W4Backend.bind = timed_bind
+    for layer in layers:
+        layer._bound = None  # bind again, through the timer
+    for threads in (1, 2):
         torch.set_num_threads(threads)
-        avx512.run_avx512 = timed_run if kernel == "timed" else one_thread_run
-        _decode_once(model, prompt, 4)
         kernel_seconds[0] = 0.0
-        token_ms = statistics.median(_decode_once(model, prompt, args.tokens) for _ in range(3)) * 1e3 / args.tokens
-        row = {"threads": threads, "kernel": kernel, "token_ms": round(token_ms, 2)}
-        if kernel == "timed":
-            row["kernel_calls_ms_per_token"] = round(kernel_seconds[0] * 1e3 / (3 * args.tokens), 2)
-            row["lm_head_ms"] = round(median_ms(lambda: model.lm_head(hidden), 50), 2)
-        rows.append(row)
+        row = {"threads": threads, "token_ms": round(token_ms(), 2)}
+        row["kernel_calls_ms_per_token"] = round(kernel_seconds[0] * 1e3 / (3 * args.tokens + 4), 2)
+        QuantLinear.forward = zero_forward
+        row["token_without_quantized_layers_ms"] = round(token_ms(), 2)
+        QuantLinear.forward = real_forward
+        row["lm_head_ms"] = round(median_ms(lambda: model.lm_head(hidden), 50), 2)
         print(json.dumps(row), flush=True)
-    avx512.run_avx512 = original_run
+    avx512.CpuAvx512W4Backend.bind = bind
 
 
 if __name__ == "__main__":

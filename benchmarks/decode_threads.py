@@ -1,12 +1,14 @@
 #!/usr/bin/env python
 """SmolLM2 W4 g64 decode against its bf16 twin at 1 and 2 torch threads, in one process.
 
-    python benchmarks/decode_threads.py [--model-dir DIR] [--rounds 2] [--tokens 32]
+    python benchmarks/decode_threads.py [--model-dir DIR] [--rounds 2] [--tokens 32] [--compile]
 
 The decode ratio moves with the thread count, and separate runs on a shared 2-core machine
 are too noisy to compare, so both thread counts alternate here: round after round, each model
-decodes `--tokens` tokens three times at 1 thread, then at 2 (median of the three). The model
-folder is made as in benchmarks/cpu_kernels.py when absent.
+decodes `--tokens` tokens three times at 1 thread, then at 2 (median of the three). With
+`--compile` each round also times both models' one-token forward under torch.compile with a
+static KV cache (compressor.decode_speed), compiled afresh for each thread count. The model folder is made as in
+benchmarks/cpu_kernels.py when absent.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--compile", action="store_true")
     args = parser.parse_args()
 
     import compressor
@@ -39,12 +42,14 @@ def main() -> None:
     prompt = torch.randint(3, compressed.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
     rows = []
     for round_index in range(args.rounds):
-        for threads in (1, 2):
+        for threads, compiled in [(t, c) for c in ([False, True] if args.compile else [False]) for t in (1, 2)]:
             torch.set_num_threads(threads)
-            timings = time_decode({"w4": compressed, "bf16": dense}, prompt, args.tokens, repeats=3)
+            if compiled:
+                torch._dynamo.reset()  # inductor's C++ bakes the thread count in: compile again for this one
+            timings = time_decode({"w4": compressed, "bf16": dense}, prompt, args.tokens, repeats=3, compile=compiled)
             w4, bf16 = timings["w4"].tokens_per_second, timings["bf16"].tokens_per_second
-            rows.append({"round": round_index + 1, "threads": threads, "w4_tokens_per_s": round(w4, 2),
-                         "bf16_tokens_per_s": round(bf16, 2), "ratio": round(w4 / bf16, 3)})
+            rows.append({"round": round_index + 1, "threads": threads, "mode": "compiled" if compiled else "eager",
+                         "w4_tokens_per_s": round(w4, 2), "bf16_tokens_per_s": round(bf16, 2), "ratio": round(w4 / bf16, 3)})
             print(json.dumps(rows[-1]), flush=True)
     kernels = sorted({r["kernel"] for r in kernel_summary(compressed).values()})
     print(json.dumps({"kernels": kernels}))

@@ -2,6 +2,11 @@
 
 Only the decode loop is timed (one token in, one token out, cache growing), not the prompt's
 prefill, since that is what a chat user waits on token by token.
+
+Compiled decoding (``compiled_steps``): each model's one-token forward through
+``torch.compile(fullgraph=True, dynamic=False)`` with a static KV cache (a cache that grows
+would change the graph's shapes every token); the prompt's prefill stays eager. Compiling
+removes most of the per-operator Python both models pay, so it shows the kernels' share.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import copy
 import statistics
 import time
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -25,27 +31,55 @@ class DecodeTiming:
         return self.tokens / statistics.median(self.seconds)
 
 
+@dataclass(frozen=True)
+class CompiledStep:
+    """A model's compiled one-token forward and the static cache length it was traced for."""
+
+    forward: Callable[..., Any]
+    max_cache_len: int
+
+
+def compiled_step(model: nn.Module, max_cache_len: int) -> CompiledStep:
+    from compressor.runtime import plan_for_compile
+
+    plan_for_compile(model, rows=1)
+    return CompiledStep(torch.compile(model.forward, fullgraph=True, dynamic=False), max_cache_len)
+
+
 @torch.no_grad()
-def _decode_once(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> float:
-    out = model(input_ids=prompt, use_cache=True)
+def _decode_once(model: nn.Module, prompt: torch.Tensor, new_tokens: int, compiled: CompiledStep | None = None) -> float:
+    if compiled is None:
+        cache, step, positions = None, model, None
+    else:
+        from transformers import StaticCache
+
+        cache, step = StaticCache(config=model.config, max_cache_len=compiled.max_cache_len), compiled.forward
+        positions = torch.arange(prompt.shape[1] + new_tokens, device=prompt.device)
+    extra = {} if positions is None else {"cache_position": positions[: prompt.shape[1]]}
+    out = model(input_ids=prompt, past_key_values=cache, use_cache=True, **extra)
     cache = out.past_key_values
     token = out.logits[:, -1:].argmax(-1)
     started = time.perf_counter()
-    for _ in range(new_tokens):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+    for index in range(new_tokens):
+        extra = {} if positions is None else {"cache_position": positions[prompt.shape[1] + index : prompt.shape[1] + index + 1]}
+        out = step(input_ids=token, past_key_values=cache, use_cache=True, **extra)
         cache = out.past_key_values
         token = out.logits[:, -1:].argmax(-1)
     return time.perf_counter() - started
 
 
-def time_decode(models: dict[str, nn.Module], prompt: torch.Tensor, new_tokens: int, repeats: int = 3) -> dict[str, DecodeTiming]:
+def time_decode(
+    models: dict[str, nn.Module], prompt: torch.Tensor, new_tokens: int, repeats: int = 3, compile: bool = False
+) -> dict[str, DecodeTiming]:
     """Decode timings for each model, runs interleaved so that load from other processes hits all alike."""
-    for model in models.values():
-        _decode_once(model, prompt, min(4, new_tokens))  # warm-up: packing, allocator, caches
+    length = prompt.shape[1] + new_tokens
+    steps = {name: compiled_step(model, length) if compile else None for name, model in models.items()}
+    for name, model in models.items():
+        _decode_once(model, prompt, min(4, new_tokens), steps[name])  # warm-up: packing, allocator, caches, compiling
     seconds: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(repeats):
         for name, model in models.items():
-            seconds[name].append(_decode_once(model, prompt, new_tokens))
+            seconds[name].append(_decode_once(model, prompt, new_tokens, steps[name]))
     return {name: DecodeTiming(new_tokens, values) for name, values in seconds.items()}
 
 

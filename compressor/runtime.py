@@ -221,6 +221,19 @@ def _prepare_kernels(model: nn.Module, device: torch.device, dtype: torch.dtype)
             prepare(torch.zeros(1, module.in_features, dtype=dtype, device=device))
 
 
+def plan_for_compile(model: nn.Module, rows: int = 1) -> dict[str, str]:
+    """Fix every quantized layer's kernel for inputs of `rows` rows (decode: 1), so that
+    ``torch.compile(model.forward, fullgraph=True)`` traces it; module name → kernel."""
+    from compressor.kernels.quant_linear import QuantLinear
+
+    planned = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            scale = module.weight_scale  # in the model's dtype and on its device
+            planned[name] = module.plan_for_compile(torch.zeros(rows, module.in_features, dtype=scale.dtype, device=scale.device))
+    return planned
+
+
 def kernel_summary(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Module name → the kernel its last forward used and why faster ones were skipped."""
     return {

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import functools
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -98,19 +99,76 @@ def repack_avx512(module: nn.Module) -> Avx512W4State:
     return Avx512W4State(pack_w4(codes), scale.contiguous(), zero_times_scale, group, n, padded)
 
 
-def run_avx512(state: Avx512W4State, x: torch.Tensor) -> torch.Tensor:
-    """x [..., K] bf16 → [..., N] bf16 (any leading shape: it saves QuantLinear two reshapes a call)."""
+def _call_kernel(x: torch.Tensor, pointers: tuple, padded_out: int, group_size: int) -> torch.Tensor:
     matmul, reason = _kernel()
     if matmul is None:
         raise RuntimeError(reason)
     x = x.contiguous()
     k = x.shape[-1]
-    out = torch.empty((*x.shape[:-1], state.padded_out), dtype=torch.bfloat16)
-    status = matmul(x.data_ptr(), *state.pointers, x.numel() // k, state.padded_out, k, state.group_size,
-                    out.data_ptr(), torch.get_num_threads())
+    out = torch.empty((*x.shape[:-1], padded_out), dtype=torch.bfloat16)
+    status = matmul(x.data_ptr(), *pointers, x.numel() // k, padded_out, k, group_size, out.data_ptr(),
+                    torch.get_num_threads())
     if status != 0:
         raise MemoryError("w4a16 kernel could not allocate its scratch")
+    return out
+
+
+def run_avx512(state: Avx512W4State, x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] bf16 → [..., N] bf16 (any leading shape: it saves QuantLinear two reshapes a call)."""
+    out = _call_kernel(x, state.pointers, state.padded_out, state.group_size)
     return out if state.padded_out == state.out_features else out[..., : state.out_features]
+
+
+def bind_avx512(state: Avx512W4State) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``run_avx512`` with the state's fields read once: the decode path (see bound_kernel.py)."""
+    matmul, reason = _kernel()
+    if matmul is None:
+        raise RuntimeError(reason)
+    packed, scale, zero_times_scale = state.pointers
+    padded, keep, group = state.padded_out, state.out_features, state.group_size
+    empty, bf16, threads = torch.empty, torch.bfloat16, torch.get_num_threads
+
+    def run(x: torch.Tensor, _owner: Avx512W4State = state) -> torch.Tensor:  # _owner keeps the pointers valid
+        if not x.is_contiguous():
+            x = x.contiguous()
+        k = x.shape[-1]
+        out = empty((*x.shape[:-1], padded), dtype=bf16)
+        if matmul(x.data_ptr(), packed, scale, zero_times_scale, x.numel() // k, padded, k, group, out.data_ptr(), threads()):
+            raise MemoryError("w4a16 kernel could not allocate its scratch")
+        return out if padded == keep else out[..., :keep]
+
+    return run
+
+
+# The same kernel as a torch operator, for torch.compile: graphs cannot hold a ctypes call.
+# Registered with a CPU kernel and a shape function only (no autograd: compiled graphs use it
+# under no_grad), which costs ~3 us a call where torch.library.custom_op's wrapper costs ~11;
+# eager decoding calls the kernel directly (run_avx512).
+_LIBRARY = torch.library.Library("compressor", "FRAGMENT")
+_LIBRARY.define(
+    "w4a16_avx512bf16(Tensor x, Tensor packed, Tensor scale, Tensor? zero_times_scale, int group_size, "
+    "int out_features) -> Tensor"
+)
+
+
+def _w4a16_avx512bf16_cpu(x, packed, scale, zero_times_scale, group_size, out_features):
+    zs = None if zero_times_scale is None else zero_times_scale.data_ptr()
+    out = _call_kernel(x, (packed.data_ptr(), scale.data_ptr(), zs), scale.shape[1], group_size)
+    return out[..., :out_features].contiguous() if scale.shape[1] != out_features else out
+
+
+_LIBRARY.impl("w4a16_avx512bf16", _w4a16_avx512bf16_cpu, "CPU")
+
+
+@torch.library.register_fake("compressor::w4a16_avx512bf16", lib=_LIBRARY)
+def _w4a16_avx512bf16_fake(x, packed, scale, zero_times_scale, group_size, out_features):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def run_avx512_traceable(state: Avx512W4State, x: torch.Tensor) -> torch.Tensor:
+    return torch.ops.compressor.w4a16_avx512bf16(
+        x, state.packed, state.scale, state.zero_times_scale, state.group_size, state.out_features
+    )
 
 
 class CpuAvx512W4Backend:
@@ -139,6 +197,12 @@ class CpuAvx512W4Backend:
 
     def run(self, state: Avx512W4State, x: torch.Tensor) -> torch.Tensor:
         return run_avx512(state, x)
+
+    def bind(self, state: Avx512W4State) -> Callable[[torch.Tensor], torch.Tensor]:
+        return bind_avx512(state)
+
+    def run_traceable(self, state: Avx512W4State, x: torch.Tensor) -> torch.Tensor:
+        return run_avx512_traceable(state, x)
 
 
 __all__ = ["CpuAvx512W4Backend", "Avx512W4State", "pack_w4", "repack_avx512", "run_avx512", "kernel_unavailable"]

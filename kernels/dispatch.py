@@ -3,7 +3,10 @@
 A backend says why it cannot run a layer (``unsupported`` returns a reason, or None when it
 can), builds its own packed form of the weight once (``prepare``, at load time or on first
 use), and runs the matmul (``run``: 2-D input → 2-D output, no bias). The reference path
-(dequantize, then matmul) is the fallback, so every layer always runs.
+(dequantize, then matmul) is the fallback, so every layer always runs. Optional: ``bind``
+(state → a one-argument call with the state's fields read once, for decode: see
+bound_kernel.py) and ``run_traceable`` (the matmul as a torch operator, for torch.compile;
+needed where ``run`` leaves PyTorch, as a ctypes call does).
 
 Hook for other formats: sparse 2:4 (``torch.sparse.to_sparse_semi_structured``) is a separate
 module with its own ``forward`` (built by ``compressor.runtime``'s format registry); when it

@@ -9,8 +9,11 @@ holding these modules saves straight to that format and loads back without conve
 CUDA, PyTorch's packed int4/int8 operators on CPU), else to the reference path: dequantize
 the weight, then matmul. Each backend's packed form is built once per device and cached on
 the module (rebuilt if the buffers change); ``kernel_report`` records the last choice and why
-the other backends were skipped. Every path is differentiable with respect to the input (the
-codes are frozen buffers): the backward pass multiplies by the dequantized weight.
+the other backends were skipped. The last no-grad choice is kept bound to its packed form
+(``bound_kernel.BoundKernel``), so decode calls skip the dispatch. Every path is differentiable
+with respect to the input (the codes are frozen buffers): the backward pass multiplies by the
+dequantized weight. Under ``torch.compile`` the kernel fixed by ``plan_for_compile`` runs as a
+torch operator, so the model compiles to one graph.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compressor.kernels.bound_kernel import BoundKernel, BufferSnapshot, run_backend
 from compressor.kernels.dispatch import KernelBackend, KernelChoice, batch_bucket, quant_linear_kernels
 from compressor.kernels.packing import pack_codes, unpack_codes
 from compressor.kernels.reference import dequantize_packed, unpack_zero_points
@@ -72,6 +76,8 @@ class QuantLinear(nn.Module):
         self._choices: dict[tuple, KernelChoice] = {}
         self._prepared: dict[tuple, tuple[tuple, Any]] = {}  # (backend, device) → (buffer key, state)
         self.kernel_report: dict[str, Any] = {}
+        self.compile_plan: tuple | None = None  # (backend, state, rows, dtype, device): plan_for_compile
+        self._bound: BoundKernel | None = None  # the last no-grad kernel choice, for calls like it
 
     @classmethod
     def from_codes(
@@ -165,30 +171,84 @@ class QuantLinear(nn.Module):
         return choice.name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._traced_forward(x)
+        bound = self._bound
+        if bound is None or not bound.takes(x):
+            bound = self._bind(x)
+            if bound is None:
+                return self._unbound_forward(x)
+        out = bound.run(x)
+        bias = self._parameters.get("bias")  # not self.bias: Module.__getattr__ costs ~1 us a call
+        return out if bias is None else out + bias
+
+    def buffer_snapshot(self) -> tuple[BufferSnapshot, ...]:
+        return BufferSnapshot.of(self, ("weight_packed", "weight_scale", "weight_zero_point"))
+
+    def _bind(self, x: torch.Tensor) -> BoundKernel | None:
+        """Dispatch `x` in full; for a no-grad kernel call, remember the outcome (None otherwise)."""
         choice = self.choose_kernel(x)
         if self.kernel_report.get("kernel") != choice.name:
             self.kernel_report = {"kernel": choice.name, "skipped": dict(choice.skipped)}
+        if choice.backend is None or (torch.is_grad_enabled() and x.requires_grad):
+            return None
+        state = self.prepared_state(choice.backend, x.device)
+        self._bound = BoundKernel.bind(choice.backend, state, x, self.in_features, self.buffer_snapshot())
+        return self._bound
+
+    def _unbound_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference path, or a kernel with a backward through the dequantized weight."""
+        choice = self.choose_kernel(x)
         if choice.backend is None:
             return self.reference_forward(x)
         state = self.prepared_state(choice.backend, x.device)
-        bias = self._parameters.get("bias")  # not self.bias: Module.__getattr__ costs ~1 us a call
-        needs_grad = torch.is_grad_enabled() and x.requires_grad
-        if not needs_grad and getattr(choice.backend, "takes_any_leading_shape", False):
-            # At batch 1 a matmul takes 4-20 us, so the two reshapes below (~1 us each) are worth skipping.
-            out = choice.backend.run(state, x)
-            return out if bias is None else out + bias
-        x2d = x.reshape(-1, self.in_features)
-        if needs_grad:
-            out = _PackedKernelLinear.apply(x2d, self, choice.backend, state)
-        else:
-            out = choice.backend.run(state, x2d)
+        out = _PackedKernelLinear.apply(x.reshape(-1, self.in_features), self, choice.backend, state)
         out = out.reshape(*x.shape[:-1], self.out_features)
+        bias = self._parameters.get("bias")
+        return out if bias is None else out + bias
+
+    def plan_for_compile(self, example: torch.Tensor) -> str:
+        """Fix the kernel and packed form a compiled graph will use for inputs like `example`.
+
+        A graph cannot hold ``forward``'s caches (keyed by data pointers) or a ctypes call, so
+        the choice is made here, before tracing, and the backend's traceable form runs
+        (``run_traceable``, a torch operator, where the backend has one). Larger inputs and
+        inputs of another dtype or device or that need a gradient take the reference path in the
+        graph. The plan holds the packed form as of now: plan (and compile) again after changing
+        the weights."""
+        choice = self.choose_kernel(example)
+        self.compile_plan = None
+        if choice.backend is not None:
+            state = self.prepared_state(choice.backend, example.device)
+            rows = example.numel() // self.in_features
+            self.compile_plan = (choice.backend, state, rows, example.dtype, example.device)
+        return choice.name
+
+    def _traced_forward(self, x: torch.Tensor) -> torch.Tensor:
+        plan = self.compile_plan
+        if (
+            plan is None
+            or x.numel() // self.in_features > plan[2]
+            or x.dtype != plan[3]
+            or x.device != plan[4]
+            or (torch.is_grad_enabled() and x.requires_grad)
+        ):
+            return self.reference_forward(x)
+        backend, state = plan[0], plan[1]
+        run = getattr(backend, "run_traceable", backend.run)
+        if getattr(backend, "takes_any_leading_shape", False):
+            out = run(state, x)
+        else:
+            out = run(state, x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+        bias = self.bias
         return out if bias is None else out + bias
 
     def _apply(self, fn, recurse: bool = True):
         # Moving or casting the buffers invalidates every packed form and choice.
         self._prepared.clear()
         self._choices.clear()
+        self.compile_plan = None
+        self._bound = None
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:

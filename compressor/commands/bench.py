@@ -40,6 +40,8 @@ def run(argv: list[str]) -> int:
     parser.add_argument("--prompt-tokens", type=positive_int, default=16, help="prompt length before decoding (default 16)")
     parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs per model; the median counts (default 3)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
+    parser.add_argument("--compile", action="store_true",
+                        help="time both models' one-token forward under torch.compile with a static KV cache")
     args = parser.parse_args(argv)
 
     import torch
@@ -53,10 +55,11 @@ def run(argv: list[str]) -> int:
     dense = densified(compressed)
     vocab = compressed.config.vocab_size
     prompt = torch.randint(3, vocab, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0)).to(device)
-    timings = time_decode({"compressed": compressed, "dense bf16": dense}, prompt, args.tokens, args.repeats)
+    timings = time_decode({"compressed": compressed, "dense bf16": dense}, prompt, args.tokens, args.repeats, args.compile)
     for name, timing in timings.items():
         print(f"{name:<12} {timing.tokens_per_second:8.2f} tokens/s  ({args.tokens} tokens, median of {args.repeats})")
     ratio = timings["compressed"].tokens_per_second / timings["dense bf16"].tokens_per_second
-    print(f"speed-up: {ratio:.2f}x on {device} (threads: {torch.get_num_threads()})")
+    mode = "torch.compile" if args.compile else "eager"
+    print(f"speed-up: {ratio:.2f}x on {device} (threads: {torch.get_num_threads()}, {mode})")
     _print_kernels(compressed)
     return 0
