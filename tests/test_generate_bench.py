@@ -57,6 +57,24 @@ def test_bench_reports_speed_and_kernels(compressed, capsys):
     assert "model.layers.1.mlp.down_proj" in printed
 
 
+def test_bench_compiled_decodes_through_one_graph(compressed, capsys, monkeypatch):
+    import torch
+
+    compiled_calls = []
+    compile_function = torch.compile
+
+    def recording_compile(function, **options):
+        compiled_calls.append(options)
+        return compile_function(function, **options)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    torch._dynamo.reset()
+    assert main(["bench", str(compressed), "--tokens", "3", "--prompt-tokens", "4", "--repeats", "1", "--compile"]) == 0
+    printed = capsys.readouterr().out
+    assert "torch.compile)" in printed and "speed-up:" in printed
+    assert compiled_calls == [{"fullgraph": True, "dynamic": False}] * 2  # the compressed model and its twin
+
+
 def test_generate_on_a_missing_folder_is_a_user_error(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "none"), "hi"]) == 2
     assert "no config.json" in capsys.readouterr().err
