@@ -85,10 +85,12 @@ def time_decode(
 
 def densified(model: nn.Module) -> nn.Module:
     """A copy of `model` with every quantized layer turned into a plain Linear (dequantized weight)."""
+    from compressor.kernels.gated_mlp import remove_fused_mlps
     from compressor.kernels.quant_linear import QuantLinear
     from compressor.stages.base import replace_module
 
     dense = copy.deepcopy(model)
+    remove_fused_mlps(dense)  # the twin runs transformers' own modules throughout
     for name, module in list(dense.named_modules()):
         if isinstance(module, QuantLinear):
             weight = module.dequantized_weight()

@@ -214,11 +214,15 @@ def load(
 
 
 def _prepare_kernels(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Pack each quantized layer for the kernel it will use at batch 1 (decode)."""
+    """Pack each quantized layer for the kernel it will use at batch 1 (decode), and run gated
+    MLPs of such layers as one native call where they qualify (kernels/gated_mlp.py)."""
+    from compressor.kernels.gated_mlp import install_fused_mlps
+
     for module in model.modules():
         prepare = getattr(module, "prepare_kernels", None)
         if prepare is not None:
             prepare(torch.zeros(1, module.in_features, dtype=dtype, device=device))
+    install_fused_mlps(model, device, dtype)
 
 
 def plan_for_compile(model: nn.Module, rows: int = 1) -> dict[str, str]:

@@ -57,10 +57,16 @@ class BoundKernel:
 
     @classmethod
     def bind(cls, backend: KernelBackend, state: Any, x: torch.Tensor, width: int, sources: tuple[BufferSnapshot, ...]) -> "BoundKernel":
-        """Bound for inputs in x's situation (`width`: the layer's input features)."""
-        bucket = batch_bucket(x.numel() // width)
+        """The backend's matmul bound for inputs in x's situation (`width`: the layer's input features)."""
         bind = getattr(backend, "bind", None)
         run = bind(state) if bind is not None else functools.partial(run_backend, backend, state)
+        return cls.around(run, x, width, sources)
+
+    @classmethod
+    def around(cls, run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, width: int,
+               sources: tuple[BufferSnapshot, ...]) -> "BoundKernel":
+        """`run` kept for inputs in x's situation: its device and dtype, and its batch bucket."""
+        bucket = batch_bucket(x.numel() // width)
         return cls(run, x.device, x.dtype, bucket // 2 * width, bucket * width, sources)
 
     def takes(self, x: torch.Tensor) -> bool:

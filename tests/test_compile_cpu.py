@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from compressor.kernels.cpu_int4_avx512 import kernel_unavailable, repack_avx512
+from compressor.kernels.gated_mlp import FusedGatedMlpForward, install_fused_mlps
 from compressor.kernels.quant_linear import QuantLinear
 from compressor.runtime import plan_for_compile
 from compressor.stages.base import replace_module
@@ -26,13 +27,14 @@ def round_to_nearest(linear: nn.Linear, group: int = 32) -> QuantLinear:
 def tiny_w4_llama(dtype: torch.dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(dtype).eval()
     for name, module in list(model.model.named_modules()):
         if isinstance(module, nn.Linear):
             replace_module(model.model, name, round_to_nearest(module))
+    install_fused_mlps(model, torch.device("cpu"), dtype)  # as compressor.load does (bf16 only)
     return model
 
 
@@ -58,6 +60,8 @@ def static_decode_logits(model, step, prompt: torch.Tensor, tokens: int) -> list
 )
 def test_compiled_decode_is_one_graph_with_the_eager_logits(dtype, kernel):
     model = tiny_w4_llama(dtype)
+    fused = [isinstance(layer.mlp.__dict__.get("forward"), FusedGatedMlpForward) for layer in model.model.layers]
+    assert fused == [dtype == torch.bfloat16] * 2  # eager decode takes the fused MLP call; the graph must not
     assert set(plan_for_compile(model).values()) == {kernel}
     torch._dynamo.reset()
     compiled = torch.compile(model.forward, fullgraph=True, dynamic=False)  # fullgraph: a break is an error
