@@ -4,11 +4,11 @@
     python benchmarks/decode_profile.py [--model-dir DIR] [--tokens 32]
 
 For each thread count, in one process: the whole decode token (median of 3 decodes); the part
-spent inside our kernel's calls (timers around the bound call QuantLinear makes for one-row
-inputs: the C call, its output tensor and argument passing); the token again with every
-quantized layer answering a one-row input with a ready zero tensor (everything the quantized
-layers do not own: attention, norms, the bf16 lm_head, transformers' Python); and the tied bf16
-lm_head alone on one token (median of 50 calls). The model folder is made as in
+spent inside our kernels' calls (timers around the bound calls QuantLinear and the fused gated
+MLP make for one-row inputs: the C call, its output tensors and argument passing); the token
+again with every quantized layer and fused MLP answering a one-row input with a ready zero
+tensor (everything they do not own: attention, norms, the bf16 lm_head, transformers' Python);
+and the tied bf16 lm_head alone on one token (median of 50 calls). The model folder is made as in
 benchmarks/cpu_kernels.py when absent.
 """
 
@@ -47,18 +47,18 @@ def main() -> None:
 
     import compressor
     import compressor.kernels.cpu_int4_avx512 as avx512
+    import compressor.kernels.gated_mlp as gated_mlp
     from compressor.decode_speed import _decode_once
     from compressor.kernels.quant_linear import QuantLinear
 
     model = compressor.load(ensure_model(args.model_dir), dtype=torch.bfloat16)
     prompt = torch.randint(3, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    mlps = [m.forward for m in model.modules() if isinstance(m.__dict__.get("forward"), gated_mlp.FusedGatedMlpForward)]
     kernel_seconds = [0.0]
-    bind = avx512.CpuAvx512W4Backend.bind
+    bind, bind_mlp = avx512.CpuAvx512W4Backend.bind, gated_mlp.bind_gated_mlp
 
-    def timed_bind(self, state):
-        run = bind(self, state)
-
+    def timer(run):
         def timed(x):
             if x.numel() != x.shape[-1]:
                 return run(x)  # the prompt's rows: not a decode token
@@ -70,7 +70,13 @@ def main() -> None:
 
         return timed
 
-    real_forward = QuantLinear.forward
+    def timed_bind(self, state):
+        return timer(bind(self, state))
+
+    def timed_bind_mlp(*states):
+        return timer(bind_mlp(*states))
+
+    real_forward, real_mlp_call = QuantLinear.forward, gated_mlp.FusedGatedMlpForward.__call__
     zeros: dict[int, torch.Tensor] = {}
 
     def zero_forward(self, x):
@@ -80,25 +86,34 @@ def main() -> None:
             zeros[self.out_features] = torch.zeros(1, 1, self.out_features, dtype=torch.bfloat16)
         return zeros[self.out_features]
 
+    def zero_mlp(self, x):
+        if x.numel() != x.shape[-1]:
+            return real_mlp_call(self, x)
+        if x.shape[-1] not in zeros:
+            zeros[x.shape[-1]] = torch.zeros(1, 1, x.shape[-1], dtype=torch.bfloat16)
+        return zeros[x.shape[-1]]
+
     def token_ms() -> float:
         _decode_once(model, prompt, 4)
         return statistics.median(_decode_once(model, prompt, args.tokens) for _ in range(3)) * 1e3 / args.tokens
 
     hidden = torch.randn(1, 1, model.config.hidden_size, dtype=torch.bfloat16)
-    avx512.CpuAvx512W4Backend.bind = timed_bind
+    avx512.CpuAvx512W4Backend.bind, gated_mlp.bind_gated_mlp = timed_bind, timed_bind_mlp
     for layer in layers:
-        layer._bound = None  # bind again, through the timer
+        layer._bound = None  # bind again, through the timers
+    for mlp in mlps:
+        mlp.bound = None
     for threads in (1, 2):
         torch.set_num_threads(threads)
         kernel_seconds[0] = 0.0
         row = {"threads": threads, "token_ms": round(token_ms(), 2)}
         row["kernel_calls_ms_per_token"] = round(kernel_seconds[0] * 1e3 / (3 * args.tokens + 4), 2)
-        QuantLinear.forward = zero_forward
+        QuantLinear.forward, gated_mlp.FusedGatedMlpForward.__call__ = zero_forward, zero_mlp
         row["token_without_quantized_layers_ms"] = round(token_ms(), 2)
-        QuantLinear.forward = real_forward
+        QuantLinear.forward, gated_mlp.FusedGatedMlpForward.__call__ = real_forward, real_mlp_call
         row["lm_head_ms"] = round(median_ms(lambda: model.lm_head(hidden), 50), 2)
         print(json.dumps(row), flush=True)
-    avx512.CpuAvx512W4Backend.bind = bind
+    avx512.CpuAvx512W4Backend.bind, gated_mlp.bind_gated_mlp = bind, bind_mlp
 
 
 if __name__ == "__main__":
