@@ -93,6 +93,8 @@ class FusedGatedMlpForward:
         if any(choice.name != CpuAvx512W4Backend.name for choice in choices):
             return None
         states = [layer.prepared_state(choice.backend, x.device) for layer, choice in zip(layers, choices)]
+        for layer, choice in zip(layers, choices):
+            layer.kernel_report = {"kernel": choice.name, "skipped": dict(choice.skipped), "fused": "gated MLP call"}
         sources = tuple(snapshot for layer in layers for snapshot in layer.buffer_snapshot())
         self.bound = BoundKernel.around(bind_gated_mlp(*states), x, gate.in_features, sources)
         return self.bound

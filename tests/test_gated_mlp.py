@@ -49,6 +49,7 @@ def test_fused_call_matches_the_float64_formula(symmetric, rows):
     with torch.no_grad():
         out = mlp(x)
     assert mlp.forward.bound is not None  # the fused call ran, not the plain forward
+    assert all(getattr(mlp, n).kernel_report["fused"] == "gated MLP call" for n in ("gate_proj", "up_proj", "down_proj"))
     assert out.shape == (1, rows, 96) and out.dtype == torch.bfloat16
     assert relative_error(out, float64_mlp(mlp, x)) <= TOLERANCE[torch.bfloat16]
 

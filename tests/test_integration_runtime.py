@@ -33,6 +33,7 @@ def test_smollm2_w4_loads_with_packed_kernels(tmp_path):
 
     import compressor
     from compressor.kernels.cpu_int4_avx512 import kernel_unavailable
+    from compressor.kernels.gated_mlp import remove_fused_mlps
     from compressor.runtime import kernel_summary
 
     (tmp_path / "r.yaml").write_text(RECIPE)
@@ -56,6 +57,7 @@ def test_smollm2_w4_loads_with_packed_kernels(tmp_path):
     # bf16, 6 rows: our AVX512-BF16 kernel where the CPU has it, else PyTorch's int4 operator
     expected = "cpu-int4pack" if kernel_unavailable() else "cpu-w4a16-avx512bf16"
     assert kernels == {expected} and len(kernel_summary(ours)) == 210
+    remove_fused_mlps(ours)  # the MLPs' own forward, so that every layer below takes the reference path
     for module in ours.modules():
         if hasattr(module, "reference_forward"):
             module.forward = module.reference_forward
