@@ -66,10 +66,16 @@ def bind_gated_mlp(gate: Avx512W4State, up: Avx512W4State, down: Avx512W4State) 
 class FusedGatedMlpForward:
     """The forward installed on one MLP: the fused call when it applies, the MLP's own otherwise."""
 
-    def __init__(self, mlp: nn.Module, plain_forward: Callable[..., Any]):
+    def __init__(self, mlp: nn.Module):
         self.mlp = mlp
-        self.plain_forward = plain_forward
         self.bound: BoundKernel | None = None
+
+    def plain_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return type(self.mlp).forward(self.mlp, x)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The bound call closes over native pointers: not picklable, and a copy must bind its own.
+        return {"mlp": self.mlp, "bound": None}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
@@ -112,9 +118,9 @@ def _eligible(mlp: nn.Module) -> bool:
     )
 
 
-def _agrees(mlp: nn.Module, plain_forward: Callable[..., Any], fused: FusedGatedMlpForward, example: torch.Tensor) -> bool:
+def _agrees(fused: FusedGatedMlpForward, example: torch.Tensor) -> bool:
     with torch.no_grad():
-        expected = plain_forward(example).double()
+        expected = fused.plain_forward(example).double()
         actual = fused(example)
     if fused.bound is None:
         return False
@@ -130,10 +136,9 @@ def install_fused_mlps(model: nn.Module, device: torch.device, dtype: torch.dtyp
     for name, module in model.named_modules():
         if not _eligible(module) or "forward" in module.__dict__:
             continue
-        plain_forward = module.forward
-        fused = FusedGatedMlpForward(module, plain_forward)
+        fused = FusedGatedMlpForward(module)
         example = torch.randn(1, 1, module.gate_proj.in_features, generator=generator).to(dtype)
-        if _agrees(module, plain_forward, fused, example):
+        if _agrees(fused, example):
             module.forward = fused
             installed.append(name)
     return installed

@@ -243,6 +243,10 @@ class QuantLinear(nn.Module):
         bias = self.bias
         return out if bias is None else out + bias
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The bound call closes over native pointers: not picklable, and a copy must bind its own.
+        return {**self.__dict__, "_bound": None}
+
     def _apply(self, fn, recurse: bool = True):
         # Moving or casting the buffers invalidates every packed form and choice.
         self._prepared.clear()

@@ -78,3 +78,18 @@ def test_moving_or_casting_the_layer_drops_the_bound_kernel():
         assert layer._bound is None
         x = torch.randn(1, 64).to(torch.bfloat16)
         assert relative_error(layer(x), float64_reference(layer, x)) <= CLOSE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", KINDS)
+def test_a_layer_that_has_run_pickles_and_binds_again(dtype):
+    import io
+
+    layer = random_quant_linear(32, 64, bits=4, group_size=32, symmetric=False, dtype=dtype)
+    x = torch.randn(1, 64).to(dtype)
+    with torch.no_grad():
+        expected = layer(x)
+        buffer = io.BytesIO()
+        torch.save(layer, buffer)  # the bound call closes over native pointers: it must not be pickled
+        buffer.seek(0)
+        restored = torch.load(buffer, weights_only=False)
+        assert restored._bound is None and torch.equal(restored(x), expected)

@@ -105,3 +105,19 @@ def test_compressor_load_fuses_the_mlps_and_the_dense_twin_does_not(tiny_qwen2, 
         remove_fused_mlps(model)
         plain_logits = model(ids[:, :1]).logits
     assert relative_error(fused_logits, plain_logits.double()) <= TOLERANCE[torch.bfloat16]
+
+
+def test_an_mlp_that_has_run_pickles_with_its_fused_call():
+    import io
+
+    mlp = quantized_mlp()
+    install_fused_mlps(mlp, CPU, torch.bfloat16)
+    x = torch.randn(1, 1, 96).to(torch.bfloat16)
+    with torch.no_grad():
+        expected = mlp(x)
+        buffer = io.BytesIO()
+        torch.save(mlp, buffer)
+        buffer.seek(0)
+        restored = torch.load(buffer, weights_only=False)
+        assert installed(restored) and restored.forward.mlp is restored
+        assert torch.equal(restored(x), expected) and restored.forward.bound is not None
