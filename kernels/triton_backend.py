@@ -37,6 +37,9 @@ class TritonWxA16Backend:
             return f"kernel handles int4/int8; layer is int{module.bits}"
         if x.dtype not in DTYPES:
             return f"kernel takes fp16/bf16/fp32 activations, not {x.dtype}"
+        group = module.group_size or module.in_features
+        if group % 16:
+            return f"kernel needs the group size (or input width) a multiple of 16; layer has {group}"
         return None
 
     def prepare(self, module: nn.Module, device: torch.device) -> WxA16State:

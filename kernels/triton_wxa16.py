@@ -4,6 +4,10 @@
 codes are unsigned (signed code + 2^(bits-1)) packed 32/bits per int32 word along k, zero
 points packed the same way along n. No repacking: the checkpoint's tensors are the kernel's.
 
+Each program reads its weight tile as stored, BLOCK_N rows of consecutive packed words along K
+(coalesced loads), unpacks the codes in registers, and applies the group's scale once per
+tile: the K tile divides the group size, which must be a multiple of 16.
+
 Two launch shapes of one kernel body:
 - batch <= 16 (decode): split-K. Programs cover (N tiles, K slices, M tiles); each writes its
   partial sums to an fp32 workspace [split, M, N] that is summed afterwards (deterministic, no
@@ -31,31 +35,30 @@ GEMV_MAX_ROWS = 16
 
 def _gemv_configs() -> list[triton.Config]:
     if INTERPRETED:
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=1)]
-    return [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bn in (32, 64, 128)
-        for bk in (64, 128, 256)
-        for w in (2, 4)
-        for s in (2, 3, 4)
-    ]
+        return [triton.Config({"BLOCK_N": 16}, num_warps=1)]
+    # Few configs: autotuning compiles each one for every new (rows, N, K) key, and a 54-config
+    # grid took minutes per key on an H100 (2026-11-24).
+    return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bn, w, s in ((32, 4, 3), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (256, 8, 3))]
 
 
 def _gemm_configs() -> list[triton.Config]:
     if INTERPRETED:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}, num_warps=1)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in (
-            (32, 64, 64, 4, 4),
-            (64, 64, 64, 4, 4),
-            (64, 128, 64, 4, 3),
-            (128, 64, 64, 4, 3),
-            (128, 128, 64, 8, 3),
-            (128, 128, 32, 8, 4),
-            (64, 256, 32, 8, 3),
-        )
-    ]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in ((32, 64, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3))]
+
+
+MIN_BLOCK_K = 16  # tl.dot's smallest K
+
+
+def block_k(group_size: int) -> int:
+    """The K tile: the largest power of two <= 128 dividing the group size, so a tile never
+    straddles two groups and its scale is one value per row (the group must be a multiple of 16)."""
+    tile = 128
+    while tile > MIN_BLOCK_K and group_size % tile:
+        tile //= 2
+    return tile
 
 
 @triton.jit
@@ -76,6 +79,7 @@ def _wxa16_kernel(
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     OFFSET: tl.constexpr = 1 << (BITS - 1)
+    WORDS: tl.constexpr = BLOCK_K // PACK
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -94,27 +98,30 @@ def _wxa16_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        w_mask = k_mask[:, None] & n_mask[None, :]
-        words = tl.load(packed_ptr + offs_n[None, :] * words_per_row + offs_k[:, None] // PACK, mask=w_mask, other=0)
-        q = (words >> ((offs_k[:, None] % PACK) * BITS)) & MASK  # [BLOCK_K, BLOCK_N]
-        group = offs_k[:, None] // GROUP_SIZE
-        scale = tl.load(scale_ptr + offs_n[None, :] * GROUPS + group, mask=w_mask, other=0.0).to(tl.float32)
+        # The weight tile as stored: BLOCK_N rows of BLOCK_K / PACK consecutive words (coalesced),
+        # unpacked in registers; codes of one word are consecutive k, lowest bits first.
+        offs_w = k0 // PACK + tl.arange(0, WORDS)
+        words = tl.load(packed_ptr + offs_n[:, None] * words_per_row + offs_w[None, :],
+                        mask=n_mask[:, None] & (offs_w[None, :] < words_per_row), other=0)
+        group = k0 // GROUP_SIZE  # one group per tile: BLOCK_K divides GROUP_SIZE
+        scale = tl.load(scale_ptr + offs_n * GROUPS + group, mask=n_mask, other=0.0).to(tl.float32)
         if HAS_ZERO:
-            zero_words = tl.load(zero_ptr + (offs_n[None, :] // PACK) * GROUPS + group, mask=w_mask, other=0)
-            zero = (zero_words >> ((offs_n[None, :] % PACK) * BITS)) & MASK
-            w = (q - zero).to(tl.float32) * scale
+            zero_words = tl.load(zero_ptr + (offs_n // PACK) * GROUPS + group, mask=n_mask, other=0)
+            zero = (zero_words >> ((offs_n % PACK) * BITS)) & MASK
         else:
-            w = (q - OFFSET).to(tl.float32) * scale
+            zero = tl.full((BLOCK_N,), OFFSET, tl.int32)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & (offs_k[None, :] < K), other=0.0)
+        shifts = tl.arange(0, PACK) * BITS
+        w = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & MASK, (BLOCK_N, BLOCK_K)) - zero[:, None]
         if USE_DOT:
             if COMPUTE_F32:
-                acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
+                part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
             else:
-                acc += tl.dot(x, w.to(x.dtype))
+                part = tl.dot(x, tl.trans(w.to(x.dtype)))  # small integers: exact in any float type
         else:
-            acc += tl.sum(x.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
+            part = tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        acc += part * scale[None, :]
 
     out = out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
@@ -161,6 +168,8 @@ def wxa16_matmul(
     n, groups = scale.shape
     if k % group_size or k // group_size != groups:
         raise ValueError(f"group size {group_size} with {groups} groups does not cover {k} columns")
+    if group_size % MIN_BLOCK_K:
+        raise ValueError(f"group size {group_size} is not a multiple of {MIN_BLOCK_K}")
     x = x.contiguous()
     packed, scale = packed.contiguous(), scale.contiguous()
     zero = zero.contiguous() if zero is not None else None
@@ -172,6 +181,7 @@ def wxa16_matmul(
     )
     zero_arg = zero if zero is not None else packed
     m_bucket = 1 << max(m - 1, 0).bit_length()
+    common["BLOCK_K"] = block_k(group_size)
     if m <= GEMV_MAX_ROWS:
         split = _split_k(n, k, x.device)
         block_m = max(m_bucket, 1)

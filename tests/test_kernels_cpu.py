@@ -88,3 +88,21 @@ def test_packed_form_is_rebuilt_when_buffers_change():
         layer.load_state_dict(other.state_dict())
         after = layer(x)
     assert relative_error(after, float64_reference(other, x)) <= 1e-4
+
+
+def test_triton_backend_refuses_groups_its_k_tile_cannot_cover():
+    """The Triton kernel's K tile divides the group size and is at least 16 (tl.dot's smallest)."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    from compressor.kernels.triton_backend import TritonWxA16Backend
+    from compressor.kernels.triton_wxa16 import block_k
+
+    cuda_input = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16)
+    backend = TritonWxA16Backend()
+    narrow = random_quant_linear(16, 64, bits=4, group_size=8, symmetric=True)
+    assert backend.unsupported(narrow, cuda_input) == "kernel needs the group size (or input width) a multiple of 16; layer has 8"
+    assert backend.unsupported(random_quant_linear(16, 64, bits=4, group_size=32, symmetric=True), cuda_input) is None
+    assert [block_k(g) for g in (16, 32, 48, 64, 128, 160, 4096)] == [16, 32, 16, 64, 128, 32, 128]
