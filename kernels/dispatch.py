@@ -8,10 +8,9 @@ use), and runs the matmul (``run``: 2-D input → 2-D output, no bias). The refe
 bound_kernel.py) and ``run_traceable`` (the matmul as a torch operator, for torch.compile;
 needed where ``run`` leaves PyTorch, as a ctypes call does).
 
-Hook for other formats: sparse 2:4 (``torch.sparse.to_sparse_semi_structured``) is a separate
-module with its own ``forward`` (built by ``compressor.runtime``'s format registry); when it
-wants device/batch dispatch of its own, it builds a ``KernelRegistry`` from its backends as
-``quant_linear_kernels`` and ``w8a8_linear_kernels`` (W8A8 int8 / FP8) do here.
+Each module kind has its registry here: ``quant_linear_kernels`` (packed int4/int8),
+``w8a8_linear_kernels`` (W8A8 int8 / FP8) and ``sparse_linear_kernels`` (2:4 on CUDA through
+``torch.sparse.to_sparse_semi_structured``).
 """
 
 from __future__ import annotations
@@ -95,3 +94,11 @@ def w8a8_linear_kernels() -> KernelRegistry:
     from compressor.kernels.w8a8_backends import Fp8ScaledMmBackend, Int8IntMmBackend
 
     return KernelRegistry([Int8IntMmBackend(), Fp8ScaledMmBackend()])
+
+
+@functools.cache
+def sparse_linear_kernels() -> KernelRegistry:
+    """SparseLinear's backends. The reference path (rebuild the dense weight) is the implicit last one."""
+    from compressor.kernels.sparse24_backend import Semi24CudaBackend
+
+    return KernelRegistry([Semi24CudaBackend()])

@@ -6,11 +6,17 @@ Buffers (the on-disk ``sparse-bitmask`` layout of ``compressor.sparse_format``):
 - ``weight_values`` [nnz] in the weight's dtype: the non-zeros in row-major order;
 - ``weight_shape`` int64 [2]: (out_features, in_features).
 
-``forward`` is the reference path: rebuild the dense weight, then matmul. At 50 % sparsity in
-bf16 the layout takes 9/16 of the dense bytes (1 byte of values + 1/8 byte of mask per weight).
+``forward`` runs the first backend of ``dispatch.sparse_linear_kernels()`` that can take the
+input (2:4 weights on a CUDA GPU with sparse tensor cores: ``torch.sparse.to_sparse_semi_structured``,
+built once per device and rebuilt when the buffers change), else the reference path: rebuild the
+dense weight, then matmul. ``kernel_report`` says which ran and why the others were skipped. At
+50 % sparsity in bf16 the layout takes 9/16 of the dense bytes (1 byte of values + 1/8 byte of
+mask per weight).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +49,10 @@ class SparseLinear(nn.Module):
         self.register_buffer("weight_values", torch.zeros(nnz, dtype=dtype, device=device))
         self.register_buffer("weight_shape", torch.tensor([out_features, in_features], dtype=torch.int64, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self.kernel_report: dict[str, Any] = {}
+        self._choices: dict[tuple, Any] = {}
+        self._prepared: dict[tuple, tuple[tuple, Any]] = {}  # (backend, device) → (buffer key, state)
+        self._two_of_four: tuple[tuple, bool] | None = None
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "SparseLinear":
@@ -77,8 +87,42 @@ class SparseLinear(nn.Module):
         weight[keep] = self.weight_values
         return weight.to(dtype or self.weight_values.dtype)
 
+    def _buffer_key(self) -> tuple:
+        mask, values = self._buffers["weight_bitmask"], self._buffers["weight_values"]
+        return (mask.data_ptr(), mask._version, values.data_ptr(), values._version)
+
+    def two_of_four(self) -> bool:
+        """Whether the weight keeps at most 2 of every 4 consecutive columns (checked once per buffers)."""
+        from compressor.kernels.sparse24_backend import keeps_two_of_four
+
+        key = self._buffer_key()
+        if self._two_of_four is None or self._two_of_four[0] != key:
+            self._two_of_four = (key, keeps_two_of_four(self))
+        return self._two_of_four[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dense_weight(x.dtype), self.bias)
+        from compressor.kernels.dispatch import sparse_linear_kernels
+
+        situation = (x.device.type, x.dtype, torch.is_grad_enabled() and x.requires_grad)
+        choice = self._choices.get(situation)
+        if choice is None:
+            choice = self._choices[situation] = sparse_linear_kernels().choose(self, x)
+        if self.kernel_report.get("kernel") != choice.name:
+            self.kernel_report = {"kernel": choice.name, "skipped": dict(choice.skipped)}
+        if choice.backend is None:
+            return F.linear(x, self.dense_weight(x.dtype), self.bias)
+        slot, key = (choice.backend.name, x.device), self._buffer_key()
+        cached = self._prepared.get(slot)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = self._prepared[slot] = (key, choice.backend.prepare(self, x.device))
+        out = choice.backend.run(cached[1], x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias
+
+    def _apply(self, fn, recurse: bool = True):
+        self._prepared.clear()  # moved or cast: every compressed form is stale
+        self._choices.clear()
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         density = self.nnz / max(self.in_features * self.out_features, 1)
