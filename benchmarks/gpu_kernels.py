@@ -1,6 +1,10 @@
 """GPU kernel benchmark (needs CUDA): Triton W4A16 / W8A16 against torch bf16 matmul.
 
-    .venv/bin/python benchmarks/gpu_kernels.py [--bits 4] [--group 128]
+    .venv/bin/python benchmarks/gpu_kernels.py [--bits 4] [--group 128] [--dtype bfloat16]
+    .venv/bin/python benchmarks/gpu_kernels.py --sparse24
+
+`--sparse24` times a 2:4-pruned SparseLinear (torch.sparse.to_sparse_semi_structured, chosen by
+SparseLinear's dispatch) against the same dense weight in bf16 instead.
 
 Shapes (in x out) 4096x14336 and 4096x4096, batch 1/16/64/128; `triton.testing.do_bench`
 (median, L2 cache flushed between runs by do_bench's cache clearing). Each configuration is
@@ -25,9 +29,12 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=4, choices=(4, 8))
     parser.add_argument("--group", type=int, default=128, help="group size; 0 for per-channel")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    parser.add_argument("--sparse24", action="store_true")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this benchmark runs on a GPU")
+    if args.sparse24:
+        return sparse24(getattr(torch, args.dtype))
 
     import triton.testing
 
@@ -58,6 +65,32 @@ def main() -> None:
                 return_mode="median",
             )
             print(f"{k:>5}x{n:<6} {m:>5} {bf16_ms:9.4f} {ours_ms:9.4f} {bf16_ms / ours_ms:7.2f}x {error:8.1e}")
+
+
+def sparse24(dtype: torch.dtype) -> None:
+    import triton.testing
+
+    from compressor.kernels.sparse_linear import SparseLinear
+
+    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | {time.strftime('%Y-%m-%d', time.gmtime())} | 2:4 {dtype}")
+    print(f"{'in x out':>12} {'batch':>5} {'dense ms':>9} {'2:4 ms':>9} {'speed-up':>8} {'rel.err':>8}  kernel")
+    for k, n in ((4096, 14336), (4096, 4096)):
+        weight = torch.randn(n, k, device="cuda")
+        grouped = weight.reshape(n, -1, 4)
+        weight = grouped.scatter(-1, grouped.abs().argsort(-1)[..., :2], 0.0).reshape(n, k).to(dtype)
+        layer = SparseLinear.from_dense(weight)
+        for m in (1, 16, 64, 128):
+            x = torch.randn(m, k, dtype=dtype, device="cuda")
+            with torch.no_grad():
+                out = layer(x)
+            expected = x.double() @ weight.double().t()
+            error = ((out.double() - expected).norm() / expected.norm()).item()
+            assert error <= 1e-2, f"{k}x{n} batch {m}: relative error {error}"
+            dense_ms = triton.testing.do_bench(lambda: torch.nn.functional.linear(x, weight), return_mode="median")
+            with torch.no_grad():
+                sparse_ms = triton.testing.do_bench(lambda: layer(x), return_mode="median")
+            print(f"{k:>5}x{n:<6} {m:>5} {dense_ms:9.4f} {sparse_ms:9.4f} {dense_ms / sparse_ms:7.2f}x {error:8.1e}  "
+                  f"{layer.kernel_report['kernel']}")
 
 
 if __name__ == "__main__":
