@@ -19,11 +19,13 @@ import torch
 from compressor.kernels.dispatch import KernelBackend, batch_bucket
 
 
-def run_backend(backend: KernelBackend, state: Any, x: torch.Tensor) -> torch.Tensor:
-    """The backend's matmul of x [..., K] (no bias, no autograd) → [..., N]."""
+def run_backend(backend: KernelBackend, state: Any, x: torch.Tensor, traceable: bool = False) -> torch.Tensor:
+    """The backend's matmul of x [..., K] (no bias, no autograd) → [..., N]; `traceable`: its
+    torch-operator form where it has one (``run_traceable``, for torch.compile)."""
+    run = getattr(backend, "run_traceable", backend.run) if traceable else backend.run
     if getattr(backend, "takes_any_leading_shape", False):
-        return backend.run(state, x)  # saves two reshapes (~1 us each) a call
-    out = backend.run(state, x.reshape(-1, x.shape[-1]))
+        return run(state, x)  # saves two reshapes (~1 us each) a call
+    out = run(state, x.reshape(-1, x.shape[-1]))
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 

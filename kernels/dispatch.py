@@ -70,6 +70,18 @@ class KernelRegistry:
         return KernelChoice(None, skipped)
 
 
+def prepared_form(cache: dict[tuple, tuple[tuple, Any]], backend: KernelBackend, module: nn.Module,
+                  device: torch.device, buffer_key: tuple) -> Any:
+    """The backend's form of `module` for `device`, from `cache` ((backend, device) → (buffer key,
+    form)); built on first use and again when `buffer_key` (the module's buffers) has changed."""
+    slot = (backend.name, device)
+    cached = cache.get(slot)
+    if cached is None or cached[0] != buffer_key:
+        with torch.no_grad():
+            cached = cache[slot] = (buffer_key, backend.prepare(module, device))
+    return cached[1]
+
+
 def batch_bucket(rows: int) -> int:
     """Inputs are grouped by rows rounded up to a power of two, so choices are cached per bucket."""
     return 1 << max(rows - 1, 0).bit_length()

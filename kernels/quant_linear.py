@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compressor.kernels.bound_kernel import BoundKernel, BufferSnapshot, run_backend
-from compressor.kernels.dispatch import KernelBackend, KernelChoice, batch_bucket, quant_linear_kernels
+from compressor.kernels.dispatch import KernelBackend, KernelChoice, batch_bucket, prepared_form, quant_linear_kernels
 from compressor.kernels.packing import pack_codes, unpack_codes
 from compressor.kernels.reference import dequantize_packed, unpack_zero_points
 
@@ -154,14 +154,7 @@ class QuantLinear(nn.Module):
 
     def prepared_state(self, backend: KernelBackend, device: torch.device) -> Any:
         """The backend's packed form of this layer for `device`, built on first use."""
-        slot = (backend.name, device)
-        key = self._buffer_key()
-        cached = self._prepared.get(slot)
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                cached = (key, backend.prepare(self, device))
-            self._prepared[slot] = cached
-        return cached[1]
+        return prepared_form(self._prepared, backend, self, device, self._buffer_key())
 
     def prepare_kernels(self, example: torch.Tensor) -> str:
         """Build the packed form the kernel chosen for inputs like `example` needs (at load time)."""
@@ -234,12 +227,7 @@ class QuantLinear(nn.Module):
             or (torch.is_grad_enabled() and x.requires_grad)
         ):
             return self.reference_forward(x)
-        backend, state = plan[0], plan[1]
-        run = getattr(backend, "run_traceable", backend.run)
-        if getattr(backend, "takes_any_leading_shape", False):
-            out = run(state, x)
-        else:
-            out = run(state, x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+        out = run_backend(plan[0], plan[1], x, traceable=True)
         bias = self.bias
         return out if bias is None else out + bias
 

@@ -21,16 +21,6 @@ DTYPES = (torch.float16, torch.bfloat16)
 TILE_ROWS, TILE_COLUMNS = 32, 64
 
 
-def keeps_two_of_four(module: nn.Module) -> bool:
-    """Whether each group of 4 consecutive columns of every row keeps at most 2 weights."""
-    from compressor.kernels.sparse_linear import unpack_bitmask
-
-    if module.in_features % 4:
-        return False
-    keep = unpack_bitmask(module.weight_bitmask, module.in_features)
-    return bool((keep.reshape(module.out_features, -1, 4).sum(-1) <= 2).all())
-
-
 @functools.cache
 def _capability_ok(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= (8, 0)
@@ -64,4 +54,4 @@ class Semi24CudaBackend:
         return F.linear(x.to(state.dtype), state).to(x.dtype)
 
 
-__all__ = ["Semi24CudaBackend", "keeps_two_of_four"]
+__all__ = ["Semi24CudaBackend"]

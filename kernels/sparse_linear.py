@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compressor.kernels.dispatch import prepared_form, sparse_linear_kernels
+
 _BITS = torch.arange(8, dtype=torch.uint8)
 
 
@@ -92,17 +94,18 @@ class SparseLinear(nn.Module):
         return (mask.data_ptr(), mask._version, values.data_ptr(), values._version)
 
     def two_of_four(self) -> bool:
-        """Whether the weight keeps at most 2 of every 4 consecutive columns (checked once per buffers)."""
-        from compressor.kernels.sparse24_backend import keeps_two_of_four
-
+        """Whether every group of 4 consecutive columns of every row keeps at most 2 weights
+        (what a "2:4" prune stage leaves); computed once per state of the buffers."""
         key = self._buffer_key()
         if self._two_of_four is None or self._two_of_four[0] != key:
-            self._two_of_four = (key, keeps_two_of_four(self))
+            fits = self.in_features % 4 == 0
+            if fits:
+                keep = unpack_bitmask(self.weight_bitmask, self.in_features)
+                fits = bool((keep.reshape(self.out_features, -1, 4).sum(-1) <= 2).all())
+            self._two_of_four = (key, fits)
         return self._two_of_four[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from compressor.kernels.dispatch import sparse_linear_kernels
-
         situation = (x.device.type, x.dtype, torch.is_grad_enabled() and x.requires_grad)
         choice = self._choices.get(situation)
         if choice is None:
@@ -111,12 +114,8 @@ class SparseLinear(nn.Module):
             self.kernel_report = {"kernel": choice.name, "skipped": dict(choice.skipped)}
         if choice.backend is None:
             return F.linear(x, self.dense_weight(x.dtype), self.bias)
-        slot, key = (choice.backend.name, x.device), self._buffer_key()
-        cached = self._prepared.get(slot)
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                cached = self._prepared[slot] = (key, choice.backend.prepare(self, x.device))
-        out = choice.backend.run(cached[1], x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+        form = prepared_form(self._prepared, choice.backend, self, x.device, self._buffer_key())
+        out = choice.backend.run(form, x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias
 
     def _apply(self, fn, recurse: bool = True):

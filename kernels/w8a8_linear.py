@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compressor.kernels.dispatch import prepared_form
+
 QuantType = Literal["int", "float"]
 INT8_MAX = 127.0
 
@@ -177,14 +179,7 @@ class W8A8Linear(nn.Module):
             # Inside a traced graph the form is part of the graph (views and a cast of the scales);
             # the cache's data-pointer key cannot be traced.
             return backend.prepare(self, device)
-        slot = (backend.name, device)
-        key = self._buffer_key()
-        cached = self._prepared.get(slot)
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                cached = (key, backend.prepare(self, device))
-            self._prepared[slot] = cached
-        return cached[1]
+        return prepared_form(self._prepared, backend, self, device, self._buffer_key())
 
     def prepare_kernels(self, example: torch.Tensor) -> str:
         """Build what the kernel chosen for inputs like `example` needs (at load time)."""
