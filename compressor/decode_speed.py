@@ -3,7 +3,7 @@
 Only the decode loop is timed (one token in, one token out, cache growing), not the prompt's
 prefill, since that is what a chat user waits on token by token.
 
-Compiled decoding (``compiled_steps``): each model's one-token forward through
+Compiled decoding (``compiled_step``): each model's one-token forward through
 ``torch.compile(fullgraph=True, dynamic=False)`` with a static KV cache (a cache that grows
 would change the graph's shapes every token); the prompt's prefill stays eager. Compiling
 removes most of the per-operator Python both models pay, so it shows the kernels' share.

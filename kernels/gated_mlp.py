@@ -45,8 +45,7 @@ def bind_gated_mlp(gate: Avx512W4State, up: Avx512W4State, down: Avx512W4State) 
     """x [..., K] bf16 → [..., N] bf16 through the fused call, with the states' fields read once."""
     call = _gated_mlp_function()
     width, padded_out, keep = gate.padded_out, down.padded_out, down.out_features
-    fixed = (*gate.pointers[:2], gate.pointers[2], *up.pointers[:2], up.pointers[2], gate.group_size,
-             *down.pointers[:2], down.pointers[2], down.group_size)
+    fixed = (*gate.pointers, *up.pointers, gate.group_size, *down.pointers, down.group_size)
     empty, bf16, threads = torch.empty, torch.bfloat16, torch.get_num_threads
 
     def run(x: torch.Tensor, _owners: tuple = (gate, up, down)) -> torch.Tensor:  # _owners keep the pointers valid
