@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/gpu_kernels.py [--bits 4] [--group 128] [--dtype bfloat16]
     .venv/bin/python benchmarks/gpu_kernels.py --sparse24
+    .venv/bin/python benchmarks/gpu_kernels.py --sweep [--bits 4] [--group 128]
 
 `--sparse24` times a 2:4-pruned SparseLinear (torch.sparse.to_sparse_semi_structured, chosen by
 SparseLinear's dispatch) against the same dense weight in bf16 instead.
@@ -9,7 +10,11 @@ SparseLinear's dispatch) against the same dense weight in bf16 instead.
 Shapes (in x out) 4096x14336 and 4096x4096, batch 1/16/64/128; `triton.testing.do_bench`
 (median, L2 cache flushed between runs by do_bench's cache clearing). Each configuration is
 first checked against the float64 reference (relative error <= 1e-2), then timed. Prints the
-speed-up over bf16 and the fraction of the byte limit at batch 1 (W4 g128: 3.88x).
+speed-up over bf16 and the weight bytes each kernel streams per second (packed codes and
+scales for ours, the bf16 matrix for torch; activations and outputs left out).
+
+`--sweep` times the decode kernel (triton_gemv) at batch 1 and 4 with each of its configs
+fixed, beside the autotuner's pick, to show what the autotuner chooses from.
 """
 
 from __future__ import annotations
@@ -30,11 +35,14 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=128, help="group size; 0 for per-channel")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
     parser.add_argument("--sparse24", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="time each decode-kernel config")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this benchmark runs on a GPU")
     if args.sparse24:
         return sparse24(getattr(torch, args.dtype))
+    if args.sweep:
+        return sweep(args.bits, args.group or None, getattr(torch, args.dtype))
 
     import triton.testing
 
@@ -45,7 +53,7 @@ def main() -> None:
     group = args.group or None
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
           f"{time.strftime('%Y-%m-%d', time.gmtime())} | W{args.bits} {'g' + str(group) if group else 'per-channel'} {args.dtype}")
-    print(f"{'in x out':>12} {'batch':>5} {'bf16 ms':>9} {'wxa16 ms':>9} {'speed-up':>8} {'rel.err':>8}")
+    print(f"{'in x out':>12} {'batch':>5} {'bf16 ms':>9} {'wxa16 ms':>9} {'speed-up':>8} {'bf16 GB/s':>9} {'ours GB/s':>9} {'rel.err':>8}")
     for k, n in ((4096, 14336), (4096, 4096)):
         qmin, qmax = -(1 << (args.bits - 1)), (1 << (args.bits - 1)) - 1
         codes = torch.randint(qmin, qmax + 1, (n, k), dtype=torch.int8, device="cuda")
@@ -64,7 +72,54 @@ def main() -> None:
                 lambda: wxa16_linear(x, layer.weight_packed, layer.weight_scale, None, args.bits, group or k),
                 return_mode="median",
             )
-            print(f"{k:>5}x{n:<6} {m:>5} {bf16_ms:9.4f} {ours_ms:9.4f} {bf16_ms / ours_ms:7.2f}x {error:8.1e}")
+            print(f"{k:>5}x{n:<6} {m:>5} {bf16_ms:9.4f} {ours_ms:9.4f} {bf16_ms / ours_ms:7.2f}x "
+                  f"{dense_bytes(dense) / bf16_ms / 1e6:9.0f} {weight_bytes(layer) / ours_ms / 1e6:9.0f} {error:8.1e}")
+
+
+def dense_bytes(weight: torch.Tensor) -> int:
+    return weight.numel() * weight.element_size()
+
+
+def weight_bytes(layer) -> int:
+    tensors = [layer.weight_packed, layer.weight_scale] + ([layer.weight_zero_point] if layer.weight_zero_point is not None else [])
+    return sum(dense_bytes(t) for t in tensors)
+
+
+def sweep(bits: int, group: int | None, dtype: torch.dtype) -> None:
+    import triton.testing
+
+    from compressor.kernels import triton_gemv
+    from compressor.kernels.quant_linear import QuantLinear
+
+    print(f"{torch.cuda.get_device_name()} | triton {triton.__version__} | {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC | "
+          f"decode kernel sweep W{bits} {'g' + str(group) if group else 'per-channel'} {dtype}")
+    for k, n in ((4096, 14336), (4096, 4096)):
+        qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+        codes = torch.randint(qmin, qmax + 1, (n, k), dtype=torch.int8, device="cuda")
+        scale = torch.rand(n, 1 if group is None else k // group, device="cuda") * 0.01 + 0.001
+        layer = QuantLinear.from_codes(codes, scale, None, bits=bits, group_size=group, bias=None, dtype=dtype)
+        dense = layer.dequantized_weight(dtype)
+        args = (layer.weight_packed, layer.weight_scale, None, bits, group or k)
+        for m in (1, 4):
+            x = torch.randn(m, k, dtype=dtype, device="cuda")
+            out = torch.empty(m, n, dtype=dtype, device="cuda")
+            bf16_ms = triton.testing.do_bench(lambda: torch.nn.functional.linear(x, dense), return_mode="median")
+            rows = [("autotuned", None)] + [(f"BLOCK_N {c.kwargs['BLOCK_N']:>3} split {c.kwargs['SPLIT_K']} warps {c.num_warps} stages {c.num_stages}",
+                                             dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages))
+                                            for c in triton_gemv._configs()]
+            for label, config in rows:
+                call = lambda: triton_gemv.wxa16_gemv(x, *args, out, config=config)  # noqa: E731
+                call()
+                error = relative_error_to(x, layer, out)
+                ms = triton.testing.do_bench(call, return_mode="median")
+                print(f"{k:>5}x{n:<6} M={m} {label:<44} {ms:8.4f} ms {bf16_ms / ms:6.2f}x bf16 "
+                      f"{weight_bytes(layer) / ms / 1e6:6.0f} GB/s  err {error:.1e}")
+            print(f"  autotuner picked: {triton_gemv._gemv.best_config}")
+
+
+def relative_error_to(x: torch.Tensor, layer, out: torch.Tensor) -> float:
+    expected = reference(x, layer)
+    return ((out.double() - expected).norm() / expected.norm()).item()
 
 
 def sparse24(dtype: torch.dtype) -> None:

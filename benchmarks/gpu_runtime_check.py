@@ -5,7 +5,8 @@ on this GPU, its error against float64, and QuantLinear under torch.compile with
     python benchmarks/gpu_runtime_check.py
 
 Odd small shapes (as the CPU interpreter tests use) for the Triton W4A16/W8A16 op, sym and asym,
-decode (M <= 16, split-K) and GEMM (M = 17) paths; a W8A8 FP8 layer (`fp8-scaled-mm` wants compute capability 8.9 or later);
+decode kernel (M <= 8), split-K tiles (M <= 16) and GEMM (M = 17) paths; the decode kernel's
+split-K run 50 times per split (identical bits, counters reset); a W8A8 FP8 layer (`fp8-scaled-mm` wants compute capability 8.9 or later);
 and a QuantLinear compiled with mode="reduce-overhead" (CUDA graphs) against eager.
 """
 
@@ -28,9 +29,9 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()} | capability {torch.cuda.get_device_capability()} | torch {torch.__version__} | "
           f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC")
     failures = 0
-    for bits, n, k, group, symmetric, dtype, rows in [(4, 40, 96, 32, True, torch.bfloat16, (1, 3, 17)),
-                                                     (4, 19, 192, 64, False, torch.float16, (1, 17)),
-                                                     (8, 33, 160, None, False, torch.bfloat16, (1, 17))]:
+    for bits, n, k, group, symmetric, dtype, rows in [(4, 40, 96, 32, True, torch.bfloat16, (1, 3, 8, 17)),
+                                                     (4, 19, 192, 64, False, torch.float16, (1, 9, 17)),
+                                                     (8, 33, 160, None, False, torch.bfloat16, (1, 5, 17))]:
         layer = random_quant_linear(n, k, bits=bits, group_size=group, symmetric=symmetric, dtype=dtype, bias=True).cuda()
         for m in rows:
             x = torch.randn(m, k, dtype=dtype, device="cuda")
@@ -40,9 +41,36 @@ def main() -> None:
             failures += not ok
             print(f"QuantLinear w{bits} {n}x{k} g{group} {'sym' if symmetric else 'asym'} {dtype} M={m}: "
                   f"{layer.kernel_report['kernel']} rel.err {error:.1e} {'ok' if ok else 'FAIL'}")
+    failures += split_k_is_deterministic(random_quant_linear, float64_reference, relative_error)
     failures += compiled_with_cuda_graphs(random_quant_linear, float64_reference, relative_error)
     failures += fp8_layer(relative_error)
     print("all ok" if not failures else f"{failures} FAILED")
+
+
+def split_k_is_deterministic(random_quant_linear, float64_reference, relative_error) -> int:
+    """The decode kernel's last-arriving K slice sums the others' partials: run each split many
+    times on a wide layer (many programs in flight at once) and demand identical bits every time
+    and the float64 result, so a slice read before it was written would show."""
+    from compressor.kernels.triton_gemv import wxa16_gemv
+
+    layer = random_quant_linear(4096, 2048, bits=4, group_size=128, symmetric=False, dtype=torch.bfloat16).cuda()
+    failures = 0
+    for split in (2, 3, 8):
+        x = torch.randn(2, 2048, dtype=torch.bfloat16, device="cuda")
+        counters = torch.zeros(4096 // 16, dtype=torch.int32, device="cuda")
+        runs = []
+        for _ in range(50):
+            out = torch.empty(2, 4096, dtype=torch.bfloat16, device="cuda")
+            wxa16_gemv(x, layer.weight_packed, layer.weight_scale, layer.weight_zero_point, 4, 128, out,
+                       counters=counters, config={"BLOCK_N": 32, "SPLIT_K": split})
+            runs.append(out)
+        same = all(torch.equal(run, runs[0]) for run in runs)
+        error = relative_error(runs[0], float64_reference(layer, x))
+        ok = same and error <= 1e-2 and not counters.any()
+        failures += not ok
+        print(f"decode kernel split-K {split}, 50 runs: identical {same}, counters back to zero {not counters.any()}, "
+              f"rel.err {error:.1e} {'ok' if ok else 'FAIL'}")
+    return failures
 
 
 def compiled_with_cuda_graphs(random_quant_linear, float64_reference, relative_error) -> int:

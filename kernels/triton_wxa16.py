@@ -29,8 +29,11 @@ import torch
 import triton
 import triton.language as tl
 
+from compressor.kernels.triton_gemv import MAX_ROWS, wxa16_gemv
+
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-GEMV_MAX_ROWS = 16
+GEMV_ROWS = MAX_ROWS  # up to here the decode kernel of triton_gemv
+SPLIT_K_MAX_ROWS = 16  # up to here the tiled kernel splits K (one 16-row tile)
 
 
 def _gemv_configs() -> list[triton.Config]:
@@ -182,7 +185,9 @@ def wxa16_matmul(
     zero_arg = zero if zero is not None else packed
     m_bucket = 1 << max(m - 1, 0).bit_length()
     common["BLOCK_K"] = block_k(group_size)
-    if m <= GEMV_MAX_ROWS:
+    if m <= GEMV_ROWS:
+        return wxa16_gemv(x, packed, scale, zero, bits, group_size, out, workspace=workspace)
+    if m <= SPLIT_K_MAX_ROWS:
         split = _split_k(n, k, x.device)
         block_m = max(m_bucket, 1)
         target = out

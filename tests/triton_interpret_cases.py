@@ -6,7 +6,7 @@ setting it later in a shared test process is not reliable). Run directly with:
 
     TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/triton_interpret_cases.py
 
-Shapes are tiny and odd (K, N not powers of two; M = 1, 3, 16, 17) so every mask is
+Shapes are tiny and odd (K, N not powers of two; M = 1, 3, 8 (the decode kernel), 9, 16, 17) so every mask is
 exercised; outputs and split-K workspaces are filled with NaN first, so an element the
 kernel never writes fails the test.
 """
@@ -37,6 +37,8 @@ def triton_kernels():
 CASES = [
     (4, 40, 96, 32, True, torch.bfloat16, 1),
     (4, 19, 192, 64, False, torch.bfloat16, 3),
+    (4, 33, 256, 128, False, torch.bfloat16, 8),
+    (4, 19, 160, None, True, torch.float16, 9),
     (4, 24, 384, 128, True, torch.float16, 16),
     (4, 40, 96, 32, False, torch.float32, 17),
     (4, 21, 160, None, False, torch.bfloat16, 17),
@@ -50,19 +52,51 @@ CASES = [
 
 @pytest.mark.parametrize("bits,n,k,group,symmetric,dtype,m", CASES)
 def test_kernel_matches_float64_reference_and_writes_every_element(triton_kernels, bits, n, k, group, symmetric, dtype, m):
+    from compressor.kernels.triton_gemv import MAX_SPLIT
+
     layer = random_quant_linear(n, k, bits=bits, group_size=group, symmetric=symmetric, dtype=torch.bfloat16)
     x = torch.randn(m, k).to(dtype)
     out = torch.full((m, n), float("nan"), dtype=dtype)
-    split = triton_kernels._split_k(n, k, x.device) if m <= triton_kernels.GEMV_MAX_ROWS else 1
-    workspace = torch.full((split, m, n), float("nan"), dtype=torch.float32) if split > 1 else None
+    decode = m <= triton_kernels.GEMV_ROWS
+    split = triton_kernels._split_k(n, k, x.device) if not decode and m <= triton_kernels.SPLIT_K_MAX_ROWS else 1
+    # the decode kernel may leave workspace slices unused, but must never read one it did not write
+    workspace = torch.full((MAX_SPLIT if decode else split, m, n), float("nan")) if decode or split > 1 else None
     result = triton_kernels.wxa16_matmul(
         x, layer.weight_packed, layer.weight_scale, layer.weight_zero_point, bits, group or k, out=out, workspace=workspace
     )
     assert result.data_ptr() == out.data_ptr()
     assert not torch.isnan(out).any()
-    if workspace is not None:
+    if workspace is not None and not decode:
         assert not torch.isnan(workspace).any()
     assert relative_error(out, float64_reference(layer, x)) <= TOLERANCE[dtype]
+
+
+# the decode kernel with its launch fixed: direct store (one K slice), uneven and empty slices
+@pytest.mark.parametrize("block_n,split,k,m", [(16, 1, 192, 1), (32, 1, 96, 5), (16, 3, 160, 2), (16, 8, 96, 1), (64, 4, 384, 8)])
+def test_decode_kernel_configs(triton_kernels, block_n, split, k, m):
+    from compressor.kernels.triton_gemv import MAX_SPLIT, wxa16_gemv
+
+    layer = random_quant_linear(37, k, bits=4, group_size=32, symmetric=False, dtype=torch.bfloat16)
+    x = torch.randn(m, k, dtype=torch.bfloat16)
+    out = torch.full((m, 37), float("nan"), dtype=torch.bfloat16)
+    workspace = torch.full((MAX_SPLIT, m, 37), float("nan"))
+    counters = torch.zeros(3, dtype=torch.int32)
+    wxa16_gemv(x, layer.weight_packed, layer.weight_scale, layer.weight_zero_point, 4, 32, out,
+               workspace=workspace, counters=counters, config={"BLOCK_N": block_n, "SPLIT_K": split})
+    assert not torch.isnan(out).any()
+    assert (counters == 0).all()  # the last slice of each tile resets its counter for the next call
+    assert relative_error(out, float64_reference(layer, x)) <= TOLERANCE[torch.bfloat16]
+    if split == 1:
+        assert torch.isnan(workspace).all()  # the direct store never touches the workspace
+
+
+def test_decode_kernel_rejects_a_config_its_counters_cannot_hold(triton_kernels):
+    from compressor.kernels.triton_gemv import wxa16_gemv
+
+    layer = random_quant_linear(16, 96, bits=4, group_size=32, symmetric=True)
+    x, out = torch.randn(1, 96), torch.empty(1, 16)
+    with pytest.raises(ValueError, match="BLOCK_N must be >= 16"):
+        wxa16_gemv(x, layer.weight_packed, layer.weight_scale, None, 4, 32, out, config={"BLOCK_N": 8, "SPLIT_K": 2})
 
 
 def test_rejects_a_group_size_that_does_not_cover_the_row(triton_kernels):

@@ -1,0 +1,212 @@
+"""Triton W4A16 / W8A16 decode kernel (up to 8 rows) on the compressed-tensors layout.
+
+Why a separate kernel from the tiled one in ``triton_wxa16``: at one row the matmul is a
+stream over the packed weight, and the cost per code decides whether it keeps up with memory.
+This kernel therefore never reshapes or reduces inside its K loop:
+
+- The weight tile is BLOCK_N rows of WORDS consecutive packed words, loaded as stored.
+- For each code position ``i`` inside a word (a static loop), it takes the codes with one
+  shift and a mask, and pairs them with the matching activations ``x[k0 + PACK * w + i]``
+  (a strided load that hits L1). The products accumulate elementwise into a
+  [rows, BLOCK_N, WORDS] fp32 tile; the sum over WORDS happens once, after the loop.
+- Codes become floats without an int-to-float instruction: shifted to the top of the
+  mantissa and OR-ed into the bits of 1.0, a code c is the float 1 + c / 2^bits, exactly.
+  The products x (1 + c / 2^bits) accumulate as they are; per tile, subtracting the sum of
+  x and multiplying by 2^bits leaves sum x c (rounding error ~2^-20 of |x|: fine for fp32).
+- The zero point and the scale are applied once per tile (one group per tile):
+  ``sum_i x_i (c_i - z) s = s (sum_i x_i c_i - z sum_i x_i)``.
+
+Split-K without a second kernel: each K slice stores its partial sums to an fp32 workspace
+[split, rows, N], then bumps a per-column-tile counter (acquire-release). The slice that
+arrives last sums the partials in slice order (deterministic), writes the output and resets
+its counter, so the counters (zeroed by the caller) are zero again when the kernel ends.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+MAX_ROWS = 8
+MAX_SPLIT = 8
+
+
+def _configs() -> list[triton.Config]:
+    if INTERPRETED:
+        # split-K, so the interpreter runs the workspace and counter path; tests pass
+        # `config` to run the direct store
+        return [triton.Config({"BLOCK_N": 16, "SPLIT_K": 2}, num_warps=1)]
+    # (BLOCK_N, SPLIT_K, warps, stages); `_prune` keeps the ones whose program count suits the
+    # shape, so a key compiles only a handful of them.
+    shapes = ((32, 1, 4, 3), (64, 1, 4, 3), (128, 1, 4, 3), (128, 1, 8, 3),
+              (32, 2, 4, 3), (64, 2, 4, 3), (32, 4, 4, 3), (64, 4, 4, 3), (16, 4, 2, 3), (32, 8, 4, 3))
+    return [triton.Config({"BLOCK_N": bn, "SPLIT_K": s}, num_warps=w, num_stages=st) for bn, s, w, st in shapes]
+
+
+@functools.cache
+def multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **launch_kwargs) -> list[triton.Config]:
+    """Keep configs that launch between one and eight programs per multiprocessor."""
+    if INTERPRETED:
+        return configs
+    n, k = named_args["N"], named_args["K"]
+    sms = multiprocessors(torch.cuda.current_device())
+    kept = []
+    for config in configs:
+        block_n, split = config.kwargs["BLOCK_N"], config.kwargs["SPLIT_K"]
+        programs = -(-n // block_n) * split
+        tiles = k // launch_kwargs["BLOCK_K"]
+        if split <= tiles and sms <= programs <= 8 * sms:
+            kept.append(config)
+    return kept or configs[:1]
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, packed_ptr, scale_ptr, zero_ptr, out_ptr, workspace_ptr, counter_ptr,
+    M, N, K, GROUPS,
+    stride_xm, stride_om,
+    M_BUCKET,  # autotune key only
+    BITS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    PACK: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    OFFSET: tl.constexpr = 1 << (BITS - 1)
+    WORDS: tl.constexpr = BLOCK_K // PACK
+    CODE_AT: tl.constexpr = 23 - BITS  # a code's lowest bit, placed in the float's mantissa
+    UNIT: tl.constexpr = 1 << BITS  # 1 + code / UNIT is the float made from a placed code
+    FLOAT_BITS_ONE: tl.constexpr = 0x3F800000
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    words_per_row = K // PACK  # K is a multiple of BLOCK_K (the wrapper checks)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.arange(0, WORDS)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+
+    tiles = K // BLOCK_K
+    per_split = (tiles + SPLIT_K - 1) // SPLIT_K
+    t_begin = pid_s * per_split
+    t_end = tl.minimum(t_begin + per_split, tiles)
+
+    weight_rows = packed_ptr + offs_n[:, None] * words_per_row + offs_w[None, :]
+    x_rows = x_ptr + offs_m[:, None] * stride_xm + offs_w[None, :] * PACK
+    acc = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
+    for t in range(t_begin, t_end):
+        k0 = t * BLOCK_K
+        # unsigned, so a right shift brings in zeros and needs no sign handling
+        words = tl.load(weight_rows + t * WORDS, mask=n_mask[:, None], other=0).to(tl.uint32, bitcast=True)
+        part = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
+        x_sum = tl.zeros((BLOCK_M, 1, WORDS), dtype=tl.float32)  # 3-D: the layout of the products
+        for i in tl.static_range(PACK):
+            x_i = tl.load(x_rows + (k0 + i), mask=m_mask[:, None], other=0.0).to(tl.float32)[:, None, :]
+            # move code i to the top mantissa bits (CODE_AT..22) and OR in the bits of 1.0:
+            # the float 1 + code / UNIT, exact, with one shift and one mask-and-or
+            if i * BITS < CODE_AT:
+                moved = words << (CODE_AT - i * BITS)
+            elif i * BITS > CODE_AT:
+                moved = words >> (i * BITS - CODE_AT)
+            else:
+                moved = words
+            ones_plus = ((moved & (MASK << CODE_AT)) | FLOAT_BITS_ONE).to(tl.float32, bitcast=True)
+            part += x_i * ones_plus[None, :, :]
+            x_sum += x_i
+        group = k0 // GROUP_SIZE  # one group per tile: BLOCK_K divides GROUP_SIZE
+        scale = tl.load(scale_ptr + offs_n * GROUPS + group, mask=n_mask, other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            zero_words = tl.load(zero_ptr + (offs_n // PACK) * GROUPS + group, mask=n_mask, other=0)
+            zero = ((zero_words >> ((offs_n % PACK) * BITS)) & MASK).to(tl.float32)
+        else:
+            zero = tl.full((BLOCK_N,), OFFSET, tl.float32)
+        # sum_i x_i (c_i - z) s = UNIT s sum_i x_i (1 + c_i / UNIT) - (UNIT + z) s sum_i x_i
+        acc += part * (scale * UNIT)[None, :, None] - x_sum * ((zero + UNIT) * scale)[None, :, None]
+    result = tl.sum(acc, axis=2)
+
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        slice_stride = M * N
+        tile = offs_m[:, None] * N + offs_n[None, :]
+        tl.store(workspace_ptr + pid_s * slice_stride + tile, result, mask=out_mask)
+        # acq_rel: this slice's stores are visible before its count, and the last slice sees
+        # every other slice's stores once it has read the count
+        arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                total += tl.load(workspace_ptr + s * slice_stride + tile, mask=out_mask, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(counter_ptr + pid_n, 0)
+
+
+_gemv = triton.autotune(
+    configs=_configs(), key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE"], prune_configs_by={"early_config_prune": _prune},
+)(_gemv_kernel)
+
+
+def gemv_block_k(group_size: int) -> int:
+    """The K tile: the largest power of two <= 128 dividing the group size (>= 16)."""
+    tile = 128
+    while tile > 16 and group_size % tile:
+        tile //= 2
+    return tile
+
+
+def wxa16_gemv(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    out: torch.Tensor,
+    *,
+    workspace: torch.Tensor | None = None,
+    counters: torch.Tensor | None = None,
+    config: dict[str, int] | None = None,
+) -> torch.Tensor:
+    """x [M <= 8, K] times the packed weight's transpose into `out` [M, N]; arguments are
+    checked by ``triton_wxa16.wxa16_matmul``. `workspace` [MAX_SPLIT, M, N] fp32 may be passed
+    (tests fill it with NaN: the kernel must only read what it wrote), and `counters` (int32,
+    zero, one per 16 columns; zero again afterwards). `config` ({"BLOCK_N",
+    "SPLIT_K"}, optionally "num_warps"/"num_stages") skips autotuning: tests and the benchmark's
+    sweep use it."""
+    m, k = x.shape
+    n, groups = scale.shape
+    if m > MAX_ROWS:
+        raise ValueError(f"the decode kernel takes at most {MAX_ROWS} rows, not {m}")
+    if config is not None and not (config["BLOCK_N"] >= 16 and 1 <= config["SPLIT_K"] <= MAX_SPLIT):
+        raise ValueError(f"config {config}: BLOCK_N must be >= 16 and SPLIT_K within 1..{MAX_SPLIT}")
+    block_m = 1 << max(m - 1, 0).bit_length()
+    if workspace is None:
+        workspace = torch.empty(MAX_SPLIT, m, n, dtype=torch.float32, device=x.device)
+    # one counter per column tile of the smallest BLOCK_N among the configs
+    if counters is None:
+        counters = torch.zeros(-(-n // 16), dtype=torch.int32, device=x.device)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
+    kernel = _gemv if config is None else _gemv_kernel
+    kernel[grid](
+        x, packed, scale, zero if zero is not None else packed, out, workspace, counters,
+        m, n, k, groups, x.stride(0), out.stride(0), block_m,
+        BITS=bits, GROUP_SIZE=group_size, HAS_ZERO=zero is not None, BLOCK_M=block_m, BLOCK_K=gemv_block_k(group_size),
+        **(config or {}),
+    )
+    return out
