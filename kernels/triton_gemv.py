@@ -40,12 +40,13 @@ def _configs() -> list[triton.Config]:
     if INTERPRETED:
         # split-K, so the interpreter runs the workspace and counter path; tests pass
         # `config` to run the direct store
-        return [triton.Config({"BLOCK_N": 16, "SPLIT_K": 2}, num_warps=1)]
+        return [triton.Config({"BLOCK_N": 16, "SPLIT_K": 2, "PREFETCH": True}, num_warps=1)]
     # (BLOCK_N, SPLIT_K, warps, stages); `_prune` keeps the ones whose program count suits the
     # shape, so a key compiles only a handful of them.
     shapes = ((32, 1, 4, 3), (64, 1, 4, 3), (128, 1, 4, 3), (128, 1, 8, 3),
               (32, 2, 4, 3), (64, 2, 4, 3), (32, 4, 4, 3), (64, 4, 4, 3), (16, 4, 2, 3), (32, 8, 4, 3))
-    return [triton.Config({"BLOCK_N": bn, "SPLIT_K": s}, num_warps=w, num_stages=st) for bn, s, w, st in shapes]
+    return [triton.Config({"BLOCK_N": bn, "SPLIT_K": s, "PREFETCH": p}, num_warps=w, num_stages=st)
+            for bn, s, w, st in shapes for p in (False, True)]
 
 
 @functools.cache
@@ -82,6 +83,7 @@ def _gemv_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
@@ -108,10 +110,18 @@ def _gemv_kernel(
     weight_rows = packed_ptr + offs_n[:, None] * words_per_row + offs_w[None, :]
     x_rows = x_ptr + offs_m[:, None] * stride_xm + offs_w[None, :] * PACK
     acc = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
+    # an element-wise form of "this tile is below t_end" (a scalar condition in a mask is not
+    # accepted by the interpreter)
+    next_words = tl.load(weight_rows + t_begin * WORDS, mask=n_mask[:, None] & (offs_w[None, :] < (t_end - t_begin) * WORDS), other=0)
     for t in range(t_begin, t_end):
         k0 = t * BLOCK_K
+        if PREFETCH:  # the next tile's load is in flight while this one is computed
+            words = next_words
+            next_words = tl.load(weight_rows + (t + 1) * WORDS, mask=n_mask[:, None] & (offs_w[None, :] < (t_end - t - 1) * WORDS), other=0)
+        else:
+            words = tl.load(weight_rows + t * WORDS, mask=n_mask[:, None], other=0)
         # unsigned, so a right shift brings in zeros and needs no sign handling
-        words = tl.load(weight_rows + t * WORDS, mask=n_mask[:, None], other=0).to(tl.uint32, bitcast=True)
+        words = words.to(tl.uint32, bitcast=True)
         part = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
         x_sum = tl.zeros((BLOCK_M, 1, WORDS), dtype=tl.float32)  # 3-D: the layout of the products
         for i in tl.static_range(PACK):
@@ -203,6 +213,7 @@ def wxa16_gemv(
         counters = torch.zeros(-(-n // 16), dtype=torch.int32, device=x.device)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
     kernel = _gemv if config is None else _gemv_kernel
+    config = None if config is None else {"PREFETCH": True, **config}
     kernel[grid](
         x, packed, scale, zero if zero is not None else packed, out, workspace, counters,
         m, n, k, groups, x.stride(0), out.stride(0), block_m,

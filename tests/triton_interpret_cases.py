@@ -71,9 +71,12 @@ def test_kernel_matches_float64_reference_and_writes_every_element(triton_kernel
     assert relative_error(out, float64_reference(layer, x)) <= TOLERANCE[dtype]
 
 
-# the decode kernel with its launch fixed: direct store (one K slice), uneven and empty slices
-@pytest.mark.parametrize("block_n,split,k,m", [(16, 1, 192, 1), (32, 1, 96, 5), (16, 3, 160, 2), (16, 8, 96, 1), (64, 4, 384, 8)])
-def test_decode_kernel_configs(triton_kernels, block_n, split, k, m):
+# the decode kernel with its launch fixed: direct store (one K slice), uneven and empty slices,
+# with and without loading the next tile ahead
+@pytest.mark.parametrize("block_n,split,prefetch,k,m", [
+    (16, 1, False, 192, 1), (32, 1, True, 96, 5), (16, 3, False, 160, 2), (16, 8, True, 96, 1), (64, 4, False, 384, 8),
+])
+def test_decode_kernel_configs(triton_kernels, block_n, split, prefetch, k, m):
     from compressor.kernels.triton_gemv import MAX_SPLIT, wxa16_gemv
 
     layer = random_quant_linear(37, k, bits=4, group_size=32, symmetric=False, dtype=torch.bfloat16)
@@ -82,7 +85,7 @@ def test_decode_kernel_configs(triton_kernels, block_n, split, k, m):
     workspace = torch.full((MAX_SPLIT, m, 37), float("nan"))
     counters = torch.zeros(3, dtype=torch.int32)
     wxa16_gemv(x, layer.weight_packed, layer.weight_scale, layer.weight_zero_point, 4, 32, out,
-               workspace=workspace, counters=counters, config={"BLOCK_N": block_n, "SPLIT_K": split})
+               workspace=workspace, counters=counters, config={"BLOCK_N": block_n, "SPLIT_K": split, "PREFETCH": prefetch})
     assert not torch.isnan(out).any()
     assert (counters == 0).all()  # the last slice of each tile resets its counter for the next call
     assert relative_error(out, float64_reference(layer, x)) <= TOLERANCE[torch.bfloat16]
