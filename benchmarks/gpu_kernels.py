@@ -13,8 +13,8 @@ first checked against the float64 reference (relative error <= 1e-2), then timed
 speed-up over bf16 and the weight bytes each kernel streams per second (packed codes and
 scales for ours, the bf16 matrix for torch; activations and outputs left out).
 
-`--sweep` times the decode kernel (triton_gemv) at batch 1 and 4 with each of its configs
-fixed, beside the autotuner's pick, to show what the autotuner chooses from.
+`--sweep` times the decode kernel (triton_gemv) at batch 1 with each of its configs fixed,
+beside the autotuner's pick, and at batch 4 and 8 against the 16-row tensor-core tile kernel.
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ def sweep(bits: int, group: int | None, dtype: torch.dtype) -> None:
 
     from compressor.kernels import triton_gemv
     from compressor.kernels.quant_linear import QuantLinear
+    from compressor.kernels.triton_ops import wxa16_linear
 
     print(f"{torch.cuda.get_device_name()} | triton {triton.__version__} | {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC | "
           f"decode kernel sweep W{bits} {'g' + str(group) if group else 'per-channel'} {dtype}")
@@ -100,21 +101,28 @@ def sweep(bits: int, group: int | None, dtype: torch.dtype) -> None:
         layer = QuantLinear.from_codes(codes, scale, None, bits=bits, group_size=group, bias=None, dtype=dtype)
         dense = layer.dequantized_weight(dtype)
         args = (layer.weight_packed, layer.weight_scale, None, bits, group or k)
-        for m in (1, 4):
+        bf16_ms = {}
+        for m in (1, 4, 8):
             x = torch.randn(m, k, dtype=dtype, device="cuda")
             out = torch.empty(m, n, dtype=dtype, device="cuda")
-            bf16_ms = triton.testing.do_bench(lambda: torch.nn.functional.linear(x, dense), return_mode="median")
-            rows = [("autotuned", None)] + [(f"BLOCK_N {c.kwargs['BLOCK_N']:>3} split {c.kwargs['SPLIT_K']} warps {c.num_warps} stages {c.num_stages}",
-                                             dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages))
-                                            for c in triton_gemv._configs()]
+            bf16_ms[m] = triton.testing.do_bench(lambda: torch.nn.functional.linear(x, dense), return_mode="median")
+            rows = [("autotuned", None)]
+            if m == 1:  # every config at one row; the autotuner's pick only at more
+                rows += [(f"BLOCK_N {c.kwargs['BLOCK_N']:>3} split {c.kwargs['SPLIT_K']} prefetch {int(c.kwargs['PREFETCH'])} "
+                          f"warps {c.num_warps} stages {c.num_stages}", dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages))
+                         for c in triton_gemv._configs()]
             for label, config in rows:
                 call = lambda: triton_gemv.wxa16_gemv(x, *args, out, config=config)  # noqa: E731
                 call()
                 error = relative_error_to(x, layer, out)
                 ms = triton.testing.do_bench(call, return_mode="median")
-                print(f"{k:>5}x{n:<6} M={m} {label:<44} {ms:8.4f} ms {bf16_ms / ms:6.2f}x bf16 "
+                print(f"{k:>5}x{n:<6} M={m} {label:<55} {ms:8.4f} ms {bf16_ms[m] / ms:6.2f}x bf16 "
                       f"{weight_bytes(layer) / ms / 1e6:6.0f} GB/s  err {error:.1e}")
             print(f"  autotuner picked: {triton_gemv._gemv.best_config}")
+            # the tensor-core tile kernel, which takes these rows padded to its 16-row tile
+            padded = torch.randn(16, k, dtype=dtype, device="cuda")
+            tile_ms = triton.testing.do_bench(lambda: wxa16_linear(padded, *args), return_mode="median")
+            print(f"{k:>5}x{n:<6} M={m} {'16-row tensor-core tile kernel (M=16)':<55} {tile_ms:8.4f} ms {bf16_ms[m] / tile_ms:6.2f}x bf16")
 
 
 def relative_error_to(x: torch.Tensor, layer, out: torch.Tensor) -> float:
@@ -123,17 +131,28 @@ def relative_error_to(x: torch.Tensor, layer, out: torch.Tensor) -> float:
 
 
 def sparse24(dtype: torch.dtype) -> None:
+    """SparseLinear against dense, plus the two semi-structured kinds PyTorch offers, each called
+    with F.linear directly: cuSPARSELt (what to_sparse_semi_structured picks where it is built
+    in; PyTorch builds its matmul plan on every call, pytorch/pytorch#179642) and CUTLASS."""
     import triton.testing
+    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
 
     from compressor.kernels.sparse_linear import SparseLinear
 
-    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | {time.strftime('%Y-%m-%d', time.gmtime())} | 2:4 {dtype}")
-    print(f"{'in x out':>12} {'batch':>5} {'dense ms':>9} {'2:4 ms':>9} {'speed-up':>8} {'rel.err':>8}  kernel")
+    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC | 2:4 {dtype}")
+    print(f"{'in x out':>12} {'batch':>5} {'dense ms':>9} {'ours ms':>9} {'speed-up':>8} {'cslt ms':>9} {'cutlass ms':>10} {'rel.err':>8}  kernel")
     for k, n in ((4096, 14336), (4096, 4096)):
         weight = torch.randn(n, k, device="cuda")
         grouped = weight.reshape(n, -1, 4)
         weight = grouped.scatter(-1, grouped.abs().argsort(-1)[..., :2], 0.0).reshape(n, k).to(dtype)
         layer = SparseLinear.from_dense(weight)
+        kinds = {"cslt": SparseSemiStructuredTensorCUSPARSELT, "cutlass": SparseSemiStructuredTensorCUTLASS}
+        semi = {}
+        for name, kind in kinds.items():
+            try:
+                semi[name] = kind.from_dense(weight)
+            except (RuntimeError, NotImplementedError) as error:  # a kind this build lacks
+                print(f"  {name}: {str(error).splitlines()[0]}")
         for m in (1, 16, 64, 128):
             x = torch.randn(m, k, dtype=dtype, device="cuda")
             with torch.no_grad():
@@ -144,7 +163,13 @@ def sparse24(dtype: torch.dtype) -> None:
             dense_ms = triton.testing.do_bench(lambda: torch.nn.functional.linear(x, weight), return_mode="median")
             with torch.no_grad():
                 sparse_ms = triton.testing.do_bench(lambda: layer(x), return_mode="median")
-            print(f"{k:>5}x{n:<6} {m:>5} {dense_ms:9.4f} {sparse_ms:9.4f} {dense_ms / sparse_ms:7.2f}x {error:8.1e}  "
+            kind_ms = {}
+            for name, w in semi.items():
+                kind_error = ((torch.nn.functional.linear(x, w).double() - expected).norm() / expected.norm()).item()
+                assert kind_error <= 1e-2, f"{name} {k}x{n} batch {m}: relative error {kind_error}"
+                kind_ms[name] = triton.testing.do_bench(lambda: torch.nn.functional.linear(x, w), return_mode="median")
+            print(f"{k:>5}x{n:<6} {m:>5} {dense_ms:9.4f} {sparse_ms:9.4f} {dense_ms / sparse_ms:7.2f}x "
+                  f"{kind_ms.get('cslt', float('nan')):9.4f} {kind_ms.get('cutlass', float('nan')):10.4f} {error:8.1e}  "
                   f"{layer.kernel_report['kernel']}")
 
 

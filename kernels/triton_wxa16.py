@@ -8,11 +8,11 @@ Each program reads its weight tile as stored, BLOCK_N rows of consecutive packed
 (coalesced loads), unpacks the codes in registers, and applies the group's scale once per
 tile: the K tile divides the group size, which must be a multiple of 16.
 
-Two launch shapes of one kernel body:
-- batch <= 16 (decode): split-K. Programs cover (N tiles, K slices, M tiles); each writes its
-  partial sums to an fp32 workspace [split, M, N] that is summed afterwards (deterministic, no
-  atomics). Rows are reduced with a broadcast multiply-add for tiles under 16 rows and with
-  ``tl.dot`` (tensor cores) for 16-row tiles.
+Three launch shapes:
+- batch <= 8 (decode): the kernel of ``triton_gemv`` (CUDA cores, no tile reshapes).
+- batch 9-16: this kernel with one 16-row tile and split-K. Programs cover (N tiles, K slices);
+  each writes its partial sums to an fp32 workspace [split, M, N] that is summed afterwards
+  (deterministic, no atomics). Rows are reduced with ``tl.dot`` (tensor cores).
 - batch > 16: a tiled GEMM with ``tl.dot``, one K slice, writing the output directly.
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) the tiles are small, one config is used (autotune
@@ -36,7 +36,7 @@ GEMV_ROWS = MAX_ROWS  # up to here the decode kernel of triton_gemv
 SPLIT_K_MAX_ROWS = 16  # up to here the tiled kernel splits K (one 16-row tile)
 
 
-def _gemv_configs() -> list[triton.Config]:
+def _split_k_configs() -> list[triton.Config]:
     if INTERPRETED:
         return [triton.Config({"BLOCK_N": 16}, num_warps=1)]
     # Few configs: autotuning compiles each one for every new (rows, N, K) key, and a 54-config
@@ -73,7 +73,6 @@ def _wxa16_kernel(
     BITS: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     HAS_ZERO: tl.constexpr,
-    USE_DOT: tl.constexpr,
     COMPUTE_F32: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -117,20 +116,17 @@ def _wxa16_kernel(
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & (offs_k[None, :] < K), other=0.0)
         shifts = tl.arange(0, PACK) * BITS
         w = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & MASK, (BLOCK_N, BLOCK_K)) - zero[:, None]
-        if USE_DOT:
-            if COMPUTE_F32:
-                part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-            else:
-                part = tl.dot(x, tl.trans(w.to(x.dtype)))  # small integers: exact in any float type
+        if COMPUTE_F32:
+            part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
         else:
-            part = tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+            part = tl.dot(x, tl.trans(w.to(x.dtype)))  # small integers: exact in any float type
         acc += part * scale[None, :]
 
     out = out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-_gemv = triton.autotune(configs=_gemv_configs(), key=["M_BUCKET", "N", "K", "SPLIT_K"])(_wxa16_kernel)
+_split_k_tile = triton.autotune(configs=_split_k_configs(), key=["M_BUCKET", "N", "K", "SPLIT_K"])(_wxa16_kernel)
 _gemm = triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K"])(_wxa16_kernel)
 
 
@@ -162,7 +158,8 @@ def wxa16_matmul(
 ) -> torch.Tensor:
     """x [M, K] (fp16/bf16/fp32) times the packed weight's transpose → [M, N] in x's dtype.
 
-    `out` and (for the split-K path) `workspace` [split, M, N] fp32 may be passed in; tests
+    `out` and (for the split-K paths) `workspace` fp32 may be passed in ([split, M, N] for 9-16
+    rows, [triton_gemv.MAX_SPLIT, M, N] for up to 8); tests
     fill them with NaN to check that every element is written.
     """
     if bits not in (4, 8):
@@ -189,15 +186,14 @@ def wxa16_matmul(
         return wxa16_gemv(x, packed, scale, zero, bits, group_size, out, workspace=workspace)
     if m <= SPLIT_K_MAX_ROWS:
         split = _split_k(n, k, x.device)
-        block_m = max(m_bucket, 1)
         target = out
         if split > 1:
             target = workspace if workspace is not None else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split, triton.cdiv(m, block_m))  # noqa: E731
-        _gemv[grid](
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split, 1)  # noqa: E731
+        _split_k_tile[grid](
             x, packed, scale, zero_arg, target, m, n, k, groups, split,
             x.stride(0), target.stride(-2), target.stride(0) if split > 1 else 0, m_bucket,
-            USE_DOT=block_m >= 16, BLOCK_M=block_m, **common,
+            BLOCK_M=16, **common,
         )
         if split > 1:
             torch.sum(target, dim=0, out=out) if out.dtype == torch.float32 else out.copy_(target.sum(dim=0))
@@ -206,6 +202,6 @@ def wxa16_matmul(
     _gemm[grid](
         x, packed, scale, zero_arg, out, m, n, k, groups, 1,
         x.stride(0), out.stride(0), 0, m_bucket,
-        USE_DOT=True, **common,
+        **common,
     )
     return out
