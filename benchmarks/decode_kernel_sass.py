@@ -67,6 +67,20 @@ def loop_opcodes(sass: str) -> collections.Counter:
     return opcodes
 
 
+def signature_of(kernel, pointers: dict[str, str]) -> dict[str, str]:
+    """Triton's signature for `kernel`: the given pointer types, other pointers int32, the
+    constexpr parameters as such, everything else a 32-bit integer."""
+    signature = {}
+    for name in kernel.arg_names:
+        if name in pointers:
+            signature[name] = pointers[name]
+        elif kernel.params[kernel.arg_names.index(name)].is_constexpr:
+            signature[name] = "constexpr"
+        else:
+            signature[name] = "*i32" if name.endswith("_ptr") else "i32"
+    return signature
+
+
 def compile_for(fn, signature: dict, constants: dict, arch: int, warps: int, stages: int):
     source = ASTSource(fn=fn, signature=signature, constexprs=constants)
     return triton.compile(source, target=GPUTarget("cuda", arch, WARP_SIZE), options={"num_warps": warps, "num_stages": stages})
@@ -84,11 +98,7 @@ def report(label: str, kernel, codes_per_iteration: int, threads: int) -> None:
 def new_kernel(arch: int) -> None:
     from compressor.kernels import triton_gemv
 
-    signature = {"x_ptr": "*bf16", "packed_ptr": "*i32", "scale_ptr": "*bf16", "zero_ptr": "*i32", "out_ptr": "*bf16",
-                 "workspace_ptr": "*fp32", "counter_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "GROUPS": "i32",
-                 "stride_xm": "i32", "stride_om": "i32", "M_BUCKET": "i32"}
-    constant_names = ("BITS", "GROUP_SIZE", "HAS_ZERO", "BLOCK_M", "BLOCK_K", "BLOCK_N", "SPLIT_K", "PREFETCH")
-    signature.update({name: "constexpr" for name in constant_names})
+    signature = signature_of(triton_gemv._gemv_kernel, {"x_ptr": "*bf16", "scale_ptr": "*bf16", "out_ptr": "*bf16", "workspace_ptr": "*fp32"})
     for bits, block_n, split, prefetch, warps, has_zero in ((4, 64, 1, True, 4, False), (4, 64, 1, False, 4, False),
                                                             (4, 32, 4, True, 4, False), (4, 128, 1, True, 8, False),
                                                             (4, 64, 1, True, 4, True), (8, 64, 1, True, 4, False)):
@@ -105,11 +115,7 @@ def old_kernel(path: Path, arch: int) -> None:
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # triton's compiler looks the function's module up
     spec.loader.exec_module(module)
-    signature = {"x_ptr": "*bf16", "packed_ptr": "*i32", "scale_ptr": "*bf16", "zero_ptr": "*i32", "out_ptr": "*bf16",
-                 "M": "i32", "N": "i32", "K": "i32", "GROUPS": "i32", "SPLIT_K": "i32", "stride_xm": "i32",
-                 "stride_om": "i32", "stride_os": "i32", "M_BUCKET": "i32"}
-    constant_names = ("BITS", "GROUP_SIZE", "HAS_ZERO", "USE_DOT", "COMPUTE_F32", "BLOCK_M", "BLOCK_N", "BLOCK_K")
-    signature.update({name: "constexpr" for name in constant_names})
+    signature = signature_of(module._wxa16_kernel, {"x_ptr": "*bf16", "scale_ptr": "*bf16", "out_ptr": "*bf16"})
     for block_n, warps in ((64, 4), (128, 4), (256, 8)):
         block_k = module.block_k(128)
         constants = dict(BITS=4, GROUP_SIZE=128, HAS_ZERO=False, USE_DOT=False, COMPUTE_F32=False, BLOCK_M=1,

@@ -73,6 +73,20 @@ def _prune(configs: list[triton.Config], named_args: dict, **launch_kwargs) -> l
 
 
 @triton.jit
+def group_scale_and_zero(scale_ptr, zero_ptr, offs_n, n_mask, group, GROUPS, BITS: tl.constexpr, HAS_ZERO: tl.constexpr):
+    """Rows `offs_n`' scale and zero point of one group, both fp32. Zero points are packed
+    32 / BITS per int32 word along the rows; symmetric layers have the code offset 2^(BITS-1)."""
+    PACK: tl.constexpr = 32 // BITS
+    scale = tl.load(scale_ptr + offs_n * GROUPS + group, mask=n_mask, other=0.0).to(tl.float32)
+    if HAS_ZERO:
+        zero_words = tl.load(zero_ptr + (offs_n // PACK) * GROUPS + group, mask=n_mask, other=0)
+        zero = ((zero_words >> ((offs_n % PACK) * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+    else:
+        zero = tl.zeros(offs_n.shape, tl.float32) + (1 << (BITS - 1))
+    return scale, zero
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, packed_ptr, scale_ptr, zero_ptr, out_ptr, workspace_ptr, counter_ptr,
     M, N, K, GROUPS,
@@ -89,7 +103,6 @@ def _gemv_kernel(
 ):
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
-    OFFSET: tl.constexpr = 1 << (BITS - 1)
     WORDS: tl.constexpr = BLOCK_K // PACK
     # A code's lowest bit once placed in the float's 23-bit mantissa: the highest multiple of
     # BITS that leaves the code inside it, so one code of each word needs no shift (16 for
@@ -142,13 +155,8 @@ def _gemv_kernel(
             ones_plus = ((moved & (MASK << CODE_AT)) | FLOAT_BITS_ONE).to(tl.float32, bitcast=True)
             part += x_i * ones_plus[None, :, :]
             x_sum += x_i
-        group = k0 // GROUP_SIZE  # one group per tile: BLOCK_K divides GROUP_SIZE
-        scale = tl.load(scale_ptr + offs_n * GROUPS + group, mask=n_mask, other=0.0).to(tl.float32)
-        if HAS_ZERO:
-            zero_words = tl.load(zero_ptr + (offs_n // PACK) * GROUPS + group, mask=n_mask, other=0)
-            zero = ((zero_words >> ((offs_n % PACK) * BITS)) & MASK).to(tl.float32)
-        else:
-            zero = tl.full((BLOCK_N,), OFFSET, tl.float32)
+        # one group per tile: BLOCK_K divides GROUP_SIZE
+        scale, zero = group_scale_and_zero(scale_ptr, zero_ptr, offs_n, n_mask, k0 // GROUP_SIZE, GROUPS, BITS, HAS_ZERO)
         # sum_i x_i (c_i - z) s = UNIT s sum_i x_i (1 + c_i / UNIT) - (UNIT + z) s sum_i x_i
         acc += part * (scale * UNIT)[None, :, None] - x_sum * ((zero + UNIT) * scale)[None, :, None]
     result = tl.sum(acc, axis=2)

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from compressor.kernels.triton_gemv import MAX_ROWS, wxa16_gemv
+from compressor.kernels.triton_gemv import MAX_ROWS, group_scale_and_zero, wxa16_gemv
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 GEMV_ROWS = MAX_ROWS  # up to here the decode kernel of triton_gemv
@@ -80,7 +80,6 @@ def _wxa16_kernel(
 ):
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
-    OFFSET: tl.constexpr = 1 << (BITS - 1)
     WORDS: tl.constexpr = BLOCK_K // PACK
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -105,17 +104,12 @@ def _wxa16_kernel(
         offs_w = k0 // PACK + tl.arange(0, WORDS)
         words = tl.load(packed_ptr + offs_n[:, None] * words_per_row + offs_w[None, :],
                         mask=n_mask[:, None] & (offs_w[None, :] < words_per_row), other=0)
-        group = k0 // GROUP_SIZE  # one group per tile: BLOCK_K divides GROUP_SIZE
-        scale = tl.load(scale_ptr + offs_n * GROUPS + group, mask=n_mask, other=0.0).to(tl.float32)
-        if HAS_ZERO:
-            zero_words = tl.load(zero_ptr + (offs_n // PACK) * GROUPS + group, mask=n_mask, other=0)
-            zero = (zero_words >> ((offs_n % PACK) * BITS)) & MASK
-        else:
-            zero = tl.full((BLOCK_N,), OFFSET, tl.int32)
+        # one group per tile: BLOCK_K divides GROUP_SIZE
+        scale, zero = group_scale_and_zero(scale_ptr, zero_ptr, offs_n, n_mask, k0 // GROUP_SIZE, GROUPS, BITS, HAS_ZERO)
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & (offs_k[None, :] < K), other=0.0)
         shifts = tl.arange(0, PACK) * BITS
-        w = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & MASK, (BLOCK_N, BLOCK_K)) - zero[:, None]
+        w = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & MASK, (BLOCK_N, BLOCK_K)) - zero.to(tl.int32)[:, None]
         if COMPUTE_F32:
             part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
         else:
