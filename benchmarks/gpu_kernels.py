@@ -61,15 +61,16 @@ def main() -> None:
         scale = torch.rand(n, groups, device="cuda") * 0.01 + 0.001
         layer = QuantLinear.from_codes(codes, scale, None, bits=args.bits, group_size=group, bias=None, dtype=dtype)
         dense = layer.dequantized_weight(dtype)
+        counters = torch.zeros(-(-n // 16), dtype=torch.int32, device="cuda")  # as QuantLinear's prepared state has
         for m in (1, 16, 64, 128):
             x = torch.randn(m, k, dtype=dtype, device="cuda")
-            out = wxa16_linear(x, layer.weight_packed, layer.weight_scale, None, args.bits, group or k)
+            out = wxa16_linear(x, layer.weight_packed, layer.weight_scale, None, args.bits, group or k, counters)
             expected = reference(x, layer)
             error = ((out.double() - expected).norm() / expected.norm()).item()
             assert error <= 1e-2, f"{k}x{n} batch {m}: relative error {error}"
             bf16_ms = triton.testing.do_bench(lambda: torch.nn.functional.linear(x, dense), return_mode="median")
             ours_ms = triton.testing.do_bench(
-                lambda: wxa16_linear(x, layer.weight_packed, layer.weight_scale, None, args.bits, group or k),
+                lambda: wxa16_linear(x, layer.weight_packed, layer.weight_scale, None, args.bits, group or k, counters),
                 return_mode="median",
             )
             print(f"{k:>5}x{n:<6} {m:>5} {bf16_ms:9.4f} {ours_ms:9.4f} {bf16_ms / ours_ms:7.2f}x "
@@ -101,6 +102,7 @@ def sweep(bits: int, group: int | None, dtype: torch.dtype) -> None:
         layer = QuantLinear.from_codes(codes, scale, None, bits=bits, group_size=group, bias=None, dtype=dtype)
         dense = layer.dequantized_weight(dtype)
         args = (layer.weight_packed, layer.weight_scale, None, bits, group or k)
+        counters = torch.zeros(-(-n // 16), dtype=torch.int32, device="cuda")
         bf16_ms = {}
         for m in (1, 4, 8):
             x = torch.randn(m, k, dtype=dtype, device="cuda")
@@ -112,7 +114,7 @@ def sweep(bits: int, group: int | None, dtype: torch.dtype) -> None:
                           f"warps {c.num_warps} stages {c.num_stages}", dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages))
                          for c in triton_gemv._configs()]
             for label, config in rows:
-                call = lambda: triton_gemv.wxa16_gemv(x, *args, out, config=config)  # noqa: E731
+                call = lambda: triton_gemv.wxa16_gemv(x, *args, out, counters=counters, config=config)  # noqa: E731
                 call()
                 error = relative_error_to(x, layer, out)
                 ms = triton.testing.do_bench(call, return_mode="median")

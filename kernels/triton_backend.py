@@ -23,6 +23,7 @@ class WxA16State:
     zero: torch.Tensor | None
     bits: int
     group_size: int
+    counters: torch.Tensor | None  # the decode kernel's split-K counters (zero between calls)
 
 
 class TritonWxA16Backend:
@@ -50,9 +51,10 @@ class TritonWxA16Backend:
             zero,
             module.bits,
             module.group_size or module.in_features,
+            torch.zeros(-(-module.out_features // 16), dtype=torch.int32, device=device),
         )
 
     def run(self, state: WxA16State, x: torch.Tensor) -> torch.Tensor:
         from compressor.kernels.triton_ops import wxa16_linear
 
-        return wxa16_linear(x, state.packed, state.scale, state.zero, state.bits, state.group_size)
+        return wxa16_linear(x, state.packed, state.scale, state.zero, state.bits, state.group_size, state.counters)

@@ -227,7 +227,7 @@ def wxa16_gemv(
     if workspace is None:
         workspace = torch.empty(MAX_SPLIT, m, n, dtype=torch.float32, device=x.device)
     # one counter per column tile of the smallest BLOCK_N among the configs
-    if counters is None:
+    if counters is None:  # a memset per call; QuantLinear passes its own instead
         counters = torch.zeros(-(-n // 16), dtype=torch.int32, device=x.device)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
     kernel = _gemv if config is None else _gemv_kernel

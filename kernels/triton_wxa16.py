@@ -149,6 +149,7 @@ def wxa16_matmul(
     *,
     out: torch.Tensor | None = None,
     workspace: torch.Tensor | None = None,
+    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [M, K] (fp16/bf16/fp32) times the packed weight's transpose → [M, N] in x's dtype.
 
@@ -177,7 +178,7 @@ def wxa16_matmul(
     m_bucket = 1 << max(m - 1, 0).bit_length()
     common["BLOCK_K"] = block_k(group_size)
     if m <= GEMV_ROWS:
-        return wxa16_gemv(x, packed, scale, zero, bits, group_size, out, workspace=workspace)
+        return wxa16_gemv(x, packed, scale, zero, bits, group_size, out, workspace=workspace, counters=counters)
     if m <= SPLIT_K_MAX_ROWS:
         split = _split_k(n, k, x.device)
         target = out

@@ -115,12 +115,32 @@ def test_custom_op_shapes_fake_impl_and_backward(triton_kernels):
     x = torch.randn(2, 3, 96, requires_grad=True)
     args = (x, layer.weight_packed, layer.weight_scale, layer.weight_zero_point, 4, 32)
     torch.library.opcheck(wxa16_linear, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    # with the layer's counters too: the schema says the op mutates nothing, which test_schema
+    # checks by comparing every input before and after (the kernel resets the counters)
+    one_row = (x[0, :1].detach().requires_grad_(),) + args[1:] + (torch.zeros(2, dtype=torch.int32),)
+    torch.library.opcheck(wxa16_linear, one_row, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     out = wxa16_linear(*args)
     assert out.shape == (2, 3, 24)
     grads = torch.randn(2, 3, 24)
     (out * grads).sum().backward()
     expected = grads.double() @ layer.dequantized_weight(torch.float64)
     assert relative_error(x.grad, expected) <= 1e-5
+
+
+def test_the_op_uses_the_counters_it_is_given_and_leaves_them_zero(triton_kernels):
+    from compressor.kernels.triton_ops import wxa16_linear
+
+    layer = random_quant_linear(40, 192, bits=4, group_size=64, symmetric=False, dtype=torch.bfloat16)
+    x = torch.randn(1, 192, dtype=torch.bfloat16)
+    args = (x, layer.weight_packed, layer.weight_scale, layer.weight_zero_point, 4, 64)
+    counters = torch.zeros(3, dtype=torch.int32)
+    assert relative_error(wxa16_linear(*args, counters), float64_reference(layer, x)) <= 1e-2
+    assert (counters == 0).all()
+    # a count already under way means no slice arrives last, so no output is written: proof
+    # that the split-K kernel counts in the tensor it was given
+    counters.fill_(100)
+    out = wxa16_linear(*args, counters)
+    assert relative_error(out, float64_reference(layer, x)) > 1e-2 or torch.isnan(out).any()
 
 
 def test_quant_linear_backend_runs_the_op(triton_kernels):
@@ -130,5 +150,7 @@ def test_quant_linear_backend_runs_the_op(triton_kernels):
     backend = TritonWxA16Backend()
     x = torch.randn(3, 160, dtype=torch.bfloat16)
     assert backend.unsupported(layer, x) == "needs a CUDA device"
-    y = backend.run(backend.prepare(layer, x.device), x) + layer.bias
+    state = backend.prepare(layer, x.device)
+    y = backend.run(state, x) + layer.bias
     assert relative_error(y, float64_reference(layer, x)) <= 1e-2
+    assert state.counters.shape == (3,) and not state.counters.any()  # one per 16 outputs, zero between calls
