@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from compressor.kernels.bound_kernel import BoundKernel, BufferSnapshot, run_backend
-from compressor.kernels.dispatch import KernelBackend, KernelChoice, batch_bucket, prepared_form, quant_linear_kernels
+from compressor.kernels.dispatch import KernelBackend, KernelRegistry, batch_bucket, quant_linear_kernels
+from compressor.kernels.dispatched_module import DispatchedModule
 from compressor.kernels.packing import pack_codes, unpack_codes
 from compressor.kernels.reference import dequantize_packed, unpack_zero_points
 
@@ -43,7 +44,7 @@ class _PackedKernelLinear(torch.autograd.Function):
         return grad @ ctx.module.dequantized_weight(grad.dtype), None, None, None
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(DispatchedModule):
     def __init__(
         self,
         in_features: int,
@@ -73,9 +74,6 @@ class QuantLinear(nn.Module):
         else:
             self.weight_zero_point = None
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
-        self._choices: dict[tuple, KernelChoice] = {}
-        self._prepared: dict[tuple, tuple[tuple, Any]] = {}  # (backend, device) → (buffer key, state)
-        self.kernel_report: dict[str, Any] = {}
         self.compile_plan: tuple | None = None  # (backend, state, rows, dtype, device): plan_for_compile
         self._bound: BoundKernel | None = None  # the last no-grad kernel choice, for calls like it
 
@@ -143,25 +141,12 @@ class QuantLinear(nn.Module):
         key = (packed.data_ptr(), packed._version, scale.data_ptr(), scale._version)
         return key if zero is None else (*key, zero.data_ptr(), zero._version)
 
-    def choose_kernel(self, x: torch.Tensor) -> KernelChoice:
+    def kernel_registry(self) -> KernelRegistry:
+        return quant_linear_kernels()
+
+    def kernel_situation(self, x: torch.Tensor) -> tuple:
         rows = x.numel() // self.in_features if self.in_features else 0
-        key = (x.device.type, x.dtype, batch_bucket(rows), torch.is_grad_enabled() and x.requires_grad)
-        choice = self._choices.get(key)
-        if choice is None:
-            choice = quant_linear_kernels().choose(self, x)
-            self._choices[key] = choice
-        return choice
-
-    def prepared_state(self, backend: KernelBackend, device: torch.device) -> Any:
-        """The backend's packed form of this layer for `device`, built on first use."""
-        return prepared_form(self._prepared, backend, self, device, self._buffer_key())
-
-    def prepare_kernels(self, example: torch.Tensor) -> str:
-        """Build the packed form the kernel chosen for inputs like `example` needs (at load time)."""
-        choice = self.choose_kernel(example)
-        if choice.backend is not None:
-            self.prepared_state(choice.backend, example.device)
-        return choice.name
+        return (x.device.type, x.dtype, batch_bucket(rows), torch.is_grad_enabled() and x.requires_grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
@@ -181,8 +166,6 @@ class QuantLinear(nn.Module):
     def _bind(self, x: torch.Tensor) -> BoundKernel | None:
         """Dispatch `x` in full; for a no-grad kernel call, remember the outcome (None otherwise)."""
         choice = self.choose_kernel(x)
-        if self.kernel_report.get("kernel") != choice.name:
-            self.kernel_report = {"kernel": choice.name, "skipped": dict(choice.skipped)}
         if choice.backend is None or (torch.is_grad_enabled() and x.requires_grad):
             return None
         state = self.prepared_state(choice.backend, x.device)
@@ -236,9 +219,7 @@ class QuantLinear(nn.Module):
         return {**self.__dict__, "_bound": None}
 
     def _apply(self, fn, recurse: bool = True):
-        # Moving or casting the buffers invalidates every packed form and choice.
-        self._prepared.clear()
-        self._choices.clear()
+        # Moving or casting the buffers invalidates the compile plan and bound call too.
         self.compile_plan = None
         self._bound = None
         return super()._apply(fn, recurse)

@@ -16,13 +16,13 @@ mask per weight).
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressor.kernels.dispatch import prepared_form, sparse_linear_kernels
+from compressor.kernels.dispatch import KernelRegistry, sparse_linear_kernels
+from compressor.kernels.dispatched_module import DispatchedModule
 
 _BITS = torch.arange(8, dtype=torch.uint8)
 
@@ -42,7 +42,7 @@ def unpack_bitmask(packed: torch.Tensor, columns: int) -> torch.Tensor:
     return bits.reshape(packed.shape[0], -1)[:, :columns].bool()
 
 
-class SparseLinear(nn.Module):
+class SparseLinear(DispatchedModule):
     def __init__(self, in_features: int, out_features: int, nnz: int, *, bias: bool, dtype: torch.dtype, device=None):
         super().__init__()
         self.in_features = in_features
@@ -51,9 +51,6 @@ class SparseLinear(nn.Module):
         self.register_buffer("weight_values", torch.zeros(nnz, dtype=dtype, device=device))
         self.register_buffer("weight_shape", torch.tensor([out_features, in_features], dtype=torch.int64, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
-        self.kernel_report: dict[str, Any] = {}
-        self._choices: dict[tuple, Any] = {}
-        self._prepared: dict[tuple, tuple[tuple, Any]] = {}  # (backend, device) → (buffer key, state)
         self._two_of_four: tuple[tuple, bool] | None = None
 
     @classmethod
@@ -105,23 +102,19 @@ class SparseLinear(nn.Module):
             self._two_of_four = (key, fits)
         return self._two_of_four[1]
 
+    def kernel_registry(self) -> KernelRegistry:
+        return sparse_linear_kernels()
+
+    def kernel_situation(self, x: torch.Tensor) -> tuple:
+        return (x.device.type, x.dtype, torch.is_grad_enabled() and x.requires_grad)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        situation = (x.device.type, x.dtype, torch.is_grad_enabled() and x.requires_grad)
-        choice = self._choices.get(situation)
-        if choice is None:
-            choice = self._choices[situation] = sparse_linear_kernels().choose(self, x)
-        if self.kernel_report.get("kernel") != choice.name:
-            self.kernel_report = {"kernel": choice.name, "skipped": dict(choice.skipped)}
+        choice = self.choose_kernel(x)
         if choice.backend is None:
             return F.linear(x, self.dense_weight(x.dtype), self.bias)
-        form = prepared_form(self._prepared, choice.backend, self, x.device, self._buffer_key())
+        form = self.prepared_state(choice.backend, x.device)
         out = choice.backend.run(form, x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias
-
-    def _apply(self, fn, recurse: bool = True):
-        self._prepared.clear()  # moved or cast: every compressed form is stale
-        self._choices.clear()
-        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         density = self.nnz / max(self.in_features * self.out_features, 1)

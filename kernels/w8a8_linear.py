@@ -23,13 +23,14 @@ quantization is passed straight through and the gradient multiplies by the dequa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressor.kernels.dispatch import prepared_form
+from compressor.kernels.dispatch import KernelRegistry, batch_bucket, w8a8_linear_kernels
+from compressor.kernels.dispatched_module import DispatchedModule
 
 QuantType = Literal["int", "float"]
 INT8_MAX = 127.0
@@ -76,7 +77,7 @@ def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, kind: QuantType) -
     return to_codes(x.float() / scale.float(), kind)
 
 
-class W8A8Linear(nn.Module):
+class W8A8Linear(DispatchedModule):
     def __init__(
         self,
         in_features: int,
@@ -101,9 +102,6 @@ class W8A8Linear(nn.Module):
         else:
             self.input_scale = None
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
-        self._choices: dict[tuple, Any] = {}
-        self._prepared: dict[tuple, tuple[tuple, Any]] = {}  # (backend, device) → (buffer key, state)
-        self.kernel_report: dict[str, Any] = {}
 
     @classmethod
     def from_codes(
@@ -162,47 +160,20 @@ class W8A8Linear(nn.Module):
         tensors = [t for t in (self.weight, self.weight_scale, self.input_scale) if t is not None]
         return tuple((t.data_ptr(), t._version) for t in tensors)
 
-    def choose_kernel(self, x: torch.Tensor):
-        from compressor.kernels.dispatch import batch_bucket, w8a8_linear_kernels
+    def kernel_registry(self) -> KernelRegistry:
+        return w8a8_linear_kernels()
 
+    def kernel_situation(self, x: torch.Tensor) -> tuple:
         rows = x.numel() // self.in_features if self.in_features else 0
-        key = (x.device.type, x.dtype, batch_bucket(rows))
-        choice = self._choices.get(key)
-        if choice is None:
-            choice = w8a8_linear_kernels().choose(self, x)
-            self._choices[key] = choice
-        return choice
-
-    def prepared_state(self, backend: Any, device: torch.device) -> Any:
-        """The backend's form of this layer for `device`, built on first use."""
-        if torch.compiler.is_compiling():
-            # Inside a traced graph the form is part of the graph (views and a cast of the scales);
-            # the cache's data-pointer key cannot be traced.
-            return backend.prepare(self, device)
-        return prepared_form(self._prepared, backend, self, device, self._buffer_key())
-
-    def prepare_kernels(self, example: torch.Tensor) -> str:
-        """Build what the kernel chosen for inputs like `example` needs (at load time)."""
-        choice = self.choose_kernel(example)
-        if choice.backend is not None:
-            self.prepared_state(choice.backend, example.device)
-        return choice.name
+        return (x.device.type, x.dtype, batch_bucket(rows))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         choice = self.choose_kernel(x)
-        if self.kernel_report.get("kernel") != choice.name:
-            self.kernel_report = {"kernel": choice.name, "skipped": dict(choice.skipped)}
         if choice.backend is None:
             return self.reference_forward(x)
         state = self.prepared_state(choice.backend, x.device)
         out = choice.backend.run(state, x.reshape(-1, self.in_features), self.bias)
         return out.reshape(*x.shape[:-1], self.out_features)
-
-    def _apply(self, fn, recurse: bool = True):
-        # Moving or casting the buffers invalidates every prepared form and choice.
-        self._prepared.clear()
-        self._choices.clear()
-        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         weights = "w8 int" if self.weight_type == "int" else "w8 fp8-e4m3"
