@@ -31,21 +31,25 @@ def run_backend(backend: KernelBackend, state: Any, x: torch.Tensor, traceable: 
 
 @dataclass(frozen=True, eq=False)
 class BufferSnapshot:
-    """One buffer as the packed form saw it: replaced (load_state_dict) or written in place
-    (copy_, which bumps ``_version``) since then means stale."""
+    """One buffer as the packed form saw it: replaced (load_state_dict), written in place
+    (copy_, which bumps ``_version``) or given other storage (``buffer.data = ...``, which
+    keeps the tensor object and its version) since then means stale."""
 
     owner: dict[str, torch.Tensor]  # the module's ``_buffers``
     name: str
     tensor: torch.Tensor
     version: int
+    data_ptr: int
 
     @classmethod
     def of(cls, module: torch.nn.Module, names: tuple[str, ...]) -> tuple["BufferSnapshot", ...]:
         buffers = module._buffers
-        return tuple(cls(buffers, n, buffers[n], buffers[n]._version) for n in names if buffers.get(n) is not None)
+        return tuple(cls(buffers, n, buffers[n], buffers[n]._version, buffers[n].data_ptr())
+                     for n in names if buffers.get(n) is not None)
 
     def fresh(self) -> bool:
-        return self.owner.get(self.name) is self.tensor and self.tensor._version == self.version
+        tensor = self.tensor
+        return self.owner.get(self.name) is tensor and tensor._version == self.version and tensor.data_ptr() == self.data_ptr
 
 
 @dataclass(frozen=True, eq=False)

@@ -50,6 +50,12 @@ def test_written_or_replaced_buffers_are_never_run_stale(dtype):
         assert relative_error(layer(x), float64_reference(other, x)) <= CLOSE[dtype]
         layer._buffers["weight_zero_point"] = third.weight_zero_point.clone()  # replaced behind setattr
         assert relative_error(layer(x), float64_reference(layer, x)) <= CLOSE[dtype]
+        # new storage under the same tensor objects, whose versions do not move
+        version = layer.weight_packed._version
+        layer.weight_packed.data = third.weight_packed.clone()
+        layer.weight_scale.data = third.weight_scale.clone()
+        assert layer.weight_packed._version == version
+        assert relative_error(layer(x), float64_reference(layer, x)) <= CLOSE[dtype]
 
 
 @pytest.mark.parametrize("dtype", KINDS)

@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from compressor.cli import main
-from compressor.kernels import dispatch
 from compressor.kernels.dispatch import REFERENCE, KernelRegistry, w8a8_linear_kernels
 from compressor.kernels.w8a8_backends import CPU_SCALED_MM_SLOWER, Fp8ScaledMmBackend, Int8IntMmBackend
 from compressor.kernels.w8a8_linear import ActivationScheme, W8A8Linear
@@ -35,7 +34,7 @@ SHAPES = [(1, 37, 19), (3, 64, 33), (17, 130, 45)]  # rows, in, out: odd and not
 def fp8_on_cpu(monkeypatch):
     """The W8A8 registry with the FP8 backend allowed on CPU."""
     registry = KernelRegistry([Int8IntMmBackend(), Fp8ScaledMmBackend(on_cpu=True)])
-    monkeypatch.setattr(dispatch, "w8a8_linear_kernels", lambda: registry)
+    monkeypatch.setattr(W8A8Linear, "kernel_registry", lambda self: registry)
     return registry
 
 
