@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import torch
 
+from compressor.kernels.buffer_snapshot import BufferSnapshot, all_fresh
 from compressor.kernels.dispatch import KernelBackend, batch_bucket
 
 
@@ -27,29 +28,6 @@ def run_backend(backend: KernelBackend, state: Any, x: torch.Tensor, traceable: 
         return run(state, x)  # saves two reshapes (~1 us each) a call
     out = run(state, x.reshape(-1, x.shape[-1]))
     return out.reshape(*x.shape[:-1], out.shape[-1])
-
-
-@dataclass(frozen=True, eq=False)
-class BufferSnapshot:
-    """One buffer as the packed form saw it: replaced (load_state_dict), written in place
-    (copy_, which bumps ``_version``) or given other storage (``buffer.data = ...``, which
-    keeps the tensor object and its version) since then means stale."""
-
-    owner: dict[str, torch.Tensor]  # the module's ``_buffers``
-    name: str
-    tensor: torch.Tensor
-    version: int
-    data_ptr: int
-
-    @classmethod
-    def of(cls, module: torch.nn.Module, names: tuple[str, ...]) -> tuple["BufferSnapshot", ...]:
-        buffers = module._buffers
-        return tuple(cls(buffers, n, buffers[n], buffers[n]._version, buffers[n].data_ptr())
-                     for n in names if buffers.get(n) is not None)
-
-    def fresh(self) -> bool:
-        tensor = self.tensor
-        return self.owner.get(self.name) is tensor and tensor._version == self.version and tensor.data_ptr() == self.data_ptr
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,9 +60,8 @@ class BoundKernel:
             return False
         if x.device != self.device:
             return False
-        for source in self.sources:
-            if not source.fresh():
-                return False
+        if not all_fresh(self.sources):
+            return False
         return True
 
 

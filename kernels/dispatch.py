@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
+
+from compressor.kernels.buffer_snapshot import all_fresh
 
 REFERENCE = "reference"
 
@@ -71,14 +73,15 @@ class KernelRegistry:
 
 
 def prepared_form(cache: dict[tuple, tuple[tuple, Any]], backend: KernelBackend, module: nn.Module,
-                  device: torch.device, buffer_key: tuple) -> Any:
-    """The backend's form of `module` for `device`, from `cache` ((backend, device) → (buffer key,
-    form)); built on first use and again when `buffer_key` (the module's buffers) has changed."""
+                  device: torch.device, snapshot: Callable[[], tuple]) -> Any:
+    """The backend's form of `module` for `device`, from `cache` ((backend, device) → (buffer
+    snapshots, form)); built on first use and again once a buffer it was built from has changed.
+    `snapshot` takes the module's ``buffer_snapshot.BufferSnapshot``s."""
     slot = (backend.name, device)
     cached = cache.get(slot)
-    if cached is None or cached[0] != buffer_key:
+    if cached is None or not all_fresh(cached[0]):
         with torch.no_grad():
-            cached = cache[slot] = (buffer_key, backend.prepare(module, device))
+            cached = cache[slot] = (snapshot(), backend.prepare(module, device))
     return cached[1]
 
 

@@ -2,10 +2,10 @@
 situation, caching each backend's prepared form of the layer, and reporting the choice.
 
 A subclass says which registry it dispatches through (``kernel_registry``), what about an input
-decides the choice (``kernel_situation``: device, dtype, batch bucket, ...) and what identifies
-the current state of its buffers (``_buffer_key``: data pointers and versions, so in-place
-writes and replaced buffers rebuild the prepared form). Moving or casting the module
-(``_apply``) drops every cached choice and form.
+decides the choice (``kernel_situation``: device, dtype, batch bucket, ...) and which buffers
+the kernels read (``KERNEL_BUFFERS``): a prepared form is rebuilt once one of them is replaced,
+written or given new storage (``buffer_snapshot``). Moving or casting the module (``_apply``)
+drops every cached choice and form.
 """
 
 from __future__ import annotations
@@ -15,10 +15,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from compressor.kernels.buffer_snapshot import BufferSnapshot
 from compressor.kernels.dispatch import KernelBackend, KernelChoice, KernelRegistry, prepared_form
 
 
 class DispatchedModule(nn.Module):
+    KERNEL_BUFFERS: tuple[str, ...] = ()  # the buffers kernels' prepared forms are built from
+
     def __init__(self) -> None:
         super().__init__()
         self._choices: dict[tuple, KernelChoice] = {}
@@ -31,9 +34,6 @@ class DispatchedModule(nn.Module):
         raise NotImplementedError
 
     def kernel_situation(self, x: torch.Tensor) -> tuple:
-        raise NotImplementedError
-
-    def _buffer_key(self) -> tuple:
         raise NotImplementedError
 
     # -- shared --------------------------------------------------------------------------
@@ -56,7 +56,10 @@ class DispatchedModule(nn.Module):
             # Inside a traced graph the form is part of the graph; the cache's data-pointer key
             # cannot be traced.
             return backend.prepare(self, device)
-        return prepared_form(self._prepared, backend, self, device, self._buffer_key())
+        return prepared_form(self._prepared, backend, self, device, self.buffer_snapshot)
+
+    def buffer_snapshot(self) -> tuple[BufferSnapshot, ...]:
+        return BufferSnapshot.of(self, self.KERNEL_BUFFERS)
 
     def prepare_kernels(self, example: torch.Tensor) -> str:
         """Build what the kernel chosen for inputs like `example` needs (at load time)."""

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressor.kernels.bound_kernel import BoundKernel, BufferSnapshot, run_backend
+from compressor.kernels.bound_kernel import BoundKernel, run_backend
 from compressor.kernels.dispatch import KernelBackend, KernelRegistry, batch_bucket, quant_linear_kernels
 from compressor.kernels.dispatched_module import DispatchedModule
 from compressor.kernels.packing import pack_codes, unpack_codes
@@ -45,6 +45,8 @@ class _PackedKernelLinear(torch.autograd.Function):
 
 
 class QuantLinear(DispatchedModule):
+    KERNEL_BUFFERS = ("weight_packed", "weight_scale", "weight_zero_point")
+
     def __init__(
         self,
         in_features: int,
@@ -131,16 +133,6 @@ class QuantLinear(DispatchedModule):
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
 
-    def _buffer_key(self) -> tuple:
-        """Changes whenever a buffer is replaced or written in place (load_state_dict, copy_).
-
-        Runs on every decode call, so it reads ``_buffers`` directly (``nn.Module.__getattr__``
-        costs about a microsecond per name) and builds the tuple without a generator."""
-        buffers = self._buffers
-        packed, scale, zero = buffers["weight_packed"], buffers["weight_scale"], buffers.get("weight_zero_point")
-        key = (packed.data_ptr(), packed._version, scale.data_ptr(), scale._version)
-        return key if zero is None else (*key, zero.data_ptr(), zero._version)
-
     def kernel_registry(self) -> KernelRegistry:
         return quant_linear_kernels()
 
@@ -159,9 +151,6 @@ class QuantLinear(DispatchedModule):
         out = bound.run(x)
         bias = self._parameters.get("bias")  # not self.bias: Module.__getattr__ costs ~1 us a call
         return out if bias is None else out + bias
-
-    def buffer_snapshot(self) -> tuple[BufferSnapshot, ...]:
-        return BufferSnapshot.of(self, ("weight_packed", "weight_scale", "weight_zero_point"))
 
     def _bind(self, x: torch.Tensor) -> BoundKernel | None:
         """Dispatch `x` in full; for a no-grad kernel call, remember the outcome (None otherwise)."""

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compressor.kernels.buffer_snapshot import all_fresh
 from compressor.kernels.dispatch import KernelRegistry, sparse_linear_kernels
 from compressor.kernels.dispatched_module import DispatchedModule
 
@@ -43,6 +44,8 @@ def unpack_bitmask(packed: torch.Tensor, columns: int) -> torch.Tensor:
 
 
 class SparseLinear(DispatchedModule):
+    KERNEL_BUFFERS = ("weight_bitmask", "weight_values")
+
     def __init__(self, in_features: int, out_features: int, nnz: int, *, bias: bool, dtype: torch.dtype, device=None):
         super().__init__()
         self.in_features = in_features
@@ -51,7 +54,7 @@ class SparseLinear(DispatchedModule):
         self.register_buffer("weight_values", torch.zeros(nnz, dtype=dtype, device=device))
         self.register_buffer("weight_shape", torch.tensor([out_features, in_features], dtype=torch.int64, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
-        self._two_of_four: tuple[tuple, bool] | None = None
+        self._two_of_four: tuple[tuple, bool] | None = None  # (buffer snapshots, answer)
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "SparseLinear":
@@ -86,20 +89,15 @@ class SparseLinear(DispatchedModule):
         weight[keep] = self.weight_values
         return weight.to(dtype or self.weight_values.dtype)
 
-    def _buffer_key(self) -> tuple:
-        mask, values = self._buffers["weight_bitmask"], self._buffers["weight_values"]
-        return (mask.data_ptr(), mask._version, values.data_ptr(), values._version)
-
     def two_of_four(self) -> bool:
         """Whether every group of 4 consecutive columns of every row keeps at most 2 weights
         (what a "2:4" prune stage leaves); computed once per state of the buffers."""
-        key = self._buffer_key()
-        if self._two_of_four is None or self._two_of_four[0] != key:
+        if self._two_of_four is None or not all_fresh(self._two_of_four[0]):
             fits = self.in_features % 4 == 0
             if fits:
                 keep = unpack_bitmask(self.weight_bitmask, self.in_features)
                 fits = bool((keep.reshape(self.out_features, -1, 4).sum(-1) <= 2).all())
-            self._two_of_four = (key, fits)
+            self._two_of_four = (self.buffer_snapshot(), fits)
         return self._two_of_four[1]
 
     def kernel_registry(self) -> KernelRegistry:

@@ -78,6 +78,8 @@ def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, kind: QuantType) -
 
 
 class W8A8Linear(DispatchedModule):
+    KERNEL_BUFFERS = ("weight", "weight_scale", "input_scale")
+
     def __init__(
         self,
         in_features: int,
@@ -154,11 +156,6 @@ class W8A8Linear(DispatchedModule):
         quantized = xf + (codes.float() * x_scale - xf).detach()
         bias = None if self.bias is None else self.bias.float()
         return F.linear(quantized, self.dequantized_weight(torch.float32), bias).to(x.dtype)
-
-    def _buffer_key(self) -> tuple:
-        """Changes whenever a buffer is replaced or written in place (load_state_dict, copy_)."""
-        tensors = [t for t in (self.weight, self.weight_scale, self.input_scale) if t is not None]
-        return tuple((t.data_ptr(), t._version) for t in tensors)
 
     def kernel_registry(self) -> KernelRegistry:
         return w8a8_linear_kernels()

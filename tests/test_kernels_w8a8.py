@@ -103,6 +103,24 @@ def test_fast_path_bf16_activations_and_3d_input(kind, rows, fp8_on_cpu):
     assert ((out.double() - reference.double()).norm() / expected.norm()).item() <= 1e-2
 
 
+def test_prepared_form_follows_written_replaced_and_reassigned_buffers():
+    gen = torch.Generator().manual_seed(7)
+    layer, other, third = (random_layer(24, 64, "int", True, generator=gen) for _ in range(3))
+    x = inputs(3, 64, torch.float32, gen)
+
+    def matches_own_buffers() -> bool:
+        out, expected = layer(x), float64_expected(layer, x)
+        return (out.double() - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
+
+    assert matches_own_buffers() and layer.kernel_report["kernel"] == "int8-int-mm"
+    layer.weight.copy_(other.weight)  # written in place: the version moves
+    assert matches_own_buffers()
+    layer.weight_scale.data = other.weight_scale.clone()  # new storage: same object and version
+    assert matches_own_buffers()
+    layer._buffers["weight"] = third.weight.clone()  # replaced
+    assert matches_own_buffers()
+
+
 def test_static_scale_saturates_and_fp8_codes_are_cast(seeded, fp8_on_cpu):
     layer = random_layer(8, 16, "float", False, bias=False)
     x = torch.randn(3, 16)
