@@ -72,6 +72,18 @@ def repack_int4(module: nn.Module) -> Int4PackState:
     return Int4PackState(packed, group, n, table)
 
 
+def cpu_decode_reason(module: nn.Module, x: torch.Tensor, bits: int, max_rows: int, what: str) -> str | None:
+    """What every CPU decode backend checks first: a CPU input, the layer's bit width, and no
+    more rows than the packed path beats dequantize + matmul at. None when all hold."""
+    if x.device.type != "cpu":
+        return "needs a CPU tensor"
+    if module.bits != bits:
+        return f"int{bits} {what}; layer is int{module.bits}"
+    if x.numel() // module.in_features > max_rows:
+        return f"more than {max_rows} rows: dequantize + dense matmul is faster on CPU"
+    return None
+
+
 class CpuInt4PackBackend:
     name = "cpu-int4pack"
 
@@ -79,16 +91,13 @@ class CpuInt4PackBackend:
         self.max_rows = max_rows
 
     def unsupported(self, module: nn.Module, x: torch.Tensor) -> str | None:
-        if x.device.type != "cpu":
-            return "needs a CPU tensor"
-        if module.bits != 4:
-            return f"int4 operator; layer is int{module.bits}"
+        reason = cpu_decode_reason(module, x, 4, self.max_rows, "operator")
+        if reason is not None:
+            return reason
         if op_group_size(module.in_features, module.group_size) is None:
             return f"operator needs group size 32/64/128/256; layer has {module.group_size or 'per-channel'} over {module.in_features} columns"
         if x.dtype not in DTYPES:
             return f"operator takes fp32/bf16/fp16 activations, not {x.dtype}"
-        if x.numel() // module.in_features > self.max_rows:
-            return f"more than {self.max_rows} rows: dequantize + dense matmul is faster on CPU"
         return None
 
     def prepare(self, module: nn.Module, device: torch.device) -> Int4PackState:

@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from compressor.kernels.cpu_int4 import cpu_decode_reason
 from compressor.kernels.native_build import build_native, native_disabled
 from compressor.kernels.packing import unpack_codes
 from compressor.kernels.reference import unpack_zero_points
@@ -181,17 +182,14 @@ class CpuAvx512W4Backend:
         self.max_rows = max_rows
 
     def unsupported(self, module: nn.Module, x: torch.Tensor) -> str | None:
-        if x.device.type != "cpu":
-            return "needs a CPU tensor"
-        if module.bits != 4:
-            return f"int4 kernel; layer is int{module.bits}"
+        reason = cpu_decode_reason(module, x, 4, self.max_rows, "kernel")
+        if reason is not None:
+            return reason
         if x.dtype != torch.bfloat16:
             return f"takes bf16 activations, not {x.dtype}"
         group = kernel_group(module.in_features, module.group_size)
         if module.in_features % 4 or group % 4 or module.in_features % group:
             return f"needs the group size to divide the input width, both by 4; layer has {module.in_features} and {group}"
-        if x.numel() // module.in_features > self.max_rows:
-            return f"more than {self.max_rows} rows: dequantize + dense matmul is faster on CPU"
         return kernel_unavailable()
 
     def prepare(self, module: nn.Module, device: torch.device) -> Avx512W4State:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from compressor.kernels.cpu_int4 import DTYPES, MAX_ROWS
+from compressor.kernels.cpu_int4 import DTYPES, MAX_ROWS, cpu_decode_reason
 from compressor.kernels.packing import unpack_codes
 from compressor.kernels.reference import unpack_zero_points
 
@@ -38,16 +38,13 @@ class CpuInt8PackBackend:
         self.max_rows = max_rows
 
     def unsupported(self, module: nn.Module, x: torch.Tensor) -> str | None:
-        if x.device.type != "cpu":
-            return "needs a CPU tensor"
-        if module.bits != 8:
-            return f"int8 operator; layer is int{module.bits}"
+        reason = cpu_decode_reason(module, x, 8, self.max_rows, "operator")
+        if reason is not None:
+            return reason
         if module.group_size is not None:
             return "operator takes one scale per output channel; layer is grouped"
         if x.dtype not in DTYPES:
             return f"operator takes fp32/bf16/fp16 activations, not {x.dtype}"
-        if x.numel() // module.in_features > self.max_rows:
-            return f"more than {self.max_rows} rows: dequantize + dense matmul is faster on CPU"
         return None
 
     def prepare(self, module: nn.Module, device: torch.device) -> Int8PackState:
