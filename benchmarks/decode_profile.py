@@ -25,18 +25,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from cpu_kernels import ensure_model  # noqa: E402  (a sibling script: benchmarks/ is on sys.path)
+from bench_timing import median_seconds  # noqa: E402  (a sibling: benchmarks/ is on sys.path)
+from cpu_kernels import ensure_model  # noqa: E402
 
 
 def median_ms(function, calls: int) -> float:
-    for _ in range(5):
-        function()
-    times = []
-    for _ in range(calls):
-        started = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1e3
+    return median_seconds(function, calls, warmup=5) * 1e3
 
 
 def main() -> None:

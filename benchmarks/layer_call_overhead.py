@@ -13,21 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
+from bench_timing import median_seconds  # a sibling script: benchmarks/ is on sys.path
+
 
 def median_us(function, calls: int) -> float:
-    for _ in range(100):
-        function()
-    times = []
-    for _ in range(calls):
-        started = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1e6
+    return median_seconds(function, calls, warmup=100) * 1e6
 
 
 def main() -> None:
