@@ -38,6 +38,8 @@ CASES = [
     (4, 40, 96, 32, True, torch.bfloat16, 1),
     (4, 19, 192, 64, False, torch.bfloat16, 3),
     (4, 33, 256, 128, False, torch.bfloat16, 8),
+    (4, 21, 96, 32, False, torch.float16, 2),
+    (8, 33, 128, 64, True, torch.float16, 1),
     (4, 19, 160, None, True, torch.float16, 9),
     (4, 24, 384, 128, True, torch.float16, 16),
     (4, 40, 96, 32, False, torch.float32, 17),
