@@ -14,7 +14,8 @@ speed-up over bf16 and the weight bytes each kernel streams per second (packed c
 scales for ours, the bf16 matrix for torch; activations and outputs left out).
 
 `--sweep` times the decode kernel (triton_gemv) at batch 1 with each of its configs fixed,
-beside the autotuner's pick, and at batch 4 and 8 against the 16-row tensor-core tile kernel.
+beside the autotuner's pick, and at batch 4 and 8 against the 16-row tensor-core tile kernel,
+whose own configs it then times at 16 rows.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def weight_bytes(layer) -> int:
 def sweep(bits: int, group: int | None, dtype: torch.dtype) -> None:
     import triton.testing
 
-    from compressor.kernels import triton_gemv
+    from compressor.kernels import triton_gemv, triton_wxa16
     from compressor.kernels.quant_linear import QuantLinear
     from compressor.kernels.triton_ops import wxa16_linear
 
@@ -125,6 +126,15 @@ def sweep(bits: int, group: int | None, dtype: torch.dtype) -> None:
             padded = torch.randn(16, k, dtype=dtype, device="cuda")
             tile_ms = triton.testing.do_bench(lambda: wxa16_linear(padded, *args), return_mode="median")
             print(f"{k:>5}x{n:<6} M={m} {'16-row tensor-core tile kernel (M=16)':<55} {tile_ms:8.4f} ms {bf16_ms[m] / tile_ms:6.2f}x bf16")
+        # the 16-row tile kernel's own configs at 16 rows (split-K as the wrapper picks it)
+        x = torch.randn(16, k, dtype=dtype, device="cuda")
+        dense16_ms = triton.testing.do_bench(lambda: torch.nn.functional.linear(x, dense), return_mode="median")
+        for c in triton_wxa16._split_k_configs():
+            config = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+            call = lambda: triton_wxa16.wxa16_matmul(x, *args, config=config)  # noqa: E731
+            error = relative_error_to(x, layer, call())
+            ms = triton.testing.do_bench(call, return_mode="median")
+            print(f"{k:>5}x{n:<6} M=16 tile {str(config):<60} {ms:8.4f} ms {dense16_ms / ms:6.2f}x bf16  err {error:.1e}")
 
 
 def relative_error_to(x: torch.Tensor, layer, out: torch.Tensor) -> float:

@@ -150,9 +150,11 @@ def wxa16_matmul(
     out: torch.Tensor | None = None,
     workspace: torch.Tensor | None = None,
     counters: torch.Tensor | None = None,
+    config: dict | None = None,
 ) -> torch.Tensor:
     """x [M, K] (fp16/bf16/fp32) times the packed weight's transpose → [M, N] in x's dtype.
 
+    `config` (tile sizes and num_warps/num_stages) fixes the launch instead of autotuning.
     `out` and (for the split-K paths) `workspace` fp32 may be passed in ([split, M, N] for 9-16
     rows, [triton_gemv.MAX_SPLIT, M, N] for up to 8); tests
     fill them with NaN to check that every element is written.
@@ -178,25 +180,26 @@ def wxa16_matmul(
     m_bucket = 1 << max(m - 1, 0).bit_length()
     common["BLOCK_K"] = block_k(group_size)
     if m <= GEMV_ROWS:
-        return wxa16_gemv(x, packed, scale, zero, bits, group_size, out, workspace=workspace, counters=counters)
+        return wxa16_gemv(x, packed, scale, zero, bits, group_size, out, workspace=workspace, counters=counters, config=config)
+    launch = config or {}  # a fixed config skips autotuning (the benchmark's sweep)
     if m <= SPLIT_K_MAX_ROWS:
         split = _split_k(n, k, x.device)
         target = out
         if split > 1:
             target = workspace if workspace is not None else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split, 1)  # noqa: E731
-        _split_k_tile[grid](
+        (_wxa16_kernel if config else _split_k_tile)[grid](
             x, packed, scale, zero_arg, target, m, n, k, groups, split,
             x.stride(0), target.stride(-2), target.stride(0) if split > 1 else 0, m_bucket,
-            BLOCK_M=16, **common,
+            BLOCK_M=16, **common, **launch,
         )
         if split > 1:
             torch.sum(target, dim=0, out=out) if out.dtype == torch.float32 else out.copy_(target.sum(dim=0))
         return out
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), 1, triton.cdiv(m, meta["BLOCK_M"]))  # noqa: E731
-    _gemm[grid](
+    (_wxa16_kernel if config else _gemm)[grid](
         x, packed, scale, zero_arg, out, m, n, k, groups, 1,
         x.stride(0), out.stride(0), 0, m_bucket,
-        **common,
+        **common, **launch,
     )
     return out

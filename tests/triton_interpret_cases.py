@@ -95,6 +95,14 @@ def test_decode_kernel_configs(triton_kernels, block_n, split, prefetch, k, m):
         assert torch.isnan(workspace).all()  # the direct store never touches the workspace
 
 
+@pytest.mark.parametrize("m,config", [(12, {"BLOCK_N": 32}), (20, {"BLOCK_M": 32, "BLOCK_N": 16})])
+def test_tile_kernels_with_a_fixed_config(triton_kernels, m, config):
+    layer = random_quant_linear(37, 192, bits=4, group_size=64, symmetric=False, dtype=torch.bfloat16)
+    x = torch.randn(m, 192, dtype=torch.bfloat16)
+    out = triton_kernels.wxa16_matmul(x, layer.weight_packed, layer.weight_scale, layer.weight_zero_point, 4, 64, config=config)
+    assert relative_error(out, float64_reference(layer, x)) <= TOLERANCE[torch.bfloat16]
+
+
 def test_decode_kernel_rejects_a_config_its_counters_cannot_hold(triton_kernels):
     from compressor.kernels.triton_gemv import wxa16_gemv
 
