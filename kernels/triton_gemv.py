@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from compressor.kernels.triton_parts import group_scale_and_zero, store_split_k
+
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_ROWS = 8
 MAX_SPLIT = 8
@@ -71,20 +73,6 @@ def _prune(configs: list[triton.Config], named_args: dict, **launch_kwargs) -> l
         if split <= tiles and sms <= programs <= 8 * sms:
             kept.append(config)
     return kept or configs[:1]
-
-
-@triton.jit
-def group_scale_and_zero(scale_ptr, zero_ptr, offs_n, n_mask, group, GROUPS, BITS: tl.constexpr, HAS_ZERO: tl.constexpr):
-    """Rows `offs_n`' scale and zero point of one group, both fp32. Zero points are packed
-    32 / BITS per int32 word along the rows; symmetric layers have the code offset 2^(BITS-1)."""
-    PACK: tl.constexpr = 32 // BITS
-    scale = tl.load(scale_ptr + offs_n * GROUPS + group, mask=n_mask, other=0.0).to(tl.float32)
-    if HAS_ZERO:
-        zero_words = tl.load(zero_ptr + (offs_n // PACK) * GROUPS + group, mask=n_mask, other=0)
-        zero = ((zero_words >> ((offs_n % PACK) * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
-    else:
-        zero = tl.zeros(offs_n.shape, tl.float32) + (1 << (BITS - 1))
-    return scale, zero
 
 
 @triton.jit
@@ -167,22 +155,8 @@ def _gemv_kernel(
     result = tl.sum(acc, axis=2) * UNIT
 
     out_mask = m_mask[:, None] & n_mask[None, :]
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        slice_stride = M * N
-        tile = offs_m[:, None] * N + offs_n[None, :]
-        tl.store(workspace_ptr + pid_s * slice_stride + tile, result, mask=out_mask)
-        # acq_rel: this slice's stores are visible before its count, and the last slice sees
-        # every other slice's stores once it has read the count
-        arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:
-            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for s in tl.static_range(SPLIT_K):
-                total += tl.load(workspace_ptr + s * slice_stride + tile, mask=out_mask, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=out_mask)
-            tl.atomic_xchg(counter_ptr + pid_n, 0)
+    store_split_k(result, out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], out_mask,
+                  workspace_ptr, offs_m[:, None] * N + offs_n[None, :], M * N, counter_ptr, pid_n, pid_s, SPLIT_K)
 
 
 _gemv = triton.autotune(

@@ -11,8 +11,9 @@ tile: the K tile divides the group size, which must be a multiple of 16.
 Three launch shapes:
 - batch <= 8 (decode): the kernel of ``triton_gemv`` (CUDA cores, no tile reshapes).
 - batch 9-16: this kernel with one 16-row tile and split-K. Programs cover (N tiles, K slices);
-  each writes its partial sums to an fp32 workspace [split, M, N] that is summed afterwards
-  (deterministic, no atomics). Rows are reduced with ``tl.dot`` (tensor cores).
+  each writes its partial sums to an fp32 workspace [split, M, N], and the last slice of each
+  column tile to arrive sums them in order (``triton_parts.store_split_k``, as the decode
+  kernel does). Rows are reduced with ``tl.dot`` (tensor cores).
 - batch > 16: a tiled GEMM with ``tl.dot``, one K slice, writing the output directly.
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) the tiles are small, one config is used (autotune
@@ -29,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from compressor.kernels.triton_gemv import MAX_ROWS, group_scale_and_zero, wxa16_gemv
+from compressor.kernels.triton_gemv import MAX_ROWS, wxa16_gemv
+from compressor.kernels.triton_parts import group_scale_and_zero, store_split_k
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 GEMV_ROWS = MAX_ROWS  # up to here the decode kernel of triton_gemv
@@ -66,10 +68,11 @@ def block_k(group_size: int) -> int:
 
 @triton.jit
 def _wxa16_kernel(
-    x_ptr, packed_ptr, scale_ptr, zero_ptr, out_ptr,
-    M, N, K, GROUPS, SPLIT_K,
-    stride_xm, stride_om, stride_os,
+    x_ptr, packed_ptr, scale_ptr, zero_ptr, out_ptr, workspace_ptr, counter_ptr,
+    M, N, K, GROUPS,
+    stride_xm, stride_om,
     M_BUCKET,  # autotune key only
+    SPLIT_K: tl.constexpr,
     BITS: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     HAS_ZERO: tl.constexpr,
@@ -116,8 +119,9 @@ def _wxa16_kernel(
             part = tl.dot(x, tl.trans(w.to(x.dtype)))  # small integers: exact in any float type
         acc += part * scale[None, :]
 
-    out = out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    # split-K (9-16 rows: one M tile, so pid_n names the column tile) is finished in-kernel
+    store_split_k(acc, out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], m_mask[:, None] & n_mask[None, :],
+                  workspace_ptr, offs_m[:, None] * N + offs_n[None, :], M * N, counter_ptr, pid_n, pid_s, SPLIT_K)
 
 
 _split_k_tile = triton.autotune(configs=_split_k_configs(), key=["M_BUCKET", "N", "K", "SPLIT_K"])(_wxa16_kernel)
@@ -184,22 +188,21 @@ def wxa16_matmul(
     launch = config or {}  # a fixed config skips autotuning (the benchmark's sweep)
     if m <= SPLIT_K_MAX_ROWS:
         split = _split_k(n, k, x.device)
-        target = out
-        if split > 1:
-            target = workspace if workspace is not None else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+        if workspace is None:
+            workspace = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+        if counters is None:  # a memset per call; QuantLinear passes its own instead
+            counters = torch.zeros(-(-n // 16), dtype=torch.int32, device=x.device)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split, 1)  # noqa: E731
         (_wxa16_kernel if config else _split_k_tile)[grid](
-            x, packed, scale, zero_arg, target, m, n, k, groups, split,
-            x.stride(0), target.stride(-2), target.stride(0) if split > 1 else 0, m_bucket,
-            BLOCK_M=16, **common, **launch,
+            x, packed, scale, zero_arg, out, workspace, counters, m, n, k, groups,
+            x.stride(0), out.stride(0), m_bucket,
+            SPLIT_K=split, BLOCK_M=16, **common, **launch,
         )
-        if split > 1:
-            torch.sum(target, dim=0, out=out) if out.dtype == torch.float32 else out.copy_(target.sum(dim=0))
         return out
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), 1, triton.cdiv(m, meta["BLOCK_M"]))  # noqa: E731
     (_wxa16_kernel if config else _gemm)[grid](
-        x, packed, scale, zero_arg, out, m, n, k, groups, 1,
-        x.stride(0), out.stride(0), 0, m_bucket,
-        **common, **launch,
+        x, packed, scale, zero_arg, out, out, packed, m, n, k, groups,  # one K slice: no workspace, no counters
+        x.stride(0), out.stride(0), m_bucket,
+        SPLIT_K=1, **common, **launch,
     )
     return out

@@ -1,0 +1,44 @@
+"""Triton device functions both W4A16/W8A16 kernels use (the decode kernel in ``triton_gemv``,
+the tensor-core tiles in ``triton_wxa16``)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def group_scale_and_zero(scale_ptr, zero_ptr, offs_n, n_mask, group, GROUPS, BITS: tl.constexpr, HAS_ZERO: tl.constexpr):
+    """Rows `offs_n`' scale and zero point of one group, both fp32. Zero points are packed
+    32 / BITS per int32 word along the rows; symmetric layers have the code offset 2^(BITS-1)."""
+    PACK: tl.constexpr = 32 // BITS
+    scale = tl.load(scale_ptr + offs_n * GROUPS + group, mask=n_mask, other=0.0).to(tl.float32)
+    if HAS_ZERO:
+        zero_words = tl.load(zero_ptr + (offs_n // PACK) * GROUPS + group, mask=n_mask, other=0)
+        zero = ((zero_words >> ((offs_n % PACK) * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+    else:
+        zero = tl.zeros(offs_n.shape, tl.float32) + (1 << (BITS - 1))
+    return scale, zero
+
+
+@triton.jit
+def store_split_k(result, out_ptrs, out_mask, workspace_ptr, tile, slice_stride, counter_ptr, pid_n, pid_s, SPLIT_K):
+    """Write one K slice's fp32 `result` for a column tile, finishing split-K in the same kernel.
+
+    With one slice it goes straight to `out_ptrs`. Otherwise each slice stores its partial sums
+    at `workspace_ptr + pid_s * slice_stride + tile`, then bumps the tile's counter
+    (acquire-release: its stores are visible before its count, and the slice that reads the last
+    count sees every other slice's stores). That last slice sums the partials in slice order
+    (deterministic), writes the output and resets the counter to zero for the next launch.
+    """
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, result.to(out_ptrs.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(workspace_ptr + pid_s * slice_stride + tile, result, mask=out_mask)
+        arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros(result.shape, dtype=tl.float32)
+            for s in range(0, SPLIT_K):
+                total += tl.load(workspace_ptr + s * slice_stride + tile, mask=out_mask, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(counter_ptr + pid_n, 0)
