@@ -70,6 +70,19 @@ def split_k_is_deterministic(random_quant_linear, float64_reference, relative_er
         failures += not ok
         print(f"decode kernel split-K {split}, 50 runs: identical {same}, counters back to zero {not counters.any()}, "
               f"rel.err {error:.1e} {'ok' if ok else 'FAIL'}")
+    # the 16-row tile kernel (9-16 rows) finishes its split-K the same way
+    from compressor.kernels.triton_wxa16 import _split_k, wxa16_matmul
+
+    x = torch.randn(12, 2048, dtype=torch.bfloat16, device="cuda")
+    counters = torch.zeros(4096 // 16, dtype=torch.int32, device="cuda")
+    runs = [wxa16_matmul(x, layer.weight_packed, layer.weight_scale, layer.weight_zero_point, 4, 128, counters=counters)
+            for _ in range(50)]
+    same = all(torch.equal(run, runs[0]) for run in runs)
+    error = relative_error(runs[0], float64_reference(layer, x))
+    ok = same and error <= 1e-2 and not counters.any()
+    failures += not ok
+    print(f"16-row tile kernel split-K {_split_k(4096, 2048, x.device)}, 50 runs: identical {same}, counters back to zero "
+          f"{not counters.any()}, rel.err {error:.1e} {'ok' if ok else 'FAIL'}")
     return failures
 
 
