@@ -1,14 +1,16 @@
 #!/usr/bin/env python
 """What the Triton decode kernel compiles to on an H100, without an H100.
 
-    python benchmarks/decode_kernel_sass.py [--arch 90] [--old-kernel path/to/triton_wxa16.py]
+    python benchmarks/decode_kernel_sass.py [--arch 90] [--old-kernel path/to/triton_wxa16.py] [--tiles]
 
 Triton's wheel carries ptxas and cuobjdump, so a CUDA kernel can be compiled for sm_90 on a
 CPU-only machine. This compiles the one-row decode kernel (``triton_gemv``) for a few configs
 and counts, in the SASS of its K loop (the longest backward branch), the instructions per
 weight code each thread executes, by opcode. With ``--old-kernel`` it does the same for an
 earlier ``triton_wxa16.py`` (its one-row path: the broadcast multiply and per-tile sum), so the
-two can be set side by side.
+two can be set side by side. With ``--tiles``, the tile kernel of rows 9 and up, per tile shape,
+reshaping its unpacked tile or running one dot per code position. There "per code" counts each
+code once per thread-iteration, whatever the number of rows.
 
 The counts are static: they say how many instructions the loop issues per code, which bounds
 the speed a kernel can reach when issue-bound (an H100 issues about 33 x 10^12 thread
@@ -87,10 +89,12 @@ def compile_for(fn, signature: dict, constants: dict, arch: int, warps: int, sta
 
 
 def report(label: str, kernel, codes_per_iteration: int, threads: int) -> None:
-    opcodes = loop_opcodes(sass_of(kernel))
+    sass = sass_of(kernel)
+    opcodes = loop_opcodes(sass)
     total = sum(opcodes.values())
     per_code = total * threads / codes_per_iteration
-    spills = "spills" if "ld.local" in kernel.asm["ptx"] else "no spills"
+    # ptxas's register spills are local-memory loads and stores in the SASS
+    spills = "spills" if re.search(r"\b(LDL|STL)\b", sass) else "no spills"
     top = ", ".join(f"{op} {count}" for op, count in opcodes.most_common(7))
     print(f"{label:<52} {total:5d} per thread-iteration, {per_code:5.2f} per code; shared mem {kernel.metadata.shared} B, {spills}; {top}")
 
@@ -124,15 +128,32 @@ def old_kernel(path: Path, arch: int) -> None:
         report(f"old one-row path W4 g128 sym N-tile {block_n} warps {warps}", kernel, block_n * block_k, warps * WARP_SIZE)
 
 
+def tile_kernel(arch: int) -> None:
+    """The 16-row and GEMM tile kernel (rows 9 and up), reshaping its tile or one dot per code position."""
+    from compressor.kernels import triton_wxa16
+
+    signature = signature_of(triton_wxa16._wxa16_kernel, {"x_ptr": "*bf16", "scale_ptr": "*bf16", "out_ptr": "*bf16", "workspace_ptr": "*fp32"})
+    for per_position in (False, True):
+        for block_m, block_n, warps, split in ((16, 64, 4, 4), (16, 128, 4, 4), (64, 64, 4, 1), (64, 128, 4, 1), (128, 128, 8, 1)):
+            constants = dict(SPLIT_K=split, BITS=4, GROUP_SIZE=128, HAS_ZERO=False, COMPUTE_F32=False, BLOCK_M=block_m,
+                             BLOCK_N=block_n, BLOCK_K=128, PER_POSITION=per_position)
+            kernel = compile_for(triton_wxa16._wxa16_kernel, signature, constants, arch, warps, 3)
+            label = f"tile W4 g128 {'per position' if per_position else 'reshape'} {block_m} x {block_n} split {split} warps {warps}"
+            report(label, kernel, block_n * 128, warps * WARP_SIZE)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability as one number (90: H100)")
     parser.add_argument("--old-kernel", type=Path, help="an earlier kernels/triton_wxa16.py to compare")
+    parser.add_argument("--tiles", action="store_true", help="also the tile kernel (rows 9 and up), both unpackings")
     args = parser.parse_args()
     print(f"triton {triton.__version__}, sm_{args.arch}; counts are per thread and loop iteration, 'per code' is per weight code")
     new_kernel(args.arch)
     if args.old_kernel:
         old_kernel(args.old_kernel, args.arch)
+    if args.tiles:
+        tile_kernel(args.arch)
 
 
 if __name__ == "__main__":

@@ -38,20 +38,31 @@ GEMV_ROWS = MAX_ROWS  # up to here the decode kernel of triton_gemv
 SPLIT_K_MAX_ROWS = 16  # up to here the tiled kernel splits K (one 16-row tile)
 
 
+# Few configs: autotuning compiles each one for every new (rows, N, K) key, and a 54-config grid
+# took minutes per key on an H100 (2026-11-24). PER_POSITION (one dot per code position, no
+# tile reshape) counts 6.4-17.7 SASS instructions per code against 8.5-21 for the reshape
+# (benchmarks/decode_kernel_sass.py's method, sm_90) but is untimed, so both are offered and
+# the autotuner picks.
 def _split_k_configs() -> list[triton.Config]:
     if INTERPRETED:
         return [triton.Config({"BLOCK_N": 16}, num_warps=1)]
-    # Few configs: autotuning compiles each one for every new (rows, N, K) key, and a 54-config
-    # grid took minutes per key on an H100 (2026-11-24).
-    return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bn, w, s in ((32, 4, 3), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (256, 8, 3))]
+    shapes = ((32, 4, 3, False), (64, 4, 3, False), (64, 4, 4, False), (128, 4, 3, False), (128, 8, 3, False), (256, 8, 3, False),
+              (64, 4, 3, True), (128, 4, 3, True), (256, 8, 3, True))
+    return [triton.Config({"BLOCK_N": bn, "PER_POSITION": p}, num_warps=w, num_stages=s) for bn, w, s, p in shapes]
 
 
 def _gemm_configs() -> list[triton.Config]:
     if INTERPRETED:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in ((32, 64, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3))]
+    shapes = ((32, 64, 4, 4, False), (64, 64, 4, 4, False), (64, 128, 4, 3, False), (128, 64, 4, 3, False), (128, 128, 8, 3, False),
+              (64, 64, 4, 4, True), (64, 128, 4, 3, True), (128, 128, 8, 3, True))
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "PER_POSITION": p}, num_warps=w, num_stages=s) for bm, bn, w, s, p in shapes]
+
+
+def _prune_per_position(configs: list[triton.Config], named_args: dict, **launch_kwargs) -> list[triton.Config]:
+    """PER_POSITION's dots have K = BLOCK_K / codes-per-word, and tl.dot needs K >= 16."""
+    words = launch_kwargs["BLOCK_K"] // (32 // launch_kwargs["BITS"])
+    return [c for c in configs if words >= MIN_BLOCK_K or not c.kwargs.get("PER_POSITION")]
 
 
 MIN_BLOCK_K = 16  # tl.dot's smallest K
@@ -80,6 +91,7 @@ def _wxa16_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PER_POSITION: tl.constexpr = False,
 ):
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
@@ -109,14 +121,31 @@ def _wxa16_kernel(
                         mask=n_mask[:, None] & (offs_w[None, :] < words_per_row), other=0)
         # one group per tile: BLOCK_K divides GROUP_SIZE
         scale, zero = group_scale_and_zero(scale_ptr, zero_ptr, offs_n, n_mask, k0 // GROUP_SIZE, GROUPS, BITS, HAS_ZERO)
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & (offs_k[None, :] < K), other=0.0)
-        shifts = tl.arange(0, PACK) * BITS
-        w = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & MASK, (BLOCK_N, BLOCK_K)) - zero.to(tl.int32)[:, None]
-        if COMPUTE_F32:
-            part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        if PER_POSITION:
+            # One dot of K = WORDS per code position i: word w's code i pairs with x[k0 + PACK w + i],
+            # so the tile is never reshaped (the reshape costs shared-memory round trips)
+            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            x_rows = x_ptr + offs_m[:, None] * stride_xm + (k0 + (offs_w[None, :] - k0 // PACK) * PACK)
+            unsigned = words.to(tl.uint32, bitcast=True)  # right shifts bring in zeros
+            # codes as floats without int-to-float instructions: OR-ed into the bits of 2^23, a
+            # code c is 2^23 + c; subtracting 2^23 + z leaves c - z exactly
+            offset = (zero + 8388608.0)[:, None]
+            for i in tl.static_range(PACK):
+                x_i = tl.load(x_rows + i, mask=m_mask[:, None], other=0.0)
+                w_i = (((unsigned >> (i * BITS)) & MASK) | 0x4B000000).to(tl.float32, bitcast=True) - offset
+                if COMPUTE_F32:
+                    part = tl.dot(x_i.to(tl.float32), tl.trans(w_i), part, input_precision="ieee")
+                else:
+                    part = tl.dot(x_i, tl.trans(w_i.to(x_i.dtype)), part)
         else:
-            part = tl.dot(x, tl.trans(w.to(x.dtype)))  # small integers: exact in any float type
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & (offs_k[None, :] < K), other=0.0)
+            shifts = tl.arange(0, PACK) * BITS
+            w = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & MASK, (BLOCK_N, BLOCK_K)) - zero.to(tl.int32)[:, None]
+            if COMPUTE_F32:
+                part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+            else:
+                part = tl.dot(x, tl.trans(w.to(x.dtype)))  # small integers: exact in any float type
         acc += part * scale[None, :]
 
     # split-K (9-16 rows: one M tile, so pid_n names the column tile) is finished in-kernel
@@ -124,8 +153,9 @@ def _wxa16_kernel(
                   workspace_ptr, offs_m[:, None] * N + offs_n[None, :], M * N, counter_ptr, pid_n, pid_s, SPLIT_K)
 
 
-_split_k_tile = triton.autotune(configs=_split_k_configs(), key=["M_BUCKET", "N", "K", "SPLIT_K"])(_wxa16_kernel)
-_gemm = triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K"])(_wxa16_kernel)
+_prune = {"early_config_prune": _prune_per_position}
+_split_k_tile = triton.autotune(configs=_split_k_configs(), key=["M_BUCKET", "N", "K", "SPLIT_K", "BITS", "GROUP_SIZE"], prune_configs_by=_prune)(_wxa16_kernel)
+_gemm = triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE"], prune_configs_by=_prune)(_wxa16_kernel)
 
 
 @functools.cache

@@ -95,12 +95,20 @@ def test_decode_kernel_configs(triton_kernels, block_n, split, prefetch, k, m):
         assert torch.isnan(workspace).all()  # the direct store never touches the workspace
 
 
-@pytest.mark.parametrize("m,config", [(12, {"BLOCK_N": 32}), (20, {"BLOCK_M": 32, "BLOCK_N": 16})])
-def test_tile_kernels_with_a_fixed_config(triton_kernels, m, config):
-    layer = random_quant_linear(37, 192, bits=4, group_size=64, symmetric=False, dtype=torch.bfloat16)
-    x = torch.randn(m, 192, dtype=torch.bfloat16)
-    out = triton_kernels.wxa16_matmul(x, layer.weight_packed, layer.weight_scale, layer.weight_zero_point, 4, 64, config=config)
-    assert relative_error(out, float64_reference(layer, x)) <= TOLERANCE[torch.bfloat16]
+# the tile kernels with a fixed config, reshaping the tile or one dot per code position
+@pytest.mark.parametrize("bits,group,dtype,m,config", [
+    (4, 64, torch.bfloat16, 12, {"BLOCK_N": 32}),
+    (4, 64, torch.bfloat16, 20, {"BLOCK_M": 32, "BLOCK_N": 16}),
+    (4, 128, torch.bfloat16, 12, {"BLOCK_N": 32, "PER_POSITION": True}),
+    (4, 128, torch.float32, 20, {"BLOCK_M": 32, "BLOCK_N": 16, "PER_POSITION": True}),
+    (8, 64, torch.float16, 16, {"BLOCK_N": 16, "PER_POSITION": True}),
+    (8, 64, torch.bfloat16, 33, {"BLOCK_M": 16, "BLOCK_N": 32, "PER_POSITION": True}),
+])
+def test_tile_kernels_with_a_fixed_config(triton_kernels, bits, group, dtype, m, config):
+    layer = random_quant_linear(37, 256, bits=bits, group_size=group, symmetric=False, dtype=torch.bfloat16)
+    x = torch.randn(m, 256).to(dtype)
+    out = triton_kernels.wxa16_matmul(x, layer.weight_packed, layer.weight_scale, layer.weight_zero_point, bits, group, config=config)
+    assert relative_error(out, float64_reference(layer, x)) <= TOLERANCE[dtype]
 
 
 def test_decode_kernel_rejects_a_config_its_counters_cannot_hold(triton_kernels):
