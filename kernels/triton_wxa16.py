@@ -216,6 +216,8 @@ def wxa16_matmul(
     if m <= GEMV_ROWS:
         return wxa16_gemv(x, packed, scale, zero, bits, group_size, out, workspace=workspace, counters=counters, config=config)
     launch = config or {}  # a fixed config skips autotuning (the benchmark's sweep)
+    if launch and _prune_per_position([triton.Config(launch)], {}, BLOCK_K=common["BLOCK_K"], BITS=bits) == [] and not INTERPRETED:
+        raise ValueError(f"config {config}: one dot per code position needs {MIN_BLOCK_K} words per K tile")
     if m <= SPLIT_K_MAX_ROWS:
         split = _split_k(n, k, x.device)
         if workspace is None:
