@@ -48,41 +48,37 @@ def main() -> None:
 
 
 def split_k_is_deterministic(random_quant_linear, float64_reference, relative_error) -> int:
-    """The decode kernel's last-arriving K slice sums the others' partials: run each split many
-    times on a wide layer (many programs in flight at once) and demand identical bits every time
-    and the float64 result, so a slice read before it was written would show."""
+    """Both split-K kernels let the last-arriving K slice sum the others' partials: run each many
+    times on a wide layer (many programs in flight at once) and demand identical bits every time,
+    the float64 result and the counters back at zero, so a slice read before it was written
+    would show."""
     from compressor.kernels.triton_gemv import wxa16_gemv
+    from compressor.kernels.triton_wxa16 import _split_k, wxa16_matmul
 
     layer = random_quant_linear(4096, 2048, bits=4, group_size=128, symmetric=False, dtype=torch.bfloat16).cuda()
-    failures = 0
-    for split in (2, 3, 8):
-        x = torch.randn(2, 2048, dtype=torch.bfloat16, device="cuda")
+    weights = (layer.weight_packed, layer.weight_scale, layer.weight_zero_point, 4, 128)
+
+    def repeated(label: str, rows: int, call) -> int:
+        x = torch.randn(rows, 2048, dtype=torch.bfloat16, device="cuda")
         counters = torch.zeros(4096 // 16, dtype=torch.int32, device="cuda")
-        runs = []
-        for _ in range(50):
-            out = torch.empty(2, 4096, dtype=torch.bfloat16, device="cuda")
-            wxa16_gemv(x, layer.weight_packed, layer.weight_scale, layer.weight_zero_point, 4, 128, out,
-                       counters=counters, config={"BLOCK_N": 32, "SPLIT_K": split})
-            runs.append(out)
+        runs = [call(x, counters) for _ in range(50)]
         same = all(torch.equal(run, runs[0]) for run in runs)
         error = relative_error(runs[0], float64_reference(layer, x))
         ok = same and error <= 1e-2 and not counters.any()
-        failures += not ok
-        print(f"decode kernel split-K {split}, 50 runs: identical {same}, counters back to zero {not counters.any()}, "
-              f"rel.err {error:.1e} {'ok' if ok else 'FAIL'}")
-    # the 16-row tile kernel (9-16 rows) finishes its split-K the same way
-    from compressor.kernels.triton_wxa16 import _split_k, wxa16_matmul
+        print(f"{label}, 50 runs: identical {same}, counters back to zero {not counters.any()}, rel.err {error:.1e} "
+              f"{'ok' if ok else 'FAIL'}")
+        return int(not ok)
 
-    x = torch.randn(12, 2048, dtype=torch.bfloat16, device="cuda")
-    counters = torch.zeros(4096 // 16, dtype=torch.int32, device="cuda")
-    runs = [wxa16_matmul(x, layer.weight_packed, layer.weight_scale, layer.weight_zero_point, 4, 128, counters=counters)
-            for _ in range(50)]
-    same = all(torch.equal(run, runs[0]) for run in runs)
-    error = relative_error(runs[0], float64_reference(layer, x))
-    ok = same and error <= 1e-2 and not counters.any()
-    failures += not ok
-    print(f"16-row tile kernel split-K {_split_k(4096, 2048, x.device)}, 50 runs: identical {same}, counters back to zero "
-          f"{not counters.any()}, rel.err {error:.1e} {'ok' if ok else 'FAIL'}")
+    def decode(split: int):
+        def call(x, counters):
+            out = torch.empty(x.shape[0], 4096, dtype=torch.bfloat16, device="cuda")
+            return wxa16_gemv(x, *weights, out, counters=counters, config={"BLOCK_N": 32, "SPLIT_K": split})
+        return call
+
+    failures = sum(repeated(f"decode kernel split-K {split}", 2, decode(split)) for split in (2, 3, 8))
+    # the 16-row tile kernel (9-16 rows) finishes its split-K the same way
+    failures += repeated(f"16-row tile kernel split-K {_split_k(4096, 2048, torch.device('cuda'))}", 12,
+                         lambda x, counters: wxa16_matmul(x, *weights, counters=counters))
     return failures
 
 
