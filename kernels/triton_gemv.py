@@ -76,6 +76,19 @@ def _prune(configs: list[triton.Config], named_args: dict, **launch_kwargs) -> l
 
 
 @triton.jit
+def code_as_float(words, i: tl.constexpr, BITS: tl.constexpr, CODE_AT: tl.constexpr, one_bits):
+    """Code `i` of each (unsigned) word as the float 1 + code / 2^(23 - CODE_AT), exactly: moved
+    to mantissa bits CODE_AT.. and OR-ed into the bits of 1.0 (one shift, one mask-and-or)."""
+    if i * BITS < CODE_AT:
+        moved = words << (CODE_AT - i * BITS)
+    elif i * BITS > CODE_AT:
+        moved = words >> (i * BITS - CODE_AT)
+    else:
+        moved = words
+    return ((moved & (((1 << BITS) - 1) << CODE_AT)) | one_bits).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, packed_ptr, scale_ptr, zero_ptr, out_ptr, workspace_ptr, counter_ptr,
     M, N, K, GROUPS,
@@ -119,6 +132,8 @@ def _gemv_kernel(
 
     weight_rows = packed_ptr + offs_n[:, None] * words_per_row + offs_w[None, :]
     x_rows = x_ptr + offs_m[:, None] * stride_xm + offs_w[None, :] * PACK
+    X_PAIRS: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
+    x_pair_rows = x_ptr.to(tl.pointer_type(tl.uint32)) + offs_m[:, None] * (stride_xm // 2) + offs_w[None, :] * (PACK // 2)
     acc = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
     # an element-wise form of "this tile is below t_end" (a scalar condition in a mask is not
     # accepted by the interpreter)
@@ -134,19 +149,22 @@ def _gemv_kernel(
         words = words.to(tl.uint32, bitcast=True)
         part = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
         x_sum = tl.zeros((BLOCK_M, 1, WORDS), dtype=tl.float32)  # 3-D: the layout of the products
-        for i in tl.static_range(PACK):
-            x_i = tl.load(x_rows + (k0 + i), mask=m_mask[:, None], other=0.0).to(tl.float32)[:, None, :]
-            # move code i to mantissa bits CODE_AT.. and OR in the bits of 1.0: the float
-            # 1 + code / UNIT, exact, with one shift and one mask-and-or
-            if i * BITS < CODE_AT:
-                moved = words << (CODE_AT - i * BITS)
-            elif i * BITS > CODE_AT:
-                moved = words >> (i * BITS - CODE_AT)
-            else:
-                moved = words
-            ones_plus = ((moved & (MASK << CODE_AT)) | float_one_bits.to(tl.uint32, bitcast=True)).to(tl.float32, bitcast=True)
-            part += x_i * ones_plus[None, :, :]
-            x_sum += x_i
+        one_bits = float_one_bits.to(tl.uint32, bitcast=True)
+        if X_PAIRS:
+            # bf16 activations read two at a time as one 32-bit word: the low half is x[2j], the
+            # high half x[2j + 1], and a bf16 becomes an fp32 by its bits moved up 16
+            for j in tl.static_range(PACK // 2):
+                pair = tl.load(x_pair_rows + (k0 // 2 + j), mask=m_mask[:, None], other=0)
+                x_even = (pair << 16).to(tl.float32, bitcast=True)[:, None, :]
+                x_odd = (pair & 0xFFFF0000).to(tl.float32, bitcast=True)[:, None, :]
+                part += x_even * code_as_float(words, 2 * j, BITS, CODE_AT, one_bits)[None, :, :]
+                part += x_odd * code_as_float(words, 2 * j + 1, BITS, CODE_AT, one_bits)[None, :, :]
+                x_sum += x_even + x_odd
+        else:
+            for i in tl.static_range(PACK):
+                x_i = tl.load(x_rows + (k0 + i), mask=m_mask[:, None], other=0.0).to(tl.float32)[:, None, :]
+                part += x_i * code_as_float(words, i, BITS, CODE_AT, one_bits)[None, :, :]
+                x_sum += x_i
         # one group per tile: BLOCK_K divides GROUP_SIZE
         scale, zero = group_scale_and_zero(scale_ptr, zero_ptr, offs_n, n_mask, k0 // GROUP_SIZE, GROUPS, BITS, HAS_ZERO)
         # sum_i x_i (c_i - z) s = UNIT s (sum_i x_i (1 + c_i / UNIT) - (1 + z / UNIT) sum_i x_i);
