@@ -100,13 +100,13 @@ def report(label: str, kernel, codes_per_iteration: int, threads: int) -> None:
 
 
 def new_kernel(arch: int) -> None:
-    from compressor.kernels import triton_gemv
+    from compressor.kernels import triton_gemv, triton_parts
 
     signature = signature_of(triton_gemv._gemv_kernel, {"x_ptr": "*bf16", "scale_ptr": "*bf16", "out_ptr": "*bf16", "workspace_ptr": "*fp32"})
     for bits, block_n, split, prefetch, warps, has_zero in ((4, 64, 1, True, 4, False), (4, 64, 1, False, 4, False),
                                                             (4, 32, 4, True, 4, False), (4, 128, 1, True, 8, False),
                                                             (4, 64, 1, True, 4, True), (8, 64, 1, True, 4, False)):
-        block_k = triton_gemv.gemv_block_k(128)
+        block_k = triton_parts.block_k(128)
         constants = dict(BITS=bits, GROUP_SIZE=128, HAS_ZERO=has_zero, BLOCK_M=1, BLOCK_K=block_k, BLOCK_N=block_n,
                          SPLIT_K=split, PREFETCH=prefetch)
         kernel = compile_for(triton_gemv._gemv_kernel, signature, constants, arch, warps, 3)

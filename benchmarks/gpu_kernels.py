@@ -49,6 +49,7 @@ def main() -> None:
 
     from compressor.kernels.quant_linear import QuantLinear
     from compressor.kernels.triton_ops import wxa16_linear
+    from compressor.kernels.triton_parts import split_k_counters
 
     dtype = getattr(torch, args.dtype)
     group = args.group or None
@@ -62,7 +63,7 @@ def main() -> None:
         scale = torch.rand(n, groups, device="cuda") * 0.01 + 0.001
         layer = QuantLinear.from_codes(codes, scale, None, bits=args.bits, group_size=group, bias=None, dtype=dtype)
         dense = layer.dequantized_weight(dtype)
-        counters = torch.zeros(-(-n // 16), dtype=torch.int32, device="cuda")  # as QuantLinear's prepared state has
+        counters = split_k_counters(n, torch.device("cuda"))  # as QuantLinear's prepared state has
         for m in (1, 16, 64, 128):
             x = torch.randn(m, k, dtype=dtype, device="cuda")
             out = wxa16_linear(x, layer.weight_packed, layer.weight_scale, None, args.bits, group or k, counters)
@@ -93,6 +94,7 @@ def sweep(bits: int, group: int | None, dtype: torch.dtype) -> None:
     from compressor.kernels import triton_gemv, triton_wxa16
     from compressor.kernels.quant_linear import QuantLinear
     from compressor.kernels.triton_ops import wxa16_linear
+    from compressor.kernels.triton_parts import split_k_counters
 
     print(f"{torch.cuda.get_device_name()} | triton {triton.__version__} | {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC | "
           f"decode kernel sweep W{bits} {'g' + str(group) if group else 'per-channel'} {dtype}")
@@ -103,7 +105,7 @@ def sweep(bits: int, group: int | None, dtype: torch.dtype) -> None:
         layer = QuantLinear.from_codes(codes, scale, None, bits=bits, group_size=group, bias=None, dtype=dtype)
         dense = layer.dequantized_weight(dtype)
         args = (layer.weight_packed, layer.weight_scale, None, bits, group or k)
-        counters = torch.zeros(-(-n // 16), dtype=torch.int32, device="cuda")
+        counters = split_k_counters(n, torch.device("cuda"))
         bf16_ms = {}
         for m in (1, 4, 8):
             x = torch.randn(m, k, dtype=dtype, device="cuda")

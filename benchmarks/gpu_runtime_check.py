@@ -53,6 +53,7 @@ def split_k_is_deterministic(random_quant_linear, float64_reference, relative_er
     the float64 result and the counters back at zero, so a slice read before it was written
     would show."""
     from compressor.kernels.triton_gemv import wxa16_gemv
+    from compressor.kernels.triton_parts import split_k_counters
     from compressor.kernels.triton_wxa16 import _split_k, wxa16_matmul
 
     layer = random_quant_linear(4096, 2048, bits=4, group_size=128, symmetric=False, dtype=torch.bfloat16).cuda()
@@ -60,7 +61,7 @@ def split_k_is_deterministic(random_quant_linear, float64_reference, relative_er
 
     def repeated(label: str, rows: int, call) -> int:
         x = torch.randn(rows, 2048, dtype=torch.bfloat16, device="cuda")
-        counters = torch.zeros(4096 // 16, dtype=torch.int32, device="cuda")
+        counters = split_k_counters(4096, x.device)
         runs = [call(x, counters) for _ in range(50)]
         same = all(torch.equal(run, runs[0]) for run in runs)
         error = relative_error(runs[0], float64_reference(layer, x))

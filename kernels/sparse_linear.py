@@ -16,7 +16,6 @@ mask per weight).
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -23,7 +23,7 @@ class WxA16State:
     zero: torch.Tensor | None
     bits: int
     group_size: int
-    counters: torch.Tensor | None  # the decode kernel's split-K counters (zero between calls)
+    counters: torch.Tensor  # the kernels' split-K counters (zero between calls)
 
 
 class TritonWxA16Backend:
@@ -44,6 +44,8 @@ class TritonWxA16Backend:
         return None
 
     def prepare(self, module: nn.Module, device: torch.device) -> WxA16State:
+        from compressor.kernels.triton_parts import split_k_counters
+
         zero = module.weight_zero_point.contiguous() if module.weight_zero_point is not None else None
         return WxA16State(
             module.weight_packed.contiguous(),
@@ -51,7 +53,7 @@ class TritonWxA16Backend:
             zero,
             module.bits,
             module.group_size or module.in_features,
-            torch.zeros(-(-module.out_features // 16), dtype=torch.int32, device=device),
+            split_k_counters(module.out_features, device),
         )
 
     def run(self, state: WxA16State, x: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from compressor.kernels.triton_parts import group_scale_and_zero, store_split_k
+from compressor.kernels.triton_parts import COUNTER_COLUMNS, block_k, group_scale_and_zero, split_k_counters, store_split_k
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_ROWS = 8
@@ -63,13 +63,12 @@ def _prune(configs: list[triton.Config], named_args: dict, **launch_kwargs) -> l
     """Keep configs that launch between one and eight programs per multiprocessor."""
     if INTERPRETED:
         return configs
-    n, k = named_args["N"], named_args["K"]
+    n, tiles = named_args["N"], named_args["K"] // launch_kwargs["BLOCK_K"]
     sms = multiprocessors(torch.cuda.current_device())
     kept = []
     for config in configs:
         block_n, split = config.kwargs["BLOCK_N"], config.kwargs["SPLIT_K"]
         programs = -(-n // block_n) * split
-        tiles = k // launch_kwargs["BLOCK_K"]
         if split <= tiles and sms <= programs <= 8 * sms:
             kept.append(config)
     return kept or configs[:1]
@@ -108,7 +107,6 @@ def _gemv_kernel(
     PREFETCH: tl.constexpr,
 ):
     PACK: tl.constexpr = 32 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
     WORDS: tl.constexpr = BLOCK_K // PACK
     # A code's lowest bit once placed in the float's 23-bit mantissa: the highest multiple of
     # BITS that leaves the code inside it, so one code of each word needs no shift (16 for
@@ -134,10 +132,12 @@ def _gemv_kernel(
     x_rows = x_ptr + offs_m[:, None] * stride_xm + offs_w[None, :] * PACK
     X_PAIRS: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
     x_pair_rows = x_ptr.to(tl.pointer_type(tl.uint32)) + offs_m[:, None] * (stride_xm // 2) + offs_w[None, :] * (PACK // 2)
+    one_bits = float_one_bits.to(tl.uint32, bitcast=True)
     acc = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
-    # an element-wise form of "this tile is below t_end" (a scalar condition in a mask is not
-    # accepted by the interpreter)
-    next_words = tl.load(weight_rows + t_begin * WORDS, mask=n_mask[:, None] & (offs_w[None, :] < (t_end - t_begin) * WORDS), other=0)
+    if PREFETCH:
+        # an element-wise form of "this tile is below t_end" (a scalar condition in a mask is
+        # not accepted by the interpreter)
+        next_words = tl.load(weight_rows + t_begin * WORDS, mask=n_mask[:, None] & (offs_w[None, :] < (t_end - t_begin) * WORDS), other=0)
     for t in range(t_begin, t_end):
         k0 = t * BLOCK_K
         if PREFETCH:  # the next tile's load is in flight while this one is computed
@@ -149,7 +149,6 @@ def _gemv_kernel(
         words = words.to(tl.uint32, bitcast=True)
         part = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
         x_sum = tl.zeros((BLOCK_M, 1, WORDS), dtype=tl.float32)  # 3-D: the layout of the products
-        one_bits = float_one_bits.to(tl.uint32, bitcast=True)
         if X_PAIRS:
             # bf16 activations read two at a time as one 32-bit word: the low half is x[2j], the
             # high half x[2j + 1], and a bf16 becomes an fp32 by its bits moved up 16
@@ -182,14 +181,6 @@ _gemv = triton.autotune(
 )(_gemv_kernel)
 
 
-def gemv_block_k(group_size: int) -> int:
-    """The K tile: the largest power of two <= 128 dividing the group size (>= 16)."""
-    tile = 128
-    while tile > 16 and group_size % tile:
-        tile //= 2
-    return tile
-
-
 def wxa16_gemv(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -213,21 +204,20 @@ def wxa16_gemv(
     n, groups = scale.shape
     if m > MAX_ROWS:
         raise ValueError(f"the decode kernel takes at most {MAX_ROWS} rows, not {m}")
-    if config is not None and not (config["BLOCK_N"] >= 16 and 1 <= config["SPLIT_K"] <= MAX_SPLIT):
-        raise ValueError(f"config {config}: BLOCK_N must be >= 16 and SPLIT_K within 1..{MAX_SPLIT}")
+    if config is not None and not (config["BLOCK_N"] >= COUNTER_COLUMNS and 1 <= config["SPLIT_K"] <= MAX_SPLIT):
+        raise ValueError(f"config {config}: BLOCK_N must be >= {COUNTER_COLUMNS} and SPLIT_K within 1..{MAX_SPLIT}")
     block_m = 1 << max(m - 1, 0).bit_length()
     if workspace is None:
         workspace = torch.empty(MAX_SPLIT, m, n, dtype=torch.float32, device=x.device)
-    # one counter per column tile of the smallest BLOCK_N among the configs
     if counters is None:  # a memset per call; QuantLinear passes its own instead
-        counters = torch.zeros(-(-n // 16), dtype=torch.int32, device=x.device)
+        counters = split_k_counters(n, x.device)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
     kernel = _gemv if config is None else _gemv_kernel
     config = None if config is None else {"PREFETCH": True, **config}
     kernel[grid](
         x, packed, scale, zero if zero is not None else packed, out, workspace, counters,
         m, n, k, groups, x.stride(0), out.stride(0), block_m, FLOAT_BITS_ONE,
-        BITS=bits, GROUP_SIZE=group_size, HAS_ZERO=zero is not None, BLOCK_M=block_m, BLOCK_K=gemv_block_k(group_size),
+        BITS=bits, GROUP_SIZE=group_size, HAS_ZERO=zero is not None, BLOCK_M=block_m, BLOCK_K=block_k(group_size),
         **(config or {}),
     )
     return out

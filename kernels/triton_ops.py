@@ -2,8 +2,8 @@
 see one opaque, shape-described call (the fake implementation gives the output's shape).
 
 ``compressor::wxa16_linear(x, packed, scale, zero, bits, group_size, counters=None)``:
-x [..., K] → [..., N]. ``counters`` (int32 zeros, one per 16 output columns) is the decode
-kernel's split-K scratch; the kernel leaves it zero again, so the op does not mutate it as
+x [..., K] → [..., N]. ``counters`` (int32 zeros, one per 16 output columns) is the split-K
+kernels' scratch; the kernel leaves it zero again, so the op does not mutate it as
 far as any caller can see. A layer passes its own (one allocation, not a memset per call);
 without it the op allocates zeros per call. Two streams running the same layer at once would
 share the counters: don't.

@@ -1,10 +1,29 @@
-"""Triton device functions both W4A16/W8A16 kernels use (the decode kernel in ``triton_gemv``,
-the tensor-core tiles in ``triton_wxa16``)."""
+"""What both W4A16/W8A16 kernels share (the decode kernel in ``triton_gemv``, the tensor-core
+tiles in ``triton_wxa16``): the K tile, the split-K counters, and two device functions."""
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+MIN_BLOCK_K = 16  # tl.dot's smallest K; group sizes must be multiples of it
+COUNTER_COLUMNS = 16  # one split-K counter per this many output columns: the smallest N tile
+
+
+def block_k(group_size: int) -> int:
+    """The K tile: the largest power of two <= 128 dividing the group size, so a tile never
+    straddles two groups and its scale is one value per row (the group must be a multiple of 16)."""
+    tile = 128
+    while tile > MIN_BLOCK_K and group_size % tile:
+        tile //= 2
+    return tile
+
+
+def split_k_counters(columns: int, device: torch.device) -> torch.Tensor:
+    """Zeroed counters for ``store_split_k``, enough for `columns` outputs at any N tile; the
+    kernels leave them zero, so a layer allocates them once."""
+    return torch.zeros(-(-columns // COUNTER_COLUMNS), dtype=torch.int32, device=device)
 
 
 @triton.jit

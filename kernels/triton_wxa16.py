@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from compressor.kernels.triton_gemv import MAX_ROWS, wxa16_gemv
-from compressor.kernels.triton_parts import group_scale_and_zero, store_split_k
+from compressor.kernels.triton_parts import MIN_BLOCK_K, block_k, group_scale_and_zero, split_k_counters, store_split_k
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 GEMV_ROWS = MAX_ROWS  # up to here the decode kernel of triton_gemv
@@ -40,7 +40,7 @@ SPLIT_K_MAX_ROWS = 16  # up to here the tiled kernel splits K (one 16-row tile)
 
 # Few configs: autotuning compiles each one for every new (rows, N, K) key, and a 54-config grid
 # took minutes per key on an H100 (2026-11-24). PER_POSITION (one dot per code position, no
-# tile reshape) counts 6.4-17.7 SASS instructions per code against 8.5-21 for the reshape
+# tile reshape) counts 6.4-17.8 SASS instructions per code against 8.5-21 for the reshape
 # (benchmarks/decode_kernel_sass.py's method, sm_90) but is untimed, so both are offered and
 # the autotuner picks.
 def _split_k_configs() -> list[triton.Config]:
@@ -59,22 +59,14 @@ def _gemm_configs() -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "PER_POSITION": p}, num_warps=w, num_stages=s) for bm, bn, w, s, p in shapes]
 
 
+def per_position_fits(tile_k: int, bits: int) -> bool:
+    """PER_POSITION's dots have K = the K tile's words, and tl.dot needs K >= 16."""
+    return tile_k // (32 // bits) >= MIN_BLOCK_K
+
+
 def _prune_per_position(configs: list[triton.Config], named_args: dict, **launch_kwargs) -> list[triton.Config]:
-    """PER_POSITION's dots have K = BLOCK_K / codes-per-word, and tl.dot needs K >= 16."""
-    words = launch_kwargs["BLOCK_K"] // (32 // launch_kwargs["BITS"])
-    return [c for c in configs if words >= MIN_BLOCK_K or not c.kwargs.get("PER_POSITION")]
-
-
-MIN_BLOCK_K = 16  # tl.dot's smallest K
-
-
-def block_k(group_size: int) -> int:
-    """The K tile: the largest power of two <= 128 dividing the group size, so a tile never
-    straddles two groups and its scale is one value per row (the group must be a multiple of 16)."""
-    tile = 128
-    while tile > MIN_BLOCK_K and group_size % tile:
-        tile //= 2
-    return tile
+    fits = per_position_fits(launch_kwargs["BLOCK_K"], launch_kwargs["BITS"])
+    return [c for c in configs if fits or not c.kwargs.get("PER_POSITION")]
 
 
 @triton.jit
@@ -125,7 +117,7 @@ def _wxa16_kernel(
             # One dot of K = WORDS per code position i: word w's code i pairs with x[k0 + PACK w + i],
             # so the tile is never reshaped (the reshape costs shared-memory round trips)
             part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            x_rows = x_ptr + offs_m[:, None] * stride_xm + (k0 + (offs_w[None, :] - k0 // PACK) * PACK)
+            x_rows = x_ptr + offs_m[:, None] * stride_xm + (k0 + tl.arange(0, WORDS)[None, :] * PACK)
             unsigned = words.to(tl.uint32, bitcast=True)  # right shifts bring in zeros
             # codes as floats without int-to-float instructions: OR-ed into the bits of 2^23, a
             # code c is 2^23 + c; subtracting 2^23 + z leaves c - z exactly
@@ -216,14 +208,14 @@ def wxa16_matmul(
     if m <= GEMV_ROWS:
         return wxa16_gemv(x, packed, scale, zero, bits, group_size, out, workspace=workspace, counters=counters, config=config)
     launch = config or {}  # a fixed config skips autotuning (the benchmark's sweep)
-    if launch and _prune_per_position([triton.Config(launch)], {}, BLOCK_K=common["BLOCK_K"], BITS=bits) == [] and not INTERPRETED:
+    if launch.get("PER_POSITION") and not per_position_fits(common["BLOCK_K"], bits) and not INTERPRETED:
         raise ValueError(f"config {config}: one dot per code position needs {MIN_BLOCK_K} words per K tile")
     if m <= SPLIT_K_MAX_ROWS:
         split = _split_k(n, k, x.device)
         if workspace is None:
             workspace = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
         if counters is None:  # a memset per call; QuantLinear passes its own instead
-            counters = torch.zeros(-(-n // 16), dtype=torch.int32, device=x.device)
+            counters = split_k_counters(n, x.device)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split, 1)  # noqa: E731
         (_wxa16_kernel if config else _split_k_tile)[grid](
             x, packed, scale, zero_arg, out, workspace, counters, m, n, k, groups,

@@ -98,7 +98,7 @@ def test_triton_backend_refuses_groups_its_k_tile_cannot_cover():
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
     from compressor.kernels.triton_backend import TritonWxA16Backend
-    from compressor.kernels.triton_wxa16 import block_k
+    from compressor.kernels.triton_parts import block_k
 
     cuda_input = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16)
     backend = TritonWxA16Backend()
