@@ -34,6 +34,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from compressor.kernels.triton_parts import LAUNCH_OPTIONS
+
 WARP_SIZE = 32
 
 
@@ -85,7 +87,7 @@ def signature_of(kernel, pointers: dict[str, str]) -> dict[str, str]:
 
 def compile_for(fn, signature: dict, constants: dict, arch: int, warps: int, stages: int):
     source = ASTSource(fn=fn, signature=signature, constexprs=constants)
-    return triton.compile(source, target=GPUTarget("cuda", arch, WARP_SIZE), options={"num_warps": warps, "num_stages": stages})
+    return triton.compile(source, target=GPUTarget("cuda", arch, WARP_SIZE), options={"num_warps": warps, "num_stages": stages, **LAUNCH_OPTIONS})
 
 
 def report(label: str, kernel, codes_per_iteration: int, threads: int) -> None:

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from compressor.kernels.triton_parts import COUNTER_COLUMNS, block_k, group_scale_and_zero, split_k_counters, store_split_k
+from compressor.kernels.triton_parts import COUNTER_COLUMNS, LAUNCH_OPTIONS, block_k, group_scale_and_zero, split_k_counters, store_split_k
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_ROWS = 8
@@ -218,6 +218,6 @@ def wxa16_gemv(
         x, packed, scale, zero if zero is not None else packed, out, workspace, counters,
         m, n, k, groups, x.stride(0), out.stride(0), block_m, FLOAT_BITS_ONE,
         BITS=bits, GROUP_SIZE=group_size, HAS_ZERO=zero is not None, BLOCK_M=block_m, BLOCK_K=block_k(group_size),
-        **(config or {}),
+        **(config or {}), **LAUNCH_OPTIONS,
     )
     return out

@@ -9,6 +9,9 @@ import triton.language as tl
 
 MIN_BLOCK_K = 16  # tl.dot's smallest K; group sizes must be multiples of it
 COUNTER_COLUMNS = 16  # one split-K counter per this many output columns: the smallest N tile
+# Compile options every launch passes. Multiply-adds must fuse into one FFMA per code: Triton 3.9
+# fuses by default but warns that 3.10 will not (benchmarks/decode_kernel_sass.py counts the FFMAs).
+LAUNCH_OPTIONS = {"enable_fp_fusion": True}
 
 
 def block_k(group_size: int) -> int:

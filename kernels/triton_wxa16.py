@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from compressor.kernels.triton_gemv import MAX_ROWS, wxa16_gemv
-from compressor.kernels.triton_parts import MIN_BLOCK_K, block_k, group_scale_and_zero, split_k_counters, store_split_k
+from compressor.kernels.triton_parts import LAUNCH_OPTIONS, MIN_BLOCK_K, block_k, group_scale_and_zero, split_k_counters, store_split_k
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 GEMV_ROWS = MAX_ROWS  # up to here the decode kernel of triton_gemv
@@ -220,13 +220,13 @@ def wxa16_matmul(
         (_wxa16_kernel if config else _split_k_tile)[grid](
             x, packed, scale, zero_arg, out, workspace, counters, m, n, k, groups,
             x.stride(0), out.stride(0), m_bucket,
-            SPLIT_K=split, BLOCK_M=16, **common, **launch,
+            SPLIT_K=split, BLOCK_M=16, **common, **launch, **LAUNCH_OPTIONS,
         )
         return out
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), 1, triton.cdiv(m, meta["BLOCK_M"]))  # noqa: E731
     (_wxa16_kernel if config else _gemm)[grid](
         x, packed, scale, zero_arg, out, out, packed, m, n, k, groups,  # one K slice: no workspace, no counters
         x.stride(0), out.stride(0), m_bucket,
-        SPLIT_K=1, **common, **launch,
+        SPLIT_K=1, **common, **launch, **LAUNCH_OPTIONS,
     )
     return out
