@@ -115,6 +115,9 @@ def _gemv_kernel(
     UNIT: tl.constexpr = 1 << (23 - CODE_AT)  # 1 + code / UNIT is the float made from a placed code
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
+    # K // PACK, not the packed tensor's stride: Triton would know a stride argument to be a multiple
+    # of 16 and load four words per thread (LDG.128), which spreads a row's words over fewer threads
+    # and costs more activation loads than it saves (decode_kernel_sass.py: 5.03 against 4.66 per code)
     words_per_row = K // PACK  # K is a multiple of BLOCK_K (the wrapper checks)
 
     offs_m = tl.arange(0, BLOCK_M)
@@ -128,7 +131,10 @@ def _gemv_kernel(
     t_begin = pid_s * per_split
     t_end = tl.minimum(t_begin + per_split, tiles)
 
-    weight_rows = packed_ptr + offs_n[:, None] * words_per_row + offs_w[None, :]
+    # 3-D [1, BLOCK_N, WORDS] like the products, so the load's (vectorized) layout is the one the
+    # arithmetic uses: a 2-D load converted per code position cost shared-memory round trips
+    weight_rows = packed_ptr + offs_n[None, :, None] * words_per_row + offs_w[None, None, :]
+    n_mask_3d = n_mask[None, :, None]
     x_rows = x_ptr + offs_m[:, None] * stride_xm + offs_w[None, :] * PACK
     X_PAIRS: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
     x_pair_rows = x_ptr.to(tl.pointer_type(tl.uint32)) + offs_m[:, None] * (stride_xm // 2) + offs_w[None, :] * (PACK // 2)
@@ -137,14 +143,14 @@ def _gemv_kernel(
     if PREFETCH:
         # an element-wise form of "this tile is below t_end" (a scalar condition in a mask is
         # not accepted by the interpreter)
-        next_words = tl.load(weight_rows + t_begin * WORDS, mask=n_mask[:, None] & (offs_w[None, :] < (t_end - t_begin) * WORDS), other=0)
+        next_words = tl.load(weight_rows + t_begin * WORDS, mask=n_mask_3d & (offs_w[None, None, :] < (t_end - t_begin) * WORDS), other=0)
     for t in range(t_begin, t_end):
         k0 = t * BLOCK_K
         if PREFETCH:  # the next tile's load is in flight while this one is computed
             words = next_words
-            next_words = tl.load(weight_rows + (t + 1) * WORDS, mask=n_mask[:, None] & (offs_w[None, :] < (t_end - t - 1) * WORDS), other=0)
+            next_words = tl.load(weight_rows + (t + 1) * WORDS, mask=n_mask_3d & (offs_w[None, None, :] < (t_end - t - 1) * WORDS), other=0)
         else:
-            words = tl.load(weight_rows + t * WORDS, mask=n_mask[:, None], other=0)
+            words = tl.load(weight_rows + t * WORDS, mask=n_mask_3d, other=0)
         # unsigned, so a right shift brings in zeros and needs no sign handling
         words = words.to(tl.uint32, bitcast=True)
         part = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
@@ -156,13 +162,13 @@ def _gemv_kernel(
                 pair = tl.load(x_pair_rows + (k0 // 2 + j), mask=m_mask[:, None], other=0)
                 x_even = (pair << 16).to(tl.float32, bitcast=True)[:, None, :]
                 x_odd = (pair & 0xFFFF0000).to(tl.float32, bitcast=True)[:, None, :]
-                part += x_even * code_as_float(words, 2 * j, BITS, CODE_AT, one_bits)[None, :, :]
-                part += x_odd * code_as_float(words, 2 * j + 1, BITS, CODE_AT, one_bits)[None, :, :]
+                part += x_even * code_as_float(words, 2 * j, BITS, CODE_AT, one_bits)
+                part += x_odd * code_as_float(words, 2 * j + 1, BITS, CODE_AT, one_bits)
                 x_sum += x_even + x_odd
         else:
             for i in tl.static_range(PACK):
                 x_i = tl.load(x_rows + (k0 + i), mask=m_mask[:, None], other=0.0).to(tl.float32)[:, None, :]
-                part += x_i * code_as_float(words, i, BITS, CODE_AT, one_bits)[None, :, :]
+                part += x_i * code_as_float(words, i, BITS, CODE_AT, one_bits)
                 x_sum += x_i
         # one group per tile: BLOCK_K divides GROUP_SIZE
         scale, zero = group_scale_and_zero(scale_ptr, zero_ptr, offs_n, n_mask, k0 // GROUP_SIZE, GROUPS, BITS, HAS_ZERO)
