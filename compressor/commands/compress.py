@@ -77,28 +77,29 @@ def command_line(argv: list[str]) -> str:
     return shlex.join(["compress", *words])
 
 
+def run_options(args: argparse.Namespace, **more):
+    """The pipeline's options from the flags `compress` and `compress merge` share, plus `more`."""
+    from compressor.pipeline import RunOptions
+
+    return RunOptions(
+        out_dir=args.output, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code, device=args.device, batch_size=args.batch_size,
+        show_progress=not args.quiet, measure_perplexity=not args.no_perplexity, **more,
+    )
+
+
 def run(argv: list[str]) -> int:
     args = _run_parser().parse_args(argv)
     if args.output is None and not args.dry_run:
         raise UserError("--output/-o is required (or pass --dry-run)", where="compress")
-    from compressor.pipeline import RunOptions, dry_run, run_recipe
+    from compressor.pipeline import dry_run, run_recipe
     from compressor.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
     if args.quiet:
         quiet_transformers()
-    options = RunOptions(
-        out_dir=args.output,
-        overwrite=args.overwrite,
-        allow_pickle=args.allow_pickle,
-        trust_remote_code=args.trust_remote_code,
-        device=args.device,
-        batch_size=args.batch_size,
-        show_progress=not args.quiet,
-        measure_perplexity=not args.no_perplexity,
-        resume=args.resume,
-        max_memory=args.max_memory,
-        stage_checkpoints=not args.no_stage_checkpoints,
+    options = run_options(
+        args, resume=args.resume, max_memory=args.max_memory, stage_checkpoints=not args.no_stage_checkpoints,
         command=command_line(argv),
     )
     from compressor.merging.recipe_run import check_merge_position, dry_run_merge_recipe, run_merge_recipe, starts_with_merge

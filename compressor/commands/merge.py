@@ -43,23 +43,13 @@ def run(argv: list[str]) -> int:
 
     if args.output is None and not args.dry_run:
         raise UserError("--output/-o is required (or pass --dry-run)", where="compress merge")
-    from compressor.commands.compress import _print_plans
+    from compressor.commands.compress import _print_plans, run_options
     from compressor.merging.recipe_run import dry_run_merge_recipe, run_merge_recipe
-    from compressor.pipeline import RunOptions
 
     recipe = load_merge_config(args.config if isinstance(args.config, Path) else Path(args.config))
     if args.quiet:
         quiet_transformers()
-    options = RunOptions(
-        out_dir=args.output,
-        overwrite=args.overwrite,
-        allow_pickle=args.allow_pickle,
-        trust_remote_code=args.trust_remote_code,
-        device=args.device,
-        batch_size=args.batch_size,
-        show_progress=not args.quiet,
-        measure_perplexity=not args.no_perplexity,
-    )
+    options = run_options(args)
     if args.dry_run:
         _print_plans(dry_run_merge_recipe(recipe, options), print)
         print("dry run: nothing written")
