@@ -163,7 +163,9 @@ def old_kernel(path: Path, arch: int, shape: tuple[int, int]) -> None:
     for block_n, warps in ((64, 4), (128, 4), (256, 8)):
         constants = dict(BITS=4, GROUP_SIZE=128, HAS_ZERO=False, USE_DOT=False, COMPUTE_F32=False, BLOCK_M=1,
                          BLOCK_N=block_n, BLOCK_K=module.block_k(128))
-        source = specialize(module._wxa16_kernel, GEMV_POINTERS, arguments(1, *shape), constants)
+        # its launch at one row on this layer: one K slice (its _split_k gave 1 on an H100), a [1, 1, N] output
+        values = {**arguments(1, *shape), "SPLIT_K": 1, "stride_os": shape[0]}
+        source = specialize(module._wxa16_kernel, GEMV_POINTERS, values, constants)
         report(f"old one-row path W4 g128 sym N-tile {block_n} warps {warps}", compile_for(source, arch, warps, 3),
                block_n * 128, warps * WARP_SIZE)
 
