@@ -25,7 +25,7 @@ class DispatchedModule(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self._choices: dict[tuple, KernelChoice] = {}
-        self._prepared: dict[tuple, tuple[tuple, Any]] = {}  # (backend, device) → (buffer key, state)
+        self._prepared: dict[tuple, tuple[tuple, Any]] = {}  # (backend, device) → (buffer snapshots, state)
         self.kernel_report: dict[str, Any] = {}
 
     # -- what a subclass provides ------------------------------------------------------------

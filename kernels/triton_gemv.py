@@ -26,16 +26,14 @@ its counter, so the counters (zeroed by the caller) are zero again when the kern
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from compressor.kernels.triton_parts import COUNTER_COLUMNS, LAUNCH_OPTIONS, block_k, group_scale_and_zero, split_k_counters, store_split_k
+from compressor.kernels.triton_parts import (
+    COUNTER_COLUMNS, INTERPRETED, LAUNCH_OPTIONS, block_k, group_scale_and_zero, multiprocessors, split_k_counters, store_split_k,
+)
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_ROWS = 8
 MAX_SPLIT = 8
 FLOAT_BITS_ONE = 0x3F800000
@@ -52,11 +50,6 @@ def _configs() -> list[triton.Config]:
               (32, 2, 4, 3), (64, 2, 4, 3), (32, 4, 4, 3), (64, 4, 4, 3), (16, 4, 2, 3), (32, 8, 4, 3))
     return [triton.Config({"BLOCK_N": bn, "SPLIT_K": s, "PREFETCH": p}, num_warps=w, num_stages=st)
             for bn, s, w, st in shapes for p in (False, True)]
-
-
-@functools.cache
-def multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **launch_kwargs) -> list[triton.Config]:

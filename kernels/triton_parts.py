@@ -3,10 +3,15 @@ tiles in ``triton_wxa16``): the K tile, the split-K counters, and two device fun
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import triton
 import triton.language as tl
 
+# Set before this module is first imported: the interpreter is chosen when triton.language is.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MIN_BLOCK_K = 16  # tl.dot's smallest K; group sizes must be multiples of it
 COUNTER_COLUMNS = 16  # one split-K counter per this many output columns: the smallest N tile
 # Compile options every launch passes. Multiply-adds must fuse into one FFMA per code: Triton 3.9
@@ -21,6 +26,12 @@ def block_k(group_size: int) -> int:
     while tile > MIN_BLOCK_K and group_size % tile:
         tile //= 2
     return tile
+
+
+@functools.cache
+def multiprocessors(device_index: int) -> int:
+    """The GPU's multiprocessor count: how many programs fill it (the kernels' split-K and pruning)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def split_k_counters(columns: int, device: torch.device) -> torch.Tensor:

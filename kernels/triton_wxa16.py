@@ -23,17 +23,15 @@ bf16 arithmetic is not faithful). Set the variable before this module is importe
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from compressor.kernels.triton_gemv import MAX_ROWS, wxa16_gemv
-from compressor.kernels.triton_parts import LAUNCH_OPTIONS, MIN_BLOCK_K, block_k, group_scale_and_zero, split_k_counters, store_split_k
+from compressor.kernels.triton_parts import (
+    INTERPRETED, LAUNCH_OPTIONS, MIN_BLOCK_K, block_k, group_scale_and_zero, multiprocessors, split_k_counters, store_split_k,
+)
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 GEMV_ROWS = MAX_ROWS  # up to here the decode kernel of triton_gemv
 SPLIT_K_MAX_ROWS = 16  # up to here the tiled kernel splits K (one 16-row tile)
 
@@ -150,16 +148,11 @@ _split_k_tile = triton.autotune(configs=_split_k_configs(), key=["M_BUCKET", "N"
 _gemm = triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE"], prune_configs_by=_prune)(_wxa16_kernel)
 
 
-@functools.cache
-def _multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _split_k(n: int, k: int, device: torch.device) -> int:
     """K slices for the decode kernel: enough programs to fill the GPU, each slice >= 256 columns."""
     if INTERPRETED:
         return 2 if k > 32 else 1
-    sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    sms = multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
     n_tiles = -(-n // 64)
     wanted = max(1, (2 * sms) // n_tiles)
     return max(1, min(wanted, k // 256, 16))
