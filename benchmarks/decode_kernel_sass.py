@@ -45,13 +45,18 @@ WARP_SIZE = 32
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"  # ptxas, cuobjdump
 
 
-def sass_of(kernel) -> str:
+def cuobjdump(kernel, option: str) -> str:
+    """cuobjdump's `option` output (-sass, -res-usage) for a compiled kernel's cubin."""
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as handle:
         handle.write(kernel.asm["cubin"])
     try:
-        return subprocess.run([str(TOOLS / "cuobjdump"), "-sass", handle.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([str(TOOLS / "cuobjdump"), option, handle.name], capture_output=True, text=True, check=True).stdout
     finally:
         os.unlink(handle.name)
+
+
+def sass_of(kernel) -> str:
+    return cuobjdump(kernel, "-sass")
 
 
 def loop_opcodes(sass: str) -> collections.Counter:
@@ -108,13 +113,7 @@ def compile_for(source: ASTSource, arch: int, warps: int, stages: int):
 
 
 def registers(kernel) -> int:
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as handle:
-        handle.write(kernel.asm["cubin"])
-    try:
-        usage = subprocess.run([str(TOOLS / "cuobjdump"), "-res-usage", handle.name], capture_output=True, text=True, check=True).stdout
-    finally:
-        os.unlink(handle.name)
-    return int(re.search(r"REG:(\d+)", usage).group(1))
+    return int(re.search(r"REG:(\d+)", cuobjdump(kernel, "-res-usage")).group(1))
 
 
 def report(label: str, kernel, codes_per_iteration: int, threads: int) -> None:

@@ -21,13 +21,25 @@ whose own configs it then times at 16 rows.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.kernel_fixtures
+from tests.kernel_fixtures import float64_reference, relative_error  # noqa: E402
 
-def reference(x: torch.Tensor, layer) -> torch.Tensor:
-    return x.double() @ layer.dequantized_weight(torch.float64).t()
+
+def random_layer(n: int, k: int, bits: int, group: int | None, dtype: torch.dtype):
+    """A QuantLinear [n, k] of random codes and scales on the GPU, and its dequantized weight."""
+    from compressor.kernels.quant_linear import QuantLinear
+
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    codes = torch.randint(qmin, qmax + 1, (n, k), dtype=torch.int8, device="cuda")
+    scale = torch.rand(n, 1 if group is None else k // group, device="cuda") * 0.01 + 0.001
+    layer = QuantLinear.from_codes(codes, scale, None, bits=bits, group_size=group, bias=None, dtype=dtype)
+    return layer, layer.dequantized_weight(dtype)
 
 
 def main() -> None:
@@ -47,7 +59,6 @@ def main() -> None:
 
     import triton.testing
 
-    from compressor.kernels.quant_linear import QuantLinear
     from compressor.kernels.triton_ops import wxa16_linear
     from compressor.kernels.triton_parts import split_k_counters
 
@@ -57,18 +68,12 @@ def main() -> None:
           f"{time.strftime('%Y-%m-%d', time.gmtime())} | W{args.bits} {'g' + str(group) if group else 'per-channel'} {args.dtype}")
     print(f"{'in x out':>12} {'batch':>5} {'bf16 ms':>9} {'wxa16 ms':>9} {'speed-up':>8} {'bf16 GB/s':>9} {'ours GB/s':>9} {'rel.err':>8}")
     for k, n in ((4096, 14336), (4096, 4096)):
-        qmin, qmax = -(1 << (args.bits - 1)), (1 << (args.bits - 1)) - 1
-        codes = torch.randint(qmin, qmax + 1, (n, k), dtype=torch.int8, device="cuda")
-        groups = 1 if group is None else k // group
-        scale = torch.rand(n, groups, device="cuda") * 0.01 + 0.001
-        layer = QuantLinear.from_codes(codes, scale, None, bits=args.bits, group_size=group, bias=None, dtype=dtype)
-        dense = layer.dequantized_weight(dtype)
+        layer, dense = random_layer(n, k, args.bits, group, dtype)
         counters = split_k_counters(n, torch.device("cuda"))  # as QuantLinear's prepared state has
         for m in (1, 16, 64, 128):
             x = torch.randn(m, k, dtype=dtype, device="cuda")
             out = wxa16_linear(x, layer.weight_packed, layer.weight_scale, None, args.bits, group or k, counters)
-            expected = reference(x, layer)
-            error = ((out.double() - expected).norm() / expected.norm()).item()
+            error = relative_error(out, float64_reference(layer, x))
             assert error <= 1e-2, f"{k}x{n} batch {m}: relative error {error}"
             bf16_ms = triton.testing.do_bench(lambda: torch.nn.functional.linear(x, dense), return_mode="median")
             ours_ms = triton.testing.do_bench(
@@ -92,18 +97,13 @@ def sweep(bits: int, group: int | None, dtype: torch.dtype) -> None:
     import triton.testing
 
     from compressor.kernels import triton_gemv, triton_wxa16
-    from compressor.kernels.quant_linear import QuantLinear
     from compressor.kernels.triton_ops import wxa16_linear
     from compressor.kernels.triton_parts import split_k_counters
 
     print(f"{torch.cuda.get_device_name()} | triton {triton.__version__} | {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC | "
           f"decode kernel sweep W{bits} {'g' + str(group) if group else 'per-channel'} {dtype}")
     for k, n in ((4096, 14336), (4096, 4096)):
-        qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-        codes = torch.randint(qmin, qmax + 1, (n, k), dtype=torch.int8, device="cuda")
-        scale = torch.rand(n, 1 if group is None else k // group, device="cuda") * 0.01 + 0.001
-        layer = QuantLinear.from_codes(codes, scale, None, bits=bits, group_size=group, bias=None, dtype=dtype)
-        dense = layer.dequantized_weight(dtype)
+        layer, dense = random_layer(n, k, bits, group, dtype)
         args = (layer.weight_packed, layer.weight_scale, None, bits, group or k)
         counters = split_k_counters(n, torch.device("cuda"))
         bf16_ms = {}
@@ -119,7 +119,7 @@ def sweep(bits: int, group: int | None, dtype: torch.dtype) -> None:
             for label, config in rows:
                 call = lambda: triton_gemv.wxa16_gemv(x, *args, out, counters=counters, config=config)  # noqa: E731
                 call()
-                error = relative_error_to(x, layer, out)
+                error = relative_error(out, float64_reference(layer, x))
                 ms = triton.testing.do_bench(call, return_mode="median")
                 print(f"{k:>5}x{n:<6} M={m} {label:<55} {ms:8.4f} ms {bf16_ms[m] / ms:6.2f}x bf16 "
                       f"{weight_bytes(layer) / ms / 1e6:6.0f} GB/s  err {error:.1e}")
@@ -134,14 +134,9 @@ def sweep(bits: int, group: int | None, dtype: torch.dtype) -> None:
         for c in triton_wxa16._split_k_configs():
             config = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
             call = lambda: triton_wxa16.wxa16_matmul(x, *args, config=config)  # noqa: E731
-            error = relative_error_to(x, layer, call())
+            error = relative_error(call(), float64_reference(layer, x))
             ms = triton.testing.do_bench(call, return_mode="median")
             print(f"{k:>5}x{n:<6} M=16 tile {str(config):<60} {ms:8.4f} ms {dense16_ms / ms:6.2f}x bf16  err {error:.1e}")
-
-
-def relative_error_to(x: torch.Tensor, layer, out: torch.Tensor) -> float:
-    expected = reference(x, layer)
-    return ((out.double() - expected).norm() / expected.norm()).item()
 
 
 def sparse24(dtype: torch.dtype) -> None:
@@ -172,14 +167,14 @@ def sparse24(dtype: torch.dtype) -> None:
             with torch.no_grad():
                 out = layer(x)
             expected = x.double() @ weight.double().t()
-            error = ((out.double() - expected).norm() / expected.norm()).item()
+            error = relative_error(out, expected)
             assert error <= 1e-2, f"{k}x{n} batch {m}: relative error {error}"
             dense_ms = triton.testing.do_bench(lambda: torch.nn.functional.linear(x, weight), return_mode="median")
             with torch.no_grad():
                 sparse_ms = triton.testing.do_bench(lambda: layer(x), return_mode="median")
             kind_ms = {}
             for name, w in semi.items():
-                kind_error = ((torch.nn.functional.linear(x, w).double() - expected).norm() / expected.norm()).item()
+                kind_error = relative_error(torch.nn.functional.linear(x, w), expected)
                 assert kind_error <= 1e-2, f"{name} {k}x{n} batch {m}: relative error {kind_error}"
                 kind_ms[name] = triton.testing.do_bench(lambda: torch.nn.functional.linear(x, w), return_mode="median")
             print(f"{k:>5}x{n:<6} {m:>5} {dense_ms:9.4f} {sparse_ms:9.4f} {dense_ms / sparse_ms:7.2f}x "
