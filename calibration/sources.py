@@ -100,7 +100,13 @@ def _read_parquet(path: Path, column: str | None) -> list[Document]:
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError("reading .parquet needs pyarrow (pip install 'compressor[data]')", where=str(path)) from None
-    table = pq.read_table(path)
+    import pyarrow
+
+    try:
+        table = pq.read_table(path)
+    except (pyarrow.ArrowException, OSError) as err:  # not a parquet file, or a damaged one
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"cannot read the parquet file: {first_line}", where=str(path)) from None
     return _documents_from_records(table.to_pylist(), column, str(path))
 
 
@@ -122,6 +128,23 @@ def _read_hub(path: str, subset: str | None, split: str, column: str | None, lab
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DataError(f"cannot load dataset '{path}' (split {split}): {first_line}", where=label) from None
     return _documents_from_records(dataset.to_list(), column, label)
+
+
+def dataset_problem(dataset: str) -> str | None:
+    """What is wrong with a dataset reference that can be told without reading it (None: nothing).
+
+    Checked when a recipe is planned, so `--dry-run` and the run itself refuse a missing file
+    or an unknown built-in before any weight is read. Hub ids are only checked when read."""
+    if dataset.startswith("builtin:"):
+        return None if dataset == "builtin:abstracts" else "unknown built-in dataset (known: builtin:abstracts)"
+    if dataset in KNOWN_HUB_SETS:
+        return None
+    path = Path(dataset).expanduser()
+    if path.suffix in LOCAL_READERS:
+        return None if path.is_file() else "calibration file not found"
+    if path.exists() or dataset.startswith((".", "/", "~")):
+        return f"unsupported calibration file (use {', '.join(LOCAL_READERS)}) or a Hub dataset id"
+    return None
 
 
 def load_documents(dataset: str, *, text_column: str | None, split: str, subset: str | None) -> list[Document]:

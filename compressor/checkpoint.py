@@ -59,6 +59,20 @@ def remove_stale_staging(out_dir: Path) -> list[Path]:
     return removed
 
 
+def _default_folder_mode() -> int:
+    """0o777 less the process's umask: what `mkdir` would give (mkdtemp gives 0o700)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:  # read-only where Linux offers it
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o777 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o777 & ~mask
+
+
 @contextmanager
 def atomic_output_dir(out_dir: Path) -> Iterator[Path]:
     """Yield a staging folder; on success it replaces `out_dir`, on failure it is removed."""
@@ -67,6 +81,7 @@ def atomic_output_dir(out_dir: Path) -> Iterator[Path]:
     remove_stale_staging(out_dir)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
+        staging.chmod(_default_folder_mode())  # OUT is shared like any folder the user makes
         claim(staging)
         yield staging
         (staging / _OWNER_FILE).unlink()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import platform
 import shutil
+import sys
 import time
 import tempfile
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from compressor import __version__
 from compressor.adapters import write_lowrank_artifacts
 from compressor.cache import cache_root
 from compressor.checkpoint import atomic_output_dir, check_output_dir, prepare_workdir, workdir_for
-from compressor.errors import RecipeError
+from compressor.errors import DataError, RecipeError
 from compressor.file_pages import release_file_pages
 from compressor.formats import write_quantization_config
 from compressor.guards import assert_finite, check_free_space, state_bytes
@@ -32,12 +33,13 @@ from compressor.model_card import build_model_card
 from compressor.model_io import LoadedModel, load_config, load_model, load_tokenizer, prepare_source, weights_bytes
 from compressor.offload import is_dispatched, undispatch
 from compressor.processes import launch_processes
-from compressor.recipe import Recipe
+from compressor.recipe import CalibrationSpec, Recipe
 from compressor.resume import LoopState, StageCheckpoints, run_key
 from compressor.sparse_format import pack_sparse_layers, write_sparsity_config
 from compressor.registry import stage_registry
 from compressor.stages.base import StageContext, StagePlan
 from compressor.stages.quant_sequence import check_quantize_sequence
+from compressor.stages.stage_sequence import check_stage_sequence
 
 
 @dataclass
@@ -88,6 +90,35 @@ def check_recipe_fits_model(recipe: Recipe, config: Any) -> None:
         )
 
 
+def check_recipe_datasets(recipe: Recipe) -> None:
+    """Refuse a dataset reference that cannot work (a missing file, an unknown built-in) before
+    any weight is read: the recipe's calibration when a stage reads it, and every stage's own
+    dataset block (distill `data`, lora `dataset`)."""
+    from compressor.calibration.sources import dataset_problem
+
+    registry = stage_registry()
+    blocks: list[tuple[tuple[Any, ...], CalibrationSpec]] = []
+    if any(registry.get(s.kind).implementation.needs_calibration(s.config) for s in recipe.stages):
+        blocks.append((("calibration", "dataset"), recipe.calibration))
+    for index, spec in enumerate(recipe.stages):
+        for key in type(spec.config).model_fields:
+            value = getattr(spec.config, key)
+            if isinstance(value, CalibrationSpec):
+                blocks.append((("stages", index, spec.kind, key, "dataset"), value))
+    for path, block in blocks:
+        problem = dataset_problem(block.dataset)
+        if problem is not None:
+            raise RecipeError(f"{block.dataset}: {problem}", **recipe.where(path))
+
+
+def _located_data_error(err: DataError, recipe: Recipe) -> DataError:
+    """A calibration DataError with the recipe's file and line: the data file's own place (a bad
+    line) stays in the message; an error about the block itself points at its key."""
+    key = err.where if err.where and err.where.startswith("calibration") else "calibration.dataset"
+    message = err.message if key == err.where else f"{err.where}: {err.message}" if err.where else err.message
+    return DataError(message, **recipe.where(tuple(key.split("."))))
+
+
 def plan_recipe(model: nn.Module, recipe: Recipe) -> list[StagePlan]:
     """Validate every stage against `model` as loaded; what each stage would touch."""
     registry = stage_registry()
@@ -102,6 +133,7 @@ def plan_recipe(model: nn.Module, recipe: Recipe) -> list[StagePlan]:
         plans.append(stage.plan(model, spec.config, _locator(recipe, i, spec.kind)))
         by_index[i] = plans[-1]
     check_quantize_sequence(recipe, by_index)
+    check_stage_sequence(recipe, by_index, model)
     return plans
 
 
@@ -167,6 +199,7 @@ def run_recipe(
                           **recipe.where(("stages", 0)))
 
     # Cheap checks first: config and calibration data fail before any weight is read.
+    check_recipe_datasets(recipe)
     source, path, folder = prepare_source(model_reference, allow_pickle=options.allow_pickle)
     check_recipe_fits_model(recipe, load_config(path, model_reference, options.trust_remote_code))
     tokenizer = load_tokenizer(path, model_reference, options.trust_remote_code)
@@ -175,7 +208,10 @@ def run_recipe(
 
     def calibration_tokens() -> torch.Tensor:
         if "tokens" not in calibration:
-            calibration["tokens"] = build_calibration(recipe.calibration, tokenizer, cache_root() / "calibration")
+            try:
+                calibration["tokens"] = build_calibration(recipe.calibration, tokenizer, cache_root() / "calibration")
+            except DataError as err:
+                raise _located_data_error(err, recipe) from None
         return calibration["tokens"]
 
     if any(registry.get(s.kind).implementation.needs_calibration(s.config) for s in recipe.stages):
@@ -238,27 +274,13 @@ def run_recipe(
                                         merged="merge" in (extra_metadata or {}), writes=processes.is_main)
     loop = LoopState(stage_log, summary.stage_seconds, summary.plans)
     model, first_stage = checkpoints.restore(model, ctx, loop)
-    for index, spec in enumerate(recipe.stages):
-        stage = registry.get(spec.kind).implementation
-        if getattr(stage, "runs_before_load", False) or index < first_stage:
-            continue
-        plan = stage.plan(model, spec.config, _locator(recipe, index, spec.kind))
-        ctx.stage_index = index
-        echo(f"stage {index + 1}/{len(recipe.stages)}: {spec.kind} ({plan.method}) on {len(plan.selected)} modules")
-        started = time.perf_counter()
-        if is_dispatched(model) and not getattr(stage, "streams_blocks", lambda _config: False)(spec.config):
-            undispatch(model)  # this stage reads whole weights: everything comes into memory first
-        model = stage.run(model, spec.config, ctx, plan)
-        if is_dispatched(model):
-            undispatch(model)  # what is left on disk after a streaming stage is small (norms, rotary)
-        seconds = time.perf_counter() - started
-        assert_finite(model, f"stage {index + 1} ({spec.kind})")
-        summary.stage_seconds.append(seconds)
-        summary.plans.append(plan)
-        stage_log.append({"kind": spec.kind, "method": plan.method, "modules": len(plan.selected), "seconds": round(seconds, 3)})
-        checkpoints.save(index, model, ctx, loop)
-        # Last in the loop: the finiteness check and the stage checkpoint read every weight again.
-        release_file_pages(model.parameters())
+    try:
+        model = _run_stages(model, recipe, first_stage, ctx, checkpoints, loop, echo)
+    except BaseException:  # Ctrl-C, SIGTERM or a failure: say what stays beside OUT
+        note = checkpoints.kept_note() if processes.is_main else None
+        if note is not None:
+            print(note, file=sys.stderr)
+        raise
     loaded.model = model
     if not processes.is_main:
         echo(f"process {processes.index + 1} of {processes.count}: every stage done; process 1 saves {options.out_dir}")
@@ -301,6 +323,42 @@ def run_recipe(
     if hub_token is not None:
         _push_output(recipe, options.out_dir, hub_token, echo)
     return summary
+
+
+def _run_stages(
+    model: nn.Module,
+    recipe: Recipe,
+    first_stage: int,
+    ctx: StageContext,
+    checkpoints: StageCheckpoints,
+    loop: LoopState,
+    echo: Callable[[str], None],
+) -> nn.Module:
+    """Plan and run every stage from `first_stage` on, checkpointing after each."""
+    registry = stage_registry()
+    for index, spec in enumerate(recipe.stages):
+        stage = registry.get(spec.kind).implementation
+        if getattr(stage, "runs_before_load", False) or index < first_stage:
+            continue
+        locate = _locator(recipe, index, spec.kind)
+        plan = stage.plan(model, spec.config, locate)
+        ctx.stage_index, ctx.locate = index, locate
+        echo(f"stage {index + 1}/{len(recipe.stages)}: {spec.kind} ({plan.method}) on {len(plan.selected)} modules")
+        started = time.perf_counter()
+        if is_dispatched(model) and not getattr(stage, "streams_blocks", lambda _config: False)(spec.config):
+            undispatch(model)  # this stage reads whole weights: everything comes into memory first
+        model = stage.run(model, spec.config, ctx, plan)
+        if is_dispatched(model):
+            undispatch(model)  # what is left on disk after a streaming stage is small (norms, rotary)
+        seconds = time.perf_counter() - started
+        assert_finite(model, f"stage {index + 1} ({spec.kind})")
+        loop.stage_seconds.append(seconds)
+        loop.plans.append(plan)
+        loop.stage_log.append({"kind": spec.kind, "method": plan.method, "modules": len(plan.selected), "seconds": round(seconds, 3)})
+        checkpoints.save(index, model, ctx, loop)
+        # Last in the loop: the finiteness check and the stage checkpoint read every weight again.
+        release_file_pages(model.parameters())
+    return model
 
 
 def stage_checkpoints_for(
@@ -360,6 +418,7 @@ def dry_run(model_reference: str, recipe: Recipe, options: RunOptions) -> list[S
     """Validate `recipe` against the model's structure and report what each stage targets."""
     if options.out_dir is not None:
         check_output_dir(options.out_dir, options.overwrite)
+    check_recipe_datasets(recipe)
     model = skeleton_model(model_reference, allow_pickle=options.allow_pickle, trust_remote_code=options.trust_remote_code)
     check_recipe_fits_model(recipe, model.config)
     return plan_recipe(model, recipe)

@@ -23,9 +23,10 @@ from compressor.yaml_lines import LocatedDocument, format_path, load_yaml_with_l
 
 
 class StrictModel(BaseModel):
-    """Base of every recipe block: unknown keys are errors, values are not coerced."""
+    """Base of every recipe block: unknown keys are errors, values are not coerced, and
+    numbers are finite (`.inf` as a learning rate or temperature only fails mid-training)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class CalibrationSpec(StrictModel):

@@ -298,9 +298,10 @@ def test_rank_error_names_the_layer(tiny_llama):
 
 
 def test_default_rank_is_checked_too(tiny_llama):
-    recipe = parse_recipe_text(_recipe("lowrank: {method: eora, targets: [k_proj]}"))  # rank 32 ≤ 48: fine
+    recipe = parse_recipe_text(_recipe(  # rank 32 ≤ 48: fine
+        "quantize: {method: rtn, weights: {bits: 4, group_size: 32}}", "lowrank: {method: eora, targets: [k_proj]}"))
     from compressor.pipeline import skeleton_model, plan_recipe
 
     model = skeleton_model(str(tiny_llama), allow_pickle=False, trust_remote_code=False)
-    (plan,) = plan_recipe(model, recipe)
+    _, plan = plan_recipe(model, recipe)
     assert all(detail.startswith("rank 32") for detail in plan.selected.values()) and len(plan.selected) == 2

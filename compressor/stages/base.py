@@ -25,6 +25,7 @@ class StageContext:
     workdir: Path | None = None  # stage checkpoints for --resume; removed after a successful save
     resume: bool = False
     stage_index: int = 0  # set by the pipeline before each stage runs
+    locate: Locator | None = None  # the running stage's keys in the recipe file (errors found at run time)
     load_reference_model: Callable[[], nn.Module] | None = None  # a fresh copy of the model as loaded
     artifacts: dict[str, Path] = field(default_factory=dict)  # file name in OUT → file to copy there
 

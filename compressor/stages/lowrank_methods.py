@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -67,6 +68,11 @@ def _dense_or_quantized(name: str, module: nn.Module, config) -> Verdict:
 # ---------------------------------------------------------------- eora
 
 
+def _where(ctx: StageContext, key: str) -> dict[str, str]:
+    """The recipe location of this stage's `key`, for errors only the run can find."""
+    return ctx.locate(key) if ctx.locate is not None else {"key": f"lowrank.{key}"}
+
+
 class _EoRABlockAlgorithm(InputStatisticsAlgorithm):
     """Input covariances of one block's compressed layers, then their EoRA factors."""
 
@@ -88,7 +94,7 @@ class _EoRABlockAlgorithm(InputStatisticsAlgorithm):
             raise RecipeError(
                 f"the original weight of {module_name} is {tuple(original.shape)}, the layer is"
                 f" {(module.out_features, module.in_features)}: `original` is not this model's source",
-                where="lowrank.original",
+                **_where(self.ctx, "original"),
             )
         delta = original - module.dequantized_weight(torch.float32).to(covariance.device)
         existing = getattr(module, "lowrank", None)
@@ -119,7 +125,16 @@ class EoRAMethod:
     default_rank = DEFAULT_RANK
 
     def check_config(self, config, locate: Locator) -> None:
-        pass
+        """A missing `original` fails here, at plan time, not after the earlier stages ran."""
+        from compressor.errors import ModelError
+        from compressor.model_io import resolve_model
+
+        if config.original is None or Path(config.original).expanduser().is_dir():
+            return
+        try:
+            resolve_model(config.original)
+        except ModelError as err:
+            raise RecipeError(f"{config.original}: {err.message}", **locate("original")) from None
 
     def plan_module(self, name: str, module: nn.Module, config) -> Verdict:
         return _dense_or_quantized(name, module, config)
@@ -133,14 +148,14 @@ class EoRAMethod:
             raise RecipeError(
                 "lowrank eora compensates compressed layers, and none of its targets is quantized:"
                 " put a quantize stage before it",
-                where="lowrank.method",
+                **_where(ctx, "method"),
             )
         for name in modules.keys() - quantized.keys():
             plan.skipped[name] = "not compressed: nothing to compensate"
             del plan.selected[name]
         reference = config.original or getattr(model.config, "_name_or_path", None)
         if not reference:
-            raise RecipeError("cannot tell where the original weights are; set `original:`", where="lowrank.original")
+            raise RecipeError("cannot tell where the original weights are; set `original:`", **_where(ctx, "original"))
         algorithm = _EoRABlockAlgorithm(quantized, config, ctx, original_weights_for(reference))
         run_layerwise(
             model,

@@ -1,0 +1,79 @@
+"""Rules across the stages of one recipe that no single stage's plan can see.
+
+Each stage plans against the model as loaded, but at run time it meets the model the earlier
+stages left: a layer quantized by stage 1 is no longer a Linear layer for stage 2. These rules
+replay that, so `--dry-run` (and the checks before any weight is read) refuse what the run
+would refuse later, after spending the earlier stages' time:
+
+- a quantize or (unstructured) prune stage every one of whose targets an earlier quantize stage
+  already replaced: at run time it matches nothing;
+- a lowrank ``eora`` stage none of whose targets is compressed, by an earlier quantize stage or
+  in the checkpoint as loaded: EoRA compensates quantization error, so there is nothing for it
+  to compensate.
+
+A stage that only smooths (SmoothQuant with ``activations: null``) replaces no layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from compressor.errors import RecipeError
+from compressor.stages.base import StagePlan
+from compressor.stages.quant_schemes import smooths_only
+
+
+def _replaces_layers(kind: str, config: Any) -> bool:
+    return kind == "quantize" and not smooths_only(config)
+
+
+def _matches_only_replaced(kind: str, config: Any) -> bool:
+    """Stages that act on plain Linear layers only, so layers replaced earlier drop out of them."""
+    if kind == "quantize":
+        return True
+    return kind == "prune" and getattr(config, "structured", None) is None
+
+
+def _few(names: set[str]) -> str:
+    ordered = sorted(names)
+    return ", ".join(ordered[:2]) + (f" and {len(ordered) - 2} more" if len(ordered) > 2 else "")
+
+
+def _compressed_as_loaded(model: nn.Module, names: set[str]) -> bool:
+    # A dry run plans on a skeleton built from the config, whose layers are plain Linear even
+    # for a compressed checkpoint: its quantization_config is what tells.
+    if getattr(getattr(model, "config", None), "quantization_config", None) is not None:
+        return True
+    return any(hasattr(model.get_submodule(name), "weight_packed") for name in names)
+
+
+def check_stage_sequence(recipe, plans: dict[int, StagePlan], model: nn.Module) -> None:
+    """Raise RecipeError when a stage would find nothing left to act on (`plans` by stage index,
+    made against `model` as loaded)."""
+    replaced: dict[str, int] = {}  # module name → index of the quantize stage that replaced it
+    for index, spec in enumerate(recipe.stages):
+        plan = plans.get(index)
+        if plan is None:
+            continue
+        selected = set(plan.selected)
+        earlier = {replaced[name] for name in selected if name in replaced}
+        if _matches_only_replaced(spec.kind, spec.config) and selected and selected <= replaced.keys():
+            stages = ", ".join(f"stages[{i}]" for i in sorted(earlier))
+            advice = "prune before quantizing" if spec.kind == "prune" else "narrow the earlier stage's targets"
+            raise RecipeError(
+                f"every module it targets ({_few(selected)}) is already quantized by {stages}, so it would match"
+                f" nothing when it runs; {advice}",
+                **recipe.where(("stages", index, spec.kind, "targets")),
+            )
+        eora = spec.kind == "lowrank" and getattr(spec.config, "method", None) == "eora"
+        if eora and not earlier and not _compressed_as_loaded(model, selected):
+            raise RecipeError(
+                "eora compensates quantization error, and no earlier quantize stage compresses any of its"
+                " targets: put a quantize stage before it",
+                **recipe.where(("stages", index, spec.kind, "method")),
+            )
+        if _replaces_layers(spec.kind, spec.config):
+            for name in selected:
+                replaced.setdefault(name, index)
