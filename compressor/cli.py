@@ -45,10 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compression failed: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
+        print("interrupted: the output was not written", file=sys.stderr)
         return 130
     except Terminated:
-        print("terminated: nothing was written", file=sys.stderr)
+        print("terminated: the output was not written", file=sys.stderr)
         return 143
     finally:
         if in_main_thread:

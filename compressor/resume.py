@@ -164,6 +164,14 @@ class StageCheckpoints:
                 found.append((int(record.get("stage_index", -1)), folder, record))
         return sorted(found, key=lambda item: item[0])
 
+    def kept_note(self) -> str | None:
+        """What an interrupted or failed run leaves for --resume, in one line (None: nothing)."""
+        completed = self._completed()
+        if not completed:
+            return None
+        last = completed[-1][0] + 1
+        return f"{self.workdir}: stages 1-{last} are kept there; repeat the command with --resume to continue from stage {last + 1}"
+
     def restore(self, model: nn.Module, ctx: StageContext, loop: LoopState) -> tuple[nn.Module, int]:
         """With --resume: the model after the newest usable checkpoint and the first stage to run."""
         if not self.resume:
@@ -208,6 +216,21 @@ class StageCheckpoints:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
         try:
+            written = self._write(index, model, ctx, loop, partial)
+        except BaseException:  # an interrupt mid-save: leave no half-written stage folder behind
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        if not written:
+            return
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(partial, folder)
+        for older, older_folder, _ in self._completed():
+            if older < index:
+                shutil.rmtree(older_folder, ignore_errors=True)
+
+    def _write(self, index: int, model: nn.Module, ctx: StageContext, loop: LoopState, partial: Path) -> bool:
+        """Fill `partial` with the checkpoint after stage `index`; False when it cannot be one."""
+        try:
             check_free_space(partial, state_bytes(model))
             save_model_files(model, partial)
             problem, attributes = self._verify(model, partial)
@@ -217,13 +240,9 @@ class StageCheckpoints:
             shutil.rmtree(partial, ignore_errors=True)
             self._broken = True  # the same modules stay in the model: later stages would fail too
             self.echo(f"checkpoint: no stage checkpoint after stage {index + 1} ({problem}); --resume re-runs it")
-            return
+            return False
         self._write_state(partial, index, model, ctx, loop, attributes)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(partial, folder)
-        for older, older_folder, _ in self._completed():
-            if older < index:
-                shutil.rmtree(older_folder, ignore_errors=True)
+        return True
 
     def _verify(self, model: nn.Module, folder: Path) -> tuple[str | None, dict[str, dict[str, Any]]]:
         from compressor.runtime import load

@@ -90,7 +90,12 @@ def test_killed_runs_leave_no_partial_output(tiny_llama, tmp_path):
         assert process.returncode == EXIT_CODES[signum], (signum, process.returncode, stderr)
         assert not out.exists(), f"OUT exists after {signum!r} at {trigger}+{delay}s"
         if signum != signal.SIGKILL:
-            assert stderr.strip() in {"interrupted: nothing was written", "terminated: nothing was written"}, stderr
+            *notes, last = stderr.strip().splitlines()
+            assert last in {"interrupted: the output was not written", "terminated: the output was not written"}, stderr
+            # Stopped after stage 1's checkpoint: one line says where it stays and how to go on.
+            assert all(".out.work: stages 1-1 are kept there" in note and "--resume" in note for note in notes), stderr
+            assert len(notes) <= 1, stderr
+            assert not list(out.parent.glob(".out.work/stage-*.partial")), "a half-written stage checkpoint was left"
             assert not list(out.parent.glob(".out.partial-*")) if out.parent.exists() else True
     # The signals sent as a stage starts always land; the delayed ones may lose the race on a fast machine.
     assert stopped_early >= 3, "too few runs were stopped before finishing to test anything"

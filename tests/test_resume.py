@@ -286,3 +286,33 @@ def test_interrupted_inside_distill_resumes_stage_and_training(tiny_llama, tmp_p
     resumed, reference = digests(out), digests(tmp_path / "ref")
     del resumed["stage-3-distill.json"], reference["stage-3-distill.json"]
     assert resumed == reference and "model.safetensors" in resumed
+
+
+def test_interrupt_while_saving_a_stage_checkpoint_leaves_no_partial_folder(tiny_llama, tmp_path, capsys, monkeypatch):
+    import compressor.resume as resume
+
+    recipe = tmp_path / "rtn.yaml"
+    recipe.write_text(TWO_RTN.replace("BITS", "8"))
+
+    def interrupted_save(model, folder):
+        (folder / "model.safetensors").write_bytes(b"half")  # the save had begun
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(resume, "save_model_files", interrupted_save)
+    out = tmp_path / "out"
+    assert compress(tiny_llama, recipe, out) == 130
+    assert not out.exists()
+    assert not list(workdir(out).glob("stage-*")), "a half-written stage checkpoint was left"
+    assert capsys.readouterr().err.strip() == "interrupted: the output was not written"  # nothing kept: no note
+
+
+def test_interrupt_after_a_checkpoint_says_what_is_kept(tiny_llama, tmp_path, capsys, interrupt_after_checkpoint):
+    recipe = tmp_path / "rtn.yaml"
+    recipe.write_text(TWO_RTN.replace("BITS", "8"))
+    interrupt_after_checkpoint(1)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert compress(tiny_llama, recipe, out) == 130
+    note, last = capsys.readouterr().err.strip().splitlines()
+    assert note == f"{workdir(out).resolve()}: stages 1-1 are kept there; repeat the command with --resume to continue from stage 2"
+    assert last == "interrupted: the output was not written"
