@@ -189,7 +189,7 @@ def run_finetune(options: FinetuneOptions, echo: Callable[[str], None] = print) 
     from accelerate.utils import set_seed
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    from compressor.checkpoint import check_output_dir
+    from compressor.checkpoint import atomic_output_dir, check_output_dir
     from compressor.model_io import load_tokenizer, prepare_source
 
     if options.qlora:
@@ -274,20 +274,24 @@ def run_finetune(options: FinetuneOptions, echo: Callable[[str], None] = print) 
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _save_adapter(accelerator.unwrap_model(model), tokenizer, options, summary)
-        if options.merge or options.recompress:
-            summary.merged = merge_adapter(path, options.output, options.output / "merged", qlora=options.qlora)
-            echo(f"merged bf16 checkpoint: {summary.merged}")
-        if options.recompress:
-            summary.recompressed = _recompress(summary.merged, options.recompress, options.output / "compressed", echo)
+        # Written beside OUT and renamed into place at the end: an interrupted save, merge or
+        # recompression leaves OUT absent, never an adapter folder that looks complete.
+        with atomic_output_dir(options.output) as staging:
+            _save_adapter(accelerator.unwrap_model(model), tokenizer, options, summary, staging)
+            if options.merge or options.recompress:
+                merge_adapter(path, staging, staging / "merged", qlora=options.qlora)
+                summary.merged = options.output / "merged"
+                echo(f"merged bf16 checkpoint: {summary.merged}")
+            if options.recompress:
+                _recompress(staging / "merged", options.recompress, staging / "compressed", echo)
+                summary.recompressed = options.output / "compressed"
     accelerator.wait_for_everyone()
     return summary
 
 
-def _save_adapter(model, tokenizer, options: FinetuneOptions, summary: FinetuneSummary) -> None:
-    options.output.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(options.output))
-    tokenizer.save_pretrained(str(options.output))
+def _save_adapter(model, tokenizer, options: FinetuneOptions, summary: FinetuneSummary, folder: Path) -> None:
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
     record = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()}
     log = {
         "options": record,
@@ -301,7 +305,7 @@ def _save_adapter(model, tokenizer, options: FinetuneOptions, summary: FinetuneS
         "seconds": round(summary.seconds, 2),
         "processes": summary.processes,
     }
-    (options.output / "training.json").write_text(json.dumps(log, indent=2) + "\n")
+    (folder / "training.json").write_text(json.dumps(log, indent=2) + "\n")
 
 
 def merge_adapter(base_path: str, adapter: Path, out: Path, *, qlora: bool) -> Path:

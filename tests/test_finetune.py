@@ -301,3 +301,19 @@ def test_held_out_evaluation_leaves_nf4_gradients_intact(chat_llama):
         before, after = _nf4_lora_gradients_around_an_evaluation(chat_llama, keep_layout=False)
         changed = [n for n in before if not torch.allclose(before[n], after[n], rtol=1e-2, atol=1e-6)]
         assert len(changed) > len(before) // 2
+
+
+def test_failed_merge_leaves_no_adapter_folder(chat_llama, tmp_path, monkeypatch, capsys):
+    """The adapter, its log and the merged copy appear together or not at all."""
+    import compressor.finetune as finetune
+
+    def failing_merge(*args, **kwargs):
+        raise KeyboardInterrupt  # as if Ctrl-C landed while the merged copy was being written
+
+    monkeypatch.setattr(finetune, "merge_adapter", failing_merge)
+    train = _write_jsonl(tmp_path / "train.jsonl", _titles(4))
+    out = tmp_path / "adapter"
+    argv = ["finetune", str(chat_llama), "--dataset", str(train), "-o", str(out), "--steps", "1", "--merge"]
+    assert main(argv) == 130
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.jsonl"], "a staging folder was left beside OUT"
