@@ -69,12 +69,24 @@ def _construct(loader: _LineLoader, node: yaml.Node, path: Path_, lines: dict[Pa
             where=str(node.start_mark.line + 1),
         )
     if isinstance(node, yaml.MappingNode):
+        # `<<: *anchor` merge keys: PyYAML puts the merged pairs first, so the mapping's own
+        # keys override them; only a key written twice in the mapping itself is a duplicate.
+        merged = getattr(node, "merged_pairs", None)
+        if merged is None:  # an alias meets the same node again, already flattened
+            own = sum(1 for key_node, _ in node.value if key_node.tag != "tag:yaml.org,2002:merge")
+            loader.flatten_mapping(node)
+            merged = node.merged_pairs = len(node.value) - own
         result: dict[Any, Any] = {}
-        for key_node, value_node in node.value:
+        from_merge: set[Any] = set()
+        for position, (key_node, value_node) in enumerate(node.value):
             key = loader.construct_object(key_node, deep=True)
             if isinstance(key, (list, dict)):
                 raise RecipeError(f"mapping key must be a scalar", where=f"{lines.get(path)}")
-            if key in result:
+            if position < merged:
+                from_merge.add(key)
+            elif key in from_merge:
+                from_merge.discard(key)  # overrides the merged value
+            elif key in result:
                 raise RecipeError(
                     f"duplicate key '{key}'",
                     key=_format_path((*path, key)),

@@ -82,6 +82,10 @@ def test_resolved_recipe_round_trips_through_safe_yaml():
         ("name: !!python/object:os.system x\nstages: []\n", "r.yaml:1 name: YAML tag 'tag:yaml.org,2002:python/object:os.system' is not allowed"),
         ("- just\n- a list\n", "r.yaml:1: a recipe must be a YAML mapping"),
         ("name: x\nname: y\nstages: []\n", "r.yaml:2 name: duplicate key 'name'"),
+        ("name: x\nstages:\n  - quantize: {method: rtn, weights: &w {bits: 4}}\n  - quantize: {method: rtn, weights: {<<: *w, bits: 8, bits: 2}}\n",
+         "r.yaml:4 stages[1].quantize.weights.bits: duplicate key 'bits'"),
+        ("name: x\nstages:\n  - quantize: {method: rtn, weights: &w {bits: 4}}\n  - quantize: {method: rtn, weights: {<<: *w, bitz: 8}}\n",
+         "r.yaml:4 stages[1].quantize.weights.bitz: unknown key 'bitz'"),
         ("name: x\nstages:\n  - quantize: {method: rtn}\nevaluate:\n  tasks: [arc_eazy]\n", "r.yaml:5 evaluate.tasks: unknown task 'arc_eazy'; did you mean arc_easy"),
     ],
 )
@@ -113,3 +117,18 @@ def test_unknown_builtin_recipe_name():
     with pytest.raises(RecipeError) as info:
         load_recipe("w5a16-gptq")
     assert "no built-in recipe 'w5a16-gptq'" in info.value.format()
+
+
+def test_yaml_anchors_and_merge_keys():
+    """`<<: *anchor` copies a mapping; the mapping's own keys override what it merged."""
+    recipe = parse_recipe_text(textwrap.dedent("""\
+        name: x
+        stages:
+          - quantize: {method: rtn, weights: &w {bits: 4, group_size: 32, symmetric: false}, targets: ["re:.*mlp.*"]}
+          - quantize: {method: rtn, weights: {<<: *w, bits: 8}, targets: ["re:.*attn.*"]}
+          - quantize: {method: rtn, weights: *w, targets: [lm_head]}
+        """), "r.yaml")
+    first, second, third = (stage.config.weights for stage in recipe.stages)
+    assert (first.bits, first.group_size, first.symmetric) == (4, 32, False)
+    assert (second.bits, second.group_size, second.symmetric) == (8, 32, False)
+    assert third == first
