@@ -187,6 +187,10 @@ def _describe(error: dict[str, Any], model: type[BaseModel], loc: tuple[Any, ...
     return message
 
 
+# Parts of a pydantic error location that name a validator or a union member, not a key.
+_UNION_BRANCHES = frozenset({"function-after", "function-before", "tagged-union", "float", "int", "str", "bool", "none"})
+
+
 def _raise_validation(
     err: ValidationError, model: type[BaseModel], doc: LocatedDocument, prefix: tuple[Any, ...]
 ) -> None:
@@ -195,7 +199,7 @@ def _raise_validation(
     errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
     error = errors[0]
     loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.endswith("]")))
-    loc = tuple(p for p in loc if p not in ("function-after", "function-before", "tagged-union"))
+    loc = tuple(p for p in loc if p not in _UNION_BRANCHES)
     path = (*prefix, *loc)
     raise RecipeError(_describe(error, model, loc), **doc.locate(path)) from None
 

@@ -119,7 +119,12 @@ def test_mergekit_configs_refuse_what_they_cannot_translate(pair, tmp_path, caps
     unknown_source = f"merge_method: linear\nmodels:\n  - model: {pair['a']}\n    parameters: {{weight: 1.0}}\ntokenizer_source: other\n"
     refused(tmp_path, capsys, unknown_source, "merge.yaml:5", "tokenizer_source must be 'base', 'union' or one of the models")
     bad_density = f"merge_method: ties\nbase_model: {pair['base']}\nmodels:\n  - model: {pair['a']}\n    parameters:\n      weight: 1.0\n      density: 2.0\n"
-    refused(tmp_path, capsys, bad_density, "merge.yaml:7", "density must be in (0, 1]")
+    refused(tmp_path, capsys, bad_density, "merge.yaml:7 models[0].parameters.density: density must be in (0, 1]")
+    # Errors name the mergekit key that was written, not the recipe key it became.
+    unknown_method = f"merge_method: frankenmerge\nmodels:\n  - model: {pair['a']}\n"
+    refused(tmp_path, capsys, unknown_method, "merge.yaml:1 merge_method: unknown merge method 'frankenmerge'")
+    bad_weight = f"merge_method: linear\nmodels:\n  - model: {pair['a']}\n    parameters: {{weight: abc}}\n"
+    refused(tmp_path, capsys, bad_weight, "merge.yaml:4 models[0].parameters.weight: must be a number, got 'abc'")
 
 
 def test_dry_run_plans_the_merge_and_later_stages(pair, tmp_path, capsys):

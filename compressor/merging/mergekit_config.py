@@ -20,7 +20,7 @@ from typing import Any
 
 from compressor.errors import RecipeError
 from compressor.recipe import Recipe, parse_recipe
-from compressor.yaml_lines import LocatedDocument
+from compressor.yaml_lines import LocatedDocument, format_path
 
 MODEL_PARAMETERS = ("weight", "density", "gamma")
 GLOBAL_PARAMETERS = ("weight", "density", "gamma", "t", "normalize", "rescale", "lambda", "filter_wise")
@@ -37,6 +37,7 @@ class _Translation:
     def __init__(self, doc: LocatedDocument):
         self.doc = doc
         self.lines: dict[tuple[Any, ...], int] = {}
+        self.keys: dict[str, str] = {}  # recipe key path → the mergekit key it came from, for errors
 
     def error(self, message: str, path: tuple[Any, ...]) -> RecipeError:
         return RecipeError(message, **self.doc.locate(path))
@@ -45,6 +46,16 @@ class _Translation:
         line = self.doc.line_of(old)
         if line is not None:
             self.lines[("stages", 0, "merge", *new)] = line
+            self.keys[format_path(("stages", 0, "merge", *new))] = format_path(old)
+
+    def mergekit_key(self, key: str | None) -> str | None:
+        """The mergekit spelling of a recipe key path (its longest translated prefix swapped)."""
+        if key is None:
+            return None
+        for end in range(len(key), 0, -1):
+            if (end == len(key) or key[end] in ".[") and key[:end] in self.keys:
+                return self.keys[key[:end]] + key[end:]
+        return key
 
     def parameters(self, block: Any, path: tuple[Any, ...], allowed: tuple[str, ...], new: tuple[Any, ...]) -> dict[str, Any]:
         if block is None:
@@ -107,4 +118,7 @@ def recipe_from_mergekit(doc: LocatedDocument) -> Recipe:
     """The recipe a mergekit config means; errors point at the mergekit file's lines."""
     translation = _Translation(doc)
     data = translation.translate()
-    return parse_recipe(LocatedDocument(data, translation.lines, doc.source))
+    try:
+        return parse_recipe(LocatedDocument(data, translation.lines, doc.source))
+    except RecipeError as err:  # name the key the user wrote, not the recipe key it became
+        raise RecipeError(err.message, where=err.where, key=translation.mergekit_key(err.key)) from None
