@@ -201,7 +201,10 @@ def run_recipe(
     # Cheap checks first: config and calibration data fail before any weight is read.
     check_recipe_datasets(recipe)
     source, path, folder = prepare_source(model_reference, allow_pickle=options.allow_pickle)
-    check_recipe_fits_model(recipe, load_config(path, model_reference, options.trust_remote_code))
+    config = load_config(path, model_reference, options.trust_remote_code)
+    check_recipe_fits_model(recipe, config)
+    if getattr(config, "quantization_config", None) is None:  # a compressed input is planned once loaded
+        plan_recipe(skeleton_from_config(config, options.trust_remote_code), recipe)  # targets fail before any weight is read
     tokenizer = load_tokenizer(path, model_reference, options.trust_remote_code)
     evaluation = _plan_evaluation(recipe, options, echo)
     calibration: dict[str, torch.Tensor] = {}
@@ -398,7 +401,7 @@ def _push_output(recipe: Recipe, out_dir: Path, token: str, echo: Callable[[str]
 
 def skeleton_model(model_reference: str, *, allow_pickle: bool, trust_remote_code: bool) -> nn.Module:
     """The model's structure with no weights (meta tensors): enough to plan, nothing written."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from compressor.model_io import check_weights_are_safe, load_config, resolve_model
 
@@ -410,6 +413,13 @@ def skeleton_model(model_reference: str, *, allow_pickle: bool, trust_remote_cod
         if source.kind == "local":
             check_weights_are_safe(Path(source.load_path), allow_pickle, model_reference)
         config = load_config(source.load_path, model_reference, trust_remote_code)
+    return skeleton_from_config(config, trust_remote_code)
+
+
+def skeleton_from_config(config: Any, trust_remote_code: bool) -> nn.Module:
+    """A model of `config`'s structure on the meta device: planning reads no weight."""
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 

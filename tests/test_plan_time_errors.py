@@ -125,3 +125,14 @@ def test_output_folder_follows_the_umask(tiny_llama, tmp_path):
     assert code == 0, err
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755  # not mkdtemp's 0o700
     assert json.loads((tmp_path / "out" / "compression.json").read_text())["stages"][0]["kind"] == "quantize"
+
+
+def test_targets_are_checked_before_any_weight_is_read(tiny_llama, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    (model / "model.safetensors").write_bytes(b"reading these bytes would fail")
+    recipe = write(tmp_path, HEAD + "  - quantize: {method: rtn, targets: [NoSuchLayer]}\n")
+    code, err = run([model, "--recipe", recipe, "-o", tmp_path / "out"])
+    assert code == 2 and err == f"error: {recipe}:4 stages[0].quantize.targets: matches no Linear module of this model that the stage can quantize", err
