@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from compressor.commands.args import Parser, positive_int, quiet_transformers
+from compressor.commands.args import Parser, device_name, positive_int, quiet_transformers
 
 
 def run(argv: list[str]) -> int:
@@ -10,7 +10,7 @@ def run(argv: list[str]) -> int:
     parser.add_argument("model", help="compressed checkpoint folder")
     parser.add_argument("prompt", help="text to continue")
     parser.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate (default 64)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
+    parser.add_argument("--device", type=device_name, default=None, help="cpu or cuda (default: cuda if available, else cpu)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     args = parser.parse_args(argv)
 

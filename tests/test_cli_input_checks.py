@@ -1,0 +1,77 @@
+"""Bad flags and paths on every subcommand: one line on stderr naming the thing, exit 2, nothing written.
+
+Everything here is refused before a model is loaded, so the model arguments may be dummies.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from compressor.cli import main
+
+
+def _run(argv: list[str], capsys) -> tuple[int, str]:
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit_:  # argparse errors leave through SystemExit
+        code = int(exit_.code or 0)
+    return code, capsys.readouterr().err.strip()
+
+
+def _assert_refused(code: int, err: str, *fragments: str) -> None:
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in err, f"{fragment!r} not in {err!r}"
+
+
+def _assert_nothing_written(folder: Path, before: set[str]) -> None:
+    assert {p.name for p in folder.iterdir()} == before, "a refused run must write nothing"
+
+
+# The argument lists of each subcommand that takes --device, up to (not including) --device.
+DEVICE_COMMANDS = {
+    "compress": ["MODEL", "--recipe", "RECIPE", "-o", "OUT"],
+    "merge": ["merge", "RECIPE", "-o", "OUT"],
+    "eval": ["eval", "a=MODEL", "--tasks", "perplexity", "-o", "OUT"],
+    "generate": ["generate", "MODEL", "hello"],
+    "bench": ["bench", "MODEL"],
+}
+
+
+def _fill(argv: list[str], tmp_path: Path) -> list[str]:
+    names = {"MODEL": str(tmp_path / "model"), "RECIPE": str(tmp_path / "r.yaml"), "OUT": str(tmp_path / "out")}
+    return [names.get(a, a.replace("MODEL", names["MODEL"])) for a in argv]
+
+
+@pytest.mark.parametrize("command", DEVICE_COMMANDS)
+@pytest.mark.parametrize(
+    "device, fragment",
+    [("bogus", "unknown device 'bogus'"), ("meta", "unsupported device 'meta'"),
+     ("cuda", "'cuda': CUDA is not available"), ("cuda:1", "'cuda:1': CUDA is not available"),
+     ("xpu", "'xpu': XPU is not available"), ("xpu:0", "'xpu:0': XPU is not available")],
+)
+def test_every_device_flag_is_checked(command, device, fragment, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only machine, wherever the test runs
+    if hasattr(torch, "xpu"):
+        monkeypatch.setattr(torch.xpu, "is_available", lambda: False)
+    code, err = _run(_fill(DEVICE_COMMANDS[command], tmp_path) + ["--device", device], capsys)
+    _assert_refused(code, err, "--device", fragment)
+    _assert_nothing_written(tmp_path, set())
+
+
+@pytest.mark.skipif(hasattr(torch, "xpu") and torch.xpu.is_available(), reason="this machine has an XPU")
+def test_xpu_is_refused_where_torch_has_none(tmp_path, capsys):
+    code, err = _run(_fill(DEVICE_COMMANDS["compress"], tmp_path) + ["--device", "xpu"], capsys)
+    _assert_refused(code, err, "--device", "'xpu': XPU is not available on this machine")
+
+
+def test_cuda_index_beyond_the_devices_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    code, err = _run(_fill(DEVICE_COMMANDS["generate"], tmp_path) + ["--device", "cuda:2"], capsys)
+    _assert_refused(code, err, "--device", "'cuda:2': this machine has 2 CUDA devices")
