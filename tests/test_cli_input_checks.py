@@ -5,6 +5,7 @@ Everything here is refused before a model is loaded, so the model arguments may 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,65 @@ def test_cuda_index_beyond_the_devices_is_refused(tmp_path, capsys, monkeypatch)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     code, err = _run(_fill(DEVICE_COMMANDS["generate"], tmp_path) + ["--device", "cuda:2"], capsys)
     _assert_refused(code, err, "--device", "'cuda:2': this machine has 2 CUDA devices")
+
+
+RECIPE = "name: t\ncalibration: {samples: 4, seq_len: 32}\nstages:\n  - quantize: {method: rtn, weights: {bits: 4, group_size: 32}}\n"
+MERGEKIT = "merge_method: linear\nmodels:\n  - model: MODEL\n    parameters: {weight: 0.5}\n  - model: MODEL\n    parameters: {weight: 0.5}\n"
+
+# Each command that writes OUT, with OUT last; models may be dummies: OUT is checked before any is read.
+OUTPUT_COMMANDS = {
+    "compress": ["MODEL", "--recipe", "RECIPE", "-q", "-o"],
+    "compress-dry-run": ["MODEL", "--recipe", "RECIPE", "--dry-run", "-o"],
+    "merge": ["merge", "MERGEKIT", "-q", "-o"],
+    "eval": ["eval", "a=MODEL", "--tasks", "perplexity", "-q", "-o"],
+    "finetune": ["finetune", "MODEL", "--dataset", "DATA", "-o"],
+}
+
+
+def _output_argv(command: str, tmp_path: Path, out: Path) -> list[str]:
+    (tmp_path / "r.yaml").write_text(RECIPE)
+    (tmp_path / "mk.yaml").write_text(MERGEKIT.replace("MODEL", str(tmp_path / "model")))
+    (tmp_path / "d.jsonl").write_text('{"text": "hello"}\n')
+    names = {"MODEL": tmp_path / "model", "RECIPE": tmp_path / "r.yaml", "MERGEKIT": tmp_path / "mk.yaml", "DATA": tmp_path / "d.jsonl"}
+    return [str(names.get(a, a)).replace("a=MODEL", f"a={tmp_path / 'model'}") for a in OUTPUT_COMMANDS[command]] + [str(out)]
+
+
+@pytest.mark.parametrize("command", OUTPUT_COMMANDS)
+@pytest.mark.parametrize("below", ["sub", "sub/deeper"])
+def test_output_below_a_file_is_refused_before_any_work(command, below, tmp_path, capsys):
+    (tmp_path / "afile").write_text("keep me")
+    out = tmp_path / "afile" / below
+    argv = _output_argv(command, tmp_path, out)
+    before = {p.name for p in tmp_path.iterdir()}
+    code, err = _run(argv, capsys)
+    _assert_refused(code, err, str(out), f"{tmp_path / 'afile'} is not a folder")
+    _assert_nothing_written(tmp_path, before)
+    assert (tmp_path / "afile").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("command", OUTPUT_COMMANDS)
+def test_output_in_a_folder_we_cannot_write_is_refused(command, tmp_path, capsys, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    # Tests may run as root, which os.access never refuses: pretend `locked` is read-only.
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != locked and real_access(path, mode, **kw))
+    out = locked / "new" / "out"
+    argv = _output_argv(command, tmp_path, out)
+    before = {p.name for p in tmp_path.iterdir()}
+    code, err = _run(argv, capsys)
+    _assert_refused(code, err, str(out), f"{locked} is not writable")
+    _assert_nothing_written(tmp_path, before)
+    assert list(locked.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only folder")
+def test_read_only_folder_is_refused_for_real(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        code, err = _run(_output_argv("compress", tmp_path, locked / "out"), capsys)
+    finally:
+        locked.chmod(0o755)
+    _assert_refused(code, err, f"{locked} is not writable")
