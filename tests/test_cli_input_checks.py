@@ -138,3 +138,116 @@ def test_read_only_folder_is_refused_for_real(tmp_path, capsys):
     finally:
         locked.chmod(0o755)
     _assert_refused(code, err, f"{locked} is not writable")
+
+
+# --- compress finetune ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--seed", "-1"], "--seed: expected an integer from 0 to 2**32 - 1, got '-1'"),
+        (["--seed", str(2**32)], f"--seed: expected an integer from 0 to 2**32 - 1, got '{2**32}'"),
+        (["--lr", "inf"], "--lr: expected a finite positive number, got 'inf'"),
+        (["--lr", "nan"], "--lr: expected a finite positive number, got 'nan'"),
+        (["--alpha", "inf"], "--alpha: expected a finite positive number, got 'inf'"),
+        (["--log-every", "-3"], "--log-every: expected an integer ≥ 0, got '-3'"),
+        (["--eval-every", "-1"], "--eval-every: expected an integer ≥ 0, got '-1'"),
+    ],
+)
+def test_bad_finetune_numbers_are_refused_by_the_parser(flags, fragment, tmp_path, capsys):
+    argv = ["finetune", tmp_path / "model", "--dataset", tmp_path / "d.jsonl", "-o", tmp_path / "out", *flags]
+    code, err = _run(argv, capsys)
+    _assert_refused(code, err, fragment)
+    _assert_nothing_written(tmp_path, set())
+
+
+@pytest.mark.parametrize("flag", ["--log-every", "--eval-every"])
+def test_zero_still_means_never_for_the_reporting_intervals(flag):
+    from compressor.commands.finetune import _parser
+
+    args = _parser().parse_args(["m", "--dataset", "d.jsonl", "-o", "o", flag, "0"])
+    assert getattr(args, flag[2:].replace("-", "_")) == 0
+
+
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        ("[1, 2, 3]", "d.json: record 0 is not a JSON object (it is int)"),
+        ('[{"text": "a"}, "b"]', "d.json: record 1 is not a JSON object (it is str)"),
+        ('[{"text": "a"},\n {"text": ]', "d.json:2: not valid JSON"),
+    ],
+)
+def test_json_dataset_records_must_be_objects(content, fragment, tiny_llama, tmp_path, capsys):
+    data = tmp_path / "d.json"
+    data.write_text(content)
+    out = tmp_path / "out"
+    code, err = _run(["finetune", tiny_llama, "--dataset", data, "-o", out, "--steps", "1"], capsys)
+    _assert_refused(code, err, fragment)
+    assert not out.exists()
+
+
+def test_dataset_that_is_not_text(tiny_llama, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(b"\xff\xfe\x00binary")
+    code, err = _run(["finetune", tiny_llama, "--dataset", data, "-o", tmp_path / "out", "--steps", "1"], capsys)
+    _assert_refused(code, err, f"{data}: not UTF-8 text")
+
+
+@pytest.fixture
+def no_progress_bars():
+    """transformers' weight-loading bar also goes to stderr; these tests look at the error line."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    yield
+    hf_logging.enable_progress_bar()
+
+
+@pytest.mark.parametrize(
+    "targets, fragment",
+    [
+        ("nosuch_proj", "--targets: no module of the model is named nosuch_proj (its Linear layers: down_proj, gate_proj"),
+        ("q_proj,nosuch", "--targets: no module of the model is named nosuch ("),
+        ("layers", "--targets: LoRA cannot go on layers (ModuleList): name Linear layers (down_proj"),
+        (" , ", "--targets: expected all-linear or module names, got ' , '"),
+    ],
+)
+def test_lora_targets_the_model_lacks(targets, fragment, tiny_llama, tmp_path, capsys, no_progress_bars):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "hello world, an example to train on."}\n')
+    out = tmp_path / "out"
+    code, err = _run(["finetune", tiny_llama, "--dataset", data, "-o", out, "--steps", "1", "--targets", targets], capsys)
+    _assert_refused(code, err, fragment)
+    assert not out.exists()
+
+
+def test_the_bitsandbytes_kernels_notice_is_dropped_and_nothing_else():
+    import logging
+
+    import compressor.commands.finetune  # noqa: F401  installs the filter
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    record = logger.makeRecord(logger.name, logging.WARNING, __file__, 1,
+                               "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ...",
+                               ("No module named 'kernels'",), None)
+    assert logger.filter(record) is False
+    other = logger.makeRecord(logger.name, logging.WARNING, __file__, 1, "some other problem", (), None)
+    assert logger.filter(other) is True
+
+
+def test_finetune_prints_only_its_error(tiny_llama, tmp_path):
+    """In a fresh process bitsandbytes is imported by the command itself: its import-time
+    notice (on CPUs with AVX-512 BF16) must not come before the one error line."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "list.json"
+    data.write_text("[1, 2, 3]")
+    result = subprocess.run(
+        [sys.executable, "-m", "compressor.cli", "finetune", str(tiny_llama), "--dataset", str(data),
+         "-o", str(tmp_path / "out")],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "kernels-community" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"error: {data}: record 0 is not a JSON object (it is int)"]
