@@ -251,3 +251,10 @@ def test_finetune_prints_only_its_error(tiny_llama, tmp_path):
     assert result.returncode == 2, result.stderr
     assert "kernels-community" not in result.stderr
     assert result.stderr.strip().splitlines() == [f"error: {data}: record 0 is not a JSON object (it is int)"]
+
+
+# --- compress generate, push, and unknown commands ---------------------------------------------
+
+def test_generate_refuses_an_empty_prompt(tmp_path, capsys):
+    code, err = _run(["generate", tmp_path / "model", ""], capsys)
+    _assert_refused(code, err, "compress generate: argument prompt: the prompt is empty")
