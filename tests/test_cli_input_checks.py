@@ -258,3 +258,35 @@ def test_finetune_prints_only_its_error(tiny_llama, tmp_path):
 def test_generate_refuses_an_empty_prompt(tmp_path, capsys):
     code, err = _run(["generate", tmp_path / "model", ""], capsys)
     _assert_refused(code, err, "compress generate: argument prompt: the prompt is empty")
+
+
+@pytest.mark.parametrize("argv", [["frobnicate"], ["frobnicate", "-o", "OUT"], ["gpt2", "-q"]])
+def test_unknown_command_is_named(argv, tmp_path, capsys):
+    code, err = _run(_fill(argv, tmp_path), capsys)
+    word = argv[0]
+    _assert_refused(code, err, f"compress: unknown command '{word}' (commands: bench, densify, eval, finetune, generate,",
+                    f"or, to compress a model '{word}', give --recipe/-r")
+    _assert_nothing_written(tmp_path, set())
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["frobnicate", "--recipe", "RECIPE", "-o", "OUT"], "frobnicate: not a local path and not a Hub id"),
+        (["frobnicate", "-qr", "RECIPE", "-o", "OUT"], "frobnicate: not a local path and not a Hub id"),
+        (["frobnicate", "--rec=RECIPE", "-o", "OUT"], "frobnicate: not a local path and not a Hub id"),
+        (["frobnicate", "-r"], "argument --recipe/-r: expected one argument"),
+        (["org/model", "-o", "OUT"], "the following arguments are required: --recipe/-r"),
+        (["MODEL", "-o", "OUT"], "the following arguments are required: --recipe/-r"),
+        (["builtin:nope", "-o", "OUT"], "the following arguments are required: --recipe/-r"),
+        ([], "the following arguments are required: --recipe/-r"),
+    ],
+)
+def test_what_could_be_a_model_still_goes_to_compress(argv, fragment, tmp_path, capsys):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "r.yaml").write_text(RECIPE)
+    argv = [a.replace("RECIPE", str(tmp_path / "r.yaml")) for a in _fill(argv, tmp_path)]
+    code, err = _run(argv, capsys)
+    _assert_refused(code, err, fragment)
+    assert "unknown command" not in err
+    assert not (tmp_path / "out").exists()
