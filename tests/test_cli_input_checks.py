@@ -290,3 +290,35 @@ def test_what_could_be_a_model_still_goes_to_compress(argv, fragment, tmp_path, 
     _assert_refused(code, err, fragment)
     assert "unknown command" not in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "revision, why",
+    [
+        ("bad..rev~^:", "it contains one of: space ~ ^ : ? * [ \\"),
+        ("two..dots", "it contains '..'"),
+        ("a b", "it contains one of: space"),
+        ("tab\there", "it contains a control character"),
+        ("--force", "it starts with '-'"),
+        ("branch/", "it starts or ends with '/'"),
+        ("a//b", "contains '//'"),
+        ("main.lock", "ends with '.lock'"),
+        ("x/.hidden", "starts with '.'"),
+        ("v1.", "it ends with '.'"),
+        ("dev@{1}", "'@{'"),
+        ("", "it is empty"),
+    ],
+)
+def test_push_refuses_a_revision_git_would_refuse(revision, why, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    code, err = _run(["push", tmp_path / "out", "me/model", "--dry-run", f"--revision={revision}"], capsys)
+    _assert_refused(code, err, "--revision", f"{revision!r} is not a valid branch name: ", why)
+    _assert_nothing_written(tmp_path, {"out"})
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("revision", ["main", "dev", "feature/new-quant", "refs/pr/1", "v1.0", "w4a16_2025-01"])
+def test_ordinary_branch_names_pass(revision):
+    from compressor.hub_ids import revision_problem
+
+    assert revision_problem(revision) is None
