@@ -60,7 +60,8 @@ def command_for(argv: list[str]) -> tuple[Callable[[list[str]], int], list[str]]
     word = argv[0] if argv else ""
     # A bare word may still be a Hub id without an org (`gpt2`), so only without --recipe is it
     # surely not a model run; the message then names both readings.
-    if word and not word.startswith("-") and not _could_be_model(word) and not _recipe_given(argv[1:]):
+    asks_help = any(a in ("-h", "--help") for a in argv)
+    if word and not word.startswith("-") and not asks_help and not _could_be_model(word) and not _recipe_given(argv[1:]):
         raise UserError(
             f"unknown command '{word}' (commands: {', '.join(sorted(SUBCOMMAND_MODULES))});"
             f" or, to compress a model '{word}', give --recipe/-r",
