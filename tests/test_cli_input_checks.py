@@ -322,3 +322,10 @@ def test_ordinary_branch_names_pass(revision):
     from compressor.hub_ids import revision_problem
 
     assert revision_problem(revision) is None
+
+
+def test_help_after_an_unknown_word_is_compress_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["frobnicate", "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: compress" in capsys.readouterr().out
