@@ -18,11 +18,24 @@ from compressor.errors import UserError
 
 
 def check_output_dir(out_dir: Path, overwrite: bool) -> None:
-    """Refuse an OUT that holds something, unless --overwrite; refuse a file at OUT."""
+    """Refuse an OUT that holds something, unless --overwrite; refuse a file at OUT; refuse an
+    OUT that cannot be created (a file on its path, a folder we may not write), before any work."""
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError("output path exists and is not a folder", where=str(out_dir))
+    _check_can_create(out_dir)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise UserError("output folder exists and is not empty; pass --overwrite to replace it", where=str(out_dir))
+
+
+def _check_can_create(out_dir: Path) -> None:
+    """The staging folder is made beside OUT (creating missing parents), so the nearest existing
+    ancestor of OUT's parent must be a folder we can write into."""
+    parent = out_dir.resolve().parent
+    ancestor = next(p for p in (parent, *parent.parents) if os.path.lexists(p))
+    if not ancestor.is_dir():
+        raise UserError(f"cannot create the output folder: {ancestor} is not a folder", where=str(out_dir))
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"cannot create the output folder: {ancestor} is not writable", where=str(out_dir))
 
 
 _OWNER_FILE = ".owner-pid"

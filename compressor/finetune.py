@@ -23,7 +23,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
@@ -118,6 +118,50 @@ def resolved_warmup_steps(options: FinetuneOptions) -> int:
     return options.warmup_steps
 
 
+def parse_targets(text: str) -> str | list[str]:
+    """`all-linear`, or the comma-separated module names (checked against the model by lora_targets)."""
+    if text == "all-linear":
+        return text
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise UserError(f"expected all-linear or module names, got {text!r}", where="--targets")
+    return names
+
+
+def _linear_names(model: torch.nn.Module) -> str:
+    return ", ".join(sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}))
+
+
+def _matching(model: torch.nn.Module, target: str) -> list[torch.nn.Module]:
+    """The modules peft would adapt for `target` in a list: the name itself or a dotted suffix."""
+    return [m for n, m in model.named_modules() if n == target or n.endswith(f".{target}")]
+
+
+def lora_targets(model: torch.nn.Module, targets: str | list[str]) -> str | list[str]:
+    """Refuse a name that matches no module: peft raises only when none matches, and then as a traceback."""
+    if isinstance(targets, str):
+        return targets
+    missing = [t for t in targets if not _matching(model, t)]
+    if missing:
+        raise UserError(f"no module of the model is named {', '.join(missing)} (its Linear layers: {_linear_names(model)})",
+                        where="--targets")
+    return targets
+
+
+def add_lora(model: torch.nn.Module, lora, targets: str | list[str]) -> torch.nn.Module:
+    """peft's model with adapters; a target peft cannot adapt (a ModuleList, a norm) is a UserError."""
+    from peft import get_peft_model
+
+    # Described before peft runs: a failed injection leaves some layers already wrapped.
+    kinds = targets if isinstance(targets, str) else "; ".join(
+        f"{t} ({', '.join(sorted({type(m).__name__ for m in _matching(model, t)}))})" for t in targets)
+    linear = _linear_names(model)
+    try:
+        return get_peft_model(model, lora)
+    except ValueError:  # peft's message holds the module's whole multi-line repr; name the types instead
+        raise UserError(f"LoRA cannot go on {kinds}: name Linear layers ({linear})", where="--targets") from None
+
+
 def _quantization_config():
     from transformers import BitsAndBytesConfig
 
@@ -187,7 +231,7 @@ def _mean_loss(model, loader, accelerator) -> float:
 def run_finetune(options: FinetuneOptions, echo: Callable[[str], None] = print) -> FinetuneSummary:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, prepare_model_for_kbit_training
 
     from compressor.checkpoint import atomic_output_dir, check_output_dir
     from compressor.model_io import load_tokenizer, prepare_source
@@ -195,6 +239,7 @@ def run_finetune(options: FinetuneOptions, echo: Callable[[str], None] = print) 
     if options.qlora:
         check_bitsandbytes()
     warmup_steps = resolved_warmup_steps(options)
+    target_names = parse_targets(options.targets)
     # Without CUDA, say so: accelerate then runs several launched processes as MULTI_CPU (gloo).
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     check_output_dir(options.output, options.overwrite)  # every process: all of them must stop on bad input
@@ -218,12 +263,12 @@ def run_finetune(options: FinetuneOptions, echo: Callable[[str], None] = print) 
     elif options.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    targets: Any = options.targets if options.targets == "all-linear" else [t.strip() for t in options.targets.split(",")]
+    targets = lora_targets(model, target_names)
     lora = LoraConfig(
         r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout, target_modules=targets,
         bias="none", task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, lora)
+    model = add_lora(model, lora, targets)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=options.lr, weight_decay=0.0)
     loader = _batches(train, options.batch_size, pad_id, options.seed)
     eval_loader = _batches(held_out, options.batch_size, pad_id, options.seed) if held_out else None

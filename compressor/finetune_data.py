@@ -35,18 +35,15 @@ def _read_records(dataset: str, split: str) -> tuple[list[dict[str, Any]], str]:
     if path.suffix == ".txt":
         if not path.is_file():
             raise DataError("dataset file not found", where=dataset)
-        paragraphs = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+        paragraphs = [p.strip() for p in _read_text(path, dataset).split("\n\n") if p.strip()]
         return [{"text": p} for p in paragraphs], dataset
     if path.suffix in (".jsonl", ".json"):
         if not path.is_file():
             raise DataError("dataset file not found", where=dataset)
         if path.suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(data, list):
-                raise DataError("a .json dataset must be a list of records", where=dataset)
-            return data, dataset
+            return _json_list_records(_read_text(path, dataset), dataset), dataset
         records = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for number, line in enumerate(_read_text(path, dataset).splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -68,6 +65,27 @@ def _read_records(dataset: str, split: str) -> tuple[list[dict[str, Any]], str]:
     except Exception as err:  # datasets raises many types for missing/offline sets
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DataError(f"cannot load dataset (split {split}): {first}", where=dataset) from None
+
+
+def _read_text(path: Path, dataset: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"not UTF-8 text (byte {err.start})", where=dataset) from None
+
+
+def _json_list_records(text: str, dataset: str) -> list[dict[str, Any]]:
+    """The records of a .json dataset: a list of objects (record numbers count from 0, as elsewhere)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"not valid JSON: {err.msg}", where=f"{dataset}:{err.lineno}") from None
+    if not isinstance(data, list):
+        raise DataError("a .json dataset must be a list of records", where=dataset)
+    for index, record in enumerate(data):
+        if not isinstance(record, dict):
+            raise DataError(f"record {index} is not a JSON object (it is {type(record).__name__})", where=dataset)
+    return data
 
 
 def _kind(record: dict[str, Any], where: str) -> str:

@@ -4,6 +4,7 @@ recipe parser can refuse a bad `output.push_to_hub` before anything else runs.""
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 # The Hub's rules (huggingface_hub.utils.validate_repo_id), with the namespace made
 # mandatory: a push needs to say whose account or organization receives the model.
@@ -22,4 +23,29 @@ def repo_id_problem(repo_id: str) -> str | None:
         return f"'{repo_id}' is not a valid Hub repo id: '--' and '..' are not allowed"
     if repo_id.endswith(".git"):
         return f"'{repo_id}' is not a valid Hub repo id: it cannot end with '.git'"
+    return None
+
+
+# git check-ref-format's rules for a branch name (the Hub's branches are git refs), plus no
+# leading '-' (git refuses it for branches: it would read as an option). Each: (broken?, why).
+_REVISION_RULES: list[tuple[Callable[[str], bool], str]] = [
+    (lambda r: not r, "it is empty"),
+    (lambda r: r.startswith("-"), "it starts with '-'"),
+    (lambda r: any(ord(c) < 0x20 or ord(c) == 0x7F for c in r), "it contains a control character"),
+    (lambda r: bool(_REF_FORBIDDEN.search(r)), "it contains one of: space ~ ^ : ? * [ \\"),
+    (lambda r: ".." in r, "it contains '..'"),
+    (lambda r: "@{" in r or r == "@", "it contains '@{' or is '@'"),
+    (lambda r: r.startswith("/") or r.endswith("/") or "//" in r, "it starts or ends with '/' or contains '//'"),
+    (lambda r: r.endswith("."), "it ends with '.'"),
+    (lambda r: any(p.startswith(".") or p.endswith(".lock") for p in r.split("/")),
+     "a part between '/' starts with '.' or ends with '.lock'"),
+]
+_REF_FORBIDDEN = re.compile(r"[ ~^:?*\[\\]")
+
+
+def revision_problem(revision: str) -> str | None:
+    """Why `revision` cannot name a branch (git's ref rules), or None when it can."""
+    for broken, why in _REVISION_RULES:
+        if broken(revision):
+            return f"{revision!r} is not a valid branch name: {why}"
     return None

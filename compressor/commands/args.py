@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Callable
 
 
 class Parser(argparse.ArgumentParser):
@@ -30,20 +31,33 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _device_counts() -> dict[str, Callable[[], int]]:
+    """How many devices of each supported type this machine has (0: none, or torch built without it)."""
+    import torch
+
+    xpu = getattr(torch, "xpu", None)
+    return {
+        "cpu": lambda: 1,  # torch ignores a CPU index, so `cpu:N` is not checked against this
+        "cuda": lambda: torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        "mps": lambda: 1 if torch.backends.mps.is_available() else 0,
+        "xpu": lambda: xpu.device_count() if xpu is not None and xpu.is_available() else 0,
+    }
+
+
 def device_name(text: str) -> str:
-    """A torch device string that exists on this machine (`cpu`, `cuda`, `cuda:1`, `mps`)."""
+    """A torch device string that exists on this machine (`cpu`, `cuda`, `cuda:1`, `mps`, `xpu`)."""
     import torch
 
     try:
         device = torch.device(text)
     except RuntimeError:
         raise argparse.ArgumentTypeError(f"unknown device {text!r} (use cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA devices")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available on this machine")
-    if device.type not in {"cpu", "cuda", "mps", "xpu"}:
+    count = _device_counts().get(device.type)
+    if count is None:
         raise argparse.ArgumentTypeError(f"unsupported device {text!r} (use cpu, cuda or cuda:N)")
+    available = count()
+    if available == 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: {device.type.upper()} is not available on this machine")
+    if device.type != "cpu" and device.index is not None and device.index >= available:
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {available} {device.type.upper()} devices")
     return text

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from compressor.commands.args import Parser, positive_int, quiet_transformers
+from compressor.commands.args import Parser, device_name, positive_int, quiet_transformers
 
 
 def _print_kernels(model) -> None:
@@ -39,7 +39,7 @@ def run(argv: list[str]) -> int:
     parser.add_argument("--tokens", type=positive_int, default=32, help="decode steps to time (default 32)")
     parser.add_argument("--prompt-tokens", type=positive_int, default=16, help="prompt length before decoding (default 16)")
     parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs per model; the median counts (default 3)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
+    parser.add_argument("--device", type=device_name, default=None, help="cpu or cuda (default: cuda if available, else cpu)")
     parser.add_argument("--compile", action="store_true",
                         help="time both models' one-token forward under torch.compile with a static KV cache")
     args = parser.parse_args(argv)

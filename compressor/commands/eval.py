@@ -13,7 +13,7 @@ import logging
 import re
 from pathlib import Path
 
-from compressor.commands.args import Parser, positive_int, quiet_transformers
+from compressor.commands.args import Parser, device_name, positive_int, quiet_transformers
 from compressor.errors import ModelError, UserError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", "-o", type=Path, required=True, help="report folder")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty report folder")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="lm-eval batch size (default 8)")
-    parser.add_argument("--device", help="device for the hf backend (default: where the model loads)")
+    parser.add_argument("--device", type=device_name, help="device for the hf backend (default: where the model loads)")
     parser.add_argument("--no-cache", action="store_true", help="evaluate every model even if its results are cached")
     parser.add_argument("--quiet", "-q", action="store_true", help="fewer progress bars")
     return parser

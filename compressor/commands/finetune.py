@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from compressor.commands.args import Parser, positive_int
+from compressor.commands.library_notices import drop_library_noise
 from compressor.training.stability import QLORA_MAX_GRAD_NORM, warmup_problem
+
+drop_library_noise()  # before peft imports bitsandbytes, which logs at import
 
 
 def positive_float(text: str) -> float:
@@ -14,8 +18,8 @@ def positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    if not (value > 0 and math.isfinite(value)):  # an infinite lr trains NaN adapters
+        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {text!r}")
     return value
 
 
@@ -39,6 +43,17 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def seed_value(text: str) -> int:
+    """What numpy's and torch's seeding accept: 0 ≤ seed < 2**32."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**32 - 1, got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**32 - 1, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = Parser(prog="compress finetune", description="Train LoRA adapters (QLoRA: on a 4-bit NF4 base) with peft.")
     parser.add_argument("model", help="Hub id, local checkpoint folder, .gguf file, or builtin:smollm2-135m-instruct")
@@ -59,13 +74,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-length", type=positive_int, default=512, help="tokens per example (longer ones are cut)")
     parser.add_argument("--split", default="train", help="split of a Hub dataset")
     parser.add_argument("--eval-dataset", help="held-out examples (same formats): loss before and after training")
-    parser.add_argument("--eval-every", type=int, default=0, help="also report the held-out loss every N steps")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-every", type=non_negative_int, default=0,
+                        help="also report the held-out loss every N steps (default 0: only before and after training)")
+    parser.add_argument("--seed", type=seed_value, default=0, help="0 to 2**32 - 1 (default 0)")
     parser.add_argument("--no-gradient-checkpointing", action="store_true")
     parser.add_argument("--merge", action="store_true", help="also write OUTPUT/merged: NF4 base dequantized to bf16 + adapter merged")
     parser.add_argument("--recompress", metavar="RECIPE", help="after merging, compress OUTPUT/merged with this recipe into OUTPUT/compressed")
     parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--log-every", type=non_negative_int, default=10, help="print the loss every N steps (default 10; 0: never)")
     return parser
 
 

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
-from compressor.commands.args import Parser, positive_int, quiet_transformers
+import argparse
+
+from compressor.commands.args import Parser, device_name, positive_int, quiet_transformers
+
+
+def prompt_text(text: str) -> str:
+    """Refuse an empty prompt: greedy decoding needs at least one token to continue from."""
+    if not text:
+        raise argparse.ArgumentTypeError("the prompt is empty; give some text to continue")
+    return text
 
 
 def run(argv: list[str]) -> int:
     parser = Parser(prog="compress generate", description="Generate text with a compressed checkpoint (compressor.load).")
     parser.add_argument("model", help="compressed checkpoint folder")
-    parser.add_argument("prompt", help="text to continue")
+    parser.add_argument("prompt", type=prompt_text, help="text to continue (not empty: there is nothing to continue from)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate (default 64)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
+    parser.add_argument("--device", type=device_name, default=None, help="cpu or cuda (default: cuda if available, else cpu)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     args = parser.parse_args(argv)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compressor.commands.args import Parser, positive_int, quiet_transformers
+from compressor.commands.args import Parser, device_name, positive_int, quiet_transformers
 from compressor.errors import RecipeError
 
 
@@ -16,7 +16,7 @@ def _parser() -> Parser:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     parser.add_argument("--allow-pickle", action="store_true", help="allow loading .bin/.pt pickle checkpoints")
     parser.add_argument("--trust-remote-code", action="store_true", help="run model code from the model's repository")
-    parser.add_argument("--device", help="device for later calibrated stages (default: cuda if available, else cpu)")
+    parser.add_argument("--device", type=device_name, help="device for later calibrated stages (default: cuda if available, else cpu)")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="calibration windows per forward (default 8)")
     parser.add_argument("--no-perplexity", action="store_true", help="skip the held-out perplexity of later stages")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")

@@ -10,11 +10,19 @@ prints its files and sizes. Nothing reaches the network.
 
 from __future__ import annotations
 
+import argparse
 import shutil
 from pathlib import Path
 
 from compressor.commands.args import Parser
 from compressor.errors import UserError
+from compressor.hub_ids import revision_problem
+
+
+def branch_name(text: str) -> str:
+    if problem := revision_problem(text):
+        raise argparse.ArgumentTypeError(problem)
+    return text
 
 
 def _parser() -> Parser:
@@ -22,7 +30,7 @@ def _parser() -> Parser:
     parser.add_argument("out", type=Path, help="a folder written by `compress MODEL -o OUT`")
     parser.add_argument("repo_id", help="the Hub repository, org/name (created if absent)")
     parser.add_argument("--private", action="store_true", help="create the repository private (ignored if it exists)")
-    parser.add_argument("--revision", help="branch to commit to (created from main if absent; default main)")
+    parser.add_argument("--revision", type=branch_name, help="branch to commit to (created from main if absent; default main)")
     parser.add_argument("--token", help="Hub token with write access (default: HF_TOKEN, else the `hf auth login` one)")
     parser.add_argument("--commit-message", help="summary of the commit")
     parser.add_argument("--base-model", nargs="+", metavar="ID", help="Hub id(s) the card names as base_model, "
