@@ -65,8 +65,9 @@ def test_every_device_flag_is_checked(command, device, fragment, tmp_path, capsy
     _assert_nothing_written(tmp_path, set())
 
 
-@pytest.mark.skipif(hasattr(torch, "xpu") and torch.xpu.is_available(), reason="this machine has an XPU")
-def test_xpu_is_refused_where_torch_has_none(tmp_path, capsys):
+def test_xpu_is_refused_where_torch_has_none(tmp_path, capsys, monkeypatch):
+    if hasattr(torch, "xpu"):
+        monkeypatch.setattr(torch.xpu, "is_available", lambda: False)  # an XPU-less machine, wherever the test runs
     code, err = _run(_fill(DEVICE_COMMANDS["compress"], tmp_path) + ["--device", "xpu"], capsys)
     _assert_refused(code, err, "--device", "'xpu': XPU is not available on this machine")
 
@@ -126,18 +127,6 @@ def test_output_in_a_folder_we_cannot_write_is_refused(command, tmp_path, capsys
     _assert_refused(code, err, str(out), f"{locked} is not writable")
     _assert_nothing_written(tmp_path, before)
     assert list(locked.iterdir()) == []
-
-
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only folder")
-def test_read_only_folder_is_refused_for_real(tmp_path, capsys):
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o555)
-    try:
-        code, err = _run(_output_argv("compress", tmp_path, locked / "out"), capsys)
-    finally:
-        locked.chmod(0o755)
-    _assert_refused(code, err, f"{locked} is not writable")
 
 
 # --- compress finetune ---------------------------------------------------------------------------
