@@ -51,7 +51,7 @@ def assert_refused_both_ways(model: Path, recipe: Path, tmp_path: Path, *fragmen
 def test_quantize_twice_on_the_same_layers(tiny_llama, tmp_path):
     recipe = write(tmp_path, HEAD + RTN + RTN)
     assert_refused_both_ways(tiny_llama, recipe, tmp_path, f"{recipe}:5 stages[1].quantize.targets",
-                             "already quantized by stages[0]")
+                             "already replaced by stages[0]")
 
 
 def test_prune_after_quantize(tiny_llama, tmp_path):
@@ -136,3 +136,9 @@ def test_targets_are_checked_before_any_weight_is_read(tiny_llama, tmp_path):
     recipe = write(tmp_path, HEAD + "  - quantize: {method: rtn, targets: [NoSuchLayer]}\n")
     code, err = run([model, "--recipe", recipe, "-o", tmp_path / "out"])
     assert code == 2 and err == f"error: {recipe}:4 stages[0].quantize.targets: matches no Linear module of this model that the stage can quantize", err
+
+
+def test_quantize_after_svd_of_every_layer(tiny_llama, tmp_path):
+    recipe = write(tmp_path, HEAD + "  - lowrank: {method: svd, rank: 8}\n" + RTN)
+    assert_refused_both_ways(tiny_llama, recipe, tmp_path, f"{recipe}:5 stages[1].quantize.targets",
+                             "already replaced by stages[0] (quantized or factorized)")

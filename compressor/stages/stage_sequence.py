@@ -5,8 +5,8 @@ stages left: a layer quantized by stage 1 is no longer a Linear layer for stage 
 replay that, so `--dry-run` (and the checks before any weight is read) refuse what the run
 would refuse later, after spending the earlier stages' time:
 
-- a quantize or (unstructured) prune stage every one of whose targets an earlier quantize stage
-  already replaced: at run time it matches nothing;
+- a quantize or (unstructured) prune stage every one of whose targets an earlier stage already
+  replaced (quantized, or factorized by SVD): at run time it matches nothing;
 - a lowrank ``eora`` stage none of whose targets is compressed, by an earlier quantize stage or
   in the checkpoint as loaded: EoRA compensates quantization error, so there is nothing for it
   to compensate.
@@ -26,7 +26,11 @@ from compressor.stages.quant_schemes import smooths_only
 
 
 def _replaces_layers(kind: str, config: Any) -> bool:
-    return kind == "quantize" and not smooths_only(config)
+    """Stages whose targets stop being plain Linear layers: quantized layers, and SVD's
+    factorized ones (at a fixed rank; at an `energy` a layer it would not shrink stays)."""
+    if kind == "quantize":
+        return not smooths_only(config)
+    return kind == "lowrank" and config.method == "svd" and config.rank is not None
 
 
 def _matches_only_replaced(kind: str, config: Any) -> bool:
@@ -52,7 +56,7 @@ def _compressed_as_loaded(model: nn.Module, names: set[str]) -> bool:
 def check_stage_sequence(recipe, plans: dict[int, StagePlan], model: nn.Module) -> None:
     """Raise RecipeError when a stage would find nothing left to act on (`plans` by stage index,
     made against `model` as loaded)."""
-    replaced: dict[str, int] = {}  # module name → index of the quantize stage that replaced it
+    replaced: dict[str, int] = {}  # module name → index of the stage that replaced it
     for index, spec in enumerate(recipe.stages):
         plan = plans.get(index)
         if plan is None:
@@ -63,8 +67,8 @@ def check_stage_sequence(recipe, plans: dict[int, StagePlan], model: nn.Module) 
             stages = ", ".join(f"stages[{i}]" for i in sorted(earlier))
             advice = "prune before quantizing" if spec.kind == "prune" else "narrow the earlier stage's targets"
             raise RecipeError(
-                f"every module it targets ({_few(selected)}) is already quantized by {stages}, so it would match"
-                f" nothing when it runs; {advice}",
+                f"every module it targets ({_few(selected)}) is already replaced by {stages} (quantized or"
+                f" factorized), so it would match nothing when it runs; {advice}",
                 **recipe.where(("stages", index, spec.kind, "targets")),
             )
         eora = spec.kind == "lowrank" and getattr(spec.config, "method", None) == "eora"
