@@ -3,7 +3,8 @@
 ``load_for_evaluation`` is the one place an evaluated checkpoint is loaded. A local
 compressed-tensors checkpoint is built with the project's runtime (``compressor.load``: packed
 weights stay packed and run on the project's kernels, so the evaluation measures the model
-users will run). Everything else, and a compressed format the runtime does not rebuild, goes
+users will run), and so is a pruned checkpoint in the sparse-bitmask layout, which plain
+transformers cannot read. Everything else, and a compressed format the runtime does not rebuild, goes
 through ``compressor.model_io`` (plain ``from_pretrained``: Hub ids, local folders, ``.gguf``
 files and ``builtin:`` names).
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from compressor.errors import ModelError, UserError
@@ -23,18 +23,22 @@ class ModelLoadError(UserError):
     """A model named on the command line (or the recipe's base) that cannot be loaded."""
 
 
-def _is_compressed_tensors(folder: Path) -> bool:
+def _built_by_runtime(folder: Path) -> bool:
+    """A compressed-tensors checkpoint, or one with our sparse-bitmask layers (which plain
+    transformers refuses: see compressor.sparse_format)."""
+    from compressor.sparse_format import CONFIG_KEY
+
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    return (config.get("quantization_config") or {}).get("quant_method") == "compressed-tensors"
+    return (config.get("quantization_config") or {}).get("quant_method") == "compressed-tensors" or CONFIG_KEY in config
 
 
 def load_for_evaluation(reference: str, *, trust_remote_code: bool = False) -> LoadedModel:
     source = resolve_model(reference)
     folder = local_folder(source)
-    if folder is not None and _is_compressed_tensors(folder):
+    if folder is not None and _built_by_runtime(folder):
         from compressor.runtime import load
 
         try:

@@ -6,6 +6,10 @@ Buffers (the on-disk ``sparse-bitmask`` layout of ``compressor.sparse_format``):
 - ``weight_values`` [nnz] in the weight's dtype: the non-zeros in row-major order;
 - ``weight_shape`` int64 [2]: (out_features, in_features).
 
+Its state dict also holds an empty ``weight`` (0 elements), dropped again on load: plain
+transformers, which cannot decompress the layout, then refuses the checkpoint with a size
+mismatch for that layer instead of silently leaving it at random initial values.
+
 ``forward`` runs the first backend of ``dispatch.sparse_linear_kernels()`` that can take the
 input (2:4 weights on a CUDA GPU with sparse tensor cores: ``torch.sparse.to_sparse_semi_structured``,
 built once per device and rebuilt when the buffers change), else the reference path: rebuild the
@@ -42,6 +46,16 @@ def unpack_bitmask(packed: torch.Tensor, columns: int) -> torch.Tensor:
     return bits.reshape(packed.shape[0], -1)[:, :columns].bool()
 
 
+def _add_weight_placeholder(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    state_dict[f"{prefix}weight"] = torch.empty(0, dtype=module.weight_values.dtype)
+
+
+def _drop_weight_placeholder(module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
+    placeholder = state_dict.get(f"{prefix}weight")
+    if placeholder is not None and placeholder.numel() == 0:
+        del state_dict[f"{prefix}weight"]
+
+
 class SparseLinear(DispatchedModule):
     KERNEL_BUFFERS = ("weight_bitmask", "weight_values")
 
@@ -54,6 +68,8 @@ class SparseLinear(DispatchedModule):
         self.register_buffer("weight_shape", torch.tensor([out_features, in_features], dtype=torch.int64, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
         self._two_of_four: tuple[tuple, bool] | None = None  # (buffer snapshots, answer)
+        self.register_state_dict_post_hook(_add_weight_placeholder)
+        self.register_load_state_dict_pre_hook(_drop_weight_placeholder)
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "SparseLinear":

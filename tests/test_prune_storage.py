@@ -79,7 +79,11 @@ def test_sparse_checkpoint_is_smaller_and_round_trips(tiny_llama, tmp_path):
     assert block["layers"]["model.layers.0.mlp.down_proj"] == "2:4" and len(block["layers"]) == 14
     with safe_open(out / "model.safetensors", "pt") as f:
         keys = set(f.keys())
-    assert "model.layers.0.mlp.down_proj.weight_bitmask" in keys and "model.layers.0.mlp.down_proj.weight" not in keys
+        # An empty `weight` per sparse layer, so plain transformers refuses rather than loading random values.
+        assert f.get_tensor("model.layers.0.mlp.down_proj.weight").numel() == 0
+    assert "model.layers.0.mlp.down_proj.weight_bitmask" in keys
+    refused = subprocess.run([sys.executable, "-c", PLAIN_LOGITS, str(out)], capture_output=True, text=True, cwd=tmp_path)
+    assert refused.returncode != 0 and "size mismatch" in refused.stdout + refused.stderr, refused.stderr[-2000:]
     record = json.loads((out / "compression.json").read_text())
     # Pruned Linear weights shrink to 9/16; embeddings stay dense.
     assert record["sizes"]["compressed_bytes"] < 0.8 * record["sizes"]["original_bytes"]
@@ -185,3 +189,19 @@ def test_dry_run_catches_bad_nm_before_loading_weights(tiny_llama, tmp_path, cap
     code = main([str(tiny_llama), "--recipe", str(recipe), "--dry-run"])
     err = capsys.readouterr().err
     assert code == 2 and "r.yaml:5 stages[1].prune.sparsity" in err and "not divisible by 64" in err
+
+
+def test_evaluation_loads_a_sparse_checkpoint_with_its_real_weights(tiny_llama, tmp_path):
+    """`compress eval` goes through load_for_evaluation: the sparse layers must be the pruned
+    weights (SparseLinear), not the random values plain transformers would leave."""
+    from compressor.evaluation.loading import load_for_evaluation
+
+    out = tmp_path / "sparse"
+    recipe = write(tmp_path, "  - prune: {method: magnitude, sparsity: 0.5}\n")
+    assert main([str(tiny_llama), "--recipe", str(recipe), "-o", str(out), "-q", "--no-perplexity"]) == 0
+    loaded = load_for_evaluation(str(out))
+    assert isinstance(loaded.model.model.layers[0].mlp.down_proj, SparseLinear)
+    with torch.no_grad():
+        evaluated = loaded.model(IDS).logits[0].float()
+        reference = load_sparse_model(out)(IDS).logits[0].float()
+    assert torch.allclose(evaluated, reference, atol=1e-5, rtol=1e-5)
