@@ -242,7 +242,12 @@ def run_recipe(
     if base_ppl is not None:
         echo(f"base held-out perplexity: {base_ppl:.3f}")
     if evaluation is not None:
-        evaluation.evaluate_base(loaded, model_reference)
+        from compressor.evaluation.catalog import TaskError
+
+        try:
+            evaluation.evaluate_base(loaded, model_reference)
+        except TaskError as err:  # a task whose data cannot be read: point at the recipe's key
+            raise TaskError(err.message, **recipe.where(("evaluate", "tasks"))) from None
     # The base evaluation made every mapped weight resident; stages read them back block by block.
     release_file_pages(model.parameters())
 

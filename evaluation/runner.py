@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from compressor.errors import UserError
-from compressor.evaluation.catalog import ResolvedTask, TaskCatalog, lm_eval_version
+from compressor.evaluation.catalog import ResolvedTask, TaskCatalog, TaskError, lm_eval_version
 from compressor.evaluation.results_cache import CacheKey, ResultsCache
 from compressor.model_io import LoadedModel
 
@@ -85,7 +86,14 @@ def _hf_model(target: EvalTarget, settings: EvalSettings):
     model = target.loaded.model
     if settings.device is not None:
         model = model.to(settings.device)
-    return _float32_logits_hflm()(pretrained=model, tokenizer=target.loaded.tokenizer, batch_size=settings.batch_size)
+    # Handing HFLM a model object is how this runner works; its two warnings about it say nothing.
+    lm_eval_logger = logging.getLogger("lm_eval.models.huggingface")
+    level = lm_eval_logger.level
+    lm_eval_logger.setLevel(logging.ERROR)
+    try:
+        return _float32_logits_hflm()(pretrained=model, tokenizer=target.loaded.tokenizer, batch_size=settings.batch_size)
+    finally:
+        lm_eval_logger.setLevel(level)
 
 
 def _vllm_model(target: EvalTarget, settings: EvalSettings):
@@ -185,10 +193,25 @@ def extract_metrics(results: dict[str, Any], task_names: list[str]) -> dict[str,
 
 # ---------------------------------------------------------------- running
 
+def check_task_data(names: list[str], manager: Any) -> None:
+    """Build each task (which reads its dataset) before scoring, so a dataset that cannot be
+    read, such as a Hub set that is not cached on an offline machine, is one line (exit 2)
+    naming the task rather than a traceback from inside lm-eval."""
+    from lm_eval.tasks import get_task_dict
+
+    for name in names:
+        try:
+            get_task_dict([name], manager)
+        except Exception as err:  # datasets raises many types: connection, missing files, bad configs
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise TaskError(f"task '{name}' cannot load its data: {type(err).__name__}: {first}", where="--tasks") from None
+
+
 def run_lm_eval(lm: Any, names: list[str], settings: EvalSettings, catalog: TaskCatalog) -> dict[str, Any]:
     import lm_eval
 
     manager = catalog.task_manager([t for t in settings.tasks if t.name in names])
+    check_task_data(names, manager)
     results = lm_eval.simple_evaluate(
         model=lm,
         tasks=names,

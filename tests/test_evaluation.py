@@ -277,6 +277,23 @@ def test_malformed_include_yaml_names_file_and_line(tiny_llama, tmp_path, capsys
     assert line in (4, 5)
 
 
+def test_task_whose_dataset_cannot_be_read_is_one_line(tiny_llama, tmp_path, capsys):
+    """arc_easy's data lives on the Hub; offline (HF_HUB_OFFLINE=1) and uncached it cannot load."""
+    err = _bad([f"a={tiny_llama}", "--tasks", "arc_easy", "--limit", "1", "-q"], tmp_path, capsys)
+    assert "--tasks: task 'arc_easy' cannot load its data: ConnectionError" in err
+
+
+def test_recipe_task_whose_dataset_cannot_be_read_names_the_recipe_key(tiny_llama, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: t\ncalibration: {samples: 4, seq_len: 32}\nstages:\n  - quantize: {method: rtn, weights: {bits: 4, group_size: 32}}\n"
+                      "evaluate:\n  tasks: [arc_easy]\n  limit: 1\n")
+    out = tmp_path / "out"
+    assert main([str(tiny_llama), "--recipe", str(recipe), "-o", str(out), "-q", "--no-perplexity"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines()[-1].startswith(f"error: {recipe}:6 evaluate.tasks: task 'arc_easy' cannot load its data"), err
+    assert not out.exists()
+
+
 def test_model_that_fails_to_load_is_named(tiny_llama, tmp_path, capsys):
     broken = tmp_path / "broken"
     broken.mkdir()
