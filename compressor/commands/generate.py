@@ -24,14 +24,14 @@ def run(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     import torch
-    from transformers import AutoTokenizer
 
     import compressor
+    from compressor.model_io import load_tokenizer
 
     quiet_transformers()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = compressor.load(args.model, device=device)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = load_tokenizer(args.model, args.model, False)
     if args.chat and tokenizer.chat_template:
         text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True)
     else:

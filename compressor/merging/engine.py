@@ -213,7 +213,9 @@ def plan_merge(config: MergeConfig, locate: Locate, *, allow_pickle: bool = Fals
         try:
             inputs.append(open_input(reference, allow_pickle=allow_pickle))
         except ModelError as err:
-            raise RecipeError(err.message, **where(i)) from None
+            # The recipe line names the reference; a file inside it (a corrupt shard) is named here.
+            inside = f"{err.where}: " if err.where and err.where != reference else ""
+            raise RecipeError(inside + err.message, **where(i)) from None
     reference_index = base_index if base_index is not None else 0
     configs = [_read_config(item, where(i)) for i, item in enumerate(inputs)]
     _compare_architectures(configs, references, reference_index, where)

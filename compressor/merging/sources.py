@@ -10,7 +10,6 @@ toward its resident memory, and three inputs read in full would hold three model
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -23,6 +22,7 @@ from safetensors import safe_open
 from compressor.cache import cache_root
 from compressor.errors import ModelError
 from compressor.model_io import prepare_source, resolve_model
+from compressor.weight_files import safetensors_files
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 
@@ -83,14 +83,15 @@ def merge_adapter(model: Path, adapter: str, reference: str, trust_remote_code: 
     if (target / "config.json").is_file():
         return target
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+
+    from compressor.load_checks import load_causal_lm
 
     if Path(adapter).exists() and not (Path(adapter) / "adapter_config.json").is_file():
         raise ModelError("adapter folder has no adapter_config.json; not a peft adapter", where=reference)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        base = AutoModelForCausalLM.from_pretrained(str(model), dtype="auto", trust_remote_code=trust_remote_code)
+        base = load_causal_lm(str(model), reference, dtype="auto", trust_remote_code=trust_remote_code)
         try:
             merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
         except (OSError, ValueError) as err:
@@ -131,14 +132,7 @@ class CheckpointTensors:
                     self.tensors[name] = TensorInfo(tuple(view.get_shape()), dtype, file)
 
     def _files(self) -> list[Path]:
-        index = self.folder / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            return [self.folder / name for name in dict.fromkeys(weight_map.values())]
-        files = sorted(self.folder.glob("*.safetensors"))
-        if not files:
-            raise ModelError("folder holds no *.safetensors weights", where=self.reference)
-        return files
+        return safetensors_files(self.folder)
 
     def names(self) -> list[str]:
         return list(self.tensors)
