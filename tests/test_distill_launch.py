@@ -161,4 +161,8 @@ def test_deepspeed_zero2_launch_distills_and_saves_once(tiny_llama, tmp_path):
         assert is_nm_sparse(dense_tensor(tensors, prefix), parse_nm("2:4")), prefix
     from transformers import AutoModelForCausalLM
 
-    AutoModelForCausalLM.from_pretrained(str(out))  # plain transformers loads it
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):  # sparse layers: refused, never random
+        AutoModelForCausalLM.from_pretrained(str(out))
+    import compressor
+
+    assert compressor.load(out).model.layers[0].mlp.down_proj.nnz > 0  # the runtime loads it

@@ -127,14 +127,15 @@ def test_output_folder_follows_the_umask(tiny_llama, tmp_path):
     assert json.loads((tmp_path / "out" / "compression.json").read_text())["stages"][0]["kind"] == "quantize"
 
 
-def test_targets_are_checked_before_any_weight_is_read(tiny_llama, tmp_path):
-    import shutil
+def test_targets_are_checked_before_any_weight_is_read(tiny_llama, tmp_path, monkeypatch):
+    import compressor.pipeline as pipeline
 
-    model = tmp_path / "model"
-    shutil.copytree(tiny_llama, model)
-    (model / "model.safetensors").write_bytes(b"reading these bytes would fail")
+    def no_load(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the recipe was planned")
+
+    monkeypatch.setattr(pipeline, "load_model", no_load)
     recipe = write(tmp_path, HEAD + "  - quantize: {method: rtn, targets: [NoSuchLayer]}\n")
-    code, err = run([model, "--recipe", recipe, "-o", tmp_path / "out"])
+    code, err = run([tiny_llama, "--recipe", recipe, "-o", tmp_path / "out"])
     assert code == 2 and err == f"error: {recipe}:4 stages[0].quantize.targets: matches no Linear module of this model that the stage can quantize", err
 
 
