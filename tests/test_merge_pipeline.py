@@ -200,6 +200,45 @@ def test_merge_then_gptq_in_one_recipe(merge_models, tmp_path):
         assert any(k.endswith("weight_packed") for k in handle.keys())
 
 
+def test_linear_ignores_a_base_not_listed_under_models(merge_models, tmp_path, monkeypatch):
+    """README: `linear` ignores `base` unless it is listed in `models`; the base is never read."""
+    from compressor.merging import engine
+
+    models = f"models:\n  - {{model: {merge_models['ft0']}, weight: 1.0}}\n  - {{model: {merge_models['ft1']}, weight: 3.0}}"
+    merge(recipe_text(f"method: linear\n{models}"), tmp_path / "plain")
+    opened: list[str] = []
+    real_open = engine.open_input
+    monkeypatch.setattr(engine, "open_input", lambda reference, **kw: opened.append(reference) or real_open(reference, **kw))
+    merge(recipe_text(f"method: linear\nbase: {merge_models['base']}\n{models}"), tmp_path / "with-base")
+    assert opened == [str(merge_models["ft0"]), str(merge_models["ft1"])]
+    plain, with_base = weights(tmp_path / "plain"), weights(tmp_path / "with-base")
+    for name in plain:
+        torch.testing.assert_close(with_base[name], plain[name], rtol=0, atol=0)
+    record = json.loads((tmp_path / "with-base" / "compression.json").read_text())["merge"]
+    assert record["base"] is None and record["ignored_base"] == str(merge_models["base"])
+    assert [m["model"] for m in record["models"]] == [str(merge_models["ft0"]), str(merge_models["ft1"])]
+    assert record["tokenizer_source"] == str(merge_models["ft0"])  # the first model's, not the ignored base's
+
+    # Listed under `models`, the base is averaged like any other input.
+    listed = f"{models}\n  - {{model: {merge_models['base']}, weight: 4.0}}"
+    merge(recipe_text(f"method: linear\nbase: {merge_models['base']}\n{listed}"), tmp_path / "listed")
+    a, b, base = (weights(merge_models[k])["model.norm.weight"] for k in ("ft0", "ft1", "base"))
+    torch.testing.assert_close(weights(tmp_path / "listed")["model.norm.weight"], (a + 3 * b + 4 * base) / 8)
+    assert json.loads((tmp_path / "listed" / "compression.json").read_text())["merge"]["base"] == str(merge_models["base"])
+
+
+def test_linear_tokenizer_source_base_takes_the_listed_base_wherever_it_is_listed(merge_models, tmp_path):
+    marked = perturbed_copy(merge_models["base"], tmp_path / "marked-base", seed=5)
+    tokenizer_config = json.loads((marked / "tokenizer_config.json").read_text())
+    (marked / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "model_max_length": 77}))
+    block = (
+        f"method: linear\nbase: {marked}\nmodels:\n  - {{model: {merge_models['ft0']}, weight: 1.0}}\n"
+        f"  - {{model: {marked}, weight: 1.0}}\ntokenizer_source: base"
+    )
+    merge(recipe_text(block), tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["model_max_length"] == 77
+
+
 def test_lora_input_is_merged_into_its_model_first(merge_models, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

@@ -52,7 +52,14 @@ def merge_stage_plan(plan: MergePlan) -> StagePlan:
     for i, item in enumerate(plan.inputs):
         role = "base" if i == plan.base_index else "model"
         stage.selected[item.reference] = f"{role}, {len(plan.slots)} tensors"
+    if plan.ignored_base is not None:
+        stage.skipped[plan.ignored_base] = ignored_base_note(plan)
     return stage
+
+
+def ignored_base_note(plan: MergePlan) -> str:
+    name = plan.method.name
+    return f"base ignored by {name}, which averages the listed models only (list it under `models` to include it)"
 
 
 def dry_run_merge_recipe(recipe: Recipe, options) -> list[StagePlan]:
@@ -88,6 +95,8 @@ def run_merge_recipe(recipe: Recipe, options, echo: Callable[[str], None] = prin
     base_reference = plan.inputs[plan.reference_index].reference
     source = {"reference": base_reference, "kind": "merge", "hub_id": plan.inputs[plan.reference_index].hub_id}
     echo(f"stage 1/{len(recipe.stages)}: merge ({plan.method.name}) of {len(plan.inputs)} models, {len(plan.slots)} tensors")
+    if plan.ignored_base is not None:
+        echo(f"  {plan.ignored_base}: {ignored_base_note(plan)}")
     if len(recipe.stages) == 1:
         with atomic_output_dir(options.out_dir) as staging:
             started = time.perf_counter()
