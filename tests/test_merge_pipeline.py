@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -71,6 +72,9 @@ def test_ties_output_equals_the_method_on_whole_state_dicts(merge_models, tmp_pa
     assert [m["model"] for m in record["merge"]["models"]][:2] == [str(merge_models["ft0"]), str(merge_models["ft1"])]
     assert record["merge"]["models"][0]["weight"] == 0.6
     assert record["source"]["kind"] == "merge"
+    assert [{k: v for k, v in s.items() if k != "seconds"} for s in record["stages"]] == [
+        {"kind": "merge", "method": "ties", "models": 3}
+    ]
     assert summary.compressed_bytes > 0
     saved = parse_recipe_text((tmp_path / "out" / "recipe.yaml").read_text(), "recipe.yaml")
     assert saved.stages[0].config == parse_recipe_text(recipe_text(ties_block(merge_models))).stages[0].config
@@ -193,8 +197,22 @@ def test_merge_then_gptq_in_one_recipe(merge_models, tmp_path):
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
     record = json.loads((out / "compression.json").read_text())
     assert record["merge"]["method"] == "ties" and record["source"]["kind"] == "merge"
-    assert [s["kind"] for s in record["stages"]] == ["quantize"]
+    assert [(s["kind"], s["method"]) for s in record["stages"]] == [("merge", "ties"), ("quantize", "gptq")]
+    assert record["stages"][0]["models"] == 3 and record["stages"][0]["seconds"] >= 0
     assert record["modules"]["model.layers.0.mlp.up_proj"]["method"] == "gptq"
+    # The card written beside the checkpoint, and the one `compress push` builds, both tell of the merge.
+    card = (out / "README.md").read_text()
+    header = yaml.safe_load(card.split("---\n")[1])
+    assert {"merge", "ties", "quantize", "gptq"} <= set(header["tags"])
+    assert "merge (ties), then quantize (gptq)" in card
+    assert f"a ties merge of `{m['base']}` (base), `{m['ft0']}` and `{m['ft1']}`" in card
+    from compressor.hub import plan_upload
+
+    plan = plan_upload(out, "me/merged", base_model=["org/base"])
+    pushed = next(f.content for f in plan.files if f.path_in_repo == "README.md").decode()
+    header = yaml.safe_load(pushed.split("---\n")[1])
+    assert header["base_model"] == "org/base" and header["base_model_relation"] == "merge"
+    assert {"merge", "ties"} <= set(header["tags"])
     assert not list(tmp_path.glob(".out.merged-*"))  # the merged staging folder is gone
     with safe_open(str(next(out.glob("*.safetensors"))), "pt") as handle:
         assert any(k.endswith("weight_packed") for k in handle.keys())
@@ -319,8 +337,8 @@ def test_card_metadata_lists_hub_parents_as_a_merge():
         }
     }
     metadata = merge_card_metadata(record)
-    assert metadata["base_model"] == ["org/math", "org/base"]
+    assert metadata["base_model"] == ["org/base", "org/math"]  # the base first, as the card lists it
     assert metadata["base_model_relation"] == "merge"
     assert "merge-ties" in metadata["tags"]
-    assert [m["model"] for m in merge_inputs(record)] == ["org/math", "/local/ft", "org/base"]
+    assert [m["model"] for m in merge_inputs(record)] == ["org/base", "org/math", "/local/ft"]
     assert merge_card_metadata({"source": {}}) == {}

@@ -62,6 +62,11 @@ def ignored_base_note(plan: MergePlan) -> str:
     return f"base ignored by {name}, which averages the listed models only (list it under `models` to include it)"
 
 
+def merge_stage_record(plan: MergePlan, seconds: float) -> dict[str, Any]:
+    """The merge's entry in compression.json's `stages`, ahead of the later stages' entries."""
+    return {"kind": "merge", "method": plan.method.name, "models": len(plan.inputs), "seconds": round(seconds, 3)}
+
+
 def dry_run_merge_recipe(recipe: Recipe, options) -> list[StagePlan]:
     """Validate the merge (headers only) and the later stages against the merged structure."""
     from compressor.pipeline import check_recipe_fits_model, plan_recipe, skeleton_model
@@ -107,7 +112,7 @@ def run_merge_recipe(recipe: Recipe, options, echo: Callable[[str], None] = prin
                 "recipe": {"name": recipe.name, "sha256": recipe.sha256()},
                 "source": source,
                 "merge": _merge_metadata(plan, seconds, stats),
-                "stages": [{"kind": "merge", "method": plan.method.name, "modules": 0, "seconds": round(seconds, 3)}],
+                "stages": [merge_stage_record(plan, seconds)],
                 "sizes": {"original_bytes": size, "compressed_bytes": size},
                 "versions": _versions(),
             }
@@ -125,8 +130,10 @@ def run_merge_recipe(recipe: Recipe, options, echo: Callable[[str], None] = prin
         stats = run_merge(plan, merged, show_progress=options.show_progress, trust_remote_code=options.trust_remote_code)
         seconds = time.perf_counter() - started
         extra = {"source": source, "merge": _merge_metadata(plan, seconds, stats)}
-        summary = run_recipe(str(merged), recipe, options, echo=echo, extra_metadata=extra)
+        summary = run_recipe(str(merged), recipe, options, echo=echo, extra_metadata=extra,
+                             prior_stages=[merge_stage_record(plan, seconds)])
         summary.stage_seconds.insert(0, seconds)
+        summary.plans.insert(0, merge_stage_plan(plan))
         return summary
     finally:
         shutil.rmtree(merged, ignore_errors=True)
