@@ -57,17 +57,35 @@ def _unique(items: list[str | None]) -> list[str]:
     return seen
 
 
+def merge_parents(merge: dict[str, Any]) -> list[dict[str, Any]]:
+    """The inputs in a compression.json `merge` record, the base first (as a recipe lists them)."""
+    entries = list(merge.get("models") or [])
+    return sorted(entries, key=lambda entry: entry.get("model") != merge.get("base"))  # stable
+
+
+def merge_hub_ids(merge: dict[str, Any]) -> list[str]:
+    """A merge's inputs as Hub ids; a local folder has none unless it is a Hub cache snapshot."""
+    ids = []
+    for entry in merge_parents(merge):
+        match = _HF_CACHE_SNAPSHOT.search(str(entry.get("model") or ""))
+        ids.append(entry.get("hub_id") or (f"{match.group(1)}/{match.group(2)}" if match else None))
+    return _unique(ids)
+
+
 def base_models(compression: dict[str, Any], recipe: dict[str, Any]) -> list[str]:
     """The Hub ids the checkpoint derives from, as far as the output folder says.
 
-    In order: `source.inputs` (a merge's models, when compression.json lists them),
-    `source.hub_id`, the `base` and `models` of a merge stage in the recipe, and a local
-    source that is a Hub cache snapshot (`.../models--org--name/snapshots/...`).
+    In order: `source.inputs` (a merge's models, when compression.json lists them), the
+    `merge` record's inputs, `source.hub_id`, the `base` and `models` of a merge stage in the
+    recipe, and a local source that is a Hub cache snapshot (`.../models--org--name/snapshots/...`).
     """
     source = compression.get("source") or {}
     inputs = _unique([_hub_id_of(entry) for entry in source.get("inputs") or []])
     if inputs:
         return inputs
+    if compression.get("merge"):
+        # Authoritative even when empty: a merge's source.hub_id names its base alone.
+        return merge_hub_ids(compression["merge"])
     if source.get("hub_id"):
         return [source["hub_id"]]
     for stage in recipe.get("stages") or []:

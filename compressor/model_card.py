@@ -14,7 +14,14 @@ from typing import Any
 
 import yaml
 
-from compressor.card_facts import base_model_relation, base_models, source_license, weight_scheme_tag
+from compressor.card_facts import (
+    base_model_relation,
+    base_models,
+    merge_hub_ids,
+    merge_parents,
+    source_license,
+    weight_scheme_tag,
+)
 from compressor.checkpoint_size import CheckpointSize, measure_checkpoint
 
 EVAL_DIR = "eval"
@@ -38,7 +45,12 @@ class CheckpointFacts:
         """(kind, method) of each stage that ran, from compression.json or else the recipe."""
         logged = self.compression.get("stages") or []
         if logged:
-            return [(str(s.get("kind")), str(s.get("method", ""))) for s in logged]
+            pairs = [(str(s.get("kind")), str(s.get("method", ""))) for s in logged]
+            merge = self.compression.get("merge")
+            if merge and all(kind != "merge" for kind, _ in pairs):
+                # Folders written before the merge was logged as a stage still record it here.
+                pairs.insert(0, ("merge", str(merge.get("method", ""))))
+            return pairs
         pairs = []
         for stage in self.recipe.get("stages") or []:
             ((kind, body),) = stage.items()
@@ -225,15 +237,40 @@ def _provenance_section(facts: CheckpointFacts) -> list[str]:
     return lines
 
 
+def _hub_link(hub_id: str) -> str:
+    return f"[{hub_id}](https://huggingface.co/{hub_id})"
+
+
+def _and(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def _merge_origin(merge: dict[str, Any]) -> str:
+    """`a ties merge of [org/a](...) and `/local/b` (base)`: every input, Hub ones linked."""
+    inputs = merge_parents(merge)
+    words = []
+    for entry in inputs:
+        hub_id = (merge_hub_ids({"models": [entry]}) or [None])[0]
+        word = _hub_link(hub_id) if hub_id else f"`{entry.get('model')}`"
+        words.append(word + (" (base)" if entry.get("model") == merge.get("base") else ""))
+    return f"a {merge.get('method')} merge of {_and(words) if words else 'models'}"
+
+
 def _intro(repo_id: str, facts: CheckpointFacts, bases: list[str]) -> list[str]:
     recipe_name = (facts.compression.get("recipe") or {}).get("name") or facts.recipe.get("name", "?")
     stages = ", then ".join(f"{kind} ({method})" if method else kind for kind, method in facts.stages) or "no stage"
-    origin = " and ".join(f"[{b}](https://huggingface.co/{b})" for b in bases) if bases else "a local model"
+    merge = facts.compression.get("merge")
+    if merge:
+        compressed = any(kind != "merge" for kind, _ in facts.stages)
+        origin = _merge_origin(merge)
+        head = f"A compressed version of {origin}" if compressed else "A" + origin[1:]
+    else:
+        head = "A compressed version of " + (_and([_hub_link(b) for b in bases]) if bases else "a local model")
     description = facts.recipe.get("description")
     lines = [
         f"# {repo_id.rsplit('/', 1)[-1]}",
         "",
-        f"A compressed version of {origin}, made with the `compressor` recipe `{recipe_name}`: {stages}.",
+        f"{head}, made with the `compressor` recipe `{recipe_name}`: {stages}.",
     ]
     if description:
         lines += ["", f"> {description}"]

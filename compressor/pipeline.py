@@ -183,8 +183,13 @@ def run_recipe(
     options: RunOptions,
     echo: Callable[[str], None] = print,
     extra_metadata: dict[str, Any] | None = None,
+    prior_stages: list[dict[str, Any]] | None = None,
 ) -> RunSummary:
-    """Compress `model_reference` with `recipe` into `options.out_dir`."""
+    """Compress `model_reference` with `recipe` into `options.out_dir`.
+
+    `prior_stages`: entries for stages that ran before the model was loaded (the merge that made
+    it), logged ahead of this run's stages in compression.json.
+    """
     from compressor.calibration.batches import build_calibration
     from compressor.evaluation.perplexity import evaluation_windows, perplexity_on
 
@@ -301,7 +306,7 @@ def run_recipe(
         "recipe": {"name": recipe.name, "sha256": recipe.sha256()},
         "source": {"reference": model_reference, "kind": loaded.source.kind, "hub_id": loaded.source.hub_id},
         "seed": recipe.calibration.seed,
-        "stages": stage_log,
+        "stages": [*(prior_stages or []), *stage_log],
         "modules": ctx.records,
         "training": ctx.notes,
         "sizes": {"original_bytes": original_bytes},

@@ -143,9 +143,21 @@ def test_dry_run_plans_the_merge_and_later_stages(pair, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_linear_refuses_an_unlisted_base(pair, tmp_path, capsys):
+def test_linear_with_an_unlisted_base_refuses_its_tokenizer(pair, tmp_path, capsys):
+    """linear ignores an unlisted base, so `tokenizer_source: base` would name a model never read."""
+    text = recipe_text(
+        f"method: linear\nbase: {pair['base']}\nmodels:\n  - {{model: {pair['a']}, weight: 1.0}}\ntokenizer_source: base"
+    )
+    refused(tmp_path, capsys, text, "stages[0].merge.tokenizer_source", "ignores a `base`", "name one of the models")
+
+
+def test_linear_dry_run_says_the_unlisted_base_is_ignored(pair, tmp_path, capsys):
     text = recipe_text(f"method: linear\nbase: {pair['base']}\nmodels:\n  - {{model: {pair['a']}, weight: 1.0}}")
-    refused(tmp_path, capsys, text, "merge.yaml:5", "stages[0].merge.base", "list the base under `models`")
+    (tmp_path / "r.yaml").write_text(text)
+    assert main(["--recipe", str(tmp_path / "r.yaml"), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert f"skipped {pair['base']}: base ignored by linear" in printed
+    assert f"{pair['a']}" in printed and "model, " in printed
 
 
 def test_running_a_merge_recipe_on_a_model_through_the_api_is_refused(pair, tmp_path):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -71,6 +72,9 @@ def test_ties_output_equals_the_method_on_whole_state_dicts(merge_models, tmp_pa
     assert [m["model"] for m in record["merge"]["models"]][:2] == [str(merge_models["ft0"]), str(merge_models["ft1"])]
     assert record["merge"]["models"][0]["weight"] == 0.6
     assert record["source"]["kind"] == "merge"
+    assert [{k: v for k, v in s.items() if k != "seconds"} for s in record["stages"]] == [
+        {"kind": "merge", "method": "ties", "models": 3}
+    ]
     assert summary.compressed_bytes > 0
     saved = parse_recipe_text((tmp_path / "out" / "recipe.yaml").read_text(), "recipe.yaml")
     assert saved.stages[0].config == parse_recipe_text(recipe_text(ties_block(merge_models))).stages[0].config
@@ -193,11 +197,64 @@ def test_merge_then_gptq_in_one_recipe(merge_models, tmp_path):
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
     record = json.loads((out / "compression.json").read_text())
     assert record["merge"]["method"] == "ties" and record["source"]["kind"] == "merge"
-    assert [s["kind"] for s in record["stages"]] == ["quantize"]
+    assert [(s["kind"], s["method"]) for s in record["stages"]] == [("merge", "ties"), ("quantize", "gptq")]
+    assert record["stages"][0]["models"] == 3 and record["stages"][0]["seconds"] >= 0
     assert record["modules"]["model.layers.0.mlp.up_proj"]["method"] == "gptq"
+    # The card written beside the checkpoint, and the one `compress push` builds, both tell of the merge.
+    card = (out / "README.md").read_text()
+    header = yaml.safe_load(card.split("---\n")[1])
+    assert {"merge", "ties", "quantize", "gptq"} <= set(header["tags"])
+    assert "merge (ties), then quantize (gptq)" in card
+    assert f"a ties merge of `{m['base']}` (base), `{m['ft0']}` and `{m['ft1']}`" in card
+    from compressor.hub import plan_upload
+
+    plan = plan_upload(out, "me/merged", base_model=["org/base"])
+    pushed = next(f.content for f in plan.files if f.path_in_repo == "README.md").decode()
+    header = yaml.safe_load(pushed.split("---\n")[1])
+    assert header["base_model"] == "org/base" and header["base_model_relation"] == "merge"
+    assert {"merge", "ties"} <= set(header["tags"])
     assert not list(tmp_path.glob(".out.merged-*"))  # the merged staging folder is gone
     with safe_open(str(next(out.glob("*.safetensors"))), "pt") as handle:
         assert any(k.endswith("weight_packed") for k in handle.keys())
+
+
+def test_linear_ignores_a_base_not_listed_under_models(merge_models, tmp_path, monkeypatch):
+    """README: `linear` ignores `base` unless it is listed in `models`; the base is never read."""
+    from compressor.merging import engine
+
+    models = f"models:\n  - {{model: {merge_models['ft0']}, weight: 1.0}}\n  - {{model: {merge_models['ft1']}, weight: 3.0}}"
+    merge(recipe_text(f"method: linear\n{models}"), tmp_path / "plain")
+    opened: list[str] = []
+    real_open = engine.open_input
+    monkeypatch.setattr(engine, "open_input", lambda reference, **kw: opened.append(reference) or real_open(reference, **kw))
+    merge(recipe_text(f"method: linear\nbase: {merge_models['base']}\n{models}"), tmp_path / "with-base")
+    assert opened == [str(merge_models["ft0"]), str(merge_models["ft1"])]
+    plain, with_base = weights(tmp_path / "plain"), weights(tmp_path / "with-base")
+    for name in plain:
+        torch.testing.assert_close(with_base[name], plain[name], rtol=0, atol=0)
+    record = json.loads((tmp_path / "with-base" / "compression.json").read_text())["merge"]
+    assert record["base"] is None and record["ignored_base"] == str(merge_models["base"])
+    assert [m["model"] for m in record["models"]] == [str(merge_models["ft0"]), str(merge_models["ft1"])]
+    assert record["tokenizer_source"] == str(merge_models["ft0"])  # the first model's, not the ignored base's
+
+    # Listed under `models`, the base is averaged like any other input.
+    listed = f"{models}\n  - {{model: {merge_models['base']}, weight: 4.0}}"
+    merge(recipe_text(f"method: linear\nbase: {merge_models['base']}\n{listed}"), tmp_path / "listed")
+    a, b, base = (weights(merge_models[k])["model.norm.weight"] for k in ("ft0", "ft1", "base"))
+    torch.testing.assert_close(weights(tmp_path / "listed")["model.norm.weight"], (a + 3 * b + 4 * base) / 8)
+    assert json.loads((tmp_path / "listed" / "compression.json").read_text())["merge"]["base"] == str(merge_models["base"])
+
+
+def test_linear_tokenizer_source_base_takes_the_listed_base_wherever_it_is_listed(merge_models, tmp_path):
+    marked = perturbed_copy(merge_models["base"], tmp_path / "marked-base", seed=5)
+    tokenizer_config = json.loads((marked / "tokenizer_config.json").read_text())
+    (marked / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "model_max_length": 77}))
+    block = (
+        f"method: linear\nbase: {marked}\nmodels:\n  - {{model: {merge_models['ft0']}, weight: 1.0}}\n"
+        f"  - {{model: {marked}, weight: 1.0}}\ntokenizer_source: base"
+    )
+    merge(recipe_text(block), tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["model_max_length"] == 77
 
 
 def test_lora_input_is_merged_into_its_model_first(merge_models, tmp_path):
@@ -280,8 +337,8 @@ def test_card_metadata_lists_hub_parents_as_a_merge():
         }
     }
     metadata = merge_card_metadata(record)
-    assert metadata["base_model"] == ["org/math", "org/base"]
+    assert metadata["base_model"] == ["org/base", "org/math"]  # the base first, as the card lists it
     assert metadata["base_model_relation"] == "merge"
     assert "merge-ties" in metadata["tags"]
-    assert [m["model"] for m in merge_inputs(record)] == ["org/math", "/local/ft", "org/base"]
+    assert [m["model"] for m in merge_inputs(record)] == ["org/base", "org/math", "/local/ft"]
     assert merge_card_metadata({"source": {}}) == {}

@@ -108,6 +108,63 @@ def test_merge_card_lists_every_input(tmp_path):
     assert {"ties", "merge", "gptq"} <= set(meta["tags"])
 
 
+def merged_output(folder: Path, merge: dict, logged: list[dict]) -> Path:
+    """An output folder of a merge-then-quantize recipe, with its compression.json records."""
+    stages = [{"merge": {"method": merge["method"], "base": merge["base"]}}, {"quantize": {"method": "gptq"}}]
+    base_hub_id = next((m.get("hub_id") for m in merge["models"] if m["model"] == merge["base"]), None)
+    out = make_output(folder, {"kind": "merge", "reference": merge["base"], "hub_id": base_hub_id}, stages=stages)
+    compression = json.loads((out / "compression.json").read_text())
+    compression.update(merge=merge, stages=logged)
+    (out / "compression.json").write_text(json.dumps(compression))
+    return out
+
+
+HUB_MERGE = {
+    "method": "ties",
+    "base": "org/base",
+    "models": [
+        {"model": "org/math", "hub_id": "org/math"},
+        {"model": "/local/ft", "hub_id": None},
+        {"model": "org/base", "hub_id": "org/base"},
+    ],
+}
+MERGE_THEN_GPTQ = [{"kind": "merge", "method": "ties", "models": 3}, {"kind": "quantize", "method": "gptq"}]
+
+
+def test_merged_card_lists_every_hub_input_from_the_merge_record(tmp_path):
+    # source.hub_id names the base alone; the merge record names every parent.
+    out = merged_output(tmp_path / "o", HUB_MERGE, MERGE_THEN_GPTQ)
+    card = build_model_card(out, "me/merged")
+    meta = metadata_of(card)
+    assert meta["base_model"] == ["org/base", "org/math"]  # /local/ft has no Hub id
+    assert meta["base_model_relation"] == "merge"
+    assert {"merge", "ties", "quantize", "gptq"} <= set(meta["tags"])
+    assert "merge (ties), then quantize (gptq)." in card.text
+    assert (
+        "A compressed version of a ties merge of [org/base](https://huggingface.co/org/base) (base),"
+        " [org/math](https://huggingface.co/org/math) and `/local/ft`" in card.text
+    )
+
+
+def test_merge_recorded_before_it_was_logged_as_a_stage_still_shows(tmp_path):
+    """Folders whose `stages` hold only the later stages: the `merge` record still makes the card a merge."""
+    out = merged_output(tmp_path / "o", HUB_MERGE, MERGE_THEN_GPTQ[1:])
+    meta = metadata_of(build_model_card(out, "me/merged"))
+    assert meta["base_model_relation"] == "merge" and {"merge", "ties"} <= set(meta["tags"])
+
+
+def test_local_merge_pushed_with_a_base_model_is_a_merge(tmp_path):
+    local = {"method": "linear", "base": "/m/a", "models": [{"model": "/m/a", "hub_id": None}, {"model": "/m/b", "hub_id": None}]}
+    out = merged_output(tmp_path / "o", local, [{"kind": "merge", "method": "linear", "models": 2}])
+    meta = metadata_of(build_model_card(out, "me/merged"))
+    assert "base_model" not in meta  # local folders have no Hub id to link
+    assert {"merge", "linear"} <= set(meta["tags"])
+    card = build_model_card(out, "me/merged", base_model=["org/a", "org/b"])
+    assert metadata_of(card)["base_model"] == ["org/a", "org/b"]
+    assert metadata_of(card)["base_model_relation"] == "merge"
+    assert "A linear merge of `/m/a` (base) and `/m/b`, made with" in card.text
+
+
 def test_recorded_inputs_and_hub_cache_paths_name_the_base():
     inputs = {"source": {"inputs": [{"hub_id": "a/one"}, "b/two", {"reference": "/x/models--c--three/snapshots/1"}]}}
     assert base_models(inputs, {}) == ["a/one", "b/two", "c/three"]

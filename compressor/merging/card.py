@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from compressor.card_facts import merge_hub_ids, merge_parents
+
 
 def merge_inputs(compression: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every input of the merge as recorded, base included, in merge order."""
-    merge = compression.get("merge") or {}
-    return list(merge.get("models", []))
+    """Every input of the merge as recorded, the base first."""
+    return merge_parents(compression.get("merge") or {})
 
 
 def merge_card_metadata(compression: dict[str, Any]) -> dict[str, Any]:
@@ -22,7 +23,7 @@ def merge_card_metadata(compression: dict[str, Any]) -> dict[str, Any]:
     merge = compression.get("merge")
     if not merge:
         return {}
-    hub_ids = list(dict.fromkeys(m["hub_id"] for m in merge.get("models", []) if m.get("hub_id")))
+    hub_ids = merge_hub_ids(merge)
     metadata: dict[str, Any] = {"tags": ["merge", f"merge-{merge['method']}"]}
     if hub_ids:
         metadata["base_model"] = hub_ids

@@ -58,7 +58,7 @@ class MergePlan:
 
     def record(self) -> dict[str, Any]:
         """What compression.json keeps about the merge (the hub's model card reads it)."""
-        base = self.inputs[self.base_index].reference if self.base_index is not None else self.config.base
+        base = self.inputs[self.base_index].reference if self.base_index is not None else self.listed_base
         models = []
         for i, item in enumerate(self.inputs):
             entry: dict[str, Any] = {"model": item.reference, "hub_id": item.hub_id}
@@ -68,16 +68,34 @@ class MergePlan:
                 spec = self.config.models[i]
                 entry.update({k: v for k, v in spec.model_dump(mode="json").items() if k != "model" and v is not None})
             models.append(entry)
-        return {
+        record: dict[str, Any] = {
             "method": self.config.method,
             "base": base,
             "models": models,
             "normalize": self.normalize,
             "seed": self.config.seed,
-            "tokenizer_source": self.config.tokenizer_source or "base",
+            "tokenizer_source": self.config.tokenizer_source or self._default_tokenizer(),
             "tie_break": self.config.tie_break,
             "tensors": len(self.slots),
         }
+        if self.ignored_base is not None:
+            record["ignored_base"] = self.ignored_base
+        return record
+
+    def _default_tokenizer(self) -> str:
+        # Unset: the base's; for linear (no base role) the first model's, named since it need not be the base.
+        return "base" if self.base_index is not None else self.inputs[self.tokenizer_index].reference
+
+    @property
+    def listed_base(self) -> str | None:
+        """The recipe's `base` when it is one of the inputs (always, for methods that need one)."""
+        base = self.config.base
+        return base if base is not None and any(i.reference == base for i in self.inputs) else None
+
+    @property
+    def ignored_base(self) -> str | None:
+        """A `base` that the method does not use (linear, not listed under `models`): never read."""
+        return self.config.base if self.config.base is not None and self.listed_base is None else None
 
     @property
     def normalize(self) -> bool:
@@ -100,11 +118,12 @@ def _input_order(config: MergeConfig, method: MergeMethod, locate: Locate) -> tu
             references.append(config.base)
         base_index: int | None = references.index(config.base)
     else:
-        if config.base is not None and config.base not in references:
+        # An unlisted base is ignored (README): it is not read, and it gives neither weights nor tokenizer.
+        if config.base is not None and config.base not in references and config.tokenizer_source == "base":
             raise RecipeError(
-                f"{method.name} averages the listed models only: list the base under `models` with a weight,"
-                " or leave `base` out",
-                **locate("base"),
+                f"{method.name} ignores a `base` that is not listed under `models`, so it has no tokenizer to give:"
+                " list the base under `models` with a weight, or name one of the models as tokenizer_source",
+                **locate("tokenizer_source"),
             )
         base_index = None
     count = len(references)
@@ -245,6 +264,8 @@ def plan_merge(config: MergeConfig, locate: Locate, *, allow_pickle: bool = Fals
 
 def _tokenizer_index(config: MergeConfig, references: list[str], reference_index: int) -> int:
     source = config.tokenizer_source
+    if source == "base" and config.base in references:  # linear's listed base need not come first
+        return references.index(config.base)
     if source in (None, "base", "union"):  # union: built on the base's tokenizer
         return reference_index
     return references.index(source)

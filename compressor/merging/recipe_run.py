@@ -52,7 +52,19 @@ def merge_stage_plan(plan: MergePlan) -> StagePlan:
     for i, item in enumerate(plan.inputs):
         role = "base" if i == plan.base_index else "model"
         stage.selected[item.reference] = f"{role}, {len(plan.slots)} tensors"
+    if plan.ignored_base is not None:
+        stage.skipped[plan.ignored_base] = ignored_base_note(plan)
     return stage
+
+
+def ignored_base_note(plan: MergePlan) -> str:
+    name = plan.method.name
+    return f"base ignored by {name}, which averages the listed models only (list it under `models` to include it)"
+
+
+def merge_stage_record(plan: MergePlan, seconds: float) -> dict[str, Any]:
+    """The merge's entry in compression.json's `stages`, ahead of the later stages' entries."""
+    return {"kind": "merge", "method": plan.method.name, "models": len(plan.inputs), "seconds": round(seconds, 3)}
 
 
 def dry_run_merge_recipe(recipe: Recipe, options) -> list[StagePlan]:
@@ -88,6 +100,8 @@ def run_merge_recipe(recipe: Recipe, options, echo: Callable[[str], None] = prin
     base_reference = plan.inputs[plan.reference_index].reference
     source = {"reference": base_reference, "kind": "merge", "hub_id": plan.inputs[plan.reference_index].hub_id}
     echo(f"stage 1/{len(recipe.stages)}: merge ({plan.method.name}) of {len(plan.inputs)} models, {len(plan.slots)} tensors")
+    if plan.ignored_base is not None:
+        echo(f"  {plan.ignored_base}: {ignored_base_note(plan)}")
     if len(recipe.stages) == 1:
         with atomic_output_dir(options.out_dir) as staging:
             started = time.perf_counter()
@@ -98,7 +112,7 @@ def run_merge_recipe(recipe: Recipe, options, echo: Callable[[str], None] = prin
                 "recipe": {"name": recipe.name, "sha256": recipe.sha256()},
                 "source": source,
                 "merge": _merge_metadata(plan, seconds, stats),
-                "stages": [{"kind": "merge", "method": plan.method.name, "modules": 0, "seconds": round(seconds, 3)}],
+                "stages": [merge_stage_record(plan, seconds)],
                 "sizes": {"original_bytes": size, "compressed_bytes": size},
                 "versions": _versions(),
             }
@@ -116,8 +130,10 @@ def run_merge_recipe(recipe: Recipe, options, echo: Callable[[str], None] = prin
         stats = run_merge(plan, merged, show_progress=options.show_progress, trust_remote_code=options.trust_remote_code)
         seconds = time.perf_counter() - started
         extra = {"source": source, "merge": _merge_metadata(plan, seconds, stats)}
-        summary = run_recipe(str(merged), recipe, options, echo=echo, extra_metadata=extra)
+        summary = run_recipe(str(merged), recipe, options, echo=echo, extra_metadata=extra,
+                             prior_stages=[merge_stage_record(plan, seconds)])
         summary.stage_seconds.insert(0, seconds)
+        summary.plans.insert(0, merge_stage_plan(plan))
         return summary
     finally:
         shutil.rmtree(merged, ignore_errors=True)
