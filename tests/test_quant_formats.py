@@ -3,6 +3,7 @@ trips through save and plain transformers, and the recipe errors of the quantiza
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -362,6 +363,22 @@ def test_nf4_saved_after_perplexity_computes_the_direct_quantization(tiny_qwen3,
     assert (nf4_transformers_logits - reference).norm() <= 0.15 * reference.norm()  # NF4's own error: 10 %
 
 
+def test_compressor_load_gives_the_model_transformers_builds(nf4_after_perplexity, nf4_transformers_logits, tmp_path):
+    import bitsandbytes as bnb
+
+    import compressor
+
+    model = compressor.load(nf4_after_perplexity)
+    layers = {n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert len(layers) == 14 and model.compressed_formats == dict.fromkeys(layers, "bitsandbytes-nf4")
+    assert torch.equal(logits(model), nf4_transformers_logits)
+    # Saving it after that forward (a CPU repack where bitsandbytes does one) writes the same NF4 tensors.
+    model.save_pretrained(str(tmp_path / "again"))
+    again = saved_nf4_weights(tmp_path / "again")
+    for name, (weight, absmax) in saved_nf4_weights(nf4_after_perplexity).items():
+        assert again[name][1].shape == absmax.shape and torch.allclose(again[name][0], weight, rtol=2**-8, atol=0), name
+
+
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_a_cpu_repack_is_undone_before_saving(tiny_qwen3, double_quant, tmp_path):
     import bitsandbytes as bnb
@@ -383,6 +400,29 @@ def test_a_cpu_repack_is_undone_before_saving(tiny_qwen3, double_quant, tmp_path
         # The repack rounded the absmaxes to bf16 (and, double-quantized, they are quantized again).
         tolerance = 2e-2 if double_quant else 2**-8
         assert torch.allclose(repacked[name][0], weight, rtol=tolerance, atol=0), name
+
+
+def test_nf4_stage_checkpoint_after_a_forward_reloads_exactly(tiny_qwen3, tmp_path):
+    from compressor.resume import LoopState, StageCheckpoints
+
+    original = load_model(str(tiny_qwen3)).model.state_dict()
+    loaded, _ = run_stages(tiny_qwen3, recipe_for(NF4_BODY))
+    before = logits(loaded.model)  # a no-grad forward, like the held-out perplexity
+    lines: list[str] = []
+    checkpoints = StageCheckpoints(tmp_path / "work", {"k": 1}, ["quantize", "lowrank"], enabled=True, resume=True,
+                                   echo=lines.append)
+    ctx = StageContext(tokenizer=None, calibration=lambda: torch.zeros(1), device=torch.device("cpu"))
+    checkpoints.save(0, loaded.model, ctx, LoopState([], [], []))
+    assert lines == []  # written and verified bit for bit against compressor.load of the folder
+    for name, (weight, _) in saved_nf4_weights(tmp_path / "work" / "stage-1").items():
+        assert torch.equal(weight, _direct_nf4(original[name])), name
+    restored, first = checkpoints.restore(loaded.model, ctx, LoopState([], [], []))
+    assert first == 1 and restored is not loaded.model
+    assert torch.equal(logits(restored), before)
+    # The run goes on with the restored model and saves it at the end.
+    save_like_the_pipeline(dataclasses.replace(loaded, model=restored), tmp_path / "out")
+    for name, (weight, _) in saved_nf4_weights(tmp_path / "out").items():
+        assert torch.equal(weight, _direct_nf4(original[name])), name
 
 
 # -- bad input ------------------------------------------------------------------------------------
