@@ -11,6 +11,9 @@ Formats are a registry (format name → builder). The builders for sparse 2:4
 (``sparse-24-bitmask``), W8A8 (``int-quantized``) and FP8 (``float-quantized``) belong to the
 branches that add those modules (``kernels/<name>.py``); register them in
 ``format_builders()`` below.
+
+A bitsandbytes checkpoint (what ``method: nf4`` writes) is not compressed-tensors: transformers
+builds it, with its bitsandbytes ``Linear4bit`` layers (``_load_bitsandbytes``).
 """
 
 from __future__ import annotations
@@ -158,6 +161,40 @@ def _resolve_dtype(config: Any, dtype: torch.dtype | str | None) -> torch.dtype:
     return value
 
 
+def _drop_bitsandbytes_deserialize(model: nn.Module) -> None:
+    """transformers 5 records the step that turned the stored NF4 tensors into ``Params4bit`` and
+    tries to reverse it on ``save_pretrained``, which raises NotImplementedError (5.23; see
+    huggingface/transformers#45743). ``Linear4bit``'s state_dict already is the stored form: nothing to reverse."""
+    from transformers.integrations.bitsandbytes import Bnb4bitDeserialize
+
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        model._weight_conversions = [
+            c for c in conversions if not any(isinstance(op, Bnb4bitDeserialize) for op in getattr(c, "operations", ()))
+        ]
+
+
+def _load_bitsandbytes(folder: Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """A bitsandbytes checkpoint (method nf4) as transformers builds it: its ``Linear4bit``
+    layers and quantizer. Two additions, both for ``save_pretrained``: it undoes bitsandbytes'
+    CPU repack correctly, and it no longer fails on transformers' irreversible load step."""
+    from bitsandbytes.nn import Linear4bit
+    from transformers import AutoModelForCausalLM
+
+    from compressor.stages.nf4_layout import restore_layout_on_save
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, device_map={"": str(device)})
+    model.eval()
+    _drop_bitsandbytes_deserialize(model)
+    formats = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Linear4bit):
+            restore_layout_on_save(module)
+            formats[name] = f"bitsandbytes-{module.weight.quant_type}"
+    model.compressed_formats = formats
+    return model
+
+
 def load(
     path: str | Path,
     device: torch.device | str | None = None,
@@ -167,7 +204,11 @@ def load(
     """A compressed checkpoint folder → a PreTrainedModel whose compressed layers stay compressed.
 
     `prepare_kernels=False` skips packing each layer for its decode kernel (done lazily on first
-    use anyway): for a model that is about to be compressed further, not run."""
+    use anyway): for a model that is about to be compressed further, not run.
+
+    A bitsandbytes checkpoint (``quant_method: bitsandbytes``, what ``method: nf4`` writes) is
+    loaded by transformers itself: the model is the one ``AutoModelForCausalLM.from_pretrained``
+    returns (bitsandbytes ``Linear4bit`` layers, its own kernels), not this project's modules."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
@@ -183,6 +224,8 @@ def load(
         del config.quantization_config
         qconfig = qconfig if isinstance(qconfig, dict) else qconfig.to_dict()
     torch_dtype = _resolve_dtype(config, dtype)
+    if qconfig is not None and qconfig.get("quant_method") == "bitsandbytes":
+        return _load_bitsandbytes(folder, target, torch_dtype)
 
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)

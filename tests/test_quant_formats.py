@@ -3,6 +3,7 @@ trips through save and plain transformers, and the recipe errors of the quantiza
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -290,6 +291,138 @@ def test_nf4_saves_the_bitsandbytes_serialization_transformers_loads(tiny_qwen3,
     ((theirs, classes),) = reload_with_transformers(tmp_path / "nf4")
     assert "Linear4bit" in classes
     assert torch.allclose(theirs, ours, atol=1e-2, rtol=1e-2)
+
+
+NF4_BODY = "- quantize: {method: nf4, ignore: [lm_head]}\n"
+
+
+def _direct_nf4(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` through bitsandbytes' own NF4 round trip (blocks of 64, no double quantization)."""
+    import bitsandbytes as bnb
+
+    codes, state = bnb.functional.quantize_4bit(weight, quant_type="nf4", blocksize=64)
+    return bnb.functional.dequantize_4bit(codes, state).float()
+
+
+def saved_nf4_weights(folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Weight name → (dequantized weight, stored absmax) of every NF4 layer in the folder, read with
+    bitsandbytes' ``QuantState.from_dict`` (what transformers' loader uses)."""
+    from bitsandbytes.functional import QuantState, dequantize_4bit
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / "model.safetensors"))
+    found = {}
+    for key in tensors:
+        if key.endswith(".weight.absmax"):
+            name = key.removesuffix(".absmax")
+            state = QuantState.from_dict({k: v for k, v in tensors.items() if k.startswith(name + ".")}, torch.device("cpu"))
+            found[name] = (dequantize_4bit(tensors[name], state).float(), tensors[key])
+    return found
+
+
+@pytest.fixture(scope="module")
+def nf4_after_perplexity(tiny_qwen3, tmp_path_factory) -> Path:
+    """`compress` with nf4 and the held-out perplexity on: no-grad forwards run before the save (on a
+    CPU with AVX-512 BF16 they are what makes bitsandbytes repack the weights)."""
+    folder = tmp_path_factory.mktemp("nf4-perplexity")
+    (folder / "nf4.yaml").write_text(recipe_for(NF4_BODY))
+    out = folder / "out"
+    assert main([str(tiny_qwen3), "--recipe", str(folder / "nf4.yaml"), "-o", str(out), "-q"]) == 0
+    assert json.loads((out / "compression.json").read_text())["perplexity"]["compressed"] is not None
+    return out
+
+
+@pytest.fixture(scope="module")
+def nf4_transformers_logits(nf4_after_perplexity) -> torch.Tensor:
+    ((theirs, classes),) = reload_with_transformers(nf4_after_perplexity)
+    assert "Linear4bit" in classes
+    return theirs
+
+
+def test_nf4_saved_after_perplexity_is_what_bitsandbytes_quantizes(tiny_qwen3, nf4_after_perplexity):
+    original = load_model(str(tiny_qwen3)).model.state_dict()
+    saved = saved_nf4_weights(nf4_after_perplexity)
+    assert len(saved) == 14
+    for name, (weight, absmax) in saved.items():
+        rows, cols = original[name].shape
+        # bitsandbytes' CPU layout would be [cols / 64, rows] in bf16
+        assert absmax.shape == (rows * cols // 64,) and absmax.dtype == torch.float32, name
+        assert torch.equal(weight, _direct_nf4(original[name])), name
+
+
+def test_nf4_saved_after_perplexity_computes_the_direct_quantization(tiny_qwen3, nf4_transformers_logits):
+    dense = load_model(str(tiny_qwen3)).model
+    reference = logits(dense)
+    with torch.no_grad():
+        for name, module in dense.named_modules():
+            if isinstance(module, nn.Linear) and name != "lm_head":
+                module.weight.copy_(_direct_nf4(module.weight))
+    expected = logits(dense)
+    # 0.4 % here (bf16 arithmetic); 2.6 % with the absmaxes of the wrong blocks.
+    assert (nf4_transformers_logits - expected).abs().max() <= 0.01 * expected.abs().max()
+    assert (nf4_transformers_logits - reference).norm() <= 0.15 * reference.norm()  # NF4's own error: 10 %
+
+
+def test_compressor_load_gives_the_model_transformers_builds(nf4_after_perplexity, nf4_transformers_logits, tmp_path):
+    import bitsandbytes as bnb
+
+    import compressor
+
+    model = compressor.load(nf4_after_perplexity)
+    layers = {n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert len(layers) == 14 and model.compressed_formats == dict.fromkeys(layers, "bitsandbytes-nf4")
+    assert torch.equal(logits(model), nf4_transformers_logits)
+    # Saving it after that forward (a CPU repack where bitsandbytes does one) writes the same NF4 tensors.
+    model.save_pretrained(str(tmp_path / "again"))
+    again = saved_nf4_weights(tmp_path / "again")
+    for name, (weight, absmax) in saved_nf4_weights(nf4_after_perplexity).items():
+        assert again[name][1].shape == absmax.shape and torch.allclose(again[name][0], weight, rtol=2**-8, atol=0), name
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_a_cpu_repack_is_undone_before_saving(tiny_qwen3, double_quant, tmp_path):
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    body = f"- quantize: {{method: nf4, double_quant: {str(double_quant).lower()}, ignore: [lm_head]}}\n"
+    loaded, _ = run_stages(tiny_qwen3, recipe_for(body))
+    save_like_the_pipeline(loaded, tmp_path / "canonical")
+    for module in loaded.model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            # What Linear4bit.forward does on a CPU with AVX-512 BF16, done here on any CPU.
+            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu(
+                module.weight.data, module.weight.quant_state)
+    save_like_the_pipeline(loaded, tmp_path / "repacked")
+    canonical, repacked = saved_nf4_weights(tmp_path / "canonical"), saved_nf4_weights(tmp_path / "repacked")
+    assert len(repacked) == 14
+    for name, (weight, absmax) in canonical.items():
+        assert repacked[name][1].shape == absmax.shape and repacked[name][1].dtype == absmax.dtype, name
+        # The repack rounded the absmaxes to bf16 (and, double-quantized, they are quantized again).
+        tolerance = 2e-2 if double_quant else 2**-8
+        assert torch.allclose(repacked[name][0], weight, rtol=tolerance, atol=0), name
+
+
+def test_nf4_stage_checkpoint_after_a_forward_reloads_exactly(tiny_qwen3, tmp_path):
+    from compressor.resume import LoopState, StageCheckpoints
+
+    original = load_model(str(tiny_qwen3)).model.state_dict()
+    loaded, _ = run_stages(tiny_qwen3, recipe_for(NF4_BODY))
+    before = logits(loaded.model)  # a no-grad forward, like the held-out perplexity
+    lines: list[str] = []
+    checkpoints = StageCheckpoints(tmp_path / "work", {"k": 1}, ["quantize", "lowrank"], enabled=True, resume=True,
+                                   echo=lines.append)
+    ctx = StageContext(tokenizer=None, calibration=lambda: torch.zeros(1), device=torch.device("cpu"))
+    checkpoints.save(0, loaded.model, ctx, LoopState([], [], []))
+    assert lines == []  # written and verified bit for bit against compressor.load of the folder
+    for name, (weight, _) in saved_nf4_weights(tmp_path / "work" / "stage-1").items():
+        assert torch.equal(weight, _direct_nf4(original[name])), name
+    restored, first = checkpoints.restore(loaded.model, ctx, LoopState([], [], []))
+    assert first == 1 and restored is not loaded.model
+    assert torch.equal(logits(restored), before)
+    # The run goes on with the restored model and saves it at the end.
+    save_like_the_pipeline(dataclasses.replace(loaded, model=restored), tmp_path / "out")
+    for name, (weight, _) in saved_nf4_weights(tmp_path / "out").items():
+        assert torch.equal(weight, _direct_nf4(original[name])), name
 
 
 # -- bad input ------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from torch import nn
 
 from compressor.errors import CompressionError
 from compressor.stages.base import StageContext, replace_module
+from compressor.stages.nf4_layout import keep_serialized_layout
 
 NF4_BLOCK_SIZE = 64  # what bitsandbytes uses for 4-bit weights; not configurable there
 
@@ -53,7 +54,9 @@ def to_linear4bit(module: nn.Linear, *, double_quant: bool, device: torch.device
     )
     if module.bias is not None:
         new.bias = nn.Parameter(module.bias.data.detach().to("cpu"), requires_grad=False)
-    new.train(module.training)  # bitsandbytes picks its CPU inference kernel only in eval mode
+    new.train(module.training)
+    # Perplexity and evaluation run before the save: they must not leave bitsandbytes' CPU layout behind.
+    keep_serialized_layout(new)
     return new.to(device)  # moving a Params4bit to a device is what quantizes it
 
 
