@@ -273,6 +273,11 @@ def test_mse_hidden_without_layers_runs_after_quantize(teacher, tiny_llama, tmp_
         ("{teacher: DEEP, loss: [{kind: kl}, {kind: cosine_hidden}]}", 4, "stages[0].distill.loss[1]", "give `layers"),
         ("{teacher: DEEP, loss: {kind: mse_hidden, layers: [[2, 4]]}}", 4, "stages[0].distill.loss.layers", "out of range for the teacher"),
         ("{loss: {kind: ce, temperature: 2.0}}", 4, "stages[0].distill.loss", "`temperature` applies to"),
+        # A list of losses: the error names the failing entry and its own problem, not "must be a mapping".
+        ("{loss: [{kind: kl, weight: 1.0}, {kind: mse_hidden, temperature: 2.0}]}", 4, "stages[0].distill.loss[1]", "`temperature` applies to"),
+        ("{loss: [{kind: kl}, {kind: kld, weight: 0.5}]}", 4, "stages[0].distill.loss[1].kind", "did you mean 'kl'"),
+        ("{loss: [{kind: kl}, {kind: jsd, temperature: -1.0}]}", 4, "stages[0].distill.loss[1].temperature", "greater than 0"),
+        ("{loss: [{kind: kl}, kl]}", 4, "stages[0].distill.loss[1]", "must be a mapping, got 'kl'"),
         ("{loss: [{kind: kl}, {kind: mse_hidden, layers: [[1, 9]]}]}", 4, "stages[0].distill.loss[1].layers", "out of range"),
         ("{warmup_steps: 10, steps: 10}", 4, "stages[0].distill", "fewer than steps"),
         ("{max_minutes: 0}", 4, "stages[0].distill.max_minutes", "greater than 0"),
