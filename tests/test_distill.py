@@ -332,3 +332,15 @@ def test_builtin_prune_then_distill_recipe_keeps_2_4(tiny_llama, tmp_path):
     log = json.loads((outputs["distilled"] / "stage-2-distill.json").read_text())
     assert log["steps"] == 4 and not log["stopped_by_time"]
     assert (outputs["distilled"] / "stage-2-distill-loss.png").is_file()
+
+
+def test_dry_run_says_a_quantized_layer_trains_its_scales(tiny_llama, tmp_path, capsys):
+    """The plan sees the model as loaded, so a Linear an earlier quantize stage replaces is not
+    announced as training its `weight` without saying that its scales train instead."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(MSE_AFTER_QUANTIZE.replace("TEACHER", "base"))
+    assert main([str(tiny_llama), "--recipe", str(recipe), "--dry-run"]) == 0
+    distill = capsys.readouterr().out.split("distill (mse_hidden)")[1]
+    q_proj = next(line for line in distill.splitlines() if "self_attn.q_proj" in line)
+    assert q_proj.rstrip().endswith("weight, or its scales if an earlier stage quantizes it"), q_proj
+    assert any(line.rstrip().endswith("x1    norm weight") for line in distill.splitlines()), distill

@@ -218,6 +218,17 @@ def _check_lora_keys(config: DistillConfig, locate: Locator) -> None:
             raise RecipeError(f"'{key}' applies to `train: lora`, not `train: {config.train}`", **locate(key))
 
 
+# The plan sees the model as loaded: a Linear listed as `weight` may be quantized by an earlier stage.
+_AFTER_QUANTIZE = {"auto": "or its scales if an earlier stage quantizes it", "unquantized": "unless an earlier stage quantizes it"}
+
+
+def _as_it_may_be(selected: dict[str, str], train: str) -> dict[str, str]:
+    note = _AFTER_QUANTIZE.get(train)
+    if note is None:
+        return selected
+    return {name: f"{what}, {note}" if what.startswith("weight") else what for name, what in selected.items()}
+
+
 class DistillStage:
     def needs_calibration(self, config: DistillConfig) -> bool:
         return config.data is None
@@ -229,7 +240,7 @@ class DistillStage:
         method = "+".join(s.kind for s in config.losses())
         if config.train == "lora":
             return StagePlan(kind="distill", method=method, selected=lora_targets(model, config, locate))
-        selected = describe_trainable(model, config.train, config.ignore)
+        selected = _as_it_may_be(describe_trainable(model, config.train, config.ignore), config.train)
         # Before the stages run there are no quantized layers yet: `scales` is checked again at run time.
         if not selected and config.train != "scales":
             raise RecipeError(f"`train: {config.train}` finds nothing to train in this model", **locate("train"))
