@@ -191,12 +191,31 @@ def _describe(error: dict[str, Any], model: type[BaseModel], loc: tuple[Any, ...
 _UNION_BRANCHES = frozenset({"function-after", "function-before", "tagged-union", "float", "int", "str", "bool", "none"})
 
 
+def _is_member_tag(part: Any) -> bool:
+    return isinstance(part, str) and (part.endswith("]") or part in _UNION_BRANCHES)
+
+
+def _refuses_type(error: dict[str, Any]) -> bool:
+    """A union member that refused the input's type outright (`loss: [...]` for the mapping member)."""
+    return error["type"] in _TYPE_WORDS and bool(error["loc"]) and _is_member_tag(error["loc"][-1])
+
+
+def _union_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A union reports one error per member. The member that matches the input's type has the real
+    problem (`loss[1].kind`); the others only say "must be a mapping", so drop them. When every
+    member refuses the type, they stay, and the first member's words are reported."""
+    def others_got_further(error: dict[str, Any]) -> bool:
+        union_at = error["loc"][:-1]
+        return any(e["loc"][: len(union_at)] == union_at and not _refuses_type(e) for e in errors)
+
+    return [e for e in errors if not (_refuses_type(e) and others_got_further(e))]
+
+
 def _raise_validation(
     err: ValidationError, model: type[BaseModel], doc: LocatedDocument, prefix: tuple[Any, ...]
 ) -> None:
     # A misspelt key also shows up as the real key "missing": report the misspelling.
-    # A union reports one error per member; the first is the most telling.
-    errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    errors = sorted(_union_errors(err.errors()), key=lambda e: e["type"] != "extra_forbidden")
     error = errors[0]
     loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.endswith("]")))
     loc = tuple(p for p in loc if p not in _UNION_BRANCHES)

@@ -217,6 +217,51 @@ def test_distill_after_quantize_trains_scales_only(tiny_llama, tmp_path, capsys)
     assert summary["steps"] == 12
 
 
+def _teacher_variant(source: Path, folder: Path, **changes) -> Path:
+    """A copy of `source` whose config differs (the plan reads only the teacher's config)."""
+    shutil.copytree(source, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_hidden_loss_without_layers_pairs_every_block(tiny_llama):
+    from compressor.errors import CompressionError
+    from compressor.stages.distill import DistillConfig
+    from compressor.stages.distill_run import _weighted_losses
+
+    student, teacher = _tiny(tiny_llama), _tiny(tiny_llama)
+    config = DistillConfig.model_validate({"loss": [{"kind": "kl"}, {"kind": "mse_hidden"}, {"kind": "cosine_hidden", "layers": [[1, 2]]}]})
+    kl, mse, cos = _weighted_losses(config, student, teacher)
+    assert kl.spec.layers is None and cos.spec.layers == [[1, 2]]
+    assert mse.spec.layers == [[1, 1], [2, 2]]  # 0, the embeddings, is left out
+    assert config.losses()[1].layers is None  # the recipe (and its recipe.yaml) is unchanged
+    teacher.config.num_hidden_layers = 3  # e.g. an earlier stage dropped a block of the student
+    with pytest.raises(CompressionError, match="has 2 blocks and the teacher 3"):
+        _weighted_losses(config, student, teacher)
+
+
+MSE_AFTER_QUANTIZE = """name: q-then-mse
+calibration: {samples: 8, seq_len: 32}
+stages:
+  - quantize: {method: rtn, weights: {bits: 4, group_size: 32}, ignore: [lm_head]}
+  - distill: {teacher: TEACHER, loss: {kind: mse_hidden}, steps: 2, lr: 1.0e-4, batch_size: 2}
+"""
+
+
+@pytest.mark.parametrize("teacher", ["base", "path"])
+def test_mse_hidden_without_layers_runs_after_quantize(teacher, tiny_llama, tmp_path):
+    """DESIGN's `loss: {kind: mse_hidden}` with no `layers`: a teacher of the same depth (the base,
+    or a path) gives every block's hidden state to match."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(MSE_AFTER_QUANTIZE.replace("TEACHER", "base" if teacher == "base" else str(tiny_llama)))
+    out = tmp_path / "out"
+    assert main([str(tiny_llama), "--recipe", str(recipe), "-o", str(out), "-q", "--no-perplexity"]) == 0
+    curve = json.loads((out / "stage-2-distill.json").read_text())["curve"]
+    assert len(curve) == 2 and all(row["mse_hidden"] > 0 for row in curve)
+
+
 @pytest.mark.parametrize(
     "block, line, key, fragment",
     [
@@ -224,8 +269,15 @@ def test_distill_after_quantize_trains_scales_only(tiny_llama, tmp_path, capsys)
         ("{lr: -1.0e-5}", 4, "stages[0].distill.lr", "greater than 0"),
         ("{steps: 0}", 4, "stages[0].distill.steps", "greater than 0"),
         ("{loss: {kind: kld}}", 4, "stages[0].distill.loss.kind", "did you mean 'kl'"),
-        ("{loss: {kind: mse_hidden}}", 4, "stages[0].distill.loss", "needs `layers"),
+        ("{teacher: DEEP, loss: {kind: mse_hidden}}", 4, "stages[0].distill.loss", "has 2 blocks and the teacher 3: give `layers"),
+        ("{teacher: DEEP, loss: [{kind: kl}, {kind: cosine_hidden}]}", 4, "stages[0].distill.loss[1]", "give `layers"),
+        ("{teacher: DEEP, loss: {kind: mse_hidden, layers: [[2, 4]]}}", 4, "stages[0].distill.loss.layers", "out of range for the teacher"),
         ("{loss: {kind: ce, temperature: 2.0}}", 4, "stages[0].distill.loss", "`temperature` applies to"),
+        # A list of losses: the error names the failing entry and its own problem, not "must be a mapping".
+        ("{loss: [{kind: kl, weight: 1.0}, {kind: mse_hidden, temperature: 2.0}]}", 4, "stages[0].distill.loss[1]", "`temperature` applies to"),
+        ("{loss: [{kind: kl}, {kind: kld, weight: 0.5}]}", 4, "stages[0].distill.loss[1].kind", "did you mean 'kl'"),
+        ("{loss: [{kind: kl}, {kind: jsd, temperature: -1.0}]}", 4, "stages[0].distill.loss[1].temperature", "greater than 0"),
+        ("{loss: [{kind: kl}, kl]}", 4, "stages[0].distill.loss[1]", "must be a mapping, got 'kl'"),
         ("{loss: [{kind: kl}, {kind: mse_hidden, layers: [[1, 9]]}]}", 4, "stages[0].distill.loss[1].layers", "out of range"),
         ("{warmup_steps: 10, steps: 10}", 4, "stages[0].distill", "fewer than steps"),
         ("{max_minutes: 0}", 4, "stages[0].distill.max_minutes", "greater than 0"),
@@ -234,13 +286,11 @@ def test_distill_after_quantize_trains_scales_only(tiny_llama, tmp_path, capsys)
     ],
 )
 def test_bad_distill_blocks(block, line, key, fragment, tiny_llama, tmp_path, capsys):
-    teacher = tmp_path / "teacher"
-    shutil.copytree(tiny_llama, teacher)
-    config = json.loads((teacher / "config.json").read_text())
-    config["vocab_size"] = 500
-    (teacher / "config.json").write_text(json.dumps(config))
+    teacher = _teacher_variant(tiny_llama, tmp_path / "teacher", vocab_size=500)
+    deep = _teacher_variant(tiny_llama, tmp_path / "deep", num_hidden_layers=3)
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("name: t\ncalibration: {samples: 4, seq_len: 32}\nstages:\n  - distill: " + block.replace("TEACHER", str(teacher)) + "\n")
+    block = block.replace("TEACHER", str(teacher)).replace("DEEP", str(deep))
+    recipe.write_text("name: t\ncalibration: {samples: 4, seq_len: 32}\nstages:\n  - distill: " + block + "\n")
     code = main([str(tiny_llama), "--recipe", str(recipe), "--dry-run", "-q"])
     err = capsys.readouterr().err.strip()
     assert code == 2, err
@@ -282,3 +332,15 @@ def test_builtin_prune_then_distill_recipe_keeps_2_4(tiny_llama, tmp_path):
     log = json.loads((outputs["distilled"] / "stage-2-distill.json").read_text())
     assert log["steps"] == 4 and not log["stopped_by_time"]
     assert (outputs["distilled"] / "stage-2-distill-loss.png").is_file()
+
+
+def test_dry_run_says_a_quantized_layer_trains_its_scales(tiny_llama, tmp_path, capsys):
+    """The plan sees the model as loaded, so a Linear an earlier quantize stage replaces is not
+    announced as training its `weight` without saying that its scales train instead."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(MSE_AFTER_QUANTIZE.replace("TEACHER", "base"))
+    assert main([str(tiny_llama), "--recipe", str(recipe), "--dry-run"]) == 0
+    distill = capsys.readouterr().out.split("distill (mse_hidden)")[1]
+    q_proj = next(line for line in distill.splitlines() if "self_attn.q_proj" in line)
+    assert q_proj.rstrip().endswith("weight, or its scales if an earlier stage quantizes it"), q_proj
+    assert any(line.rstrip().endswith("x1    norm weight") for line in distill.splitlines()), distill

@@ -55,12 +55,22 @@ def test_gradient_checkpointing_recomputes_and_trains_the_same(tiny_llama):
         torch.testing.assert_close(checkpointed[name], value, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_cosine_schedule_with_warmup_sets_each_steps_lr(tiny_llama):
+def test_cosine_schedule_with_warmup_sets_each_steps_lr(tiny_llama, monkeypatch):
     windows = torch.randint(3, 384, (8, 24), generator=torch.Generator().manual_seed(2))
+    used = []
+    adamw_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        used.append(self.param_groups[0]["lr"])
+        return adamw_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
     _, result, _ = _train(tiny_llama, windows, steps=4, schedule="cosine", warmup_steps=1, lr=1e-3)
-    # After step s the lr is lr · ½(1 + cos(π (s − warmup) / (steps − warmup))) (s ≥ warmup).
-    expected = [1e-3 * 0.5 * (1 + math.cos(math.pi * (s - 1) / 3)) for s in range(1, 5)]
+    # Step s (from 1) runs at lr · (s − 1) / warmup while s ≤ warmup, then at
+    # lr · ½(1 + cos(π (s − 1 − warmup) / (steps − warmup))): the log shows the rate each step used.
+    expected = [0.0, 1e-3, 1e-3 * 0.5 * (1 + math.cos(math.pi / 3)), 1e-3 * 0.5 * (1 + math.cos(2 * math.pi / 3))]
     assert [row["step"] for row in result.curve] == [1, 2, 3, 4]
+    assert used == [row["lr"] for row in result.curve]
     for row, lr in zip(result.curve, expected):
         assert abs(row["lr"] - lr) < 1e-12, (row, lr)
 

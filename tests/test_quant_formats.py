@@ -470,14 +470,18 @@ def test_fp8_on_a_torch_without_float8_is_one_clear_line(monkeypatch):
 @pytest.mark.parametrize(
     "body, fragment",
     [
-        ("- quantize: {method: rtn, activations: {bits: 8}}\n", "8-bit symmetric weights with one scale per output channel"),
+        # Keys the recipe writes are respected, so these still conflict with quantized activations.
+        ("- quantize: {method: rtn, weights: {bits: 4}, activations: {bits: 8}}\n", "8-bit symmetric weights with one scale per output channel"),
+        ("- quantize: {method: gptq, weights: {bits: 8, group_size: 128}, activations: {bits: 8}}\n", "one scale per output channel"),
+        ("- quantize: {method: smoothquant+gptq, weights: {bits: 8, group_size: 64}}\n", "one scale per output channel"),
+        ("- quantize: {method: smoothquant, weights: {bits: 8, symmetric: false}}\n", "8-bit symmetric weights"),
         ("- quantize: {method: rtn, weights: {bits: 8, group_size: null}, activations: {dynamic: false, strategy: token}}\n",
          "one calibrated scale per tensor"),
         ("- quantize: {method: rtn, weights: {bits: 8, group_size: null}, activations: {bits: 4}}\n", "must be one of 8"),
         ("- quantize: {method: rtn, weights: {bits: 8, group_size: null}, activations: {type: float}}\n",
          "needs weights of the same type"),
         ("- quantize: {method: fp8, weights: {type: float, group_size: 64}}\n", "group_size: null"),
-        ("- quantize: {method: fp8, weights: {bits: 8}}\n", "weights.type must be float"),
+        ("- quantize: {method: fp8, weights: {type: int, bits: 8}}\n", "weights.type must be float"),
         ("- quantize: {method: gptq, weights: {type: float}}\n", "cast, not solved"),
         ("- quantize: {method: nf4, weights: {bits: 4, group_size: 128}}\n", "remove `weights`"),
         ("- quantize: {method: rtn, double_quant: true}\n", "double_quant applies to method nf4"),
@@ -491,6 +495,36 @@ def test_bad_quantization_blocks_are_recipe_errors(body, fragment):
         parse_recipe_text(recipe_for(body))
     assert fragment in str(err.value)
     assert "stages[0].quantize" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "- quantize: {method: smoothquant+gptq, weights: {bits: 8}, ignore: [lm_head]}\n",
+        "- quantize: {method: smoothquant, weights: {observer: mse}}\n",
+        "- quantize: {method: rtn, weights: {bits: 8}, activations: {bits: 8, dynamic: true}}\n",
+        "- quantize: {method: gptq, activations: {bits: 8, dynamic: true}}\n",
+    ],
+)
+def test_weight_keys_left_out_take_the_per_channel_default_of_w8a8(body):
+    """`group_size` (and `bits`) left out of `weights` mean int8 per-channel when activations are
+    quantized, not the generic group 128; the resolved recipe.yaml writes the effective values."""
+    recipe = parse_recipe_text(recipe_for(body))
+    weights = recipe.stages[0].config.weights
+    assert (weights.bits, weights.group_size, weights.symmetric) == (8, None, True)
+    saved = recipe.to_dict()["stages"][0]["quantize"]["weights"]
+    assert saved["bits"] == 8 and saved["group_size"] is None
+    assert parse_recipe_text(recipe.to_yaml()).stages[0].config == recipe.stages[0].config
+
+
+def test_written_weight_keys_are_kept_beside_the_method_defaults():
+    recipe = parse_recipe_text(recipe_for("- quantize: {method: smoothquant, weights: {observer: mse}}\n"))
+    assert recipe.stages[0].config.weights.observer == "mse"
+    fp8 = parse_recipe_text(recipe_for("- quantize: {method: fp8, weights: {observer: mse}}\n")).stages[0].config.weights
+    assert (fp8.type, fp8.bits, fp8.group_size, fp8.observer) == ("float", 8, None, "mse")
+    # Weight-only methods keep the generic defaults.
+    plain = parse_recipe_text(recipe_for("- quantize: {method: gptq, weights: {bits: 8}}\n")).stages[0].config.weights
+    assert (plain.bits, plain.group_size) == (8, 128)
 
 
 def test_resolved_recipes_parse_again():

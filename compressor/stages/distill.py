@@ -18,8 +18,11 @@ Recipe block::
         checkpoint_every: 50          # resumable with `compress ... --resume`
         max_minutes: null             # wall-time budget: stop after the step that passes it
 
-Losses: kl, reverse_kl, jsd (with beta), ce, mse_hidden / cosine_hidden (with layers:
+Losses: kl, reverse_kl, jsd (with beta), ce, mse_hidden / cosine_hidden (optional layers:
 [[student, teacher], ...] indices into hidden_states: 0 is the embeddings, i the output of block i).
+Without `layers`, a hidden loss pairs every block's output 1:1 ([[1, 1], ..., [N, N]], as
+layer-wise distillation does with one target per decoder layer); that needs a teacher of the
+same depth, and a teacher of another depth needs `layers`.
 """
 
 from __future__ import annotations
@@ -73,8 +76,6 @@ class LossSpec(StrictModel):
     @model_validator(mode="after")
     def _fields_fit_kind(self) -> "LossSpec":
         given = self.model_fields_set
-        if self.kind in _HIDDEN_LOSSES and self.layers is None:
-            raise ValueError(f"loss '{self.kind}' needs `layers: [[student, teacher], ...]`")
         if self.kind not in _HIDDEN_LOSSES and "layers" in given:
             raise ValueError(f"`layers` applies to mse_hidden and cosine_hidden, not '{self.kind}'")
         if "temperature" in given and self.kind not in _LOGIT_LOSSES:
@@ -139,22 +140,42 @@ class DistillConfig(StrictModel):
         return self
 
 
-def _check_layers(model: nn.Module, config: DistillConfig, locate: Locator) -> None:
+def default_layer_pairs(student_depth: int | None, teacher_depth: int | None) -> list[list[int]] | None:
+    """A hidden loss without `layers`: every block's output 1:1 (the embeddings, index 0, are
+    left out: no stage compresses them). None when the depths differ or are unknown."""
+    if student_depth is None or student_depth != teacher_depth:
+        return None
+    return [[i, i] for i in range(1, student_depth + 1)]
+
+
+def depth_mismatch_message(kind: str, student_depth: int | None, teacher_depth: int | None) -> str:
+    return (
+        f"loss '{kind}' without `layers` pairs every block 1:1, but the model has {student_depth} blocks and"
+        f" the teacher {teacher_depth}: give `layers: [[student, teacher], ...]`"
+    )
+
+
+def _check_layers(model: nn.Module, teacher_depth: int | None, config: DistillConfig, locate: Locator) -> None:
     count = getattr(model.config, "num_hidden_layers", None)
     for index, spec in enumerate(config.losses()):
+        where = config.loss_path(index)
+        if spec.kind in _HIDDEN_LOSSES and spec.layers is None:
+            if default_layer_pairs(count, teacher_depth) is None:
+                raise RecipeError(depth_mismatch_message(spec.kind, count, teacher_depth), **locate(*where))
+            continue
         for student_layer, teacher_layer in spec.layers or []:
-            for layer in (student_layer, teacher_layer):
-                # The teacher is checked against the same count: a different depth is a different teacher.
-                if count is not None and not 0 <= layer <= count:
+            for layer, depth, whose in ((student_layer, count, "model"), (teacher_layer, teacher_depth, "teacher")):
+                if depth is not None and not 0 <= layer <= depth:
                     raise RecipeError(
-                        f"hidden-state index {layer} is out of range (0 = embeddings … {count} = last block)",
-                        **locate(*config.loss_path(index), "layers"),
+                        f"hidden-state index {layer} is out of range for the {whose} (0 = embeddings … {depth} = last block)",
+                        **locate(*where, "layers"),
                     )
 
 
-def _check_teacher(model: nn.Module, config: DistillConfig, locate: Locator) -> None:
+def _teacher_depth(model: nn.Module, config: DistillConfig, locate: Locator) -> int | None:
+    """The teacher's number of blocks, after checking that it shares the model's vocabulary."""
     if config.teacher == "base":
-        return
+        return getattr(model.config, "num_hidden_layers", None)
     from compressor.model_io import load_config, prepare_source
 
     _, path, _ = prepare_source(config.teacher, allow_pickle=False)
@@ -165,6 +186,7 @@ def _check_teacher(model: nn.Module, config: DistillConfig, locate: Locator) -> 
             f"teacher '{config.teacher}' has a different vocabulary ({theirs} tokens, the model has {ours})",
             **locate("teacher"),
         )
+    return getattr(teacher_config, "num_hidden_layers", None)
 
 
 _LORA_KEYS = ("rank", "alpha", "dropout", "targets")
@@ -196,19 +218,29 @@ def _check_lora_keys(config: DistillConfig, locate: Locator) -> None:
             raise RecipeError(f"'{key}' applies to `train: lora`, not `train: {config.train}`", **locate(key))
 
 
+# The plan sees the model as loaded: a Linear listed as `weight` may be quantized by an earlier stage.
+_AFTER_QUANTIZE = {"auto": "or its scales if an earlier stage quantizes it", "unquantized": "unless an earlier stage quantizes it"}
+
+
+def _as_it_may_be(selected: dict[str, str], train: str) -> dict[str, str]:
+    note = _AFTER_QUANTIZE.get(train)
+    if note is None:
+        return selected
+    return {name: f"{what}, {note}" if what.startswith("weight") else what for name, what in selected.items()}
+
+
 class DistillStage:
     def needs_calibration(self, config: DistillConfig) -> bool:
         return config.data is None
 
     def plan(self, model: nn.Module, config: DistillConfig, locate: Locator) -> StagePlan:
         check_launch(os.environ)  # before any weight is read
-        _check_layers(model, config, locate)
         _check_lora_keys(config, locate)
-        _check_teacher(model, config, locate)
+        _check_layers(model, _teacher_depth(model, config, locate), config, locate)
         method = "+".join(s.kind for s in config.losses())
         if config.train == "lora":
             return StagePlan(kind="distill", method=method, selected=lora_targets(model, config, locate))
-        selected = describe_trainable(model, config.train, config.ignore)
+        selected = _as_it_may_be(describe_trainable(model, config.train, config.ignore), config.train)
         # Before the stages run there are no quantized layers yet: `scales` is checked again at run time.
         if not selected and config.train != "scales":
             raise RecipeError(f"`train: {config.train}` finds nothing to train in this model", **locate("train"))

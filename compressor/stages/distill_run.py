@@ -11,7 +11,7 @@ from compressor.algorithms.distill_losses import loss_registry
 from compressor.cache import cache_root
 from compressor.errors import CompressionError
 from compressor.stages.base import StageContext, StagePlan
-from compressor.stages.distill import DistillConfig
+from compressor.stages.distill import DistillConfig, LossSpec, default_layer_pairs, depth_mismatch_message
 from compressor.training.distill_loop import LoopSettings, WeightedLoss, plot_loss_curve, run_distillation
 from compressor.training.lora_trainable import select_lora_trainable
 from compressor.training.trainable import TrainableSet, select_trainable
@@ -40,9 +40,24 @@ def _teacher(config: DistillConfig, ctx: StageContext) -> nn.Module:
     return teacher
 
 
-def _weighted_losses(config: DistillConfig) -> list[WeightedLoss]:
+def _depth(model: nn.Module | None) -> int | None:
+    return getattr(getattr(model, "config", None), "num_hidden_layers", None)
+
+
+def _with_layers(spec: LossSpec, student: nn.Module, teacher: nn.Module | None) -> LossSpec:
+    """A hidden loss without `layers` gets every block 1:1, from the depths as they are now
+    (an earlier stage may have dropped blocks since the plan was made)."""
+    if spec.layers is not None or not loss_registry().get(spec.kind).needs_hidden:
+        return spec
+    pairs = default_layer_pairs(_depth(student), _depth(teacher))
+    if pairs is None:
+        raise CompressionError(depth_mismatch_message(spec.kind, _depth(student), _depth(teacher)))
+    return spec.model_copy(update={"layers": pairs})
+
+
+def _weighted_losses(config: DistillConfig, student: nn.Module, teacher: nn.Module | None) -> list[WeightedLoss]:
     registry = loss_registry()
-    specs = config.losses()
+    specs = [_with_layers(spec, student, teacher) for spec in config.losses()]
     names = [spec.kind if [s.kind for s in specs].count(spec.kind) == 1 else f"{spec.kind}{i}" for i, spec in enumerate(specs)]
     return [WeightedLoss(name, registry.get(spec.kind), spec) for name, spec in zip(names, specs)]
 
@@ -56,10 +71,11 @@ def _trainable(model: nn.Module, config: DistillConfig, plan: StagePlan) -> Trai
 
 
 def distill_model(model: nn.Module, config: DistillConfig, ctx: StageContext, plan: StagePlan) -> nn.Module:
-    losses = _weighted_losses(config)
-    needs_teacher = any(item.entry.needs_teacher for item in losses)
+    registry = loss_registry()
+    needs_teacher = any(registry.get(spec.kind).needs_teacher for spec in config.losses())
     windows = _windows(config, ctx)
     teacher = _teacher(config, ctx) if needs_teacher else None
+    losses = _weighted_losses(config, model, teacher)
     model_dtype = next(model.parameters()).dtype
     trainable = _trainable(model, config, plan)
     if not trainable.named:

@@ -9,13 +9,16 @@ methods, checked when the recipe is parsed (before any weight is read).
 - Layers with quantized activations have 8-bit weights of the same type, one scale per
   output channel (W8A8 int8, or FP8 weights with FP8 activations).
 
-Method defaults (used when the recipe leaves the key out):
+Method defaults (used when the recipe leaves the key out, also keys left out *inside* ``weights:``,
+so ``weights: {bits: 8}`` means per-channel here, not the generic group 128):
 - ``smoothquant`` / ``smoothquant+gptq``: ``weights: {bits: 8, group_size: null}``, int8
   activations dynamic per token. ``activations: null`` written out means "smooth only":
   the weights stay float for a later stage, which must then quantize activations.
 - ``fp8``: ``weights: {type: float, bits: 8}``, FP8 activations dynamic per token
   (``activations: null``: FP8 weight-only).
 - ``nf4``: fixed bitsandbytes NF4 blocks of 64; ``weights``/``activations`` are refused.
+- any other method with ``activations:`` set: ``weights`` keys left out are ``bits: 8,
+  group_size: null`` (the W8A8 form ``weights: {bits: 8}, activations: {bits: 8, dynamic: true}``).
 """
 
 from __future__ import annotations
@@ -116,6 +119,28 @@ def _differs_from_default(config: Any, key: str, given: set[str]) -> bool:
     return value != reference
 
 
+# Quantized activations need int8 per-channel weights (or FP8, which fixes both keys itself).
+_ACTIVATION_WEIGHT_DEFAULTS: dict[str, Any] = {"bits": 8, "group_size": None}
+
+
+def _weight_defaults(config: Any) -> dict[str, Any]:
+    """What the keys left out of `weights` mean for this method and activation scheme."""
+    method_default = METHOD_DEFAULTS.get(config.method, {}).get("weights")
+    if method_default is not None:
+        return method_default
+    return _ACTIVATION_WEIGHT_DEFAULTS if config.activations is not None else {}
+
+
+def _fill_left_out_weight_keys(config: Any) -> None:
+    """Keys written in `weights` stay as written (and are validated again); the others take the
+    method's / scheme's default rather than the generic one (4 bits, group 128)."""
+    defaults = _weight_defaults(config)
+    written = config.weights.model_dump(include=config.weights.model_fields_set)
+    if not defaults or all(key in written for key in defaults):
+        return
+    config.weights = type(config.weights).model_validate({**defaults, **written})
+
+
 def apply_method_defaults(config: Any) -> Any:
     """Fill a method's default weights/activations and refuse combinations that cannot work."""
     given = set(config.model_fields_set)
@@ -132,6 +157,7 @@ def apply_method_defaults(config: Any) -> Any:
         return config
     if config.double_quant:
         raise ValueError(f"double_quant applies to method nf4, not {config.method}")
+    _fill_left_out_weight_keys(config)  # not for nf4, whose `weights` is refused whatever it holds
     if config.smoothing_strength != 0.5 and config.method not in SMOOTHING_METHODS:
         raise ValueError(f"smoothing_strength applies to methods {', '.join(SMOOTHING_METHODS)}, not {config.method}")
     if config.method == "fp8" and config.weights.type != "float":

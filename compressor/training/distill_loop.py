@@ -183,6 +183,8 @@ def run_distillation(
     progress = tqdm(range(state.step, settings.steps), desc="distilling", unit="step", disable=not show_progress)
     for step in progress:
         totals: dict[str, float] = {}
+        # The rate this step uses (DeepSpeed's engine steps inside the last backward, before scheduler.step()).
+        lr = scheduler.get_last_lr()[0]
         for micro in range(settings.gradient_accumulation):
             # Gradients are averaged across processes only on the last micro-batch.
             last = micro == settings.gradient_accumulation - 1
@@ -204,7 +206,7 @@ def run_distillation(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         trainable.apply_masks()
-        record = {"step": step + 1, "loss": sum(totals.values()), "lr": scheduler.get_last_lr()[0], **totals}
+        record = {"step": step + 1, "loss": sum(totals.values()), "lr": lr, **totals}
         state.losses.append(record)
         state.step = step + 1
         if (step + 1) % settings.log_every == 0:
