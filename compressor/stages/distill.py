@@ -30,18 +30,17 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-import torch
 from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 from torch import nn
 
 from compressor.algorithms.distill_losses import loss_registry
-from compressor.errors import RecipeError, UserError
+from compressor.errors import RecipeError
 from compressor.recipe import CalibrationSpec, StrictModel
 from compressor.stages.base import Locator, StageContext, StagePlan
 from compressor.kernels.quant_linear import QuantLinear
 from compressor.targets import select_modules, validate_pattern
 from compressor.training.launch import check_launch
-from compressor.training.trainable import TRAIN_MODES, describe_trainable, select_trainable
+from compressor.training.trainable import TRAIN_MODES, describe_trainable
 
 _LOGIT_LOSSES = {"kl", "reverse_kl", "jsd"}
 _HIDDEN_LOSSES = {"mse_hidden", "cosine_hidden"}
