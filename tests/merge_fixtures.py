@@ -32,3 +32,15 @@ def perturbed_copy(source: Path, target: Path, seed: int, scale: float = 0.02, d
 def recipe_text(merge_block: str, name: str = "merge-test", extra: str = "") -> str:
     indented = "\n".join("      " + line for line in merge_block.strip().splitlines())
     return f"name: {name}\nstages:\n  - merge:\n{indented}\n{extra}"
+
+
+# A merge record as compression.json holds it: two Hub inputs (the base listed last) and a local one.
+HUB_MERGE = {
+    "method": "ties",
+    "base": "org/base",
+    "models": [
+        {"model": "org/math", "hub_id": "org/math"},
+        {"model": "/local/ft", "hub_id": None},
+        {"model": "org/base", "hub_id": "org/base"},
+    ],
+}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from compressor.cli import main
+from tests.cli_runs import assert_one_line_refusal, run_cli
 
 HEAD = "name: t\ncalibration: {samples: 4, seq_len: 32}\nstages:\n"
 QUANT = "  - quantize: {method: gptq, weights: {bits: 4, group_size: 32}}\n"
@@ -65,20 +65,8 @@ def out(tmp_path: Path) -> Path:
     return tmp_path / "work" / "out"
 
 
-def _run(argv: list[str], capsys) -> tuple[int, str]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:  # argparse errors leave through SystemExit
-        code = int(exit_.code or 0)
-    return code, capsys.readouterr().err.strip()
-
-
 def _assert_refused(code: int, err: str, fragments: tuple[str, ...], out: Path) -> None:
-    assert code == 2, err
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("error: "), err
-    for fragment in fragments:
-        assert fragment in err, f"{fragment!r} not in {err!r}"
+    assert_one_line_refusal(code, err, *fragments)
     parent = out.parent
     assert not out.exists(), "a refused run must not create OUT"
     leftovers = [p.name for p in parent.iterdir()] if parent.exists() else []
@@ -90,7 +78,7 @@ def test_malformed_recipe(text, fragments, tiny_llama, tmp_path, out, capsys):
     path = tmp_path / "r.yaml"
     path.write_text(text)
     fragments = tuple(f.replace("R:", f"{path}:") for f in fragments)
-    code, err = _run([tiny_llama, "--recipe", path, "-o", out, "-q", "--no-perplexity"], capsys)
+    code, err = run_cli([tiny_llama, "--recipe", path, "-o", out, "-q", "--no-perplexity"], capsys)
     _assert_refused(code, err, fragments, out)
 
 
@@ -131,7 +119,7 @@ def test_malformed_invocation(argv, fragments, tiny_llama, tmp_path, out, capsys
         for placeholder, value in names.items():
             arg = arg.replace(placeholder, value) if arg.startswith(placeholder) else arg
         resolved.append(arg)
-    code, err = _run(resolved, capsys)
+    code, err = run_cli(resolved, capsys)
     _assert_refused(code, err, fragments, out)
     assert (tmp_path / "afile").read_text() == "keep me"
 

@@ -12,22 +12,11 @@ import pytest
 import torch
 
 from compressor.cli import main
+from tests.cli_runs import assert_one_line_refusal, run_cli
 
 
-def _run(argv: list[str], capsys) -> tuple[int, str]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:  # argparse errors leave through SystemExit
-        code = int(exit_.code or 0)
-    return code, capsys.readouterr().err.strip()
-
-
-def _assert_refused(code: int, err: str, *fragments: str) -> None:
-    assert code == 2, err
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("error: "), err
-    for fragment in fragments:
-        assert fragment in err, f"{fragment!r} not in {err!r}"
+_run = run_cli
+_assert_refused = assert_one_line_refusal
 
 
 def _assert_nothing_written(folder: Path, before: set[str]) -> None:

@@ -18,7 +18,7 @@ from compressor.merging import sources
 from compressor.merging.recipe_run import run_merge_recipe
 from compressor.pipeline import RunOptions
 from compressor.recipe import parse_recipe_text
-from tests.merge_fixtures import perturbed_copy, recipe_text
+from tests.merge_fixtures import HUB_MERGE, perturbed_copy, recipe_text
 from tests.tiny_models import build_tiny_checkpoint
 
 
@@ -325,17 +325,7 @@ def test_elementwise_methods_stream_row_slices(merge_models, tmp_path, monkeypat
 def test_card_metadata_lists_hub_parents_as_a_merge():
     from compressor.merging.card import merge_card_metadata, merge_inputs
 
-    record = {
-        "merge": {
-            "method": "ties",
-            "base": "org/base",
-            "models": [
-                {"model": "org/math", "hub_id": "org/math"},
-                {"model": "/local/ft", "hub_id": None},
-                {"model": "org/base", "hub_id": "org/base"},
-            ],
-        }
-    }
+    record = {"merge": HUB_MERGE}
     metadata = merge_card_metadata(record)
     assert metadata["base_model"] == ["org/base", "org/math"]  # the base first, as the card lists it
     assert metadata["base_model_relation"] == "merge"

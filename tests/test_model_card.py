@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from compressor.card_facts import base_model_relation, base_models
 from compressor.checkpoint_size import measure_checkpoint
 from compressor.model_card import build_model_card
+from tests.merge_fixtures import HUB_MERGE
 
 SMOL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -119,15 +120,6 @@ def merged_output(folder: Path, merge: dict, logged: list[dict]) -> Path:
     return out
 
 
-HUB_MERGE = {
-    "method": "ties",
-    "base": "org/base",
-    "models": [
-        {"model": "org/math", "hub_id": "org/math"},
-        {"model": "/local/ft", "hub_id": None},
-        {"model": "org/base", "hub_id": "org/base"},
-    ],
-}
 MERGE_THEN_GPTQ = [{"kind": "merge", "method": "ties", "models": 3}, {"kind": "quantize", "method": "gptq"}]
 
 
