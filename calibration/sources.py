@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Union
 
 from compressor.calibration.corpus import calibration_slice_path, read_abstracts
-from compressor.errors import DataError
+from compressor.errors import DataError, first_line
 
 Document = Union[str, list[dict[str, str]]]
 
@@ -105,8 +105,7 @@ def _read_parquet(path: Path, column: str | None) -> list[Document]:
     try:
         table = pq.read_table(path)
     except (pyarrow.ArrowException, OSError) as err:  # not a parquet file, or a damaged one
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"cannot read the parquet file: {first_line}", where=str(path)) from None
+        raise DataError(f"cannot read the parquet file: {first_line(err)}", where=str(path)) from None
     return _documents_from_records(table.to_pylist(), column, str(path))
 
 
@@ -125,8 +124,7 @@ def _read_hub(path: str, subset: str | None, split: str, column: str | None, lab
     try:
         dataset = datasets.load_dataset(path, subset, split=split)
     except Exception as err:  # datasets raises many types for missing/offline sets
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"cannot load dataset '{path}' (split {split}): {first_line}", where=label) from None
+        raise DataError(f"cannot load dataset '{path}' (split {split}): {first_line(err)}", where=label) from None
     return _documents_from_records(dataset.to_list(), column, label)
 
 

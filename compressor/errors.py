@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 
+def first_line(err: BaseException) -> str:
+    """An exception's message cut to its first line (its type name when it has none): what a
+    one-line error quotes from a library's multi-line one."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 class UserError(Exception):
     """Bad input from the user: printed as one line, exit code 2, nothing written.
 

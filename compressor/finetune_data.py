@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compressor.errors import DataError
+from compressor.errors import DataError, first_line
 
 IGNORE_INDEX = -100
 PROMPT_FIELDS = ("instruction", "prompt")
@@ -63,8 +63,7 @@ def _read_records(dataset: str, split: str) -> tuple[list[dict[str, Any]], str]:
     try:
         return datasets.load_dataset(dataset, split=split).to_list(), dataset
     except Exception as err:  # datasets raises many types for missing/offline sets
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"cannot load dataset (split {split}): {first}", where=dataset) from None
+        raise DataError(f"cannot load dataset (split {split}): {first_line(err)}", where=dataset) from None
 
 
 def _read_text(path: Path, dataset: str) -> str:

@@ -16,15 +16,10 @@ from typing import Any
 
 import torch
 
-from compressor.errors import ModelError
+from compressor.errors import ModelError, first_line
 
 # Architecture names a checkpoint declares when it was saved with a language-model head.
 CAUSAL_NAME_ENDINGS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _causal_class_names() -> set[str]:

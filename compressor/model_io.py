@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from compressor.cache import cache_root
-from compressor.errors import ModelError
-from compressor.load_checks import check_causal_lm, first_line, load_causal_lm
+from compressor.errors import ModelError, first_line
+from compressor.load_checks import check_causal_lm, load_causal_lm
 from compressor.offload import offload_device_map
 from compressor.weight_files import check_weight_files
 
@@ -172,9 +172,9 @@ def load_config(path: str, reference: str, trust_remote_code: bool):
             raise ModelError(
                 "this model's code lives in its repository; pass --trust-remote-code if you trust it", where=reference
             ) from None
-        raise ModelError(f"cannot read the model config: {str(err).splitlines()[0]}", where=reference) from None
+        raise ModelError(f"cannot read the model config: {first_line(err)}", where=reference) from None
     except OSError as err:
-        raise ModelError(f"cannot load: {str(err).strip().splitlines()[0]}", where=reference) from None
+        raise ModelError(f"cannot load: {first_line(err)}", where=reference) from None
     check_causal_lm(config, reference)
     return config
 
@@ -197,7 +197,7 @@ def load_tokenizer(path: str, reference: str, trust_remote_code: bool):
     try:
         return AutoTokenizer.from_pretrained(path, **_loader_kwargs(trust_remote_code))
     except (OSError, ValueError) as err:
-        raise ModelError(f"cannot load the tokenizer: {str(err).strip().splitlines()[0]}", where=reference) from None
+        raise ModelError(f"cannot load the tokenizer: {first_line(err)}", where=reference) from None
 
 
 @dataclass

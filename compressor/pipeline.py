@@ -114,9 +114,10 @@ def check_recipe_datasets(recipe: Recipe) -> None:
 def _located_data_error(err: DataError, recipe: Recipe) -> DataError:
     """A calibration DataError with the recipe's file and line: the data file's own place (a bad
     line) stays in the message; an error about the block itself points at its key."""
-    key = err.where if err.where and err.where.startswith("calibration") else "calibration.dataset"
-    message = err.message if key == err.where else f"{err.where}: {err.message}" if err.where else err.message
-    return DataError(message, **recipe.where(tuple(key.split("."))))
+    if err.where and err.where.startswith("calibration"):  # already a recipe key: calibration.samples
+        return DataError(err.message, **recipe.where(tuple(err.where.split("."))))
+    message = f"{err.where}: {err.message}" if err.where else err.message
+    return DataError(message, **recipe.where(("calibration", "dataset")))
 
 
 def plan_recipe(model: nn.Module, recipe: Recipe) -> list[StagePlan]:

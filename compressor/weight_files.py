@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from compressor.errors import ModelError
+from compressor.errors import ModelError, first_line
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 # A torch.save file is a zip archive (torch >= 1.6) or a bare pickle (protocol 2+ starts with 0x80).
@@ -48,8 +48,7 @@ def check_safetensors_file(file: Path) -> None:
         with safe_open(str(file), framework="pt"):
             pass
     except (SafetensorError, OSError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f"not a readable safetensors file, corrupt or truncated ({reason})", where=str(file)) from None
+        raise ModelError(f"not a readable safetensors file, corrupt or truncated ({first_line(err)})", where=str(file)) from None
 
 
 def check_pickle_file(file: Path) -> None:

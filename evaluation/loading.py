@@ -15,7 +15,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from compressor.errors import ModelError, UserError
+from compressor.errors import ModelError, UserError, first_line
 from compressor.model_io import LoadedModel, load_model, load_tokenizer, local_folder, resolve_model
 
 
@@ -58,8 +58,7 @@ def load_named(name: str, reference: str) -> LoadedModel:
     except UserError as err:
         raise ModelLoadError(f"model '{name}' failed to load: {err.message}", where=reference) from None
     except Exception as err:  # a corrupt or unsupported checkpoint: name the model, not a traceback
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ModelLoadError(f"model '{name}' failed to load: {type(err).__name__}: {first}", where=reference) from None
+        raise ModelLoadError(f"model '{name}' failed to load: {type(err).__name__}: {first_line(err)}", where=reference) from None
 
 
 def weights_folder(reference: str) -> Path | None:

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from compressor.errors import UserError
+from compressor.errors import UserError, first_line
 from compressor.evaluation.catalog import ResolvedTask, TaskCatalog, TaskError, lm_eval_version
 from compressor.evaluation.results_cache import CacheKey, ResultsCache
 from compressor.model_io import LoadedModel
@@ -203,8 +203,7 @@ def check_task_data(names: list[str], manager: Any) -> None:
         try:
             get_task_dict([name], manager)
         except Exception as err:  # datasets raises many types: connection, missing files, bad configs
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise TaskError(f"task '{name}' cannot load its data: {type(err).__name__}: {first}", where="--tasks") from None
+            raise TaskError(f"task '{name}' cannot load its data: {type(err).__name__}: {first_line(err)}", where="--tasks") from None
 
 
 def run_lm_eval(lm: Any, names: list[str], settings: EvalSettings, catalog: TaskCatalog) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 
 from compressor.cache import cache_root
-from compressor.errors import ModelError
+from compressor.errors import ModelError, first_line
 from compressor.model_io import prepare_source, resolve_model
 from compressor.weight_files import safetensors_files
 
@@ -55,7 +55,7 @@ def _hub_folder(hub_id: str, reference: str) -> Path:
     try:
         return Path(snapshot_download(hub_id, allow_patterns=HUB_PATTERNS))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
-        raise ModelError(f"cannot fetch from the Hub: {str(err).strip().splitlines()[0]}", where=reference) from None
+        raise ModelError(f"cannot fetch from the Hub: {first_line(err)}", where=reference) from None
 
 
 def model_folder(reference: str, *, allow_pickle: bool = False) -> Path:
@@ -95,7 +95,7 @@ def merge_adapter(model: Path, adapter: str, reference: str, trust_remote_code: 
         try:
             merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
         except (OSError, ValueError) as err:
-            raise ModelError(f"cannot load the adapter: {str(err).strip().splitlines()[0]}", where=reference) from None
+            raise ModelError(f"cannot load the adapter: {first_line(err)}", where=reference) from None
         merged.save_pretrained(str(staging))
         for name in os.listdir(model):
             if name.startswith("tokenizer") or name in ("special_tokens_map.json", "chat_template.jinja"):
