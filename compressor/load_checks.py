@@ -12,11 +12,13 @@ import contextlib
 import logging
 import pickle
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from compressor.errors import ModelError, first_line
+from compressor.weight_files import SAFETENSORS_INDEX, safetensors_files
 
 # Architecture names a checkpoint declares when it was saved with a language-model head.
 CAUSAL_NAME_ENDINGS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
@@ -127,3 +129,54 @@ def load_causal_lm(path: str, reference: str, **kwargs: Any) -> torch.nn.Module:
     for record in held.records:  # an accepted load (unexpected tensors, say) warns as before
         logging.getLogger(record.name).handle(record)
     return model
+
+
+def _checkpoint_shapes(folder: Path) -> dict[str, list[int]]:
+    """Each tensor's name and shape in a folder's safetensors files, read from the headers only."""
+    from safetensors import safe_open
+
+    shapes: dict[str, list[int]] = {}
+    for file in safetensors_files(folder):
+        with safe_open(str(file), framework="pt") as handle:
+            shapes.update({name: list(handle.get_slice(name).get_shape()) for name in handle.keys()})
+    return shapes
+
+
+def planned_loading_info(folder: Path, skeleton: torch.nn.Module) -> dict[str, Any]:
+    """What `from_pretrained` would report for `folder` (missing, unexpected and mismatched tensors),
+    worked out from the safetensors headers and a meta-device model: no weight is read.
+
+    Checkpoint names go through transformers' own renaming rules for the architecture (legacy names,
+    the base-model prefix); a tensor that a converter fuses with others (MoE experts) counts as found
+    but its shape is not compared, since only the fused result has the model's shape."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    expected = skeleton.state_dict()
+    transforms = get_model_conversion_mapping(skeleton)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    prefix = getattr(skeleton, "base_model_prefix", None)
+    found: set[str] = set()
+    unexpected: list[str] = []
+    mismatched: list[tuple[str, list[int], list[int]]] = []
+    for name, shape in _checkpoint_shapes(folder).items():
+        renamed, converter = rename_source_key(name, renamings, converters, prefix, expected)
+        if renamed not in expected and name in expected:  # as transformers: keep the name, fix the prefix only
+            renamed, converter = rename_source_key(name, [], [], prefix, expected)
+        if renamed not in expected:
+            unexpected.append(name)
+            continue
+        found.add(renamed)
+        if converter is None and shape != list(expected[renamed].shape):
+            mismatched.append((name, shape, list(expected[renamed].shape)))
+    return {"missing_keys": set(expected) - found, "unexpected_keys": unexpected, "mismatched_keys": mismatched}
+
+
+def check_weight_names(folder: Path, skeleton: torch.nn.Module, reference: str) -> None:
+    """Refuse, before any weight is read, a safetensors folder whose tensors do not fit the model
+    its config.json describes (the same refusals `load_causal_lm` makes after the load).
+    A pickle checkpoint (--allow-pickle) has no header to read: its load makes the check."""
+    if not (any(folder.glob("*.safetensors")) or (folder / SAFETENSORS_INDEX).is_file()):
+        return
+    check_loading_info(skeleton, planned_loading_info(folder, skeleton), reference)

@@ -21,6 +21,7 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -189,6 +190,14 @@ def gguf_config(gguf: Path, reference: str):
         raise ModelError(f"cannot read this GGUF file: {first_line(err)}", where=reference) from None
     check_causal_lm(config, reference)
     return config
+
+
+def skeleton_from_config(config: Any, trust_remote_code: bool) -> torch.nn.Module:
+    """A model of `config`'s structure on the meta device: planning reads no weight."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def load_tokenizer(path: str, reference: str, trust_remote_code: bool):

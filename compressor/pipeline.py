@@ -29,8 +29,11 @@ from compressor.errors import DataError, RecipeError
 from compressor.file_pages import release_file_pages
 from compressor.formats import write_quantization_config
 from compressor.guards import assert_finite, check_free_space, state_bytes
+from compressor.load_checks import check_weight_names
 from compressor.model_card import build_model_card
-from compressor.model_io import LoadedModel, load_config, load_model, load_tokenizer, prepare_source, weights_bytes
+from compressor.model_io import (
+    LoadedModel, load_config, load_model, load_tokenizer, prepare_source, skeleton_from_config, weights_bytes,
+)
 from compressor.offload import is_dispatched, undispatch
 from compressor.processes import launch_processes
 from compressor.recipe import CalibrationSpec, Recipe
@@ -210,7 +213,10 @@ def run_recipe(
     config = load_config(path, model_reference, options.trust_remote_code)
     check_recipe_fits_model(recipe, config)
     if getattr(config, "quantization_config", None) is None:  # a compressed input is planned once loaded
-        plan_recipe(skeleton_from_config(config, options.trust_remote_code), recipe)  # targets fail before any weight is read
+        skeleton = skeleton_from_config(config, options.trust_remote_code)
+        plan_recipe(skeleton, recipe)  # targets fail before any weight is read
+        if folder is not None:
+            check_weight_names(folder, skeleton, model_reference)
     tokenizer = load_tokenizer(path, model_reference, options.trust_remote_code)
     evaluation = _plan_evaluation(recipe, options, echo)
     calibration: dict[str, torch.Tensor] = {}
@@ -422,15 +428,10 @@ def skeleton_model(model_reference: str, *, allow_pickle: bool, trust_remote_cod
         if source.kind == "local":
             check_weights_are_safe(Path(source.load_path), allow_pickle, model_reference)
         config = load_config(source.load_path, model_reference, trust_remote_code)
-    return skeleton_from_config(config, trust_remote_code)
-
-
-def skeleton_from_config(config: Any, trust_remote_code: bool) -> nn.Module:
-    """A model of `config`'s structure on the meta device: planning reads no weight."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    skeleton = skeleton_from_config(config, trust_remote_code)
+    if source.kind == "local" and getattr(config, "quantization_config", None) is None:
+        check_weight_names(Path(source.load_path), skeleton, model_reference)
+    return skeleton
 
 
 def dry_run(model_reference: str, recipe: Recipe, options: RunOptions) -> list[StagePlan]:

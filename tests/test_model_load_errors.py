@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from compressor.cli import main
 from compressor.errors import ModelError
-from compressor.load_checks import check_loading_info
-from compressor.model_io import load_model
+from compressor.load_checks import _missing_parameters, check_loading_info, check_weight_names, planned_loading_info
+from compressor.model_io import load_model, skeleton_from_config
 from tests.merge_fixtures import recipe_text
 from tests.tiny_models import build_tiny_checkpoint
 
@@ -120,13 +121,15 @@ def test_fake_gguf_names_the_file(content, fragment, dry_run, recipe, tmp_path, 
     refused(capsys, argv, str(fake), fragment, "GGUF file", out=out)
 
 
-def test_weights_that_do_not_fit_the_config(tiny_tokenizer_dir, recipe, tmp_path, capsys):
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_weights_that_do_not_fit_the_config(dry_run, tiny_tokenizer_dir, recipe, tmp_path, capsys):
     # Qwen3-shaped weights (hidden 64) under a Llama config (hidden 96), as in a mixed-up folder.
     model = build_tiny_checkpoint(tmp_path / "mixed", "qwen3", tiny_tokenizer_dir)
     llama = build_tiny_checkpoint(tmp_path / "llama", "llama", tiny_tokenizer_dir)
     shutil.copy2(llama / "config.json", model / "config.json")
     out = tmp_path / "out"
-    err = refused(capsys, [model, "--recipe", recipe, "-o", out, "-q"], f"{model}:", "do not fit config.json",
+    argv = [model, "--recipe", recipe, "-o", out, "-q"] + (["--dry-run"] if dry_run else [])
+    err = refused(capsys, argv, f"{model}:", "do not fit config.json",
                   "model.embed_tokens.weight", "[384, 64]", "[384, 96]", out=out)
     assert "ignore_mismatched_sizes" not in err
 
@@ -140,13 +143,48 @@ def test_junk_pickle_with_allow_pickle(tiny_llama, recipe, tmp_path, capsys):
             str(model / "pytorch_model.bin"), "not a PyTorch checkpoint", out=out)
 
 
-def test_renamed_tensors_are_refused_not_left_random(tiny_llama, recipe, tmp_path, capsys):
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_renamed_tensors_are_refused_not_left_random(dry_run, tiny_llama, recipe, tmp_path, capsys):
     model = copy_of(tiny_llama, tmp_path / "renamed")
     tensors = load_file(str(model / "model.safetensors"))
     save_file({f"x.{name}": t for name, t in tensors.items()}, str(model / "model.safetensors"), metadata={"format": "pt"})
     out = tmp_path / "out"
-    refused(capsys, [model, "--recipe", recipe, "-o", out, "-q"], f"{model}:", "lacks", "model.embed_tokens.weight",
+    argv = [model, "--recipe", recipe, "-o", out, "-q"] + (["--dry-run"] if dry_run else [])
+    refused(capsys, argv, f"{model}:", "lacks", "model.embed_tokens.weight",
             "x.model.embed_tokens.weight", "model_type `llama`", out=out)
+
+
+def test_renamed_tensors_in_a_merge_dry_run(tiny_llama, tmp_path, capsys):
+    # Both inputs renamed alike, so the merge's own name checks agree; the base's architecture does not.
+    model = copy_of(tiny_llama, tmp_path / "renamed")
+    tensors = load_file(str(model / "model.safetensors"))
+    save_file({f"x.{name}": t for name, t in tensors.items()}, str(model / "model.safetensors"), metadata={"format": "pt"})
+    tune = copy_of(model, tmp_path / "renamed-tune")
+    path = tmp_path / "merge.yaml"
+    path.write_text(recipe_text(f"method: task_arithmetic\nbase: {model}\nmodels:\n  - {{model: {tune}, weight: 1.0}}"))
+    refused(capsys, ["merge", path, "--dry-run", "-q"], "lacks", "model.embed_tokens.weight")
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "qwen2_moe"])
+def test_planned_loading_info_agrees_with_the_load(kind, tiny_tokenizer_dir, tmp_path):
+    # The header-only plan must find nothing wrong where from_pretrained finds nothing wrong,
+    # including MoE experts that transformers fuses from per-expert tensors at load time.
+    folder = build_tiny_checkpoint(tmp_path / kind, kind, tiny_tokenizer_dir)
+    skeleton = skeleton_from_config(AutoConfig.from_pretrained(folder), trust_remote_code=False)
+    planned = planned_loading_info(folder, skeleton)
+    _, loaded = AutoModelForCausalLM.from_pretrained(str(folder), output_loading_info=True)
+    assert planned["mismatched_keys"] == [] and planned["unexpected_keys"] == sorted(loaded["unexpected_keys"])
+    assert _missing_parameters(skeleton, planned["missing_keys"]) == []
+    check_weight_names(folder, skeleton, str(folder))
+    # One shrunk tensor is caught by shape; a dropped one by name.
+    tensors = load_file(str(folder / "model.safetensors"))
+    name = next(n for n in tensors if n.endswith("o_proj.weight"))
+    save_file({**tensors, name: tensors[name][:, :8].contiguous()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    assert [m[0] for m in planned_loading_info(folder, skeleton)["mismatched_keys"]] == [name]
+    del tensors[name]
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelError, match=f"lacks 1 of .*e.g. {name}"):
+        check_weight_names(folder, skeleton, str(folder))
 
 
 def test_bert_config_is_not_a_causal_lm(tiny_llama, recipe, tmp_path, capsys):

@@ -22,10 +22,12 @@ import torch
 
 from compressor.algorithms.merge_methods import MergeMethod, TensorMerge, merge_method_registry
 from compressor.errors import ModelError, RecipeError
+from compressor.load_checks import check_weight_names
 from compressor.merging.params import layer_position, resolve
 from compressor.merging.sources import MergeInput, materialize, open_input
 from compressor.merging.vocab import VocabAlignment, copy_tokenizer, plan_vocabulary
 from compressor.merging.writer import StreamingCheckpointWriter, TensorSlot
+from compressor.model_io import skeleton_from_config
 from compressor.stages.merge import MergeConfig
 
 Locate = Callable[..., dict[str, str]]
@@ -148,6 +150,26 @@ def _read_config(item: MergeInput, where: dict[str, str]) -> dict[str, Any]:
         raise RecipeError(f"cannot read {path}: {err}", **where) from None
 
 
+def _check_fits_architecture(item: MergeInput, where: dict[str, str]) -> None:
+    """The inputs' tensors (the same names and shapes, checked above) must be what their config's
+    architecture loads; otherwise the merged checkpoint would load in transformers with random weights."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if item.adapter is not None:
+        return  # the LoRA-merged tensors exist only once `materialize` has run; the base was checked as read
+    model_type = json.loads((item.config_folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+    if model_type not in CONFIG_MAPPING_NAMES:
+        return  # remote code: transformers has no architecture of its own to compare with
+    config = AutoConfig.from_pretrained(str(item.config_folder))
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return  # an encoder merges tensor by tensor; only causal LMs are planned as models
+    try:
+        check_weight_names(item.folder, skeleton_from_config(config, trust_remote_code=False), item.reference)
+    except ModelError as err:
+        raise RecipeError(err.message, **where) from None
+
+
 def _compare_architectures(configs: list[dict[str, Any]], references: list[str], ref: int, where: Callable[[int], dict]) -> None:
     expected = (configs[ref].get("model_type"), configs[ref].get("architectures"))
     for i, config in enumerate(configs):
@@ -241,6 +263,7 @@ def plan_merge(config: MergeConfig, locate: Locate, *, allow_pickle: bool = Fals
     tokenizer_index = _tokenizer_index(config, references, reference_index)
     vocab = plan_vocabulary(inputs, tokenizer_index, config.tokenizer_source, where, locate, base_index)
     _compare_tensors(inputs, reference_index, set(vocab.tensor_names) if vocab else set(), where)
+    _check_fits_architecture(inputs[reference_index], where(reference_index))
 
     num_layers = int(configs[reference_index].get("num_hidden_layers") or 0)
     normalize = method.default_normalize if config.normalize is None else config.normalize
