@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 
+from compressor.commands.library_notices import drop_library_noise
 from compressor.errors import CompressionError, UserError
 
 
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     from compressor.commands import command_for
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    drop_library_noise()  # before a command imports bitsandbytes, which logs at import
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM)

@@ -252,8 +252,19 @@ def load_model(
         **_loader_kwargs(trust_remote_code),
     )
     model.eval()
+    if _quant_method(model.config) == "bitsandbytes":
+        from compressor.stages.nf4_layout import guard_loaded_bitsandbytes
+
+        guard_loaded_bitsandbytes(model, keep_exact=True)  # stages run on it, then it is saved again
     tokenizer = load_tokenizer(path, reference, trust_remote_code)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, folder=folder)
+
+
+def _quant_method(config: Any) -> str | None:
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is None:
+        return None
+    return quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
 
 
 def weights_bytes(folder: Path) -> int:

@@ -161,37 +161,18 @@ def _resolve_dtype(config: Any, dtype: torch.dtype | str | None) -> torch.dtype:
     return value
 
 
-def _drop_bitsandbytes_deserialize(model: nn.Module) -> None:
-    """transformers 5 records the step that turned the stored NF4 tensors into ``Params4bit`` and
-    tries to reverse it on ``save_pretrained``, which raises NotImplementedError (5.23; see
-    huggingface/transformers#45743). ``Linear4bit``'s state_dict already is the stored form: nothing to reverse."""
-    from transformers.integrations.bitsandbytes import Bnb4bitDeserialize
-
-    conversions = getattr(model, "_weight_conversions", None)
-    if conversions:
-        model._weight_conversions = [
-            c for c in conversions if not any(isinstance(op, Bnb4bitDeserialize) for op in getattr(c, "operations", ()))
-        ]
-
-
 def _load_bitsandbytes(folder: Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """A bitsandbytes checkpoint (method nf4) as transformers builds it: its ``Linear4bit``
     layers and quantizer. Two additions, both for ``save_pretrained``: it undoes bitsandbytes'
     CPU repack correctly, and it no longer fails on transformers' irreversible load step."""
-    from bitsandbytes.nn import Linear4bit
     from transformers import AutoModelForCausalLM
 
-    from compressor.stages.nf4_layout import restore_layout_on_save
+    from compressor.stages.nf4_layout import guard_loaded_bitsandbytes
 
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, device_map={"": str(device)})
     model.eval()
-    _drop_bitsandbytes_deserialize(model)
-    formats = {}
-    for name, module in model.named_modules():
-        if isinstance(module, Linear4bit):
-            restore_layout_on_save(module)
-            formats[name] = f"bitsandbytes-{module.weight.quant_type}"
-    model.compressed_formats = formats
+    # bitsandbytes' fast CPU path stays on for generate/bench; a save still writes the stored layout.
+    model.compressed_formats = guard_loaded_bitsandbytes(model, keep_exact=False)
     return model
 
 

@@ -548,3 +548,23 @@ def test_builder_rebuilds_a_saved_layer_from_its_scheme(seeded):
     rebuilt.load_state_dict(model[0].state_dict())
     x = torch.randn(4, 16)
     assert torch.equal(rebuilt(x), model[0](x))
+
+
+def test_an_nf4_checkpoint_as_input_is_distilled_and_saved_exactly(nf4_after_perplexity, tmp_path):
+    # Given to `compress` again (a distill stage with the held-out perplexity before and after):
+    # the NF4 layers stay frozen and are written back bit for bit; the norms train (lm_head is ignored).
+    from safetensors.torch import load_file
+
+    recipe = tmp_path / "distill.yaml"
+    recipe.write_text(recipe_for("- distill: {teacher: base, steps: 3, lr: 1.0e-2}\n"))
+    out = tmp_path / "out"
+    assert main([str(nf4_after_perplexity), "--recipe", str(recipe), "-o", str(out), "-q"]) == 0
+    before, after = load_file(str(nf4_after_perplexity / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    nf4_keys = {k for k in before if ".weight." in k or before[k].dtype == torch.uint8}
+    assert len(nf4_keys) >= 14 * 3 and set(before) == set(after)
+    for key in nf4_keys:
+        assert torch.equal(after[key], before[key]), key
+    trained = [k for k in before if k not in nf4_keys and not torch.equal(after[k], before[k])]
+    assert len(trained) >= 5 and all(k.endswith("norm.weight") for k in trained), trained
+    ((_, classes),) = reload_with_transformers(out)
+    assert "Linear4bit" in classes

@@ -54,3 +54,34 @@ def keep_serialized_layout(layer: nn.Module) -> None:
     for code that turns the repack back on."""
     disable_cpu_repack(layer)
     restore_layout_on_save(layer)
+
+
+def _drop_bitsandbytes_deserialize(model: nn.Module) -> None:
+    """transformers 5 records the step that turned the stored NF4 tensors into ``Params4bit`` and
+    tries to reverse it on ``save_pretrained``, which raises NotImplementedError (5.23; see
+    huggingface/transformers#45743). ``Linear4bit``'s state_dict already is the stored form: nothing to reverse."""
+    from transformers.integrations.bitsandbytes import Bnb4bitDeserialize
+
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        model._weight_conversions = [
+            c for c in conversions if not any(isinstance(op, Bnb4bitDeserialize) for op in getattr(c, "operations", ()))
+        ]
+
+
+def guard_loaded_bitsandbytes(model: nn.Module, *, keep_exact: bool) -> dict[str, str]:
+    """For a model transformers loaded from a bitsandbytes checkpoint: ``save_pretrained`` works
+    and writes the layout bitsandbytes serializes. `keep_exact` also turns the CPU repack off, so
+    a re-save keeps the float32 absmaxes bit for bit (at the cost of bitsandbytes' fastest CPU
+    path): what a model that is compressed further needs. Returns {layer name: format}."""
+    from bitsandbytes.nn import Linear4bit
+
+    _drop_bitsandbytes_deserialize(model)
+    formats = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Linear4bit):
+            if keep_exact:
+                disable_cpu_repack(module)
+            restore_layout_on_save(module)
+            formats[name] = f"bitsandbytes-{module.weight.quant_type}"
+    return formats

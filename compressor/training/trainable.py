@@ -158,7 +158,9 @@ def _trainable_modules(model: nn.Module, mode: str, ignore: list[str]):
             if mode in ("auto", "scales"):
                 yield name, module, "scales" if module.weight_zero_point is None else "scales, zero points"
         elif mode in ("auto", "unquantized"):
-            if isinstance(module, nn.Linear):
+            # A Linear with integer storage (bitsandbytes NF4 / int8) is quantized too, with no
+            # scales of ours to train: it stays frozen like the codes of a QuantLinear.
+            if isinstance(module, nn.Linear) and module.weight.is_floating_point():
                 yield name, module, "weight" if module.bias is None else "weight, bias"
             elif _is_norm(module) and getattr(module, "weight", None) is not None:
                 yield name, module, "norm weight"
