@@ -6,7 +6,7 @@ import argparse
 import math
 from pathlib import Path
 
-from compressor.commands.args import Parser, positive_int
+from compressor.commands.args import Parser, positive_int, quiet_transformers
 from compressor.commands.library_notices import drop_library_noise
 from compressor.training.stability import QLORA_MAX_GRAD_NORM, warmup_problem
 
@@ -82,11 +82,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--recompress", metavar="RECIPE", help="after merging, compress OUTPUT/merged with this recipe into OUTPUT/compressed")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--log-every", type=non_negative_int, default=10, help="print the loss every N steps (default 10; 0: never)")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     return parser
 
 
 def run(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    if args.quiet:  # before anything loads: the weight-loading bar would come before an error line
+        quiet_transformers()
     from compressor.finetune import FinetuneOptions, check_bitsandbytes, run_finetune
 
     if args.qlora:
