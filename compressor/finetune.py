@@ -29,6 +29,8 @@ import torch
 
 from compressor.errors import ModelError, UserError
 from compressor.finetune_data import collate, load_examples
+from compressor.kernels.dispatched_module import DispatchedModule
+from compressor.kernels.quant_linear import QuantLinear
 from compressor.training.stability import (
     QLORA_MAX_GRAD_NORM,
     clip_gradients,
@@ -36,6 +38,9 @@ from compressor.training.stability import (
     warmup_cosine_schedule,
     warmup_problem,
 )
+
+
+COMPRESSED_TENSORS = "compressed-tensors"
 
 
 @dataclass
@@ -86,22 +91,28 @@ def check_bitsandbytes() -> None:
         raise UserError("--qlora needs the bitsandbytes package (pip install bitsandbytes); or drop --qlora for plain LoRA", where="--qlora")
 
 
+def quantization_method(path: str) -> str | None:
+    """`quant_method` of a local checkpoint's config.json (None: not quantized, or not local)."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return None
+    quantization = json.loads(config_file.read_text()).get("quantization_config")
+    return quantization.get("quant_method", "unknown") if quantization else None
+
+
 def refuse_project_int4(path: str, reference: str) -> None:
     """A checkpoint that is already quantized is not a QLoRA base.
 
     NF4 would quantize the dequantized int4 weights a second time (two roundings stacked);
-    train adapters on the compressed model itself instead, with a recipe stage
-    ``lowrank: {method: lora}``, which keeps its packed weights frozen and exact.
+    train adapters on the compressed model itself instead (without --qlora, or with a recipe
+    stage ``lowrank: {method: lora}``), which keeps its packed weights frozen and exact.
     """
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        return
-    quantization = json.loads(config_file.read_text()).get("quantization_config")
-    if quantization:
-        method = quantization.get("quant_method", "unknown")
+    method = quantization_method(path)
+    if method:
         raise ModelError(
             f"this checkpoint is already quantized ({method}); QLoRA would re-quantize its rounded weights to NF4."
-            " Train adapters on it directly with a recipe stage `lowrank: {method: lora}`, or fine-tune the original model",
+            " Drop --qlora to train adapters on it directly (or use a recipe stage `lowrank: {method: lora}`),"
+            " or fine-tune the original model",
             where=reference,
         )
 
@@ -128,8 +139,30 @@ def parse_targets(text: str) -> str | list[str]:
     return names
 
 
+def _adaptable(module: torch.nn.Module) -> bool:
+    """A layer LoRA can go on: a dense Linear (NF4's Linear4bit is one) or the project's QuantLinear."""
+    return isinstance(module, (torch.nn.Linear, QuantLinear))
+
+
 def _linear_names(model: torch.nn.Module) -> str:
-    return ", ".join(sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}))
+    return ", ".join(sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _adaptable(m)}))
+
+
+def _all_linear(model: torch.nn.Module) -> list[str]:
+    """`all-linear` on a model with QuantLinear layers, which peft's own expansion skips (they are
+    no nn.Linear): every Linear and QuantLinear by full name, the output head excluded as peft does."""
+    head = model.get_output_embeddings()
+    return sorted(n for n, m in model.named_modules() if _adaptable(m) and m is not head)
+
+
+def _refuse_other_compressed_layers(model: torch.nn.Module, reference: str) -> None:
+    kinds = sorted({type(m).__name__ for m in model.modules() if isinstance(m, DispatchedModule) and not isinstance(m, QuantLinear)})
+    if kinds:
+        raise ModelError(
+            f"LoRA training on compressed layers of kind {', '.join(kinds)} is not supported (only weight-only"
+            " int QuantLinear); fine-tune the original model",
+            where=reference,
+        )
 
 
 def _matching(model: torch.nn.Module, target: str) -> list[torch.nn.Module]:
@@ -140,7 +173,7 @@ def _matching(model: torch.nn.Module, target: str) -> list[torch.nn.Module]:
 def lora_targets(model: torch.nn.Module, targets: str | list[str]) -> str | list[str]:
     """Refuse a name that matches no module: peft raises only when none matches, and then as a traceback."""
     if isinstance(targets, str):
-        return targets
+        return _all_linear(model) if any(isinstance(m, QuantLinear) for m in model.modules()) else targets
     missing = [t for t in targets if not _matching(model, t)]
     if missing:
         raise UserError(f"no module of the model is named {', '.join(missing)} (its Linear layers: {_linear_names(model)})",
@@ -152,12 +185,15 @@ def add_lora(model: torch.nn.Module, lora, targets: str | list[str]) -> torch.nn
     """peft's model with adapters; a target peft cannot adapt (a ModuleList, a norm) is a UserError."""
     from peft import get_peft_model
 
+    from compressor.peft_quant import device_anchors
+
     # Described before peft runs: a failed injection leaves some layers already wrapped.
     kinds = targets if isinstance(targets, str) else "; ".join(
         f"{t} ({', '.join(sorted({type(m).__name__ for m in _matching(model, t)}))})" for t in targets)
     linear = _linear_names(model)
     try:
-        return get_peft_model(model, lora)
+        with device_anchors(model):
+            return get_peft_model(model, lora)
     except ValueError:  # peft's message holds the module's whole multi-line repr; name the types instead
         raise UserError(f"LoRA cannot go on {kinds}: name Linear layers ({linear})", where="--targets") from None
 
@@ -180,7 +216,33 @@ def _load_base(path: str, reference: str, device, qlora: bool):
         model = load_causal_lm(path, reference, quantization_config=_quantization_config(), device_map={"": device})
         keep_nf4_trainable_layout(model)
         return model
+    if quantization_method(path) == COMPRESSED_TENSORS:
+        # Our own modules, not transformers' compressed-tensors Linear (which has no `weight`, so
+        # peft cannot wrap it): packed weights stay frozen, gradients flow through to the input.
+        from compressor.runtime import load
+
+        model = load(path, device=device, prepare_kernels=False)
+        _refuse_other_compressed_layers(model, reference)
+        return model
     return load_causal_lm(path, reference, dtype="auto").to(device)
+
+
+def _dense_copy_of_compressed(path: str) -> torch.nn.Module:
+    """The compressed checkpoint with every QuantLinear replaced by a bf16 Linear holding its
+    dequantized weight: the very base the adapter was trained against, as plain transformers."""
+    from compressor.runtime import load
+
+    model = load(path, prepare_kernels=False)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantLinear):
+            dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, dtype=torch.bfloat16)
+            with torch.no_grad():
+                dense.weight.copy_(module.dequantized_weight(torch.float32))
+                if module.bias is not None:
+                    dense.bias.copy_(module.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, dense)
+    return model.to(torch.bfloat16)
 
 
 def keep_nf4_trainable_layout(model: torch.nn.Module) -> int:
@@ -231,9 +293,10 @@ def _mean_loss(model, loader, accelerator) -> float:
 def run_finetune(options: FinetuneOptions, echo: Callable[[str], None] = print) -> FinetuneSummary:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from peft import LoraConfig, prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
 
     from compressor.checkpoint import atomic_output_dir, check_output_dir
+    from compressor.peft_quant import lora_config_for_quantized
     from compressor.model_io import load_config, load_tokenizer, prepare_source
 
     if options.qlora:
@@ -265,7 +328,7 @@ def run_finetune(options: FinetuneOptions, echo: Callable[[str], None] = print) 
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     targets = lora_targets(model, target_names)
-    lora = LoraConfig(
+    lora = lora_config_for_quantized(  # a LoraConfig that also wraps QuantLinear layers
         r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout, target_modules=targets,
         bias="none", task_type="CAUSAL_LM",
     )
@@ -362,6 +425,8 @@ def merge_adapter(base_path: str, adapter: Path, out: Path, *, qlora: bool) -> P
     if qlora:
         base = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=_quantization_config(), device_map={"": "cpu"})
         base = base.dequantize().to(torch.bfloat16)
+    elif quantization_method(base_path) == COMPRESSED_TENSORS:
+        base = _dense_copy_of_compressed(base_path)
     else:
         base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.bfloat16)
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()

@@ -317,3 +317,46 @@ def test_failed_merge_leaves_no_adapter_folder(chat_llama, tmp_path, monkeypatch
     assert main(argv) == 130
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train.jsonl"], "a staging folder was left beside OUT"
+
+
+def test_lora_on_a_compressed_output_trains_through_its_packed_weights(chat_llama, tmp_path):
+    """`compress finetune OUT` on our own W4 output (no --qlora): the QuantLinear layers stay packed
+    and frozen, gradients pass through them to the adapters; the adapter loads with peft on the
+    dequantized OUT, and `--merge` equals it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    import compressor
+    from compressor.adapters import apply_adapter
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: w4\ncalibration: {samples: 4, seq_len: 32}\nstages:\n"
+                      "  - quantize: {method: rtn, weights: {bits: 4, group_size: 32}}\n")
+    w4 = tmp_path / "w4"
+    assert main([str(chat_llama), "--recipe", str(recipe), "-o", str(w4), "-q", "--no-perplexity"]) == 0
+    packed = {p.name: p.read_bytes() for p in w4.iterdir() if p.is_file()}
+    train = _write_jsonl(tmp_path / "train.jsonl", _titles(8))
+    out = tmp_path / "adapter"
+    argv = ["finetune", str(w4), "--dataset", str(train), "-o", str(out), "--steps", "4", "--lr", "0.05", "--r", "8",
+            "--alpha", "16", "--batch-size", "8", "--eval-dataset", str(train), "--merge", "--log-every", "0", "-q"]
+    assert main(argv) == 0
+    assert {p.name: p.read_bytes() for p in w4.iterdir() if p.is_file()} == packed  # OUT untouched
+    log = json.loads((out / "training.json").read_text())
+    assert log["eval_loss_after"] < log["eval_loss_before"] - 0.1
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(w4)
+    assert len(config["target_modules"]) == 14 and not any("lm_head" in t for t in config["target_modules"])
+
+    ids = torch.tensor([[1, 5, 9, 33, 70, 120, 7, 2]])
+    dense = AutoModelForCausalLM.from_pretrained(str(w4), quantization_config=CompressedTensorsConfig(run_compressed=False))
+    ours = compressor.load(w4)
+    apply_adapter(ours, out)
+    with torch.no_grad():
+        base_only = dense.eval()(input_ids=ids).logits.float()
+        through_peft = PeftModel.from_pretrained(dense, str(out)).eval()(input_ids=ids).logits.float()
+        merged = AutoModelForCausalLM.from_pretrained(str(out / "merged")).eval()(input_ids=ids).logits.float()
+        through_ours = ours.eval()(input_ids=ids).logits.float()
+    scale = through_peft.abs().max()
+    assert (through_peft - base_only).abs().max() > 0.1 * scale  # the adapter matters
+    assert (merged - through_peft).abs().max() < 0.05 * scale  # W + BA rounded to bf16
+    assert (through_ours - through_peft).abs().max() < 0.02 * scale
