@@ -84,6 +84,7 @@ class FinetuneSummary:
     seconds: float = 0.0
     processes: int = 1
     warmup_steps: int = 0
+    base_quantization: str | None = None  # quant_method of the checkpoint trained on (besides --qlora's NF4)
 
 
 def check_bitsandbytes() -> None:
@@ -340,7 +341,8 @@ def run_finetune(options: FinetuneOptions, echo: Callable[[str], None] = print) 
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
 
-    summary = FinetuneSummary(options.output, processes=accelerator.num_processes, warmup_steps=warmup_steps)
+    summary = FinetuneSummary(options.output, processes=accelerator.num_processes, warmup_steps=warmup_steps,
+                              base_quantization=quantization_method(path))
     if eval_loader is not None:
         summary.eval_loss_before = _mean_loss(model, eval_loader, accelerator)
         summary.eval_curve.append((0, summary.eval_loss_before))
@@ -399,6 +401,8 @@ def run_finetune(options: FinetuneOptions, echo: Callable[[str], None] = print) 
 
 
 def _save_adapter(model, tokenizer, options: FinetuneOptions, summary: FinetuneSummary, folder: Path) -> None:
+    from compressor.adapter_card import build_adapter_card
+
     model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
     record = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()}
@@ -413,8 +417,12 @@ def _save_adapter(model, tokenizer, options: FinetuneOptions, summary: FinetuneS
         "warmup_steps": summary.warmup_steps,
         "seconds": round(summary.seconds, 2),
         "processes": summary.processes,
+        "base_quantization": summary.base_quantization,
     }
     (folder / "training.json").write_text(json.dumps(log, indent=2) + "\n")
+    # In place of peft's blank template (whose base_model is a local path the Hub would refuse).
+    card = build_adapter_card(folder, local_name=options.output.resolve().name)
+    (folder / "README.md").write_text(str(card), encoding="utf-8")
 
 
 def merge_adapter(base_path: str, adapter: Path, out: Path, *, qlora: bool) -> Path:
