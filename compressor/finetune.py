@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -50,6 +51,7 @@ class FinetuneOptions:
     output: Path
     qlora: bool = True
     steps: int = 100
+    epochs: int | None = None  # instead of steps: this many passes over the training examples
     lr: float = 2e-4
     max_grad_norm: float = QLORA_MAX_GRAD_NORM  # global-norm clip; 0 disables
     warmup_steps: int | None = None  # linear warm-up before the cosine decay; None: about 3 % of steps
@@ -116,6 +118,11 @@ def refuse_project_int4(path: str, reference: str) -> None:
             " or fine-tune the original model",
             where=reference,
         )
+
+
+def epoch_steps(examples: int, batch_size: int, epochs: int, processes: int) -> int:
+    """Optimizer steps for `epochs` passes: each process takes its share of the batches."""
+    return epochs * math.ceil(math.ceil(examples / batch_size) / processes)
 
 
 def resolved_warmup_steps(options: FinetuneOptions) -> int:
@@ -302,7 +309,8 @@ def run_finetune(options: FinetuneOptions, echo: Callable[[str], None] = print) 
 
     if options.qlora:
         check_bitsandbytes()
-    warmup_steps = resolved_warmup_steps(options)
+    if options.epochs is None:  # with --epochs, once the examples are counted (still before any weight is read)
+        warmup_steps = resolved_warmup_steps(options)
     target_names = parse_targets(options.targets)
     # Without CUDA, say so: accelerate then runs several launched processes as MULTI_CPU (gloo).
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -315,6 +323,9 @@ def run_finetune(options: FinetuneOptions, echo: Callable[[str], None] = print) 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train = load_examples(options.dataset, tokenizer, max_length=options.max_length, split=options.split)
     held_out = load_examples(options.eval_dataset, tokenizer, max_length=options.max_length) if options.eval_dataset else None
+    if options.epochs is not None:
+        options = replace(options, steps=epoch_steps(len(train), options.batch_size, options.epochs, accelerator.num_processes))
+        warmup_steps = resolved_warmup_steps(options)
 
     set_seed(options.seed)
     model = _load_base(path, options.model, accelerator.device, options.qlora)

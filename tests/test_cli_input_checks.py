@@ -130,6 +130,9 @@ def test_output_in_a_folder_we_cannot_write_is_refused(command, tmp_path, capsys
         (["--alpha", "inf"], "--alpha: expected a finite positive number, got 'inf'"),
         (["--log-every", "-3"], "--log-every: expected an integer ≥ 0, got '-3'"),
         (["--eval-every", "-1"], "--eval-every: expected an integer ≥ 0, got '-1'"),
+        (["--epochs", "0"], "--epochs: expected a positive integer, got '0'"),
+        (["--epochs", "2", "--steps", "3"], "argument --steps: not allowed with argument --epochs"),
+        (["--rank", "0"], "argument --r/--rank: expected a positive integer, got '0'"),
     ],
 )
 def test_bad_finetune_numbers_are_refused_by_the_parser(flags, fragment, tmp_path, capsys):
