@@ -121,9 +121,28 @@ def test_dataset_missing_fields_are_named(records, fragment, chat_llama, tmp_pat
 
 
 def test_chat_records_need_a_chat_template(tiny_llama, tmp_path, capsys):
-    data = _write_jsonl(tmp_path / "d.jsonl", _titles(2))
+    data = _write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}])
     assert main(["finetune", str(tiny_llama), "--dataset", str(data), "-o", str(tmp_path / "o"), "--steps", "1"]) == 2
-    assert "chat template" in capsys.readouterr().err
+    assert "chat (`messages`) records need a tokenizer with a chat template" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_prompt_completion_without_a_chat_template_masks_the_prompt(tiny_llama, tmp_path):
+    """As TRL's prompt-completion format: plain prompt then completion, loss on the completion only."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama))
+    assert not tokenizer.chat_template
+    path = _write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "Give a title.", "completion": "Sparse models"},
+                                                {"instruction": "Name it", "input": "abstract", "output": "Fast"}])
+    first, second = load_examples(str(path), tokenizer, max_length=256)
+    prompt = tokenizer("Give a title.")["input_ids"]
+    answer = tokenizer("Sparse models", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert first.input_ids == prompt + answer
+    assert first.labels == [IGNORE_INDEX] * len(prompt) + answer
+    labelled = [t for t, label in zip(second.input_ids, second.labels) if label != IGNORE_INDEX]
+    assert tokenizer.decode(labelled, skip_special_tokens=True).strip() == "Fast"
+    assert "abstract" in tokenizer.decode(second.input_ids)
 
 
 def test_qlora_refuses_a_project_int4_checkpoint(tiny_llama, tmp_path, capsys):
