@@ -382,15 +382,15 @@ def test_lora_on_a_compressed_output_trains_through_its_packed_weights(chat_llam
 
 
 def test_epochs_count_the_steps_and_rank_is_an_alias_of_r(chat_llama, tmp_path, capsys):
-    train = _write_jsonl(tmp_path / "train.jsonl", _titles(10))  # 10 examples in batches of 4: 3 steps an epoch
+    train = _write_jsonl(tmp_path / "train.jsonl", _titles(6))  # 6 examples in batches of 4: 2 steps an epoch
     out = tmp_path / "adapter"
     argv = ["finetune", str(chat_llama), "--dataset", str(train), "-o", str(out), "--epochs", "2", "--batch-size", "4",
             "--rank", "4", "--alpha", "8", "--log-every", "0", "-q", "--no-gradient-checkpointing"]
     assert main(argv) == 0
     log = json.loads((out / "training.json").read_text())
-    assert len(log["losses"]) == 6 and log["options"]["steps"] == 6 and log["options"]["epochs"] == 2
+    assert len(log["losses"]) == 4 and log["options"]["steps"] == 4 and log["options"]["epochs"] == 2
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
     # a warm-up is checked against the steps the epochs make, before any weight is read
-    code = main([*argv[:5], str(tmp_path / "o2"), *argv[6:], "--warmup-steps", "6"])
-    assert code == 2 and "--warmup-steps: must be fewer than the steps (6), got 6" in capsys.readouterr().err
+    code = main([*argv[:5], str(tmp_path / "o2"), *argv[6:], "--warmup-steps", "4"])
+    assert code == 2 and "--warmup-steps: must be fewer than the steps (4), got 4" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
