@@ -236,6 +236,10 @@ def test_the_bitsandbytes_kernels_notice_is_dropped_and_nothing_else():
     assert logger.filter(record) is False
     other = logger.makeRecord(logger.name, logging.WARNING, __file__, 1, "some other problem", (), None)
     assert logger.filter(other) is True
+    deepspeed = logging.getLogger("DeepSpeed")
+    notice = deepspeed.makeRecord(deepspeed.name, logging.WARNING, __file__, 1, "Setting accelerator to CPU. If you"
+                                  " have GPU or other accelerator, we were unable to detect it.", (), None)
+    assert deepspeed.filter(notice) is False
 
 
 def test_peft_calls_to_renamed_transformers_methods_are_not_shown():

@@ -14,6 +14,9 @@ NOISE: dict[str, tuple[str, ...]] = {
     # packed NF4 inference layout needs the `kernels` package. Fine-tuning keeps the trainable
     # layout (finetune.keep_nf4_trainable_layout), so that kernel would never run anyway.
     "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community",),
+    # DeepSpeed (imported by peft/accelerate when installed) on a machine without CUDA, as a
+    # WARNING: fine-tuning does not use DeepSpeed, and torch's own device check is what counts.
+    "DeepSpeed": ("Setting accelerator to CPU",),
 }
 
 
