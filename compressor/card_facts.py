@@ -195,3 +195,30 @@ def source_license(source: dict[str, Any], bases: list[str]) -> str | None:
         return None
     licenses = {_card_license(_cached_readme(hub_id)) for hub_id in bases}
     return licenses.pop() if len(licenses) == 1 else None
+
+
+def hub_id_of_reference(reference: str | None) -> str | None:
+    """The Hub id a model reference stands for: a Hub id itself, a built-in's, or a Hub cache
+    snapshot's; None for a local folder or file (and for a built-in whose wheel is missing)."""
+    if not reference:
+        return None
+    if reference.startswith("builtin:"):
+        from compressor.errors import UserError
+        from compressor.model_io import resolve_model
+
+        try:
+            return resolve_model(reference).hub_id
+        except UserError:
+            return None
+    return _hub_id_of(reference)
+
+
+def reference_license(reference: str | None, bases: list[str]) -> str | None:
+    """The license of the model `reference` names, where it is known offline (see source_license)."""
+    if not reference:
+        return source_license({}, bases)
+    if reference.startswith("builtin:") or reference.endswith(".gguf"):
+        kind = "gguf"
+    else:
+        kind = "local" if Path(reference).is_dir() else "hub"
+    return source_license({"kind": kind, "reference": reference}, bases)

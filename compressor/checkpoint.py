@@ -46,6 +46,14 @@ def claim(folder: Path) -> None:
     (folder / _OWNER_FILE).write_text(str(os.getpid()))
 
 
+def is_staging_folder(folder: Path) -> bool:
+    """A folder this module writes beside OUT (`.OUT.partial-*`, `.OUT.merged-*`, `.OUT.work`,
+    `.OUT.old-*`), or any folder still marked as a run's scratch: not a finished output."""
+    name = folder.resolve().name
+    scratch_name = name.startswith(".") and (name.endswith(".work") or any(f".{kind}-" in name for kind in ("partial", "merged", "old")))
+    return scratch_name or (folder / _OWNER_FILE).exists()
+
+
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

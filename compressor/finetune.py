@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -29,6 +30,8 @@ import torch
 
 from compressor.errors import ModelError, UserError
 from compressor.finetune_data import collate, load_examples
+from compressor.kernels.dispatched_module import DispatchedModule
+from compressor.kernels.quant_linear import QuantLinear
 from compressor.training.stability import (
     QLORA_MAX_GRAD_NORM,
     clip_gradients,
@@ -38,6 +41,9 @@ from compressor.training.stability import (
 )
 
 
+COMPRESSED_TENSORS = "compressed-tensors"
+
+
 @dataclass
 class FinetuneOptions:
     model: str
@@ -45,6 +51,7 @@ class FinetuneOptions:
     output: Path
     qlora: bool = True
     steps: int = 100
+    epochs: int | None = None  # instead of steps: this many passes over the training examples
     lr: float = 2e-4
     max_grad_norm: float = QLORA_MAX_GRAD_NORM  # global-norm clip; 0 disables
     warmup_steps: int | None = None  # linear warm-up before the cosine decay; None: about 3 % of steps
@@ -79,6 +86,7 @@ class FinetuneSummary:
     seconds: float = 0.0
     processes: int = 1
     warmup_steps: int = 0
+    base_quantization: str | None = None  # quant_method of the checkpoint trained on (besides --qlora's NF4)
 
 
 def check_bitsandbytes() -> None:
@@ -86,24 +94,35 @@ def check_bitsandbytes() -> None:
         raise UserError("--qlora needs the bitsandbytes package (pip install bitsandbytes); or drop --qlora for plain LoRA", where="--qlora")
 
 
+def quantization_method(path: str) -> str | None:
+    """`quant_method` of a local checkpoint's config.json (None: not quantized, or not local)."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return None
+    quantization = json.loads(config_file.read_text()).get("quantization_config")
+    return quantization.get("quant_method", "unknown") if quantization else None
+
+
 def refuse_project_int4(path: str, reference: str) -> None:
     """A checkpoint that is already quantized is not a QLoRA base.
 
     NF4 would quantize the dequantized int4 weights a second time (two roundings stacked);
-    train adapters on the compressed model itself instead, with a recipe stage
-    ``lowrank: {method: lora}``, which keeps its packed weights frozen and exact.
+    train adapters on the compressed model itself instead (without --qlora, or with a recipe
+    stage ``lowrank: {method: lora}``), which keeps its packed weights frozen and exact.
     """
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        return
-    quantization = json.loads(config_file.read_text()).get("quantization_config")
-    if quantization:
-        method = quantization.get("quant_method", "unknown")
+    method = quantization_method(path)
+    if method:
         raise ModelError(
             f"this checkpoint is already quantized ({method}); QLoRA would re-quantize its rounded weights to NF4."
-            " Train adapters on it directly with a recipe stage `lowrank: {method: lora}`, or fine-tune the original model",
+            " Drop --qlora to train adapters on it directly (or use a recipe stage `lowrank: {method: lora}`),"
+            " or fine-tune the original model",
             where=reference,
         )
+
+
+def epoch_steps(examples: int, batch_size: int, epochs: int, processes: int) -> int:
+    """Optimizer steps for `epochs` passes: each process takes its share of the batches."""
+    return epochs * math.ceil(math.ceil(examples / batch_size) / processes)
 
 
 def resolved_warmup_steps(options: FinetuneOptions) -> int:
@@ -128,8 +147,30 @@ def parse_targets(text: str) -> str | list[str]:
     return names
 
 
+def _adaptable(module: torch.nn.Module) -> bool:
+    """A layer LoRA can go on: a dense Linear (NF4's Linear4bit is one) or the project's QuantLinear."""
+    return isinstance(module, (torch.nn.Linear, QuantLinear))
+
+
 def _linear_names(model: torch.nn.Module) -> str:
-    return ", ".join(sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}))
+    return ", ".join(sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _adaptable(m)}))
+
+
+def _all_linear(model: torch.nn.Module) -> list[str]:
+    """`all-linear` on a model with QuantLinear layers, which peft's own expansion skips (they are
+    no nn.Linear): every Linear and QuantLinear by full name, the output head excluded as peft does."""
+    head = model.get_output_embeddings()
+    return sorted(n for n, m in model.named_modules() if _adaptable(m) and m is not head)
+
+
+def _refuse_other_compressed_layers(model: torch.nn.Module, reference: str) -> None:
+    kinds = sorted({type(m).__name__ for m in model.modules() if isinstance(m, DispatchedModule) and not isinstance(m, QuantLinear)})
+    if kinds:
+        raise ModelError(
+            f"LoRA training on compressed layers of kind {', '.join(kinds)} is not supported (only weight-only"
+            " int QuantLinear); fine-tune the original model",
+            where=reference,
+        )
 
 
 def _matching(model: torch.nn.Module, target: str) -> list[torch.nn.Module]:
@@ -140,7 +181,7 @@ def _matching(model: torch.nn.Module, target: str) -> list[torch.nn.Module]:
 def lora_targets(model: torch.nn.Module, targets: str | list[str]) -> str | list[str]:
     """Refuse a name that matches no module: peft raises only when none matches, and then as a traceback."""
     if isinstance(targets, str):
-        return targets
+        return _all_linear(model) if any(isinstance(m, QuantLinear) for m in model.modules()) else targets
     missing = [t for t in targets if not _matching(model, t)]
     if missing:
         raise UserError(f"no module of the model is named {', '.join(missing)} (its Linear layers: {_linear_names(model)})",
@@ -152,12 +193,15 @@ def add_lora(model: torch.nn.Module, lora, targets: str | list[str]) -> torch.nn
     """peft's model with adapters; a target peft cannot adapt (a ModuleList, a norm) is a UserError."""
     from peft import get_peft_model
 
+    from compressor.peft_quant import device_anchors
+
     # Described before peft runs: a failed injection leaves some layers already wrapped.
     kinds = targets if isinstance(targets, str) else "; ".join(
         f"{t} ({', '.join(sorted({type(m).__name__ for m in _matching(model, t)}))})" for t in targets)
     linear = _linear_names(model)
     try:
-        return get_peft_model(model, lora)
+        with device_anchors(model):
+            return get_peft_model(model, lora)
     except ValueError:  # peft's message holds the module's whole multi-line repr; name the types instead
         raise UserError(f"LoRA cannot go on {kinds}: name Linear layers ({linear})", where="--targets") from None
 
@@ -180,7 +224,33 @@ def _load_base(path: str, reference: str, device, qlora: bool):
         model = load_causal_lm(path, reference, quantization_config=_quantization_config(), device_map={"": device})
         keep_nf4_trainable_layout(model)
         return model
+    if quantization_method(path) == COMPRESSED_TENSORS:
+        # Our own modules, not transformers' compressed-tensors Linear (which has no `weight`, so
+        # peft cannot wrap it): packed weights stay frozen, gradients flow through to the input.
+        from compressor.runtime import load
+
+        model = load(path, device=device, prepare_kernels=False)
+        _refuse_other_compressed_layers(model, reference)
+        return model
     return load_causal_lm(path, reference, dtype="auto").to(device)
+
+
+def _dense_copy_of_compressed(path: str) -> torch.nn.Module:
+    """The compressed checkpoint with every QuantLinear replaced by a bf16 Linear holding its
+    dequantized weight: the very base the adapter was trained against, as plain transformers."""
+    from compressor.runtime import load
+
+    model = load(path, prepare_kernels=False)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantLinear):
+            dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, dtype=torch.bfloat16)
+            with torch.no_grad():
+                dense.weight.copy_(module.dequantized_weight(torch.float32))
+                if module.bias is not None:
+                    dense.bias.copy_(module.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, dense)
+    return model.to(torch.bfloat16)
 
 
 def keep_nf4_trainable_layout(model: torch.nn.Module) -> int:
@@ -231,14 +301,16 @@ def _mean_loss(model, loader, accelerator) -> float:
 def run_finetune(options: FinetuneOptions, echo: Callable[[str], None] = print) -> FinetuneSummary:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from peft import LoraConfig, prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
 
     from compressor.checkpoint import atomic_output_dir, check_output_dir
+    from compressor.peft_quant import lora_config_for_quantized
     from compressor.model_io import load_config, load_tokenizer, prepare_source
 
     if options.qlora:
         check_bitsandbytes()
-    warmup_steps = resolved_warmup_steps(options)
+    if options.epochs is None:  # with --epochs, once the examples are counted (still before any weight is read)
+        warmup_steps = resolved_warmup_steps(options)
     target_names = parse_targets(options.targets)
     # Without CUDA, say so: accelerate then runs several launched processes as MULTI_CPU (gloo).
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -251,6 +323,9 @@ def run_finetune(options: FinetuneOptions, echo: Callable[[str], None] = print) 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train = load_examples(options.dataset, tokenizer, max_length=options.max_length, split=options.split)
     held_out = load_examples(options.eval_dataset, tokenizer, max_length=options.max_length) if options.eval_dataset else None
+    if options.epochs is not None:
+        options = replace(options, steps=epoch_steps(len(train), options.batch_size, options.epochs, accelerator.num_processes))
+        warmup_steps = resolved_warmup_steps(options)
 
     set_seed(options.seed)
     model = _load_base(path, options.model, accelerator.device, options.qlora)
@@ -265,7 +340,7 @@ def run_finetune(options: FinetuneOptions, echo: Callable[[str], None] = print) 
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     targets = lora_targets(model, target_names)
-    lora = LoraConfig(
+    lora = lora_config_for_quantized(  # a LoraConfig that also wraps QuantLinear layers
         r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout, target_modules=targets,
         bias="none", task_type="CAUSAL_LM",
     )
@@ -277,7 +352,8 @@ def run_finetune(options: FinetuneOptions, echo: Callable[[str], None] = print) 
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
 
-    summary = FinetuneSummary(options.output, processes=accelerator.num_processes, warmup_steps=warmup_steps)
+    summary = FinetuneSummary(options.output, processes=accelerator.num_processes, warmup_steps=warmup_steps,
+                              base_quantization=quantization_method(path))
     if eval_loader is not None:
         summary.eval_loss_before = _mean_loss(model, eval_loader, accelerator)
         summary.eval_curve.append((0, summary.eval_loss_before))
@@ -336,6 +412,8 @@ def run_finetune(options: FinetuneOptions, echo: Callable[[str], None] = print) 
 
 
 def _save_adapter(model, tokenizer, options: FinetuneOptions, summary: FinetuneSummary, folder: Path) -> None:
+    from compressor.adapter_card import build_adapter_card
+
     model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
     record = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()}
@@ -350,8 +428,12 @@ def _save_adapter(model, tokenizer, options: FinetuneOptions, summary: FinetuneS
         "warmup_steps": summary.warmup_steps,
         "seconds": round(summary.seconds, 2),
         "processes": summary.processes,
+        "base_quantization": summary.base_quantization,
     }
     (folder / "training.json").write_text(json.dumps(log, indent=2) + "\n")
+    # In place of peft's blank template (whose base_model is a local path the Hub would refuse).
+    card = build_adapter_card(folder, local_name=options.output.resolve().name)
+    (folder / "README.md").write_text(str(card), encoding="utf-8")
 
 
 def merge_adapter(base_path: str, adapter: Path, out: Path, *, qlora: bool) -> Path:
@@ -362,6 +444,8 @@ def merge_adapter(base_path: str, adapter: Path, out: Path, *, qlora: bool) -> P
     if qlora:
         base = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=_quantization_config(), device_map={"": "cpu"})
         base = base.dequantize().to(torch.bfloat16)
+    elif quantization_method(base_path) == COMPRESSED_TENSORS:
+        base = _dense_copy_of_compressed(base_path)
     else:
         base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.bfloat16)
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()

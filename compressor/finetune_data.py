@@ -5,7 +5,8 @@ A record is one of:
 - ``{"messages": [{"role", "content"}, ...]}``: rendered with the tokenizer's chat template;
   the loss covers the assistant turns only;
 - ``{"instruction"|"prompt": ..., "output"|"response"|"completion": ..., ["input"], ["system"]}``:
-  turned into a user/assistant chat, same rule.
+  turned into a user/assistant chat, same rule; with a tokenizer that has no chat template, the
+  prompt and the answer are joined as plain text and the loss covers the answer only.
 The kind is decided from the first record; every later record must have that kind's fields,
 and a record that lacks them is named with the missing field.
 """
@@ -116,12 +117,28 @@ def _messages(record: dict[str, Any], kind: str, index: int, where: str) -> list
         if not any(m["role"] == "assistant" for m in messages):
             raise DataError(f"record {index} has no assistant message to learn from", where=where)
         return [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+    system, prompt, answer = _pair(record, index, where)
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    return messages + [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+
+
+def _pair(record: dict[str, Any], index: int, where: str) -> tuple[str | None, str, str]:
+    """(system or None, prompt with its `input`, answer) of an instruction record."""
     prompt = _pick(record, PROMPT_FIELDS, index, where)
     answer = _pick(record, ANSWER_FIELDS, index, where)
     if isinstance(record.get("input"), str) and record["input"].strip():
         prompt = f"{prompt}\n\n{record['input']}"
-    messages = [{"role": "system", "content": record["system"]}] if isinstance(record.get("system"), str) else []
-    return messages + [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+    return (record["system"] if isinstance(record.get("system"), str) else None), prompt, answer
+
+
+def _plain_pair_example(tokenizer, system: str | None, prompt: str, answer: str) -> Example:
+    """Prompt then answer as plain text, for a tokenizer without a chat template (TRL's
+    prompt-completion format): the answer is tokenized on its own, and only it carries the loss."""
+    prompt_ids = tokenizer(f"{system}\n\n{prompt}" if system else prompt, add_special_tokens=True)["input_ids"]
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None and (not answer_ids or answer_ids[-1] != tokenizer.eos_token_id):
+        answer_ids = answer_ids + [tokenizer.eos_token_id]
+    return Example(prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids)
 
 
 def _template_ids(tokenizer, messages, *, generation_prompt: bool) -> list[int]:
@@ -157,12 +174,15 @@ def load_examples(dataset: str, tokenizer, *, max_length: int, split: str = "tra
     if not records:
         raise DataError("dataset is empty", where=where)
     kind = _kind(records[0], where)
-    if kind != "text" and not getattr(tokenizer, "chat_template", None):
-        raise DataError("instruction/chat records need a tokenizer with a chat template; this one has none", where=where)
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    if kind == "chat" and not templated:
+        raise DataError("chat (`messages`) records need a tokenizer with a chat template; this one has none", where=where)
     examples = []
     for index, record in enumerate(records):
         if kind == "text":
             example = _text_example(tokenizer, _pick(record, ("text",), index, where))
+        elif kind == "instruction" and not templated:
+            example = _plain_pair_example(tokenizer, *_pair(record, index, where))
         else:
             example = _chat_example(tokenizer, _messages(record, kind, index, where))
         example = Example(example.input_ids[:max_length], example.labels[:max_length])

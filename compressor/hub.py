@@ -25,7 +25,15 @@ from compressor.errors import UserError
 from compressor.hub_ids import repo_id_problem
 
 CARD_NAME = "README.md"
-REQUIRED_FILES = ("compression.json", "config.json")
+COMPRESSED = "compressed"  # a folder written by `compress MODEL -o OUT` (or `compress merge`)
+ADAPTER = "adapter"  # a peft LoRA adapter folder written by `compress finetune`
+REQUIRED_FILES: dict[str, tuple[str, ...]] = {
+    COMPRESSED: ("compression.json", "config.json"),
+    ADAPTER: ("adapter_config.json", "adapter_model.safetensors"),
+}
+# `compress finetune --merge/--recompress` write whole checkpoints inside the adapter folder;
+# an adapter repository holds the adapter (push `OUT/compressed` on its own).
+ADAPTER_SKIPPED_FOLDERS = ("merged", "compressed")
 
 
 class HubError(UserError):
@@ -62,18 +70,43 @@ def check_repo_id(repo_id: str, where: str = "repo id") -> str:
     return repo_id
 
 
-def check_checkpoint(out_dir: Path) -> None:
-    """Refuse a folder that is not a checkpoint written by `compress`."""
+def check_checkpoint(out_dir: Path) -> str:
+    """Refuse a folder that is not a finished output of `compress` or `compress finetune`;
+    return its kind (COMPRESSED or ADAPTER)."""
+    from compressor.checkpoint import is_staging_folder
+
     if not out_dir.is_dir():
         raise UserError("no such folder", where=str(out_dir))
-    missing = [name for name in REQUIRED_FILES if not (out_dir / name).is_file()]
-    if missing:
+    if is_staging_folder(out_dir):
         raise UserError(
-            f"not a compressed checkpoint (no {' or '.join(missing)}); push a folder written by `compress MODEL -o OUT`",
+            "a staging folder of a run that is still writing or was stopped, not a finished output;"
+            " push the OUT folder the run names when it has finished",
             where=str(out_dir),
         )
+    kind = ADAPTER if (out_dir / "adapter_config.json").is_file() else COMPRESSED
+    missing = [name for name in REQUIRED_FILES[kind] if not (out_dir / name).is_file()]
+    if missing:
+        what = "a finetune adapter" if kind == ADAPTER else "a compressed checkpoint"
+        source = "`compress finetune ... -o OUT`" if kind == ADAPTER else "`compress MODEL -o OUT`"
+        raise UserError(f"not {what} (no {' or '.join(missing)}); push a folder written by {source}", where=str(out_dir))
     if not any(out_dir.glob("*.safetensors")):
         raise UserError("not a compressed checkpoint (no *.safetensors weights)", where=str(out_dir))
+    _check_shards(out_dir)
+    return kind
+
+
+def _check_shards(out_dir: Path) -> None:
+    """Every weight file a shard index lists is there: a half-copied folder is refused."""
+    for index in sorted(out_dir.glob("*.safetensors.index.json")):
+        try:
+            shards = set((json.loads(index.read_text(encoding="utf-8")).get("weight_map") or {}).values())
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            raise UserError("unreadable shard index; the folder is incomplete or damaged", where=str(index)) from None
+        missing = sorted(name for name in shards if not (out_dir / name).is_file())
+        if missing:
+            raise UserError(
+                f"incomplete checkpoint: {', '.join(missing)} listed in {index.name} is missing", where=str(out_dir)
+            )
 
 
 def _folder_files(root: Path) -> dict[str, Path]:
@@ -102,9 +135,13 @@ def plan_upload(
     """
     from compressor.model_card import EVAL_DIR, build_model_card
 
-    check_checkpoint(out_dir)
+    kind = check_checkpoint(out_dir)
     files = _folder_files(out_dir)
     files.pop(CARD_NAME, None)
+    if kind == ADAPTER:
+        if eval_dir is not None:
+            raise UserError("an adapter's card has no evaluation table; push --eval with a compressed checkpoint", where="--eval")
+        return _plan_adapter_upload(out_dir, repo_id, files, base_model)
     if eval_dir is not None:
         if not (eval_dir / "report.json").is_file():
             raise UserError("no report.json here; pass the folder `compress eval -o DIR` wrote", where=str(eval_dir))
@@ -120,6 +157,23 @@ def plan_upload(
         base_model=tuple(base_model or ()),
         eval_dir=eval_dir,
     )
+
+
+def _plan_adapter_upload(out_dir: Path, repo_id: str, files: dict[str, Path], base_model: list[str] | None) -> UploadPlan:
+    """An adapter's files (its merged/recompressed checkpoints left out), its card, and an
+    adapter_config.json naming the Hub base where one is known."""
+    from compressor.adapter_card import ADAPTER_CONFIG, adapter_base_models, build_adapter_card, hub_adapter_config, read_adapter_facts
+
+    files = {name: path for name, path in files.items() if name.split("/", 1)[0] not in ADAPTER_SKIPPED_FOLDERS}
+    generated = {CARD_NAME: str(build_adapter_card(out_dir, repo_id, base_model=base_model)).encode("utf-8")}
+    config = hub_adapter_config(out_dir, adapter_base_models(read_adapter_facts(out_dir), base_model))
+    if config is not None:
+        generated[ADAPTER_CONFIG] = config
+        files.pop(ADAPTER_CONFIG)
+    entries = [UploadFile(name, path.stat().st_size, source=path) for name, path in files.items()]
+    entries += [UploadFile(name, len(content), content=content) for name, content in generated.items()]
+    return UploadPlan(out_dir=out_dir, repo_id=repo_id, files=tuple(sorted(entries, key=lambda f: f.path_in_repo)),
+                      base_model=tuple(base_model or ()))
 
 
 def write_preview(plan: UploadPlan, folder: Path) -> None:
@@ -205,6 +259,8 @@ def _describe_failure(err: BaseException, token: str, endpoint: str) -> str:
 
 
 def default_commit_message(out_dir: Path) -> str:
+    if not (out_dir / "compression.json").is_file():
+        return f"Upload {out_dir.name}, a LoRA adapter trained with compress finetune, and its model card"
     recipe = (json.loads((out_dir / "compression.json").read_text(encoding="utf-8")).get("recipe") or {}).get("name")
     return f"Upload {out_dir.name}, compressed with the compressor recipe {recipe}, and its model card"
 

@@ -79,12 +79,18 @@ class FusedGatedMlpForward:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return self.plain_forward(x)  # a graph holds the layers' planned operators instead
+        if self._layers_hooked():
+            return self.plain_forward(x)  # the fused call would skip them (e.g. an adapter attached after load)
         bound = self.bound
         if bound is None or not bound.takes(x):
             bound = self._bind(x)
             if bound is None:
                 return self.plain_forward(x)
         return bound.run(x)
+
+    def _layers_hooked(self) -> bool:
+        modules = self.mlp._modules
+        return any(modules[name]._forward_hooks or modules[name]._forward_pre_hooks for name in LAYERS)
 
     def _bind(self, x: torch.Tensor) -> BoundKernel | None:
         layers = [getattr(self.mlp, name) for name in LAYERS]

@@ -130,6 +130,9 @@ def test_output_in_a_folder_we_cannot_write_is_refused(command, tmp_path, capsys
         (["--alpha", "inf"], "--alpha: expected a finite positive number, got 'inf'"),
         (["--log-every", "-3"], "--log-every: expected an integer ≥ 0, got '-3'"),
         (["--eval-every", "-1"], "--eval-every: expected an integer ≥ 0, got '-1'"),
+        (["--epochs", "0"], "--epochs: expected a positive integer, got '0'"),
+        (["--epochs", "2", "--steps", "3"], "argument --steps: not allowed with argument --epochs"),
+        (["--rank", "0"], "argument --r/--rank: expected a positive integer, got '0'"),
     ],
 )
 def test_bad_finetune_numbers_are_refused_by_the_parser(flags, fragment, tmp_path, capsys):
@@ -199,6 +202,28 @@ def test_lora_targets_the_model_lacks(targets, fragment, tiny_llama, tmp_path, c
     assert not out.exists()
 
 
+@pytest.fixture
+def progress_bars_restored():
+    """`-q` turns transformers' progress bars off for the process; turn them back on after."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()
+    yield
+    hf_logging.enable_progress_bar()
+
+
+def test_finetune_quiet_leaves_only_the_error_line(tiny_llama, tmp_path, capsys, progress_bars_restored):
+    """Without -q, transformers' weight-loading bar reaches stderr before the error (see below)."""
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "hello world, an example to train on."}\n')
+    argv = ["finetune", tiny_llama, "--dataset", data, "--steps", "1", "--targets", "nosuch_proj"]
+    code, err = _run([*argv, "-o", tmp_path / "loud"], capsys)
+    assert code == 2 and "Loading weights" in err  # what -q is for
+    code, err = _run([*argv, "-o", tmp_path / "quiet", "-q"], capsys)
+    _assert_refused(code, err, "--targets: no module of the model is named nosuch_proj")
+    assert not (tmp_path / "loud").exists() and not (tmp_path / "quiet").exists()
+
+
 def test_the_bitsandbytes_kernels_notice_is_dropped_and_nothing_else():
     import logging
 
@@ -211,6 +236,23 @@ def test_the_bitsandbytes_kernels_notice_is_dropped_and_nothing_else():
     assert logger.filter(record) is False
     other = logger.makeRecord(logger.name, logging.WARNING, __file__, 1, "some other problem", (), None)
     assert logger.filter(other) is True
+    deepspeed = logging.getLogger("DeepSpeed")
+    notice = deepspeed.makeRecord(deepspeed.name, logging.WARNING, __file__, 1, "Setting accelerator to CPU. If you"
+                                  " have GPU or other accelerator, we were unable to detect it.", (), None)
+    assert deepspeed.filter(notice) is False
+
+
+def test_peft_calls_to_renamed_transformers_methods_are_not_shown():
+    import warnings
+
+    from compressor.commands.library_notices import drop_library_noise
+
+    with warnings.catch_warnings(record=True) as caught:
+        drop_library_noise()
+        warnings.warn("`gradient_checkpointing_enable` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("`something_else` is deprecated", FutureWarning)
+    assert [str(w.message) for w in caught] == ["`something_else` is deprecated"]
 
 
 def test_finetune_prints_only_its_error(tiny_llama, tmp_path):

