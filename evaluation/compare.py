@@ -41,6 +41,8 @@ class Comparison:
         return row
 
     def write(self, folder: Path, base: str) -> dict[str, Any]:
-        report = build_report(self.rows, base, [t.name for t in self.settings.tasks], self.settings.limit, lm_eval_version())
+        report = build_report(
+            self.rows, base, [t.name for t in self.settings.tasks], self.settings.limit, lm_eval_version(), self.settings.num_fewshot
+        )
         write_report(folder, report, self.raw)
         return report

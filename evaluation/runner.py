@@ -45,10 +45,11 @@ class EvalTarget:
 @dataclass(frozen=True)
 class EvalSettings:
     tasks: tuple[ResolvedTask, ...]
-    limit: int | None
+    limit: int | float | None  # as lm-eval takes it: a count, or below 1 a fraction of each task
     backend: str = "hf"
     batch_size: int = 8
     device: str | None = None
+    num_fewshot: int | None = None  # None: each task's own default, as in lm-eval
 
 
 # ---------------------------------------------------------------- backends
@@ -193,27 +194,36 @@ def extract_metrics(results: dict[str, Any], task_names: list[str]) -> dict[str,
 
 # ---------------------------------------------------------------- running
 
-def check_task_data(names: list[str], manager: Any) -> None:
-    """Build each task (which reads its dataset) before scoring, so a dataset that cannot be
-    read, such as a Hub set that is not cached on an offline machine, is one line (exit 2)
-    naming the task rather than a traceback from inside lm-eval."""
-    from lm_eval.tasks import get_task_dict
+def build_tasks(names: list[str], manager: Any) -> list[Any]:
+    """lm-eval's Task and Group objects for `names`, each built once (which reads its dataset).
 
+    Built one name at a time before any scoring, so a dataset that cannot be read, such as a
+    Hub set that is not cached on an offline machine, is one line (exit 2) naming the task
+    rather than a traceback from inside lm-eval; the built objects then go to
+    `simple_evaluate` as they are, so no task is built (and no dataset read) twice."""
+    built: list[Any] = []
     for name in names:
         try:
-            get_task_dict([name], manager)
+            loaded = manager.load([name])
         except Exception as err:  # datasets raises many types: connection, missing files, bad configs
             raise TaskError(f"task '{name}' cannot load its data: {type(err).__name__}: {first_line(err)}", where="--tasks") from None
+        if name in loaded["groups"]:
+            built.append(loaded["groups"][name])
+        elif name in loaded["tasks"]:
+            built.append(loaded["tasks"][name])
+        else:  # a tag: the tasks it names
+            built.extend(loaded["tasks"].values())
+    return built
 
 
 def run_lm_eval(lm: Any, names: list[str], settings: EvalSettings, catalog: TaskCatalog) -> dict[str, Any]:
     import lm_eval
 
     manager = catalog.task_manager([t for t in settings.tasks if t.name in names])
-    check_task_data(names, manager)
     results = lm_eval.simple_evaluate(
         model=lm,
-        tasks=names,
+        tasks=build_tasks(names, manager),
+        num_fewshot=settings.num_fewshot,
         limit=settings.limit,
         task_manager=manager,
         log_samples=False,
@@ -248,7 +258,9 @@ def evaluate_target(
     keys: dict[str, CacheKey] = {}
     if cache is not None and target.identity is not None:
         for task in settings.tasks:
-            keys[task.name] = CacheKey(target.identity, task.name, task.fingerprint(), settings.limit, lm_eval_version(), settings.backend)
+            keys[task.name] = CacheKey(
+                target.identity, task.name, task.fingerprint(), settings.limit, settings.num_fewshot, lm_eval_version(), settings.backend
+            )
             hit = cache.get(keys[task.name])
             if hit is not None:
                 slices[task.name] = hit
@@ -259,7 +271,8 @@ def evaluate_target(
     header: dict[str, Any] = {"lm_eval_version": lm_eval_version()}
     throughput = None
     if missing:
-        echo(f"{target.name}: running {', '.join(missing)} (limit {settings.limit or 'none'}, backend {settings.backend})")
+        shots = "" if settings.num_fewshot is None else f", {settings.num_fewshot}-shot"
+        echo(f"{target.name}: running {', '.join(missing)} (limit {settings.limit or 'none'}{shots}, backend {settings.backend})")
         lm = backend(settings.backend).build(target, settings)
         fresh = run_lm_eval(lm, missing, settings, catalog)
         throughput = _throughput(lm)

@@ -1,4 +1,5 @@
-"""`compress eval` as an lm-eval user drives it: sizes of the sparse and NF4 layouts;
+"""`compress eval` as an lm-eval user drives it: --limit as a count or a fraction, --num-fewshot,
+tasks built once, the output folder never replacing a model; sizes of the sparse and NF4 layouts;
 the Pareto frontier with a metric lm-eval could not compute.
 
 lm-eval runs on tiny random models with a handful of documents.
@@ -6,6 +7,7 @@ lm-eval runs on tiny random models with a handful of documents.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -13,9 +15,13 @@ import pytest
 from safetensors import safe_open
 
 from compressor.cli import main
+from compressor.evaluation import builtin_tasks
 from compressor.evaluation.plot import Point, pareto_frontier
 from compressor.evaluation.size import measure_checkpoint
+from tests.cli_runs import assert_one_line_refusal, run_cli
 from tests.tiny_models import build_tiny_checkpoint
+
+EVAL_SLICE = 97  # records in the built-in evaluation slice
 
 
 def _compress(source: Path, folder: Path, body: str) -> Path:
@@ -24,6 +30,88 @@ def _compress(source: Path, folder: Path, body: str) -> Path:
     out = folder / "out"
     assert main([str(source), "--recipe", str(recipe), "-o", str(out), "-q", "--no-perplexity"]) == 0
     return out
+
+
+# ---------------------------------------------------------------- --limit and --num-fewshot
+
+@pytest.mark.parametrize("limit", ["0", "-3", "abc", "1.5", "0.0", "nan"])
+def test_bad_limit_is_one_line_and_writes_nothing(tiny_llama, tmp_path, capsys, limit):
+    out = tmp_path / "out"
+    code, err = run_cli(["eval", f"a={tiny_llama}", "--tasks", "perplexity", "--limit", limit, "-o", out], capsys)
+    assert_one_line_refusal(code, err, "--limit", f"got '{limit}'", "fraction between 0 and 1")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fractional_limit_and_few_shot_reach_lm_eval_and_the_cache_key(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "r"
+    argv = ["eval", f"m={tiny_llama}", "--tasks", "abstracts_match", "--limit", "0.03", "--num-fewshot", "1", "-o", str(out), "-q"]
+    assert main(argv) == 0
+    raw = json.loads((out / "lm_eval_results" / "m.json").read_text())
+    assert raw["n-samples"]["abstracts_match"]["effective"] == math.ceil(EVAL_SLICE * 0.03) == 3
+    assert raw["n-shot"]["abstracts_match"] == 1 and raw["configs"]["abstracts_match"]["num_fewshot"] == 1
+    report = json.loads((out / "report.json").read_text())
+    assert report["limit"] == 0.03 and report["num_fewshot"] == 1
+    assert "limit 0.03 per task, 1-shot" in (out / "report.md").read_text()
+    assert "m: running abstracts_match (limit 0.03, 1-shot, backend hf)" in capsys.readouterr().out
+
+    # Zero-shot is another experiment: the 1-shot numbers in the cache must not be served for it.
+    assert main(argv[:6] + ["-o", str(tmp_path / "zero"), "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert "from the results cache" not in printed and "m: running abstracts_match" in printed
+    assert json.loads((tmp_path / "zero" / "lm_eval_results" / "m.json").read_text())["n-shot"]["abstracts_match"] == 0
+
+
+def test_negative_few_shot_is_refused(tiny_llama, tmp_path, capsys):
+    code, err = run_cli(["eval", f"a={tiny_llama}", "--tasks", "perplexity", "--num-fewshot", "-1", "-o", tmp_path / "o"], capsys)
+    assert_one_line_refusal(code, err, "--num-fewshot", "got '-1'")
+
+
+def test_limit_keeps_as_many_windows_as_lm_eval_keeps_examples():
+    from compressor.evaluation.perplexity import limited_count
+
+    assert limited_count(97, 0.03) == 3 and limited_count(10, 0.25) == 3
+    assert limited_count(10, 4) == 4 and limited_count(10, 20) == 10
+
+
+def test_recipe_evaluate_takes_a_fraction_and_few_shot_and_refuses_bad_values():
+    from compressor.errors import RecipeError
+    from compressor.recipe import parse_recipe_text
+
+    text = "name: x\nstages:\n  - quantize: {method: rtn}\nevaluate:\n  tasks: [perplexity]\n  %s\n"
+    spec = parse_recipe_text(text % "limit: 0.25\n  num_fewshot: 2", source="r.yaml").evaluate
+    assert spec.limit == 0.25 and spec.num_fewshot == 2
+    assert parse_recipe_text(text % "limit: 20", source="r.yaml").evaluate.limit == 20
+    for bad, key in (("limit: 1.5", "evaluate.limit"), ("limit: 0", "evaluate.limit"), ("num_fewshot: -1", "evaluate.num_fewshot")):
+        with pytest.raises(RecipeError) as info:
+            parse_recipe_text(text % bad, source="r.yaml")
+        assert info.value.format().startswith(f"r.yaml:6 {key}:"), info.value.format()
+
+
+# ---------------------------------------------------------------- tasks built once
+
+def test_each_task_reads_its_data_once(tiny_llama, tmp_path, monkeypatch):
+    """The check that a task's data loads is the build lm-eval then scores: one read, not two."""
+    calls = []
+    rows = builtin_tasks.perplexity_rows
+    monkeypatch.setattr(builtin_tasks, "perplexity_rows", lambda: calls.append(1) or rows())
+    assert main(["eval", f"m={tiny_llama}", "--tasks", "perplexity", "--limit", "1", "-o", str(tmp_path / "r"), "-q", "--no-cache"]) == 0
+    assert len(calls) == 1
+
+
+# ---------------------------------------------------------------- the output folder
+
+@pytest.mark.parametrize("where", ["model", "parent"])
+def test_output_folder_that_is_or_holds_a_model_is_refused(tiny_llama, tmp_path, capsys, where):
+    """With --overwrite the report replaces OUT whole: that must never delete a model it evaluates."""
+    model = tmp_path / "models" / "m"
+    model.mkdir(parents=True)
+    for path in tiny_llama.iterdir():
+        (model / path.name).write_bytes(path.read_bytes())
+    out = model if where == "model" else model.parent
+    before = sorted(p.name for p in model.iterdir())
+    code, err = run_cli(["eval", f"m={model}", "--tasks", "perplexity", "--limit", "1", "-o", out, "--overwrite"], capsys)
+    assert_one_line_refusal(code, err, "--output", "would replace model 'm'")
+    assert sorted(p.name for p in model.iterdir()) == before
 
 
 # ---------------------------------------------------------------- size of other layouts

@@ -258,10 +258,6 @@ def test_unknown_task_lists_close_names(tiny_llama, tmp_path, capsys):
     assert "unknown task 'perplexty'; did you mean perplexity" in err
 
 
-def test_limit_zero_is_refused(tiny_llama, tmp_path, capsys):
-    assert "expected a positive integer, got '0'" in _bad([f"a={tiny_llama}", "--tasks", "perplexity", "--limit", "0"], tmp_path, capsys)
-
-
 def test_duplicate_model_names_are_refused(tiny_llama, tmp_path, capsys):
     err = _bad([f"a={tiny_llama}", f"a={tiny_llama}", "--tasks", "perplexity"], tmp_path, capsys)
     assert "two models are named 'a'" in err
