@@ -22,7 +22,7 @@ from compressor.evaluation.catalog import ResolvedTask, TaskCatalog, TaskError, 
 from compressor.evaluation.results_cache import CacheKey, ResultsCache
 from compressor.model_io import LoadedModel
 
-PER_TASK_SECTIONS = ("results", "configs", "versions", "n-shot", "higher_is_better", "n-samples")
+PER_TASK_SECTIONS = ("results", "groups", "configs", "versions", "n-shot", "higher_is_better", "n-samples")
 
 
 @dataclass(frozen=True)
@@ -148,9 +148,10 @@ def _members(results: dict[str, Any], name: str) -> list[str]:
     return names
 
 
-def task_slice(results: dict[str, Any], name: str) -> dict[str, Any]:
-    """The parts of a results JSON that belong to one requested task (and its subtasks)."""
-    names = _members(results, name)
+def task_slice(results: dict[str, Any], name: str, tagged: list[str] | None = None) -> dict[str, Any]:
+    """The parts of a results JSON that belong to one requested task (and its subtasks); for a
+    tag, which lm-eval's results do not name, the parts of the tasks it tagged (`tagged`)."""
+    names = _members(results, name) if tagged is None else [m for t in tagged for m in _members(results, t)]
     sliced: dict[str, Any] = {s: {n: results[s][n] for n in names if n in results.get(s, {})} for s in PER_TASK_SECTIONS}
     sliced["group_subtasks"] = {n: results["group_subtasks"][n] for n in names if n in results.get("group_subtasks", {})}
     return sliced
@@ -182,11 +183,19 @@ def _parse_row(row: dict[str, Any], directions: dict[str, Any]) -> dict[str, Met
 
 
 def extract_metrics(results: dict[str, Any], task_names: list[str]) -> dict[str, dict[str, Metric]]:
-    """``{task: {metric: Metric}}`` for each requested name; a group without its own row gives its tasks' rows."""
+    """``{task: {metric: Metric}}`` for each requested name; a group without its own row gives its tasks' rows.
+
+    A tag has neither a row nor a `group_subtasks` entry: pass its own slice (`task_slice`
+    with `tagged`), whose rows are then all its tasks'."""
     rows = results.get("results", {})
     out: dict[str, dict[str, Metric]] = {}
     for name in task_names:
-        names = [name] if name in rows else [n for n in _members(results, name)[1:] if n in rows]
+        if name in rows:
+            names = [name]
+        elif name in results.get("group_subtasks", {}):
+            names = [n for n in _members(results, name)[1:] if n in rows]
+        else:
+            names = list(rows)
         for row_name in names:
             out[row_name] = _parse_row(rows[row_name], results.get("higher_is_better", {}).get(row_name, {}))
     return out
@@ -194,35 +203,44 @@ def extract_metrics(results: dict[str, Any], task_names: list[str]) -> dict[str,
 
 # ---------------------------------------------------------------- running
 
-def build_tasks(names: list[str], manager: Any) -> list[Any]:
+@dataclass
+class BuiltTasks:
+    objects: list[Any]  # lm-eval Task and Group objects, ready for simple_evaluate
+    tagged: dict[str, list[str]]  # tag → the tasks it names (lm-eval's results do not mention tags)
+
+
+def build_tasks(names: list[str], manager: Any) -> BuiltTasks:
     """lm-eval's Task and Group objects for `names`, each built once (which reads its dataset).
 
     Built one name at a time before any scoring, so a dataset that cannot be read, such as a
     Hub set that is not cached on an offline machine, is one line (exit 2) naming the task
     rather than a traceback from inside lm-eval; the built objects then go to
     `simple_evaluate` as they are, so no task is built (and no dataset read) twice."""
-    built: list[Any] = []
+    built = BuiltTasks([], {})
     for name in names:
         try:
             loaded = manager.load([name])
         except Exception as err:  # datasets raises many types: connection, missing files, bad configs
             raise TaskError(f"task '{name}' cannot load its data: {type(err).__name__}: {first_line(err)}", where="--tasks") from None
         if name in loaded["groups"]:
-            built.append(loaded["groups"][name])
+            built.objects.append(loaded["groups"][name])
         elif name in loaded["tasks"]:
-            built.append(loaded["tasks"][name])
+            built.objects.append(loaded["tasks"][name])
         else:  # a tag: the tasks it names
-            built.extend(loaded["tasks"].values())
+            built.objects.extend(loaded["tasks"].values())
+            built.tagged[name] = list(loaded["tasks"])
     return built
 
 
-def run_lm_eval(lm: Any, names: list[str], settings: EvalSettings, catalog: TaskCatalog) -> dict[str, Any]:
+def run_lm_eval(lm: Any, names: list[str], settings: EvalSettings, catalog: TaskCatalog) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """lm-eval's results JSON, and the tasks each requested tag named."""
     import lm_eval
 
     manager = catalog.task_manager([t for t in settings.tasks if t.name in names])
+    built = build_tasks(names, manager)
     results = lm_eval.simple_evaluate(
         model=lm,
-        tasks=build_tasks(names, manager),
+        tasks=built.objects,
         num_fewshot=settings.num_fewshot,
         limit=settings.limit,
         task_manager=manager,
@@ -231,12 +249,13 @@ def run_lm_eval(lm: Any, names: list[str], settings: EvalSettings, catalog: Task
     )
     if results is None:  # only on non-zero ranks of a distributed run
         raise RuntimeError("lm-eval returned no results")
-    return json_safe(results)
+    return json_safe(results), built.tagged
 
 
 @dataclass
 class TargetResults:
     results: dict[str, Any]  # lm-eval's results JSON (merged over cached and fresh tasks)
+    metrics: dict[str, dict[str, Metric]]  # extract_metrics of each requested task's own slice
     cached: list[str]  # tasks served from the cache
     tokens_per_second: float | None  # scoring throughput of the fresh run, where measured
 
@@ -262,7 +281,7 @@ def evaluate_target(
                 target.identity, task.name, task.fingerprint(), settings.limit, settings.num_fewshot, lm_eval_version(), settings.backend
             )
             hit = cache.get(keys[task.name])
-            if hit is not None:
+            if hit is not None and hit.get("results"):  # older versions cached a tag as an empty slice
                 slices[task.name] = hit
     cached = [t.name for t in settings.tasks if t.name in slices]
     missing = [t.name for t in settings.tasks if t.name not in slices]
@@ -274,12 +293,13 @@ def evaluate_target(
         shots = "" if settings.num_fewshot is None else f", {settings.num_fewshot}-shot"
         echo(f"{target.name}: running {', '.join(missing)} (limit {settings.limit or 'none'}{shots}, backend {settings.backend})")
         lm = backend(settings.backend).build(target, settings)
-        fresh = run_lm_eval(lm, missing, settings, catalog)
+        fresh, tagged = run_lm_eval(lm, missing, settings, catalog)
         throughput = _throughput(lm)
         header.update({k: v for k, v in fresh.items() if k not in (*PER_TASK_SECTIONS, "group_subtasks")})
         for name in missing:
-            slices[name] = task_slice(fresh, name)
+            slices[name] = task_slice(fresh, name, tagged.get(name))
             if name in keys and cache is not None:
                 cache.put(keys[name], slices[name])
     merged = merge_slices([slices[t.name] for t in settings.tasks], header)
-    return TargetResults(merged, cached, throughput)
+    metrics = {row: values for t in settings.tasks for row, values in extract_metrics(slices[t.name], [t.name]).items()}
+    return TargetResults(merged, metrics, cached, throughput)

@@ -98,6 +98,34 @@ def test_each_task_reads_its_data_once(tiny_llama, tmp_path, monkeypatch):
     assert len(calls) == 1
 
 
+def _parity_task(folder: Path, name: str, extra: str = "") -> None:
+    data = folder / "data.jsonl"
+    data.write_text("".join(json.dumps({"q": f"Is {i} even?", "label": int(i % 2 == 1)}) + "\n" for i in range(4)))
+    (folder / f"{name}.yaml").write_text(
+        f"task: {name}\n{extra}dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        'output_type: multiple_choice\ntest_split: test\ndoc_to_text: "{{q}}"\ndoc_to_choice: ["yes", "no"]\n'
+        "doc_to_target: label\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+
+
+def test_a_tag_reports_the_tasks_it_names_fresh_and_from_the_cache(tiny_llama, tmp_path, capsys):
+    """lm-eval's results name a tag's tasks, never the tag: the report used to come out empty."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    for name in ("even_a", "even_b"):
+        _parity_task(tasks, name, "tag: evens\n")
+    argv = ["eval", f"m={tiny_llama}", "--tasks", "evens,perplexity", "--include-path", str(tasks), "--limit", "2", "-q"]
+    assert main(argv + ["-o", str(tmp_path / "r")]) == 0
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    raw = json.loads((tmp_path / "r" / "lm_eval_results" / "m.json").read_text())
+    metrics = report["models"][0]["metrics"]
+    assert set(metrics) == {"even_a", "even_b", "perplexity"}
+    assert metrics["even_b"]["acc"]["value"] == raw["results"]["even_b"]["acc,none"]
+    assert main(argv + ["-o", str(tmp_path / "again")]) == 0
+    assert "m: evens, perplexity from the results cache" in capsys.readouterr().out
+    assert json.loads((tmp_path / "again" / "report.json").read_text())["models"][0]["metrics"] == metrics
+
+
 # ---------------------------------------------------------------- the output folder
 
 @pytest.mark.parametrize("where", ["model", "parent"])

@@ -354,6 +354,7 @@ def test_results_slices_per_task_round_trip_and_groups_expand():
         "results": {"a": row(0.5), "b": row(0.7), "c": row(0.2)},
         "higher_is_better": {"a": {"acc": True}, "b": {"acc": True}, "c": {"acc": True}},
         "group_subtasks": {"g": ["a", "b"]},
+        "groups": {"g": {"acc,none": 0.6}},
         "versions": {"a": 1, "b": 1, "c": 2},
         "n-samples": {"a": {"effective": 3}, "b": {"effective": 3}, "c": {"effective": 3}},
         "configs": {}, "n-shot": {},
@@ -361,7 +362,7 @@ def test_results_slices_per_task_round_trip_and_groups_expand():
     group = task_slice(results, "g")
     assert set(group["results"]) == {"a", "b"} and group["group_subtasks"] == {"g": ["a", "b"]}
     merged = merge_slices([group, task_slice(results, "c")], {"lm_eval_version": "0.4.13"})
-    for section in ("results", "higher_is_better", "group_subtasks", "versions", "n-samples"):
+    for section in ("results", "groups", "higher_is_better", "group_subtasks", "versions", "n-samples"):
         assert merged[section] == results[section]
     # a group without its own row reports its tasks' rows
     metrics = extract_metrics(merged, ["g", "c"])
