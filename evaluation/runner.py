@@ -1,7 +1,8 @@
 """Run lm-eval on one model and pull the numbers out of its results.
 
+    tasks not already cached ─▶ lm-eval Task/Group objects, built once (data read) before the model loads
     target (in-memory model, or a reference) ─▶ backend (lm-eval's HFLM or VLLM class)
-        ─▶ lm_eval.simple_evaluate on the tasks not already cached ─▶ results JSON
+        ─▶ lm_eval.simple_evaluate on those objects ─▶ results JSON
         ─▶ one slice per requested task (cached for reference models) ─▶ merged results
 
 `extract_metrics` turns a results JSON into ``{task: {metric: Metric}}`` with the stderr and
@@ -232,12 +233,10 @@ def build_tasks(names: list[str], manager: Any) -> BuiltTasks:
     return built
 
 
-def run_lm_eval(lm: Any, names: list[str], settings: EvalSettings, catalog: TaskCatalog) -> tuple[dict[str, Any], dict[str, list[str]]]:
-    """lm-eval's results JSON, and the tasks each requested tag named."""
+def run_lm_eval(lm: Any, built: BuiltTasks, manager: Any, settings: EvalSettings) -> dict[str, Any]:
+    """lm-eval's results JSON for tasks `build_tasks` built with `manager`."""
     import lm_eval
 
-    manager = catalog.task_manager([t for t in settings.tasks if t.name in names])
-    built = build_tasks(names, manager)
     results = lm_eval.simple_evaluate(
         model=lm,
         tasks=built.objects,
@@ -249,7 +248,7 @@ def run_lm_eval(lm: Any, names: list[str], settings: EvalSettings, catalog: Task
     )
     if results is None:  # only on non-zero ranks of a distributed run
         raise RuntimeError("lm-eval returned no results")
-    return json_safe(results), built.tagged
+    return json_safe(results)
 
 
 @dataclass
@@ -292,12 +291,14 @@ def evaluate_target(
     if missing:
         shots = "" if settings.num_fewshot is None else f", {settings.num_fewshot}-shot"
         echo(f"{target.name}: running {', '.join(missing)} (limit {settings.limit or 'none'}{shots}, backend {settings.backend})")
+        manager = catalog.task_manager([t for t in settings.tasks if t.name in missing])
+        built = build_tasks(missing, manager)  # before the model loads: a task whose data is missing costs no load
         lm = backend(settings.backend).build(target, settings)
-        fresh, tagged = run_lm_eval(lm, missing, settings, catalog)
+        fresh = run_lm_eval(lm, built, manager, settings)
         throughput = _throughput(lm)
         header.update({k: v for k, v in fresh.items() if k not in (*PER_TASK_SECTIONS, "group_subtasks")})
         for name in missing:
-            slices[name] = task_slice(fresh, name, tagged.get(name))
+            slices[name] = task_slice(fresh, name, built.tagged.get(name))
             if name in keys and cache is not None:
                 cache.put(keys[name], slices[name])
     merged = merge_slices([slices[t.name] for t in settings.tasks], header)

@@ -126,6 +126,29 @@ def test_a_tag_reports_the_tasks_it_names_fresh_and_from_the_cache(tiny_llama, t
     assert json.loads((tmp_path / "again" / "report.json").read_text())["models"][0]["metrics"] == metrics
 
 
+def _count_loads(monkeypatch) -> list[str]:
+    from compressor.evaluation import loading
+
+    loads: list[str] = []
+    load_named = loading.load_named
+    monkeypatch.setattr(loading, "load_named", lambda name, reference: loads.append(name) or load_named(name, reference))
+    return loads
+
+
+def test_a_task_whose_data_is_missing_is_refused_before_any_model_loads(tiny_llama, tmp_path, capsys, monkeypatch):
+    loads = _count_loads(monkeypatch)
+    code, err = run_cli(["eval", f"a={tiny_llama}", "--tasks", "arc_easy", "--limit", "1", "-o", tmp_path / "o", "-q"], capsys)
+    assert_one_line_refusal(code, err, "--tasks: task 'arc_easy' cannot load its data")
+    assert loads == [] and list(tmp_path.iterdir()) == []
+
+
+def test_a_hub_model_missing_from_the_offline_cache_is_refused_before_any_work(tiny_llama, tmp_path, capsys, monkeypatch):
+    loads = _count_loads(monkeypatch)
+    code, err = run_cli(["eval", f"a={tiny_llama}", "b=some-org/not-cached", "--tasks", "perplexity", "-o", tmp_path / "o"], capsys)
+    assert_one_line_refusal(code, err, "some-org/not-cached", "model 'b' is not in the local Hub cache", "offline")
+    assert loads == [] and list(tmp_path.iterdir()) == []
+
+
 # ---------------------------------------------------------------- the output folder
 
 @pytest.mark.parametrize("where", ["model", "parent"])

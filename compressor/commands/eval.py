@@ -90,7 +90,9 @@ def run(argv: list[str]) -> int:
 
     from compressor.checkpoint import atomic_output_dir, check_output_dir
     from compressor.evaluation.catalog import TaskCatalog
-    from compressor.evaluation.loading import model_identity
+    import huggingface_hub.constants
+
+    from compressor.evaluation.loading import model_identity, weights_folder
     from compressor.evaluation.runner import EvalSettings, EvalTarget, backend
     from compressor.model_io import resolve_model
 
@@ -104,6 +106,8 @@ def run(argv: list[str]) -> int:
         except ModelError as err:
             raise ModelError(f"model '{name}': {err.message}", where=reference) from None
         _check_report_spares_model(args.output, name, source.gguf_file or (source.load_path if source.kind == "local" else None))
+        if source.kind == "hub" and huggingface_hub.constants.HF_HUB_OFFLINE and weights_folder(reference) is None:
+            raise ModelError(f"model '{name}' is not in the local Hub cache, and the Hub is offline (HF_HUB_OFFLINE)", where=reference)
     if args.quiet:
         quiet_transformers()
         logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notices, not its progress bars
