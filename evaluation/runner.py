@@ -167,9 +167,21 @@ def merge_slices(slices: list[dict[str, Any]], header: dict[str, Any]) -> dict[s
     return merged
 
 
-def _parse_row(row: dict[str, Any], directions: dict[str, Any]) -> dict[str, Metric]:
+def _metric_order(row: dict[str, Any], config: dict[str, Any] | None) -> list[str]:
+    """The row's keys in the order of the task's `metric_list` (then as they come).
+
+    The report's summary column and plot take each task's first metric; the row's own key
+    order differs between a fresh run and the results cache (saved with sorted keys), while
+    the task's `metric_list` is a list and keeps its order."""
+    listed = [m.get("metric") for m in (config or {}).get("metric_list") or [] if isinstance(m, dict)]
+    rank = {name: index for index, name in enumerate(listed)}
+    return sorted(row, key=lambda key: rank.get(key.split(",", 1)[0], len(rank)))
+
+
+def _parse_row(row: dict[str, Any], directions: dict[str, Any], config: dict[str, Any] | None = None) -> dict[str, Metric]:
     metrics = {}
-    for key, value in row.items():
+    for key in _metric_order(row, config):
+        value = row[key]
         if "," not in key or "_stderr," in key or not isinstance(value, (int, float)) or isinstance(value, bool):
             continue
         metric, filter_name = key.split(",", 1)
@@ -198,7 +210,8 @@ def extract_metrics(results: dict[str, Any], task_names: list[str]) -> dict[str,
         else:
             names = list(rows)
         for row_name in names:
-            out[row_name] = _parse_row(rows[row_name], results.get("higher_is_better", {}).get(row_name, {}))
+            directions = results.get("higher_is_better", {}).get(row_name, {})
+            out[row_name] = _parse_row(rows[row_name], directions, results.get("configs", {}).get(row_name))
     return out
 
 
@@ -240,6 +253,7 @@ def run_lm_eval(lm: Any, built: BuiltTasks, manager: Any, settings: EvalSettings
     results = lm_eval.simple_evaluate(
         model=lm,
         tasks=built.objects,
+        batch_size=getattr(lm, "batch_size", None),  # only recorded in results["config"]: lm is built already
         num_fewshot=settings.num_fewshot,
         limit=settings.limit,
         task_manager=manager,

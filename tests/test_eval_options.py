@@ -49,6 +49,7 @@ def test_fractional_limit_and_few_shot_reach_lm_eval_and_the_cache_key(tiny_llam
     raw = json.loads((out / "lm_eval_results" / "m.json").read_text())
     assert raw["n-samples"]["abstracts_match"]["effective"] == math.ceil(EVAL_SLICE * 0.03) == 3
     assert raw["n-shot"]["abstracts_match"] == 1 and raw["configs"]["abstracts_match"]["num_fewshot"] == 1
+    assert raw["config"]["limit"] == 0.03 and raw["config"]["batch_size"] == 8  # lm-eval's own record of the run
     report = json.loads((out / "report.json").read_text())
     assert report["limit"] == 0.03 and report["num_fewshot"] == 1
     assert "limit 0.03 per task, 1-shot" in (out / "report.md").read_text()
@@ -85,6 +86,19 @@ def test_recipe_evaluate_takes_a_fraction_and_few_shot_and_refuses_bad_values():
         with pytest.raises(RecipeError) as info:
             parse_recipe_text(text % bad, source="r.yaml")
         assert info.value.format().startswith(f"r.yaml:6 {key}:"), info.value.format()
+
+
+def test_the_first_metric_is_the_tasks_first_whether_fresh_or_cached(tiny_llama, tmp_path, capsys):
+    """The summary column and the plot take each task's first metric: a base served from the
+    cache (saved with sorted keys) used to put bits_per_byte first instead of word_perplexity."""
+    argv = ["eval", f"base={tiny_llama}", "--tasks", "perplexity", "--limit", "1", "-q"]
+    for out in ("fresh", "cached"):
+        assert main(argv + ["-o", str(tmp_path / out)]) == 0
+    assert "base: perplexity from the results cache" in capsys.readouterr().out
+    for out in ("fresh", "cached"):
+        metrics = json.loads((tmp_path / out / "report.json").read_text())["models"][0]["metrics"]["perplexity"]
+        assert list(metrics) == ["word_perplexity", "byte_perplexity", "bits_per_byte"], out
+        assert "| perplexity: word_perplexity |" in (tmp_path / out / "report.md").read_text()
 
 
 # ---------------------------------------------------------------- tasks built once

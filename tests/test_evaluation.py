@@ -57,9 +57,18 @@ def test_match_questions_are_deterministic_and_well_formed():
 def test_builtin_tasks_never_read_the_calibration_slice():
     from compressor.calibration.corpus import calibration_slice_path
 
-    calibration_titles = {json.loads(line)["title"] for line in calibration_slice_path().read_text().splitlines() if line}
+    calibration = [json.loads(line) for line in calibration_slice_path().read_text().splitlines() if line]
+    calibration_titles = {r["title"] for r in calibration}
     assert not calibration_titles & {r["title"] for r in perplexity_rows()}
     assert not calibration_titles & {c for r in match_rows() for c in r["choices"]}
+
+    def shingles(text: str) -> set[str]:  # every run of 12 words: catches a reworded or re-titled copy
+        words = text.split()
+        return {" ".join(words[i:i + 12]) for i in range(len(words) - 11)}
+
+    seen = set().union(*(shingles(r["abstract"]) for r in calibration))
+    assert not any(shingles(r["text"]) & seen for r in perplexity_rows())
+    assert not any(shingles(r["abstract"]) & seen for r in match_rows())
 
 
 # ---------------------------------------------------------------- task names
