@@ -178,7 +178,7 @@ def _plan_evaluation(recipe: Recipe, options: RunOptions, echo: Callable[[str], 
     from compressor.evaluation.recipe_eval import RecipeEvaluation
 
     spec = recipe.evaluate
-    return RecipeEvaluation.plan(spec.tasks, spec.limit, recipe.name, options.batch_size, echo)
+    return RecipeEvaluation.plan(spec.tasks, spec.limit, recipe.name, options.batch_size, echo, spec.num_fewshot)
 
 
 def run_recipe(
@@ -195,7 +195,7 @@ def run_recipe(
     it), logged ahead of this run's stages in compression.json.
     """
     from compressor.calibration.batches import build_calibration
-    from compressor.evaluation.perplexity import evaluation_windows, perplexity_on
+    from compressor.evaluation.perplexity import evaluation_windows, limited_count, perplexity_on
 
     assert options.out_dir is not None
     check_output_dir(options.out_dir, options.overwrite)
@@ -249,7 +249,7 @@ def run_recipe(
 
     windows = evaluation_windows(tokenizer, recipe.calibration.seq_len) if options.measure_perplexity else None
     if windows is not None and recipe.evaluate is not None and recipe.evaluate.limit is not None:
-        windows = windows[: recipe.evaluate.limit]
+        windows = windows[: limited_count(len(windows), recipe.evaluate.limit)]
     base_ppl = perplexity_on(model, windows).perplexity if windows is not None else None
     if base_ppl is not None:
         echo(f"base held-out perplexity: {base_ppl:.3f}")

@@ -41,15 +41,24 @@ class CalibrationSpec(StrictModel):
 
 class EvaluateSpec(StrictModel):
     """lm-eval tasks run after the stages on the compressed model and on the base model
-    (whose results are cached). `limit` caps the examples per task, and the windows of the
-    quick held-out perplexity printed before and after.
+    (whose results are cached). `limit` caps the examples per task (below 1: a fraction of each,
+    as lm-eval reads it), and the windows of the quick held-out perplexity printed before and
+    after; `num_fewshot` sets lm-eval's few-shot count.
 
     Task names are checked here, at parse time: built-in offline tasks by name, lm-eval's by
     a cached text scan of its task files (not its 25 s full index; see
     `compressor.evaluation.catalog`)."""
 
     tasks: list[str] = Field(default_factory=lambda: ["perplexity"], min_length=1)
-    limit: PositiveInt | None = None
+    limit: int | float | None = None  # as lm-eval's --limit: a count, or below 1 a fraction of each task
+    num_fewshot: NonNegativeInt | None = None  # None: each task's own default
+
+    @field_validator("limit")
+    @classmethod
+    def _count_or_fraction(cls, limit: int | float | None) -> int | float | None:
+        if limit is None or (isinstance(limit, int) and limit > 0) or (isinstance(limit, float) and 0 < limit < 1):
+            return limit
+        raise ValueError(f"must be a positive whole number of examples or a fraction between 0 and 1, got {limit!r}")
 
     @field_validator("tasks")
     @classmethod

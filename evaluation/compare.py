@@ -10,7 +10,7 @@ from typing import Any, Callable
 from compressor.evaluation.catalog import TaskCatalog, lm_eval_version
 from compressor.evaluation.report import ModelRow, build_report, write_report
 from compressor.evaluation.results_cache import ResultsCache
-from compressor.evaluation.runner import EvalSettings, EvalTarget, evaluate_target, extract_metrics
+from compressor.evaluation.runner import EvalSettings, EvalTarget, evaluate_target
 from compressor.evaluation.size import SizeInfo
 
 
@@ -32,7 +32,7 @@ class Comparison:
             reference=target.reference,
             backend=self.settings.backend,
             size=size,
-            metrics=extract_metrics(outcome.results, [t.name for t in self.settings.tasks]),
+            metrics=outcome.metrics,
             tokens_per_second=outcome.tokens_per_second,
             cached_tasks=outcome.cached,
         )
@@ -41,6 +41,8 @@ class Comparison:
         return row
 
     def write(self, folder: Path, base: str) -> dict[str, Any]:
-        report = build_report(self.rows, base, [t.name for t in self.settings.tasks], self.settings.limit, lm_eval_version())
+        report = build_report(
+            self.rows, base, [t.name for t in self.settings.tasks], self.settings.limit, lm_eval_version(), self.settings.num_fewshot
+        )
         write_report(folder, report, self.raw)
         return report

@@ -25,6 +25,11 @@ class PerplexityResult:
     windows: int
 
 
+def limited_count(total: int, limit: int | float) -> int:
+    """How many of `total` items a limit keeps, read as lm-eval reads it (below 1: a fraction, rounded up)."""
+    return math.ceil(total * limit) if limit < 1 else min(total, int(limit))
+
+
 def evaluation_windows(tokenizer, seq_len: int) -> torch.Tensor:
     stream: list[int] = []
     for document in read_abstracts(evaluation_slice_path()):

@@ -7,6 +7,7 @@ of size, and named in the legend; every point carries its model's name.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,11 +27,14 @@ class Point:
 
 
 def pareto_frontier(points: list[Point], higher_is_better: bool) -> list[Point]:
-    """The points no other point dominates, smallest first."""
+    """The points no other point dominates, smallest first. A NaN score (a model whose metric
+    lm-eval could not compute) compares false with everything, so it would never be dominated:
+    it is left out, as from the plot."""
 
     def better_or_equal(a: float, b: float) -> bool:
         return a >= b if higher_is_better else a <= b
 
+    points = [p for p in points if not math.isnan(p.score)]
     frontier = []
     for p in points:
         dominated = any(

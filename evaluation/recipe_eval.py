@@ -26,10 +26,13 @@ class RecipeEvaluation:
     compressed_name: str
 
     @classmethod
-    def plan(cls, tasks: list[str], limit: int | None, recipe_name: str, batch_size: int, echo: Callable[[str], None]) -> "RecipeEvaluation":
+    def plan(
+        cls, tasks: list[str], limit: int | float | None, recipe_name: str, batch_size: int, echo: Callable[[str], None],
+        num_fewshot: int | None = None,
+    ) -> "RecipeEvaluation":
         """Resolve the tasks (they were checked at parse time; this also finds their definitions)."""
         catalog = TaskCatalog()
-        settings = EvalSettings(tuple(catalog.resolve(tasks, where="evaluate.tasks")), limit, "hf", batch_size)
+        settings = EvalSettings(tuple(catalog.resolve(tasks, where="evaluate.tasks")), limit, "hf", batch_size, num_fewshot=num_fewshot)
         name = recipe_name if recipe_name != BASE_NAME else "compressed"
         return cls(Comparison(settings, catalog, ResultsCache(), echo), name)
 

@@ -43,7 +43,9 @@ def recovery(value: float, base: float, higher_is_better: bool | None) -> float 
     return base / value if value != 0 else None
 
 
-def build_report(rows: list[ModelRow], base: str, tasks: list[str], limit: int | None, lm_eval_version: str) -> dict[str, Any]:
+def build_report(
+    rows: list[ModelRow], base: str, tasks: list[str], limit: int | float | None, lm_eval_version: str, num_fewshot: int | None = None
+) -> dict[str, Any]:
     base_row = next(r for r in rows if r.name == base)
     models = []
     for row in rows:
@@ -71,7 +73,10 @@ def build_report(rows: list[ModelRow], base: str, tasks: list[str], limit: int |
                 "metrics": metrics,
             }
         )
-    return {"schema": SCHEMA, "base": base, "tasks": tasks, "lm_eval_version": lm_eval_version, "limit": limit, "models": models}
+    return {
+        "schema": SCHEMA, "base": base, "tasks": tasks, "lm_eval_version": lm_eval_version, "limit": limit,
+        "num_fewshot": num_fewshot, "models": models,
+    }
 
 
 def primary_metrics(report: dict[str, Any]) -> list[tuple[str, str]]:
@@ -151,11 +156,16 @@ def report_tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[lis
     return tables
 
 
+def _shots(report: dict[str, Any]) -> str:
+    shots = report.get("num_fewshot")
+    return "" if shots is None else f", {shots}-shot"
+
+
 def _legend(report: dict[str, Any]) -> str:
     return (
         f"Base: `{report['base']}`. Cells read value ± stderr (recovery against the base; lower-is-better metrics"
         f" inverted, so below 100 % is worse either way). lm-eval {report['lm_eval_version']},"
-        f" limit {report['limit'] if report['limit'] is not None else 'none'} per task. tokens/s: forward"
+        f" limit {report['limit'] if report['limit'] is not None else 'none'} per task{_shots(report)}. tokens/s: forward"
         " passes of the lm-eval run (blank when served from the cache)."
     )
 

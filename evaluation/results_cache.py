@@ -1,4 +1,5 @@
-"""Cached lm-eval results of reference (base) models, one file per (model, task, limit, lm-eval version).
+"""Cached lm-eval results of reference (base) models, one file per (model, task, limit, few-shot
+count, lm-eval version).
 
 The key also holds the backend and the task's definition fingerprint, so editing an
 include-path task or upgrading lm-eval never serves a stale number. Files live under
@@ -21,7 +22,8 @@ class CacheKey:
     model: str
     task: str
     task_fingerprint: str
-    limit: int | None
+    limit: int | float | None
+    num_fewshot: int | None
     lm_eval_version: str
     backend: str
 

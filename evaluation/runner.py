@@ -1,7 +1,8 @@
 """Run lm-eval on one model and pull the numbers out of its results.
 
+    tasks not already cached ─▶ lm-eval Task/Group objects, built once (data read) before the model loads
     target (in-memory model, or a reference) ─▶ backend (lm-eval's HFLM or VLLM class)
-        ─▶ lm_eval.simple_evaluate on the tasks not already cached ─▶ results JSON
+        ─▶ lm_eval.simple_evaluate on those objects ─▶ results JSON
         ─▶ one slice per requested task (cached for reference models) ─▶ merged results
 
 `extract_metrics` turns a results JSON into ``{task: {metric: Metric}}`` with the stderr and
@@ -22,7 +23,7 @@ from compressor.evaluation.catalog import ResolvedTask, TaskCatalog, TaskError, 
 from compressor.evaluation.results_cache import CacheKey, ResultsCache
 from compressor.model_io import LoadedModel
 
-PER_TASK_SECTIONS = ("results", "configs", "versions", "n-shot", "higher_is_better", "n-samples")
+PER_TASK_SECTIONS = ("results", "groups", "configs", "versions", "n-shot", "higher_is_better", "n-samples")
 
 
 @dataclass(frozen=True)
@@ -45,10 +46,11 @@ class EvalTarget:
 @dataclass(frozen=True)
 class EvalSettings:
     tasks: tuple[ResolvedTask, ...]
-    limit: int | None
+    limit: int | float | None  # as lm-eval takes it: a count, or below 1 a fraction of each task
     backend: str = "hf"
     batch_size: int = 8
     device: str | None = None
+    num_fewshot: int | None = None  # None: each task's own default, as in lm-eval
 
 
 # ---------------------------------------------------------------- backends
@@ -147,9 +149,10 @@ def _members(results: dict[str, Any], name: str) -> list[str]:
     return names
 
 
-def task_slice(results: dict[str, Any], name: str) -> dict[str, Any]:
-    """The parts of a results JSON that belong to one requested task (and its subtasks)."""
-    names = _members(results, name)
+def task_slice(results: dict[str, Any], name: str, tagged: list[str] | None = None) -> dict[str, Any]:
+    """The parts of a results JSON that belong to one requested task (and its subtasks); for a
+    tag, which lm-eval's results do not name, the parts of the tasks it tagged (`tagged`)."""
+    names = _members(results, name) if tagged is None else [m for t in tagged for m in _members(results, t)]
     sliced: dict[str, Any] = {s: {n: results[s][n] for n in names if n in results.get(s, {})} for s in PER_TASK_SECTIONS}
     sliced["group_subtasks"] = {n: results["group_subtasks"][n] for n in names if n in results.get("group_subtasks", {})}
     return sliced
@@ -164,9 +167,21 @@ def merge_slices(slices: list[dict[str, Any]], header: dict[str, Any]) -> dict[s
     return merged
 
 
-def _parse_row(row: dict[str, Any], directions: dict[str, Any]) -> dict[str, Metric]:
+def _metric_order(row: dict[str, Any], config: dict[str, Any] | None) -> list[str]:
+    """The row's keys in the order of the task's `metric_list` (then as they come).
+
+    The report's summary column and plot take each task's first metric; the row's own key
+    order differs between a fresh run and the results cache (saved with sorted keys), while
+    the task's `metric_list` is a list and keeps its order."""
+    listed = [m.get("metric") for m in (config or {}).get("metric_list") or [] if isinstance(m, dict)]
+    rank = {name: index for index, name in enumerate(listed)}
+    return sorted(row, key=lambda key: rank.get(key.split(",", 1)[0], len(rank)))
+
+
+def _parse_row(row: dict[str, Any], directions: dict[str, Any], config: dict[str, Any] | None = None) -> dict[str, Metric]:
     metrics = {}
-    for key, value in row.items():
+    for key in _metric_order(row, config):
+        value = row[key]
         if "," not in key or "_stderr," in key or not isinstance(value, (int, float)) or isinstance(value, bool):
             continue
         metric, filter_name = key.split(",", 1)
@@ -181,39 +196,65 @@ def _parse_row(row: dict[str, Any], directions: dict[str, Any]) -> dict[str, Met
 
 
 def extract_metrics(results: dict[str, Any], task_names: list[str]) -> dict[str, dict[str, Metric]]:
-    """``{task: {metric: Metric}}`` for each requested name; a group without its own row gives its tasks' rows."""
+    """``{task: {metric: Metric}}`` for each requested name; a group without its own row gives its tasks' rows.
+
+    A tag has neither a row nor a `group_subtasks` entry: pass its own slice (`task_slice`
+    with `tagged`), whose rows are then all its tasks'."""
     rows = results.get("results", {})
     out: dict[str, dict[str, Metric]] = {}
     for name in task_names:
-        names = [name] if name in rows else [n for n in _members(results, name)[1:] if n in rows]
+        if name in rows:
+            names = [name]
+        elif name in results.get("group_subtasks", {}):
+            names = [n for n in _members(results, name)[1:] if n in rows]
+        else:
+            names = list(rows)
         for row_name in names:
-            out[row_name] = _parse_row(rows[row_name], results.get("higher_is_better", {}).get(row_name, {}))
+            directions = results.get("higher_is_better", {}).get(row_name, {})
+            out[row_name] = _parse_row(rows[row_name], directions, results.get("configs", {}).get(row_name))
     return out
 
 
 # ---------------------------------------------------------------- running
 
-def check_task_data(names: list[str], manager: Any) -> None:
-    """Build each task (which reads its dataset) before scoring, so a dataset that cannot be
-    read, such as a Hub set that is not cached on an offline machine, is one line (exit 2)
-    naming the task rather than a traceback from inside lm-eval."""
-    from lm_eval.tasks import get_task_dict
+@dataclass
+class BuiltTasks:
+    objects: list[Any]  # lm-eval Task and Group objects, ready for simple_evaluate
+    tagged: dict[str, list[str]]  # tag → the tasks it names (lm-eval's results do not mention tags)
 
+
+def build_tasks(names: list[str], manager: Any) -> BuiltTasks:
+    """lm-eval's Task and Group objects for `names`, each built once (which reads its dataset).
+
+    Built one name at a time before any scoring, so a dataset that cannot be read, such as a
+    Hub set that is not cached on an offline machine, is one line (exit 2) naming the task
+    rather than a traceback from inside lm-eval; the built objects then go to
+    `simple_evaluate` as they are, so no task is built (and no dataset read) twice."""
+    built = BuiltTasks([], {})
     for name in names:
         try:
-            get_task_dict([name], manager)
+            loaded = manager.load([name])
         except Exception as err:  # datasets raises many types: connection, missing files, bad configs
             raise TaskError(f"task '{name}' cannot load its data: {type(err).__name__}: {first_line(err)}", where="--tasks") from None
+        if name in loaded["groups"]:
+            built.objects.append(loaded["groups"][name])
+        elif name in loaded["tasks"]:
+            built.objects.append(loaded["tasks"][name])
+        else:  # a tag: the tasks it names
+            built.objects.extend(loaded["tasks"].values())
+            built.tagged[name] = list(loaded["tasks"])
+    return built
 
 
-def run_lm_eval(lm: Any, names: list[str], settings: EvalSettings, catalog: TaskCatalog) -> dict[str, Any]:
+def run_lm_eval(lm: Any, built: BuiltTasks, manager: Any, settings: EvalSettings) -> dict[str, Any]:
+    """lm-eval's results JSON for tasks `build_tasks` built with `manager`."""
     import lm_eval
 
-    manager = catalog.task_manager([t for t in settings.tasks if t.name in names])
-    check_task_data(names, manager)
     results = lm_eval.simple_evaluate(
         model=lm,
-        tasks=names,
+        tasks=built.objects,
+        batch_size=getattr(lm, "batch_size", None),  # only recorded in results["config"]: lm is built already
+        num_fewshot=settings.num_fewshot,
         limit=settings.limit,
         task_manager=manager,
         log_samples=False,
@@ -227,6 +268,7 @@ def run_lm_eval(lm: Any, names: list[str], settings: EvalSettings, catalog: Task
 @dataclass
 class TargetResults:
     results: dict[str, Any]  # lm-eval's results JSON (merged over cached and fresh tasks)
+    metrics: dict[str, dict[str, Metric]]  # extract_metrics of each requested task's own slice
     cached: list[str]  # tasks served from the cache
     tokens_per_second: float | None  # scoring throughput of the fresh run, where measured
 
@@ -248,9 +290,11 @@ def evaluate_target(
     keys: dict[str, CacheKey] = {}
     if cache is not None and target.identity is not None:
         for task in settings.tasks:
-            keys[task.name] = CacheKey(target.identity, task.name, task.fingerprint(), settings.limit, lm_eval_version(), settings.backend)
+            keys[task.name] = CacheKey(
+                target.identity, task.name, task.fingerprint(), settings.limit, settings.num_fewshot, lm_eval_version(), settings.backend
+            )
             hit = cache.get(keys[task.name])
-            if hit is not None:
+            if hit is not None and hit.get("results"):  # older versions cached a tag as an empty slice
                 slices[task.name] = hit
     cached = [t.name for t in settings.tasks if t.name in slices]
     missing = [t.name for t in settings.tasks if t.name not in slices]
@@ -259,14 +303,18 @@ def evaluate_target(
     header: dict[str, Any] = {"lm_eval_version": lm_eval_version()}
     throughput = None
     if missing:
-        echo(f"{target.name}: running {', '.join(missing)} (limit {settings.limit or 'none'}, backend {settings.backend})")
+        shots = "" if settings.num_fewshot is None else f", {settings.num_fewshot}-shot"
+        echo(f"{target.name}: running {', '.join(missing)} (limit {settings.limit or 'none'}{shots}, backend {settings.backend})")
+        manager = catalog.task_manager([t for t in settings.tasks if t.name in missing])
+        built = build_tasks(missing, manager)  # before the model loads: a task whose data is missing costs no load
         lm = backend(settings.backend).build(target, settings)
-        fresh = run_lm_eval(lm, missing, settings, catalog)
+        fresh = run_lm_eval(lm, built, manager, settings)
         throughput = _throughput(lm)
         header.update({k: v for k, v in fresh.items() if k not in (*PER_TASK_SECTIONS, "group_subtasks")})
         for name in missing:
-            slices[name] = task_slice(fresh, name)
+            slices[name] = task_slice(fresh, name, built.tagged.get(name))
             if name in keys and cache is not None:
                 cache.put(keys[name], slices[name])
     merged = merge_slices([slices[t.name] for t in settings.tasks], header)
-    return TargetResults(merged, cached, throughput)
+    metrics = {row: values for t in settings.tasks for row, values in extract_metrics(slices[t.name], [t.name]).items()}
+    return TargetResults(merged, metrics, cached, throughput)

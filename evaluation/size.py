@@ -4,10 +4,10 @@
 - ``parameters``: logical parameters; a packed layer counts the weights it stands for
   (its ``weight_shape``), and quantization scales, zero points and group indices are not
   parameters.
-- ``bits_per_weight``: over the compressed layers (those a compressed-tensors checkpoint
-  stores as ``weight_packed``, or as ``weight`` with a ``weight_scale``), every stored tensor
-  of the layer's weight (packed values, scales, zero points, group index) in bits, divided by
-  the weights it stands for. A checkpoint with no compressed layer reports the same figure
+- ``bits_per_weight``: over the compressed layers (see ``LAYOUTS``: compressed-tensors'
+  ``weight_packed``, or ``weight`` with a ``weight_scale``; our sparse bitmask; bitsandbytes
+  4-bit), every stored tensor of the layer's weight (packed values, scales, zero points, group
+  index, bitmask, bitsandbytes' block state) in bits, divided by the weights it stands for. A checkpoint with no compressed layer reports the same figure
   over its decoder's 2-D ``*.weight`` matrices (embeddings and ``lm_head`` left out), which is
   the storage width of its dtype (16.0 for bf16).
 
@@ -23,6 +23,7 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 # Tensors of a quantized layer that describe its weight but are not parameters.
 _WEIGHT_AUXILIARY = {"weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape", "weight_global_scale"}
@@ -70,15 +71,57 @@ def read_safetensors_header(path: Path) -> list[TensorInfo]:
 
 
 def _split(name: str) -> tuple[str, str]:
+    """(module, leaf); bitsandbytes' 4-bit state (``X.weight.absmax``, ``X.weight.quant_state.*``)
+    belongs to module ``X`` as leaves ``weight.absmax``, ``weight.quant_state.*``."""
+    if ".weight." in name:
+        module, _, rest = name.partition(".weight.")
+        return module, f"weight.{rest}"
     module, _, leaf = name.rpartition(".")
     return module, leaf
 
 
-def _logical_shape(tensor: TensorInfo) -> tuple[int, ...]:
+def _tensor_values(tensor: TensorInfo) -> list[int]:
     from safetensors import safe_open
 
     with safe_open(str(tensor.file), framework="pt") as handle:
-        return tuple(int(v) for v in handle.get_tensor(tensor.name).tolist())
+        return [int(v) for v in handle.get_tensor(tensor.name).reshape(-1).tolist()]
+
+
+def _shape_tensor_weights(leaves: dict[str, TensorInfo]) -> int:
+    return math.prod(_tensor_values(leaves["weight_shape"]))
+
+
+def _bnb_4bit_weights(leaves: dict[str, TensorInfo]) -> int:
+    """bitsandbytes keeps the original shape in a JSON blob stored as a uint8 tensor."""
+    (state,) = [t for leaf, t in leaves.items() if leaf.startswith("weight.quant_state.bitsandbytes__")]
+    return math.prod(json.loads(bytes(_tensor_values(state)))["shape"])
+
+
+@dataclass(frozen=True)
+class CompressedLayout:
+    """A way a compressed layer's weight is stored: how to spot it, and how many weights it stands for."""
+
+    name: str
+    matches: Callable[[dict[str, TensorInfo]], bool]
+    weights: Callable[[dict[str, TensorInfo]], int]
+
+
+# Checked in order; a layer matching none is a plain one. Every tensor whose leaf starts with
+# "weight" (values, scales, zero points, group index, bitmask, bitsandbytes' state) is stored weight.
+LAYOUTS = (
+    CompressedLayout("pack-quantized", lambda leaves: "weight_packed" in leaves, _shape_tensor_weights),
+    CompressedLayout("sparse-bitmask", lambda leaves: "weight_bitmask" in leaves and "weight_values" in leaves, _shape_tensor_weights),
+    CompressedLayout(
+        "bitsandbytes-4bit",
+        lambda leaves: "weight" in leaves and any(leaf.startswith("weight.quant_state.bitsandbytes__") for leaf in leaves),
+        _bnb_4bit_weights,
+    ),
+    CompressedLayout("int-or-float-quantized", lambda leaves: "weight" in leaves and "weight_scale" in leaves, lambda leaves: leaves["weight"].numel),
+)
+
+
+def compressed_layout(leaves: dict[str, TensorInfo]) -> CompressedLayout | None:
+    return next((layout for layout in LAYOUTS if layout.matches(leaves)), None)
 
 
 def measure_checkpoint(folder: Path) -> SizeInfo:
@@ -94,13 +137,10 @@ def measure_checkpoint(folder: Path) -> SizeInfo:
     represented = 0
     compressed = 0
     for module, leaves in modules.items():
-        is_compressed = "weight_packed" in leaves or ("weight" in leaves and "weight_scale" in leaves)
-        if is_compressed:
+        layout = compressed_layout(leaves)
+        if layout is not None:
             compressed += 1
-            if "weight_shape" in leaves:
-                weights = math.prod(_logical_shape(leaves["weight_shape"]))
-            else:
-                weights = leaves["weight"].numel
+            weights = layout.weights(leaves)
             represented += weights
             parameters += weights
             stored_bits += 8 * sum(t.nbytes for leaf, t in leaves.items() if leaf.startswith("weight") and leaf != "weight_shape")

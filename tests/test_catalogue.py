@@ -53,7 +53,7 @@ RECIPES: list[tuple[str, str, tuple[str, ...]]] = [
     ("seed-negative", "name: t\ncalibration: {seed: -1}\nstages:\n" + QUANT, ("R:2 calibration.seed:", "greater than or equal to 0")),
     ("calibration-unknown-key", "name: t\ncalibration: {sample: 4}\nstages:\n" + QUANT, ("R:2 calibration.sample:", "unknown key")),
     ("dataset-missing", "name: t\ncalibration: {dataset: /nonexistent/d.jsonl, samples: 4, seq_len: 32}\nstages:\n" + QUANT, ("/nonexistent/d.jsonl", "not found")),
-    ("evaluate-limit-zero", HEAD + QUANT + "evaluate: {tasks: [perplexity], limit: 0}\n", ("R:5 evaluate.limit:", "greater than 0")),
+    ("evaluate-limit-zero", HEAD + QUANT + "evaluate: {tasks: [perplexity], limit: 0}\n", ("R:5 evaluate.limit:", "a positive whole number of examples or a fraction between 0 and 1")),
     ("evaluate-no-tasks", HEAD + QUANT + "evaluate: {tasks: []}\n", ("R:5 evaluate.tasks:", "at least 1 item")),
     ("output-format", HEAD + QUANT + "output: {format: gguf}\n", ("R:5 output.format:", "got 'gguf'")),
     ("output-unknown-key", HEAD + QUANT + "output: {folder: x}\n", ("R:5 output.folder:", "unknown key")),

@@ -25,6 +25,32 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, 0 or more, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number, 0 or more, got {text!r}")
+    return value
+
+
+def example_limit(text: str) -> int | float:
+    """lm-eval's `--limit`: a count of examples per task, or a fraction of each task below 1 (`0.1`)."""
+    message = f"expected a positive whole number of examples or a fraction between 0 and 1, got {text!r}"
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        pass
+    try:
+        fraction = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(message) from None
+    if not 0 < fraction < 1:
+        raise argparse.ArgumentTypeError(message)
+    return fraction
+
+
 def quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
 

@@ -13,7 +13,7 @@ import logging
 import re
 from pathlib import Path
 
-from compressor.commands.args import Parser, device_name, positive_int, quiet_transformers
+from compressor.commands.args import Parser, device_name, example_limit, non_negative_int, positive_int, quiet_transformers
 from compressor.errors import ModelError, UserError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -23,7 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = Parser(prog="compress eval", description="Evaluate checkpoints with lm-eval and write an accuracy-vs-size report.")
     parser.add_argument("models", nargs="+", metavar="NAME=MODEL", help="a name for the report and a Hub id, local folder, .gguf or builtin: model")
     parser.add_argument("--tasks", "-t", required=True, help="comma-separated lm-eval task names; built-in offline: perplexity, abstracts_match")
-    parser.add_argument("--limit", type=positive_int, help="at most this many examples per task")
+    parser.add_argument("--limit", type=example_limit, help="at most this many examples per task, or below 1 this fraction of each (as lm-eval)")
+    parser.add_argument("--num-fewshot", type=non_negative_int, help="few-shot examples per prompt (default: each task's own)")
     parser.add_argument("--include-path", action="append", type=Path, default=[], help="folder of lm-eval task YAML files (repeatable)")
     parser.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="lm-eval model class (default hf; vllm needs vLLM)")
     parser.add_argument("--base", help="the model recovery is measured against (default: the first)")
@@ -59,6 +60,15 @@ def parse_task_list(text: str) -> list[str]:
     return list(dict.fromkeys(tasks))
 
 
+def _check_report_spares_model(output: Path, name: str, model_path: str | Path | None) -> None:
+    """The report replaces OUT as a whole (with --overwrite), so OUT must not be, or hold, a model it evaluates."""
+    if model_path is None:
+        return
+    out, model = output.expanduser().resolve(), Path(model_path).resolve()
+    if model == out or out in model.parents:
+        raise UserError(f"the report would replace model '{name}' ({model}); pick another output folder", where="--output")
+
+
 def _size_of(name: str, reference: str):
     from compressor.evaluation.loading import ModelLoadError, weights_folder
     from compressor.evaluation.size import measure_checkpoint
@@ -80,7 +90,9 @@ def run(argv: list[str]) -> int:
 
     from compressor.checkpoint import atomic_output_dir, check_output_dir
     from compressor.evaluation.catalog import TaskCatalog
-    from compressor.evaluation.loading import model_identity
+    import huggingface_hub.constants
+
+    from compressor.evaluation.loading import model_identity, weights_folder
     from compressor.evaluation.runner import EvalSettings, EvalTarget, backend
     from compressor.model_io import resolve_model
 
@@ -90,16 +102,19 @@ def run(argv: list[str]) -> int:
     tasks = catalog.resolve(parse_task_list(args.tasks))
     for name, reference in pairs:
         try:
-            resolve_model(reference)
+            source = resolve_model(reference)
         except ModelError as err:
             raise ModelError(f"model '{name}': {err.message}", where=reference) from None
+        _check_report_spares_model(args.output, name, source.gguf_file or (source.load_path if source.kind == "local" else None))
+        if source.kind == "hub" and huggingface_hub.constants.HF_HUB_OFFLINE and weights_folder(reference) is None:
+            raise ModelError(f"model '{name}' is not in the local Hub cache, and the Hub is offline (HF_HUB_OFFLINE)", where=reference)
     if args.quiet:
         quiet_transformers()
         logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notices, not its progress bars
 
     from compressor.evaluation.compare import Comparison
     from compressor.evaluation.results_cache import ResultsCache
-    settings = EvalSettings(tuple(tasks), args.limit, args.backend, args.batch_size, args.device)
+    settings = EvalSettings(tuple(tasks), args.limit, args.backend, args.batch_size, args.device, args.num_fewshot)
     comparison = Comparison(settings, catalog, None if args.no_cache else ResultsCache())
     for index, (name, reference) in enumerate(pairs, start=1):
         print(f"[{index}/{len(pairs)}] {name} = {reference}")
