@@ -140,6 +140,33 @@ def _replace_sparse_modules(model: nn.Module, tensors: dict[str, torch.Tensor]) 
     return chosen
 
 
+def _load_converted_tensors(
+    model: nn.Module, tensors: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype, where: str
+) -> dict[str, torch.Tensor]:
+    """Load the checkpoint tensors whose names the model lacks through transformers' own conversion
+    mapping for the architecture, as ``from_pretrained`` does; return the others (named as the
+    model names them) for ``load_state_dict``.
+
+    transformers 5 holds the experts of an MoE block (Qwen2-MoE, Mixtral, ...) as fused 3-D tensors
+    but saves them one Linear per expert (``mlp.experts.3.up_proj.weight``), so without this a
+    saved MoE checkpoint would not load. The conversion is kept on the model, so that
+    ``save_pretrained`` writes the per-expert names again."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+
+    expected = set(model.state_dict())
+    foreign = {key: value for key, value in tensors.items() if key not in expected}
+    if not foreign:
+        return tensors
+    config = LoadStateDictConfig(dtype=dtype, device_map={"": str(device)}, weight_mapping=get_model_conversion_mapping(model))
+    info, _ = convert_and_load_state_dict_in_model(model, foreign, config)
+    problems = sorted(info.unexpected_keys) + sorted(str(key) for key in info.mismatched_keys) + sorted(info.conversion_errors)
+    if problems:
+        raise ModelError(f"checkpoint tensors the model has no place for: {problems[:5]}", where=where)
+    return {key: value for key, value in tensors.items() if key in expected}
+
+
 def _apply_lowrank_artifacts(model: nn.Module, folder: Path) -> None:
     """Error-compensation adapters and SVD factors saved beside the weights (compressor.adapters)."""
     from compressor.adapters import apply_adapter, apply_svd_factors
@@ -234,6 +261,7 @@ def load(
     if any(key.endswith("weight_g_idx") for key in tensors):
         raise ModelError("activation-ordered groups (weight_g_idx) are not supported", where=str(path))
     formats.update(_replace_sparse_modules(model, tensors))
+    tensors = _load_converted_tensors(model, tensors, target, torch_dtype, str(path))
     result = model.load_state_dict(tensors, strict=False, assign=True)
     if result.unexpected_keys:
         raise ModelError(f"checkpoint tensors the model has no place for: {result.unexpected_keys[:5]}", where=str(path))
