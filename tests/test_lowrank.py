@@ -137,7 +137,7 @@ def test_eora_reduces_weighted_error_on_every_layer(tiny_llama):
 
 def test_eora_adapter_round_trip_through_peft(tiny_llama, tmp_path):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     model, _, _, loaded = _run_stages(
         tiny_llama,
@@ -149,10 +149,12 @@ def test_eora_adapter_round_trip_through_peft(tiny_llama, tmp_path):
     out = _save(model, loaded, tmp_path / "out")
     config = json.loads((out / ADAPTER_DIR / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 8 and config["lora_alpha"] == 8
-    plain = AutoModelForCausalLM.from_pretrained(str(out)).eval()  # the base alone, no compensation
-    with torch.no_grad():
-        base_only = plain(input_ids=IDS).logits.float()
-    peft_model = PeftModel.from_pretrained(plain, str(out / ADAPTER_DIR)).eval()
+    # The README's call, on a fresh load: the adapter goes on before any forward (a compressed load
+    # gets its `weight`s only from the first forward, which peft cannot wait for).
+    plain = AutoModelForCausalLM.from_pretrained(str(out), quantization_config=CompressedTensorsConfig(dequantize=True))
+    peft_model = PeftModel.from_pretrained(plain.eval(), str(out / ADAPTER_DIR)).eval()
+    with torch.no_grad(), peft_model.disable_adapter():
+        base_only = peft_model(input_ids=IDS).logits.float()  # the base alone, no compensation
     with torch.no_grad():
         through_peft = peft_model(input_ids=IDS).logits.float()
         through_ours = load_with_adapters(out)(input_ids=IDS).logits.float()
