@@ -185,7 +185,26 @@ def _resolve_dtype(config: Any, dtype: torch.dtype | str | None) -> torch.dtype:
         value = getattr(torch, value, None)
         if not isinstance(value, torch.dtype):
             raise ModelError(f"unknown dtype {dtype!r}")
+    if not value.is_floating_point:  # the dtype of activations, scales and dense weights
+        raise ModelError(f"dtype {value} is not a floating-point dtype (use bfloat16, float16 or float32)")
     return value
+
+
+def _target_device(device: torch.device | str | None) -> torch.device:
+    """The device to load onto, refused in one line when torch does not know it or this machine lacks it."""
+    if device is None:
+        return torch.device("cpu")
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ModelError(f"unknown device {device!r} (use cpu, cuda or cuda:N)") from None
+    if target.type == "cpu":
+        return target
+    backend = getattr(torch, target.type, None)
+    available = backend.device_count() if backend is not None and backend.is_available() else 0
+    if target.index is not None and target.index >= available or not available:
+        raise ModelError(f"device {str(target)!r} is not available on this machine ({available} {target.type} devices)")
+    return target
 
 
 def _drop_bitsandbytes_deserialize(model: nn.Module) -> None:
@@ -237,15 +256,17 @@ def load(
     loaded by transformers itself: the model is the one ``AutoModelForCausalLM.from_pretrained``
     returns (bitsandbytes ``Linear4bit`` layers, its own kernels), not this project's modules."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from compressor.model_io import load_config
 
     if not str(path).strip():  # Path("") would be the current folder
         raise ModelError("the model argument is empty; give a compressed checkpoint folder")
     folder = Path(path).expanduser()
     if not (folder / "config.json").is_file():
         raise ModelError("not a checkpoint folder (no config.json)", where=str(path))
-    target = torch.device(device) if device is not None else torch.device("cpu")
-    config = AutoConfig.from_pretrained(str(folder))
+    target = _target_device(device)
+    config = load_config(str(folder), str(path), trust_remote_code=False)  # unreadable or not a causal LM: one line
     qconfig = getattr(config, "quantization_config", None)
     if qconfig is not None:
         del config.quantization_config

@@ -127,3 +127,25 @@ def test_generate_runs_a_plain_checkpoint(tiny_llama, capsys):
     """A dense folder is a model like any other for generate (no compressed layers to swap)."""
     assert main(["generate", str(tiny_llama), "the model", "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_chat_without_a_chat_template_is_refused(compressed, capsys):
+    """--chat used to be ignored silently when the tokenizer has no template (the tiny one has none)."""
+    from tests.cli_runs import assert_one_line_refusal, run_cli
+
+    code, err = run_cli(["generate", compressed, "hi", "--chat", "--max-new-tokens", "2"], capsys)
+    assert_one_line_refusal(code, err, "--chat", "no chat template")
+    assert not capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", [["generate", "{folder}", "hi"], ["bench", "{folder}"]])
+def test_an_unreadable_config_is_one_line(command, compressed, tmp_path, capsys):
+    import shutil
+
+    from tests.cli_runs import assert_one_line_refusal, run_cli
+
+    broken = tmp_path / "broken"
+    shutil.copytree(compressed, broken)
+    (broken / "config.json").write_text("{not json")
+    code, err = run_cli([part.format(folder=broken) for part in command], capsys)
+    assert_one_line_refusal(code, err, str(broken), "not a valid JSON file")
