@@ -130,7 +130,8 @@ def apply_svd_factors(model: nn.Module, folder: Path | str) -> int:
         a, b = tensors[f"{name}.A"], tensors[f"{name}.B"]
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, FactorizedLinear(a, b, bias).to(dense.weight.device))
+        # The factors take the dtype the model was loaded in (they are saved in the checkpoint's).
+        setattr(parent, child, FactorizedLinear(a, b, bias).to(device=dense.weight.device, dtype=dense.weight.dtype))
     return len(ranks)
 
 

@@ -202,6 +202,17 @@ def test_svd_stage_shrinks_and_plain_transformers_loads(tiny_llama, tmp_path):
     factor_bytes = (out / SVD_DIR / "factors.safetensors").stat().st_size
     dense_bytes = sum(m.in_features * m.out_features * 2 for m in factorized.values())
     assert factor_bytes < dense_bytes
+    # Loaded in another dtype than the checkpoint's (bf16), the factors follow: they used to stay bf16,
+    # and the first matmul failed with "expected m1 and m2 to have the same dtype".
+    import compressor
+
+    plain32 = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    for loaded_model in (compressor.load(out, dtype=torch.float32), load_with_adapters(out, dtype=torch.float32)):
+        layer = loaded_model.get_submodule("model.layers.0.self_attn.q_proj")
+        assert isinstance(layer, FactorizedLinear) and layer.A.dtype == layer.B.dtype == torch.float32
+        with torch.no_grad():
+            reference = plain32(input_ids=IDS).logits
+            assert torch.allclose(loaded_model(input_ids=IDS).logits, reference, atol=1e-3 * float(reference.abs().max()))
 
 
 def test_svd_energy_keeps_only_shrinking_layers(tiny_llama):
