@@ -188,3 +188,19 @@ def test_load_refuses_a_config_that_is_not_a_causal_lm(tiny_llama, tmp_path):
     (folder / "config.json").write_text(json.dumps({**config, "model_type": "bert", "architectures": ["BertModel"]}))
     with pytest.raises(ModelError, match="not a causal language model"):
         compressor.load(folder)
+
+
+def test_a_quantized_lm_head_of_a_tied_model_is_saved_untied(tiny_llama, tmp_path):
+    """tiny_llama ties lm_head to the embeddings; quantizing lm_head too (ignore: []) used to keep
+    `tie_word_embeddings: true`, and plain transformers then failed ("Linear has no attribute `weight`")."""
+    import json
+
+    recipe = tmp_path / "head.yaml"
+    recipe.write_text("name: head\ncalibration: {samples: 4, seq_len: 32}\nstages:\n"
+                      "  - quantize: {method: rtn, weights: {bits: 4, group_size: 32}, ignore: []}\n")
+    out = compress(tiny_llama, recipe, tmp_path / "out")
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    model, logits = ours(out)
+    assert isinstance(model.lm_head, QuantLinear) and model.model.embed_tokens.weight.dtype == torch.bfloat16
+    reference = dense_logits(out)
+    assert (logits - reference).abs().max().item() <= 2e-2 * reference.abs().max().item()
