@@ -330,10 +330,21 @@ def plan_for_compile(model: nn.Module, rows: int = 1) -> dict[str, str]:
     return planned
 
 
-def kernel_summary(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Module name → the kernel its last forward used and why faster ones were skipped."""
-    return {
-        name: dict(module.kernel_report)
-        for name, module in model.named_modules()
-        if getattr(module, "kernel_report", None)
-    }
+def kernel_summary(model: nn.Module, rows: int | None = None) -> dict[str, dict[str, Any]]:
+    """Module name → the kernel its last forward used and why faster ones were skipped; with
+    `rows`, the kernel each layer chooses for inputs of that many rows in the model's dtype instead.
+
+    A decode call reuses the kernel bound at its last full dispatch without touching
+    ``kernel_report`` (bound_kernel.py), so after a long prefill took the reference path the last
+    report says "reference" while decoding runs the fast kernel: ask with ``rows=1`` for decode."""
+    from compressor.kernels.dispatched_module import DispatchedModule
+
+    dtype = getattr(model, "dtype", None)
+    summary = {}
+    for name, module in model.named_modules():
+        if rows is not None and isinstance(module, DispatchedModule):
+            device = next(iter(module.buffers())).device
+            module.choose_kernel(torch.zeros(rows, module.in_features, dtype=dtype, device=device))
+        if getattr(module, "kernel_report", None):
+            summary[name] = dict(module.kernel_report)
+    return summary

@@ -149,3 +149,14 @@ def test_an_unreadable_config_is_one_line(command, compressed, tmp_path, capsys)
     (broken / "config.json").write_text("{not json")
     code, err = run_cli([part.format(folder=broken) for part in command], capsys)
     assert_one_line_refusal(code, err, str(broken), "not a valid JSON file")
+
+
+def test_bench_reports_the_decode_kernel_after_a_long_prefill(compressed, capsys):
+    """A 24-token prompt takes the reference path (more than 16 rows); decode then runs the kernel
+    bound at load without touching kernel_report, which bench used to print as "reference"."""
+    from compressor.kernels.cpu_int4_avx512 import kernel_unavailable
+
+    assert main(["bench", str(compressed), "--tokens", "2", "--prompt-tokens", "24", "--repeats", "1"]) == 0
+    printed = capsys.readouterr().out
+    expected = "cpu-int4pack" if kernel_unavailable() else "cpu-w4a16-avx512bf16"
+    assert f"{expected:<20}   14 layers" in printed and "reference " not in printed

@@ -18,9 +18,10 @@ from compressor.errors import ModelError
 def _print_kernels(model) -> None:
     from compressor.runtime import kernel_summary
 
+    summary = kernel_summary(model, rows=1)  # what decode runs, whatever the prompt's prefill took
     by_kernel: dict[str, list[str]] = defaultdict(list)
     reasons: dict[str, set[str]] = defaultdict(set)
-    for name, report in kernel_summary(model).items():
+    for name, report in summary.items():
         by_kernel[report["kernel"]].append(name)
         for backend, reason in report["skipped"].items():
             reasons[backend].add(reason)
@@ -31,7 +32,7 @@ def _print_kernels(model) -> None:
         for reason in sorted(why):
             print(f"  skipped {backend}: {reason}")
     print("per layer:")
-    for name, report in kernel_summary(model).items():
+    for name, report in summary.items():
         print(f"  {name:<48} {report['kernel']}")
 
 
