@@ -31,11 +31,11 @@ def run(argv: list[str]) -> int:
 
     quiet_transformers()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = compressor.load(args.model, device=device)  # first: it names a folder that is not a checkpoint
     tokenizer = load_tokenizer(args.model, args.model, False)
     if args.chat and not tokenizer.chat_template:
         raise ModelError("--chat: the tokenizer has no chat template; leave out --chat to continue the plain prompt",
                          where=args.model)
-    model = compressor.load(args.model, device=device)
     if args.chat:
         text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True)
     else:
