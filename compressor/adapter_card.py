@@ -134,7 +134,7 @@ def _usage(name: str, bases: list[str], compressed_base: bool) -> list[str]:
     if compressed_base:
         lines += [
             "The base is a compressed-tensors checkpoint: load it dequantized for peft, with"
-            " `quantization_config=CompressedTensorsConfig(run_compressed=False)` (from transformers).",
+            " `quantization_config=CompressedTensorsConfig(dequantize=True)` (from transformers).",
             "",
         ]
     lines += [f"With vLLM: `vllm serve {base} --enable-lora --lora-modules adapter={name}`.", ""]

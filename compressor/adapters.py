@@ -5,7 +5,9 @@
   ``base_model.model.<layer>.lora_A.weight`` (r×in) and ``lora_B.weight`` (out×r), ``lora_alpha``
   equal to the rank so peft's scaling is 1 (LoRA scaling is folded into B). Plain transformers
   loads OUT without them (the base alone); ``PeftModel.from_pretrained(model, OUT/lowrank_adapter)``
-  or :func:`apply_adapter` adds them.
+  on a model loaded with ``quantization_config=CompressedTensorsConfig(dequantize=True)`` (peft needs
+  each layer's ``weight``, which a compressed load lacks until its first forward), or
+  :func:`apply_adapter`, adds them.
 - SVD factorizations → ``OUT/svd_factors/factors.safetensors`` (``<layer>.A``, ``<layer>.B``)
   + ``factors.json``; the main checkpoint holds the dense product B A under the layer's
   ``weight`` so that plain transformers loads it. :func:`apply_svd_factors` swaps the dense
@@ -128,7 +130,8 @@ def apply_svd_factors(model: nn.Module, folder: Path | str) -> int:
         a, b = tensors[f"{name}.A"], tensors[f"{name}.B"]
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, FactorizedLinear(a, b, bias).to(dense.weight.device))
+        # The factors take the dtype the model was loaded in (they are saved in the checkpoint's).
+        setattr(parent, child, FactorizedLinear(a, b, bias).to(device=dense.weight.device, dtype=dense.weight.dtype))
     return len(ranks)
 
 

@@ -83,22 +83,54 @@ def time_decode(
     return {name: DecodeTiming(new_tokens, values) for name, values in seconds.items()}
 
 
-def densified(model: nn.Module) -> nn.Module:
-    """A copy of `model` with every quantized layer turned into a plain Linear (dequantized weight)."""
-    from compressor.kernels.gated_mlp import remove_fused_mlps
+def _dequantized_nf4(module: nn.Module) -> torch.Tensor:
+    from bitsandbytes.functional import dequantize_4bit
+
+    return dequantize_4bit(module.weight.data, module.weight.quant_state)
+
+
+def dense_weight_functions() -> dict[type, Callable[[nn.Module], torch.Tensor]]:
+    """Module class → the float weight a compressed module of that class stands for."""
+    from compressor.kernels.lowrank import FactorizedLinear
     from compressor.kernels.quant_linear import QuantLinear
+    from compressor.kernels.sparse_linear import SparseLinear
+    from compressor.kernels.w8a8_linear import W8A8Linear
+
+    functions: dict[type, Callable[[nn.Module], torch.Tensor]] = {
+        QuantLinear: lambda m: m.dequantized_weight(),
+        W8A8Linear: lambda m: m.dequantized_weight(),
+        SparseLinear: lambda m: m.dense_weight(),
+        FactorizedLinear: lambda m: m.dense_weight(),
+    }
+    try:  # NF4 checkpoints (bitsandbytes, an optional extra)
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return functions
+    functions[Linear4bit] = _dequantized_nf4
+    return functions
+
+
+def densified(model: nn.Module) -> nn.Module:
+    """A copy of `model` with every compressed layer (quantized, W8A8/FP8, sparse, NF4, factorized)
+    turned into a plain Linear holding the weight it stands for.
+    Low-rank compensations are left out: plain transformers does not apply them either."""
+    from compressor.kernels.gated_mlp import remove_fused_mlps
     from compressor.stages.base import replace_module
 
+    functions = dense_weight_functions()
     dense = copy.deepcopy(model)
     remove_fused_mlps(dense)  # the twin runs transformers' own modules throughout
     for name, module in list(dense.named_modules()):
-        if isinstance(module, QuantLinear):
-            weight = module.dequantized_weight()
-            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                               dtype=weight.dtype, device=weight.device)
-            linear.weight.data.copy_(weight)
-            if module.bias is not None:
-                linear.bias.data.copy_(module.bias.data)
-            linear.requires_grad_(False)
-            replace_module(dense, name, linear)
+        dense_weight = functions.get(type(module))
+        if dense_weight is None:
+            continue
+        with torch.no_grad():
+            weight = dense_weight(module)
+        bias = getattr(module, "bias", None)
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype, device=weight.device)
+        linear.weight.data.copy_(weight)
+        if bias is not None:
+            linear.bias.data.copy_(bias.data)
+        linear.requires_grad_(False)
+        replace_module(dense, name, linear)
     return dense

@@ -154,3 +154,16 @@ def write_quantization_config(model: nn.Module, directory: Path) -> dict[str, An
     config["quantization_config"] = block
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return block
+
+
+def untie_compressed_head(model: nn.Module) -> bool:
+    """Set ``tie_word_embeddings: false`` when the output layer was compressed on its own (it is no
+    longer an ``nn.Linear`` sharing the embedding's weight). A tied config makes transformers (and
+    vLLM) tie lm_head to the dense embedding: transformers' loader fails on the compressed lm_head
+    ("Linear has no attribute `weight`"), vLLM would drop it. Returns whether the config changed."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    config = getattr(model, "config", None)
+    if head is None or isinstance(head, nn.Linear) or not getattr(config, "tie_word_embeddings", False):
+        return False
+    config.tie_word_embeddings = False
+    return True

@@ -27,7 +27,7 @@ from compressor.cache import cache_root
 from compressor.checkpoint import atomic_output_dir, check_output_dir, prepare_workdir, workdir_for
 from compressor.errors import DataError, RecipeError
 from compressor.file_pages import release_file_pages
-from compressor.formats import write_quantization_config
+from compressor.formats import untie_compressed_head, write_quantization_config
 from compressor.guards import assert_finite, check_free_space, state_bytes
 from compressor.load_checks import check_weight_names
 from compressor.model_card import build_model_card
@@ -156,6 +156,7 @@ def _versions() -> dict[str, str]:
 
 def _write_checkpoint(loaded: LoadedModel, recipe: Recipe, folder: Path, metadata: dict[str, Any]) -> None:
     pack_sparse_layers(loaded.model)
+    untie_compressed_head(loaded.model)
     loaded.model.save_pretrained(str(folder), safe_serialization=True, max_shard_size="2GB")
     write_quantization_config(loaded.model, folder)
     write_sparsity_config(loaded.model, folder)

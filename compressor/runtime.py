@@ -140,6 +140,33 @@ def _replace_sparse_modules(model: nn.Module, tensors: dict[str, torch.Tensor]) 
     return chosen
 
 
+def _load_converted_tensors(
+    model: nn.Module, tensors: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype, where: str
+) -> dict[str, torch.Tensor]:
+    """Load the checkpoint tensors whose names the model lacks through transformers' own conversion
+    mapping for the architecture, as ``from_pretrained`` does; return the others (named as the
+    model names them) for ``load_state_dict``.
+
+    transformers 5 holds the experts of an MoE block (Qwen2-MoE, Mixtral, ...) as fused 3-D tensors
+    but saves them one Linear per expert (``mlp.experts.3.up_proj.weight``), so without this a
+    saved MoE checkpoint would not load. The conversion is kept on the model, so that
+    ``save_pretrained`` writes the per-expert names again."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+
+    expected = set(model.state_dict())
+    foreign = {key: value for key, value in tensors.items() if key not in expected}
+    if not foreign:
+        return tensors
+    config = LoadStateDictConfig(dtype=dtype, device_map={"": str(device)}, weight_mapping=get_model_conversion_mapping(model))
+    info, _ = convert_and_load_state_dict_in_model(model, foreign, config)
+    problems = sorted(info.unexpected_keys) + sorted(str(key) for key in info.mismatched_keys) + sorted(info.conversion_errors)
+    if problems:
+        raise ModelError(f"checkpoint tensors the model has no place for: {problems[:5]}", where=where)
+    return {key: value for key, value in tensors.items() if key in expected}
+
+
 def _apply_lowrank_artifacts(model: nn.Module, folder: Path) -> None:
     """Error-compensation adapters and SVD factors saved beside the weights (compressor.adapters)."""
     from compressor.adapters import apply_adapter, apply_svd_factors
@@ -158,7 +185,26 @@ def _resolve_dtype(config: Any, dtype: torch.dtype | str | None) -> torch.dtype:
         value = getattr(torch, value, None)
         if not isinstance(value, torch.dtype):
             raise ModelError(f"unknown dtype {dtype!r}")
+    if not value.is_floating_point:  # the dtype of activations, scales and dense weights
+        raise ModelError(f"dtype {value} is not a floating-point dtype (use bfloat16, float16 or float32)")
     return value
+
+
+def _target_device(device: torch.device | str | None) -> torch.device:
+    """The device to load onto, refused in one line when torch does not know it or this machine lacks it."""
+    if device is None:
+        return torch.device("cpu")
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ModelError(f"unknown device {device!r} (use cpu, cuda or cuda:N)") from None
+    if target.type == "cpu":
+        return target
+    backend = getattr(torch, target.type, None)
+    available = backend.device_count() if backend is not None and backend.is_available() else 0
+    if target.index is not None and target.index >= available or not available:
+        raise ModelError(f"device {str(target)!r} is not available on this machine ({available} {target.type} devices)")
+    return target
 
 
 def _load_bitsandbytes(folder: Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -191,15 +237,17 @@ def load(
     loaded by transformers itself: the model is the one ``AutoModelForCausalLM.from_pretrained``
     returns (bitsandbytes ``Linear4bit`` layers, its own kernels), not this project's modules."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from compressor.model_io import load_config
 
     if not str(path).strip():  # Path("") would be the current folder
         raise ModelError("the model argument is empty; give a compressed checkpoint folder")
     folder = Path(path).expanduser()
     if not (folder / "config.json").is_file():
         raise ModelError("not a checkpoint folder (no config.json)", where=str(path))
-    target = torch.device(device) if device is not None else torch.device("cpu")
-    config = AutoConfig.from_pretrained(str(folder))
+    target = _target_device(device)
+    config = load_config(str(folder), str(path), trust_remote_code=False)  # unreadable or not a causal LM: one line
     qconfig = getattr(config, "quantization_config", None)
     if qconfig is not None:
         del config.quantization_config
@@ -215,6 +263,7 @@ def load(
     if any(key.endswith("weight_g_idx") for key in tensors):
         raise ModelError("activation-ordered groups (weight_g_idx) are not supported", where=str(path))
     formats.update(_replace_sparse_modules(model, tensors))
+    tensors = _load_converted_tensors(model, tensors, target, torch_dtype, str(path))
     result = model.load_state_dict(tensors, strict=False, assign=True)
     if result.unexpected_keys:
         raise ModelError(f"checkpoint tensors the model has no place for: {result.unexpected_keys[:5]}", where=str(path))
@@ -262,10 +311,21 @@ def plan_for_compile(model: nn.Module, rows: int = 1) -> dict[str, str]:
     return planned
 
 
-def kernel_summary(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Module name → the kernel its last forward used and why faster ones were skipped."""
-    return {
-        name: dict(module.kernel_report)
-        for name, module in model.named_modules()
-        if getattr(module, "kernel_report", None)
-    }
+def kernel_summary(model: nn.Module, rows: int | None = None) -> dict[str, dict[str, Any]]:
+    """Module name → the kernel its last forward used and why faster ones were skipped; with
+    `rows`, the kernel each layer chooses for inputs of that many rows in the model's dtype instead.
+
+    A decode call reuses the kernel bound at its last full dispatch without touching
+    ``kernel_report`` (bound_kernel.py), so after a long prefill took the reference path the last
+    report says "reference" while decoding runs the fast kernel: ask with ``rows=1`` for decode."""
+    from compressor.kernels.dispatched_module import DispatchedModule
+
+    dtype = getattr(model, "dtype", None)
+    summary = {}
+    for name, module in model.named_modules():
+        if rows is not None and isinstance(module, DispatchedModule):
+            device = next(iter(module.buffers())).device
+            module.choose_kernel(torch.zeros(rows, module.in_features, dtype=dtype, device=device))
+        if getattr(module, "kernel_report", None):
+            summary[name] = dict(module.kernel_report)
+    return summary

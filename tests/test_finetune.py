@@ -367,7 +367,7 @@ def test_lora_on_a_compressed_output_trains_through_its_packed_weights(chat_llam
     assert len(config["target_modules"]) == 14 and not any("lm_head" in t for t in config["target_modules"])
 
     ids = torch.tensor([[1, 5, 9, 33, 70, 120, 7, 2]])
-    dense = AutoModelForCausalLM.from_pretrained(str(w4), quantization_config=CompressedTensorsConfig(run_compressed=False))
+    dense = AutoModelForCausalLM.from_pretrained(str(w4), quantization_config=CompressedTensorsConfig(dequantize=True))
     ours = compressor.load(w4)
     apply_adapter(ours, out)
     with torch.no_grad():

@@ -149,10 +149,10 @@ def test_eora_adapter_round_trip_through_peft(tiny_llama, tmp_path):
     out = _save(model, loaded, tmp_path / "out")
     config = json.loads((out / ADAPTER_DIR / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 8 and config["lora_alpha"] == 8
-    # As the README says, with no forward before peft: transformers keeps a compressed Linear
-    # weightless until its first forward, unless run_compressed=False decompresses it at load.
-    plain = AutoModelForCausalLM.from_pretrained(str(out), quantization_config=CompressedTensorsConfig(run_compressed=False))
-    peft_model = PeftModel.from_pretrained(plain, str(out / ADAPTER_DIR)).eval()
+    # The README's call, on a fresh load: the adapter goes on before any forward (a compressed load
+    # gets its `weight`s only from the first forward, which peft cannot wait for).
+    plain = AutoModelForCausalLM.from_pretrained(str(out), quantization_config=CompressedTensorsConfig(dequantize=True))
+    peft_model = PeftModel.from_pretrained(plain.eval(), str(out / ADAPTER_DIR)).eval()
     with torch.no_grad():
         through_peft = peft_model(input_ids=IDS).logits.float()
         with peft_model.disable_adapter():
@@ -202,6 +202,17 @@ def test_svd_stage_shrinks_and_plain_transformers_loads(tiny_llama, tmp_path):
     factor_bytes = (out / SVD_DIR / "factors.safetensors").stat().st_size
     dense_bytes = sum(m.in_features * m.out_features * 2 for m in factorized.values())
     assert factor_bytes < dense_bytes
+    # Loaded in another dtype than the checkpoint's (bf16), the factors follow: they used to stay bf16,
+    # and the first matmul failed with "expected m1 and m2 to have the same dtype".
+    import compressor
+
+    plain32 = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    for loaded_model in (compressor.load(out, dtype=torch.float32), load_with_adapters(out, dtype=torch.float32)):
+        layer = loaded_model.get_submodule("model.layers.0.self_attn.q_proj")
+        assert isinstance(layer, FactorizedLinear) and layer.A.dtype == layer.B.dtype == torch.float32
+        with torch.no_grad():
+            reference = plain32(input_ids=IDS).logits
+            assert torch.allclose(loaded_model(input_ids=IDS).logits, reference, atol=1e-3 * float(reference.abs().max()))
 
 
 def test_svd_energy_keeps_only_shrinking_layers(tiny_llama):

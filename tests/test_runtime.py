@@ -162,3 +162,45 @@ def test_save_pretrained_round_trips_the_compressed_model(tiny_qwen2, tmp_path):
         assert "model.layers.0.mlp.up_proj.weight" not in f.keys()
     _, again = ours(tmp_path / "again")
     assert torch.equal(logits, again)
+
+
+@pytest.mark.parametrize(
+    "options, fragment",
+    [
+        ({"device": "tpu"}, "unknown device 'tpu'"),
+        ({"device": "cuda:7"}, "device 'cuda:7' is not available on this machine"),
+        ({"dtype": "int8"}, "dtype torch.int8 is not a floating-point dtype"),
+    ],
+)
+def test_load_refuses_bad_devices_and_dtypes_in_one_line(options, fragment, tiny_llama, tmp_path):
+    """These used to leave torch's or transformers' own RuntimeError/ValueError (or a pin_memory error)."""
+    with pytest.raises(ModelError, match=re.escape(fragment)):
+        compressor.load(tiny_llama, **options)
+
+
+def test_load_refuses_a_config_that_is_not_a_causal_lm(tiny_llama, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "encoder"
+    shutil.copytree(tiny_llama, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "bert", "architectures": ["BertModel"]}))
+    with pytest.raises(ModelError, match="not a causal language model"):
+        compressor.load(folder)
+
+
+def test_a_quantized_lm_head_of_a_tied_model_is_saved_untied(tiny_llama, tmp_path):
+    """tiny_llama ties lm_head to the embeddings; quantizing lm_head too (ignore: []) used to keep
+    `tie_word_embeddings: true`, and plain transformers then failed ("Linear has no attribute `weight`")."""
+    import json
+
+    recipe = tmp_path / "head.yaml"
+    recipe.write_text("name: head\ncalibration: {samples: 4, seq_len: 32}\nstages:\n"
+                      "  - quantize: {method: rtn, weights: {bits: 4, group_size: 32}, ignore: []}\n")
+    out = compress(tiny_llama, recipe, tmp_path / "out")
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    model, logits = ours(out)
+    assert isinstance(model.lm_head, QuantLinear) and model.model.embed_tokens.weight.dtype == torch.bfloat16
+    reference = dense_logits(out)
+    assert (logits - reference).abs().max().item() <= 2e-2 * reference.abs().max().item()

@@ -1,9 +1,10 @@
 """`compress bench OUT`: decode tokens/s of the compressed model against its dense bf16 twin.
 
 Both run in this process, interleaved. The dense twin is the same checkpoint with every
-quantized layer dequantized into a plain Linear (what plain transformers builds when it
-decompresses the checkpoint), so the comparison isolates the kernels. Also prints which
-kernel each layer used and why faster kernels were skipped.
+compressed layer (quantized, W8A8/FP8, sparse, NF4, factorized) turned into a plain Linear
+(what plain transformers builds when it decompresses the checkpoint), so the comparison
+isolates the kernels. Also prints which kernel each layer used and why faster kernels were
+skipped. A checkpoint without compressed layers has no twin to compare with and is refused.
 """
 
 from __future__ import annotations
@@ -11,14 +12,16 @@ from __future__ import annotations
 from collections import defaultdict
 
 from compressor.commands.args import Parser, device_name, positive_int, quiet_transformers
+from compressor.errors import ModelError
 
 
 def _print_kernels(model) -> None:
     from compressor.runtime import kernel_summary
 
+    summary = kernel_summary(model, rows=1)  # what decode runs, whatever the prompt's prefill took
     by_kernel: dict[str, list[str]] = defaultdict(list)
     reasons: dict[str, set[str]] = defaultdict(set)
-    for name, report in kernel_summary(model).items():
+    for name, report in summary.items():
         by_kernel[report["kernel"]].append(name)
         for backend, reason in report["skipped"].items():
             reasons[backend].add(reason)
@@ -29,7 +32,7 @@ def _print_kernels(model) -> None:
         for reason in sorted(why):
             print(f"  skipped {backend}: {reason}")
     print("per layer:")
-    for name, report in kernel_summary(model).items():
+    for name, report in summary.items():
         print(f"  {name:<48} {report['kernel']}")
 
 
@@ -47,11 +50,15 @@ def run(argv: list[str]) -> int:
     import torch
 
     import compressor
-    from compressor.decode_speed import densified, time_decode
+    from compressor.decode_speed import dense_weight_functions, densified, time_decode
 
     quiet_transformers()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     compressed = compressor.load(args.model, device=device, dtype=torch.bfloat16)
+    compressed_classes = tuple(dense_weight_functions())
+    if not any(isinstance(module, compressed_classes) for module in compressed.modules()):
+        raise ModelError("no compressed layers to time against a dense twin (a plain checkpoint, or one pruned "
+                         "structurally); `compress generate` runs it", where=args.model)
     dense = densified(compressed)
     vocab = compressed.config.vocab_size
     prompt = torch.randint(3, vocab, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0)).to(device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from compressor.commands.args import Parser, device_name, positive_int, quiet_transformers
+from compressor.errors import ModelError
 
 
 def prompt_text(text: str) -> str:
@@ -30,9 +31,12 @@ def run(argv: list[str]) -> int:
 
     quiet_transformers()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = compressor.load(args.model, device=device)
+    model = compressor.load(args.model, device=device)  # first: it names a folder that is not a checkpoint
     tokenizer = load_tokenizer(args.model, args.model, False)
-    if args.chat and tokenizer.chat_template:
+    if args.chat and not tokenizer.chat_template:
+        raise ModelError("--chat: the tokenizer has no chat template; leave out --chat to continue the plain prompt",
+                         where=args.model)
+    if args.chat:
         text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True)
     else:
         text = args.prompt
