@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from compressor.card_facts import hub_id_of_reference, reference_license
-from compressor.checkpoint_size import CheckpointSize, measure_checkpoint
+from compressor.evaluation.size import SizeInfo, measure_checkpoint
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -25,7 +25,7 @@ TRAINING_LOG = "training.json"
 class AdapterFacts:
     config: dict[str, Any]  # adapter_config.json
     training: dict[str, Any]  # training.json ({} when absent)
-    size: CheckpointSize
+    size: SizeInfo
 
     @property
     def options(self) -> dict[str, Any]:
@@ -161,7 +161,7 @@ def build_adapter_card(folder: Path, repo_id: str | None = None, *, base_model: 
         "",
         *_training_rows(facts),
         "",
-        f"Adapter: {facts.size.parameters:,} parameters, {facts.size.file_bytes / 1e6:,.1f} MB.",
+        f"Adapter: {facts.size.parameters:,} parameters, {facts.size.size_bytes / 1e6:,.1f} MB.",
         "",
         *_usage(name, bases, compressed_base),
     ]

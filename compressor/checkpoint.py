@@ -12,19 +12,43 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from compressor.errors import UserError
 
 
-def check_output_dir(out_dir: Path, overwrite: bool) -> None:
+def check_output_dir(out_dir: Path, overwrite: bool, inputs: Iterable[str | Path] = ()) -> None:
     """Refuse an OUT that holds something, unless --overwrite; refuse a file at OUT; refuse an
-    OUT that cannot be created (a file on its path, a folder we may not write), before any work."""
+    OUT that cannot be created (a file on its path, a folder we may not write), before any work.
+    `inputs`: local files or folders the command reads, which OUT must not be or hold."""
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError("output path exists and is not a folder", where=str(out_dir))
+    check_output_spares(out_dir, inputs)
     _check_can_create(out_dir)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise UserError("output folder exists and is not empty; pass --overwrite to replace it", where=str(out_dir))
+
+
+def input_replaced_by(out_dir: Path, inputs: Iterable[str | Path]) -> Path | None:
+    """The first local input that OUT is, or holds: replacing OUT as a whole would delete it
+    (`compress M -o M`, or `-o` M's parent, with --overwrite). References that are not local
+    paths (Hub ids, built-in names) are skipped."""
+    out = out_dir.expanduser().resolve()
+    for reference in inputs:
+        path = Path(reference).expanduser()
+        if not str(reference).strip() or not path.exists():
+            continue
+        source = path.resolve()
+        if source == out or out in source.parents:
+            return source
+    return None
+
+
+def check_output_spares(out_dir: Path, inputs: Iterable[str | Path]) -> None:
+    source = input_replaced_by(out_dir, inputs)
+    if source is not None:
+        raise UserError(f"the output folder is, or holds, the input {source}, which writing it would delete; "
+                        "pick another output folder", where=str(out_dir))
 
 
 def _check_can_create(out_dir: Path) -> None:

@@ -314,7 +314,7 @@ def run_finetune(options: FinetuneOptions, echo: Callable[[str], None] = print) 
     target_names = parse_targets(options.targets)
     # Without CUDA, say so: accelerate then runs several launched processes as MULTI_CPU (gloo).
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    check_output_dir(options.output, options.overwrite)  # every process: all of them must stop on bad input
+    check_output_dir(options.output, options.overwrite, inputs=[options.model, options.dataset, options.eval_dataset or ""])  # every process: all of them must stop on bad input
     _source, path, _folder = prepare_source(options.model)
     load_config(path, options.model, False)  # refuses a config that is not a causal LM
     if options.qlora:

@@ -22,7 +22,7 @@ from compressor.card_facts import (
     source_license,
     weight_scheme_tag,
 )
-from compressor.checkpoint_size import CheckpointSize, measure_checkpoint
+from compressor.evaluation.size import SizeInfo, measure_checkpoint
 
 EVAL_DIR = "eval"
 EVAL_PLOT = "accuracy_vs_size.png"
@@ -36,7 +36,7 @@ class CheckpointFacts:
     recipe_text: str
     recipe: dict[str, Any]
     config: dict[str, Any]
-    size: CheckpointSize
+    size: SizeInfo
     eval_report: dict[str, Any] | None
     has_eval_plot: bool
 
@@ -112,16 +112,16 @@ def _size_section(facts: CheckpointFacts) -> list[str]:
     lines = ["## Size", "", "| | weights on disk | bits per parameter |", "|---|---:|---:|"]
     if original:
         lines.append(f"| original | {_mb(original)} | {8 * original / max(size.parameters, 1):.2f} |")
-    lines.append(f"| compressed | {_mb(size.file_bytes)} | {size.bits_per_parameter:.2f} |")
+    lines.append(f"| compressed | {_mb(size.size_bytes)} | {size.bits_per_parameter:.2f} |")
     lines.append("")
     facts_line = f"{size.parameters:,} parameters"
-    if size.bits_per_compressed_weight is not None:
+    if size.compressed_layers and size.bits_per_weight is not None:
         facts_line += (
-            f"; the {size.compressed_parameters:,} weights of the compressed layers take"
-            f" {size.bits_per_compressed_weight:.2f} bits each (scales and zero points included)"
+            f"; the {size.compressed_weights:,} weights of the compressed layers take"
+            f" {size.bits_per_weight:.2f} bits each (scales, zero points and masks included)"
         )
     if original:
-        facts_line += f"; {original / max(size.file_bytes, 1):.2f}x smaller than the original"
+        facts_line += f"; {original / max(size.size_bytes, 1):.2f}x smaller than the original"
     return [*lines, facts_line + ".", ""]
 
 

@@ -199,7 +199,7 @@ def run_recipe(
     from compressor.evaluation.perplexity import evaluation_windows, limited_count, perplexity_on
 
     assert options.out_dir is not None
-    check_output_dir(options.out_dir, options.overwrite)
+    check_output_dir(options.out_dir, options.overwrite, inputs=[model_reference])
     hub_token = _hub_token_for(recipe)
     device = default_device(options.device)
     registry = stage_registry()
@@ -438,7 +438,7 @@ def skeleton_model(model_reference: str, *, allow_pickle: bool, trust_remote_cod
 def dry_run(model_reference: str, recipe: Recipe, options: RunOptions) -> list[StagePlan]:
     """Validate `recipe` against the model's structure and report what each stage targets."""
     if options.out_dir is not None:
-        check_output_dir(options.out_dir, options.overwrite)
+        check_output_dir(options.out_dir, options.overwrite, inputs=[model_reference])
     check_recipe_datasets(recipe)
     model = skeleton_model(model_reference, allow_pickle=options.allow_pickle, trust_remote_code=options.trust_remote_code)
     check_recipe_fits_model(recipe, model.config)

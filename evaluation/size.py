@@ -50,6 +50,12 @@ class SizeInfo:
     bits_per_weight: float | None
     parameters: int
     compressed_layers: int
+    compressed_weights: int = 0  # the weights the compressed layers stand for
+
+    @property
+    def bits_per_parameter(self) -> float:
+        """Every byte on disk over every parameter: the whole checkpoint's average width."""
+        return 8 * self.size_bytes / max(self.parameters, 1)
 
 
 def read_safetensors_header(path: Path) -> list[TensorInfo]:
@@ -160,4 +166,5 @@ def measure_checkpoint(folder: Path) -> SizeInfo:
         bits_per_weight=bits,
         parameters=parameters,
         compressed_layers=compressed,
+        compressed_weights=represented if compressed else 0,
     )

@@ -118,6 +118,26 @@ def test_output_in_a_folder_we_cannot_write_is_refused(command, tmp_path, capsys
     assert list(locked.iterdir()) == []
 
 
+@pytest.mark.parametrize("command", [*OUTPUT_COMMANDS, "densify"])
+@pytest.mark.parametrize("out_is", ["the model", "its parent"])
+def test_output_that_would_delete_an_input_is_refused(command, out_is, tiny_llama, tmp_path, capsys):
+    # OUT is replaced as a whole, so with --overwrite it would delete the model being read.
+    import shutil
+
+    model = shutil.copytree(tiny_llama, tmp_path / "model")
+    out = model if out_is == "the model" else tmp_path
+    argv = ["densify", str(model), str(out)] if command == "densify" else _output_argv(command, tmp_path, out)
+    if command == "merge":  # two distinct models; the first is the one OUT would delete
+        other = shutil.copytree(tiny_llama, tmp_path / "other")
+        (tmp_path / "mk.yaml").write_text(MERGEKIT.replace("MODEL", str(model), 1).replace("MODEL", str(other)))
+    files = {p.name: p.read_bytes() for p in model.iterdir()}
+    before = {p.name for p in tmp_path.iterdir()}
+    code, err = _run(argv + ["--overwrite"], capsys)
+    _assert_refused(code, err, "pick another output folder")
+    _assert_nothing_written(tmp_path, before)
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == files
+
+
 # --- compress finetune ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize(

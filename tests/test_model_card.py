@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import save_file
 
 from compressor.card_facts import base_model_relation, base_models
-from compressor.checkpoint_size import measure_checkpoint
+from compressor.evaluation.size import measure_checkpoint
 from compressor.model_card import build_model_card
 from tests.merge_fixtures import HUB_MERGE
 
@@ -58,10 +58,11 @@ def test_sizes_come_from_the_safetensors_headers(tmp_path):
     out = make_output(tmp_path / "o", {"kind": "local", "reference": "/nowhere"})
     size = measure_checkpoint(out)
     assert size.parameters == 10 * 128 + 64 * 128
-    assert size.compressed_parameters == 64 * 128
-    # 4 bits, a bf16 scale per 32 weights, and the 16 bytes of weight_shape.
-    assert size.bits_per_compressed_weight == pytest.approx((64 * 16 * 4 + 64 * 4 * 2 + 16) * 8 / (64 * 128))
-    assert size.file_bytes == (out / "model.safetensors").stat().st_size
+    assert size.compressed_layers == 1 and size.compressed_weights == 64 * 128
+    # 4 bits and a bf16 scale per 32 weights (weight_shape is metadata, not weight storage).
+    assert size.bits_per_weight == pytest.approx((64 * 16 * 4 + 64 * 4 * 2) * 8 / (64 * 128))
+    assert size.size_bytes == (out / "model.safetensors").stat().st_size
+    assert size.bits_per_parameter == 8 * size.size_bytes / size.parameters
 
 
 def test_builtin_smollm2_card_names_the_hub_base_and_its_license(tmp_path):

@@ -17,7 +17,7 @@ def run(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from compressor.sparse_format import densify_folder
 
-    check_output_dir(args.destination, args.overwrite)
+    check_output_dir(args.destination, args.overwrite, inputs=[args.source])
     layers = densify_folder(args.source, args.destination)
     print(f"densified {len(layers)} layers: {args.destination}")
     return 0

@@ -62,10 +62,10 @@ def parse_task_list(text: str) -> list[str]:
 
 def _check_report_spares_model(output: Path, name: str, model_path: str | Path | None) -> None:
     """The report replaces OUT as a whole (with --overwrite), so OUT must not be, or hold, a model it evaluates."""
-    if model_path is None:
-        return
-    out, model = output.expanduser().resolve(), Path(model_path).resolve()
-    if model == out or out in model.parents:
+    from compressor.checkpoint import input_replaced_by
+
+    model = input_replaced_by(output, [model_path] if model_path is not None else [])
+    if model is not None:
         raise UserError(f"the report would replace model '{name}' ({model}); pick another output folder", where="--output")
 
 

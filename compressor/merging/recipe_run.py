@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from compressor.checkpoint import atomic_output_dir, check_output_dir, claim, remove_stale_staging
+from compressor.checkpoint import atomic_output_dir, check_output_dir, check_output_spares, claim, remove_stale_staging
 from compressor.errors import RecipeError
 from compressor.merging.engine import MergePlan, plan_merge, run_merge
 from compressor.model_io import weights_bytes
@@ -67,6 +67,11 @@ def merge_stage_record(plan: MergePlan, seconds: float) -> dict[str, Any]:
     return {"kind": "merge", "method": plan.method.name, "models": len(plan.inputs), "seconds": round(seconds, 3)}
 
 
+def _input_paths(plan: MergePlan) -> list[Path | str]:
+    """Every local folder the merge reads: checkpoints, their configs, LoRA adapters."""
+    return [p for item in plan.inputs for p in (item.folder, item.config_folder, item.adapter or "")]
+
+
 def dry_run_merge_recipe(recipe: Recipe, options) -> list[StagePlan]:
     """Validate the merge (headers only) and the later stages against the merged structure."""
     from compressor.pipeline import check_recipe_fits_model, plan_recipe, skeleton_model
@@ -74,6 +79,8 @@ def dry_run_merge_recipe(recipe: Recipe, options) -> list[StagePlan]:
     if options.out_dir is not None:
         check_output_dir(options.out_dir, options.overwrite)
     plan = plan_recipe_merge(recipe, options.allow_pickle)
+    if options.out_dir is not None:
+        check_output_spares(options.out_dir, _input_paths(plan))
     plans = [merge_stage_plan(plan)]
     if len(recipe.stages) > 1:
         base_folder = plan.inputs[plan.reference_index].config_folder
@@ -97,6 +104,7 @@ def run_merge_recipe(recipe: Recipe, options, echo: Callable[[str], None] = prin
     assert options.out_dir is not None
     check_output_dir(options.out_dir, options.overwrite)
     plan = plan_recipe_merge(recipe, options.allow_pickle)
+    check_output_spares(options.out_dir, _input_paths(plan))
     base_reference = plan.inputs[plan.reference_index].reference
     source = {"reference": base_reference, "kind": "merge", "hub_id": plan.inputs[plan.reference_index].hub_id}
     echo(f"stage 1/{len(recipe.stages)}: merge ({plan.method.name}) of {len(plan.inputs)} models, {len(plan.slots)} tensors")
