@@ -6,7 +6,7 @@ import argparse
 import math
 from pathlib import Path
 
-from compressor.commands.args import Parser, positive_int, quiet_transformers
+from compressor.commands.args import Parser, non_negative_int, positive_int, quiet_transformers
 from compressor.commands.library_notices import drop_library_noise
 from compressor.training.stability import QLORA_MAX_GRAD_NORM, warmup_problem
 
@@ -31,16 +31,6 @@ def non_negative_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number ≥ 0, got {text!r}") from None
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a finite number ≥ 0, got {text!r}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}")
     return value
 
 
