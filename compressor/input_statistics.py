@@ -22,13 +22,24 @@ class InputStatisticsAlgorithm:
     """Block algorithm for the layer-by-layer engine: one statistic per distinct input of the
     block's target layers, folded after every chunk, handed to `solve` once per block."""
 
-    def __init__(self, modules: dict[str, nn.Linear], make_statistic: Callable[[int, torch.device], Any], solve: Callable[[list[str], Any], None]):
+    def __init__(
+        self,
+        modules: dict[str, nn.Linear],
+        make_statistic: Callable[[int, torch.device], Any],
+        solve: Callable[[list[str], Any], None],
+        solve_unseen: Callable[[str], None] | None = None,
+    ):
         self.modules = modules
         self.make_statistic = make_statistic
         self.solve = solve
+        # For a target no calibration input reached (an MoE expert no token was routed to);
+        # without it such a layer is left as it is.
+        self.solve_unseen = solve_unseen
         self._stash: dict[str, torch.Tensor] = {}
         self._groups: list[list[str]] = []
         self._statistics: list[Any] = []
+        self._group_of: dict[str, int] = {}
+        self._hooked: list[str] = []
         self._expected = 0
 
     def targets(self, name: str) -> list[str]:
@@ -40,8 +51,9 @@ class InputStatisticsAlgorithm:
         they all read one tensor) the first of them to run records it for all and ends the
         forward, so none of their matmuls is computed."""
         self._stash.clear()
-        self._groups, self._statistics = [], []
+        self._groups, self._statistics, self._group_of = [], [], {}
         hooked = {n: self.modules[n] for n in (self.targets(name) if only is None else only)}
+        self._hooked = list(hooked)
         self._expected = len(hooked)
         if shared_input:
             return [m.register_forward_pre_hook(self._shared_hook(list(hooked))) for m in hooked.values()]
@@ -68,22 +80,30 @@ class InputStatisticsAlgorithm:
         return hook
 
     def after_chunk(self) -> None:
-        if not self._stash:
-            return
-        if not self._groups:
-            by_input: dict[tuple, list[str]] = defaultdict(list)
-            for module_name, tensor in self._stash.items():
-                by_input[(tensor.data_ptr(), tuple(tensor.shape))].append(module_name)
-            self._groups = list(by_input.values())
-            self._statistics = [self.make_statistic(self._stash[g[0]].shape[-1], self._stash[g[0]].device) for g in self._groups]
-        for group, statistic in zip(self._groups, self._statistics):
-            statistic.add(self._stash[group[0]])
+        # Groups are found as their layers first run: MoE experts run only on the chunks whose
+        # tokens are routed to them, so a later chunk may bring new groups and miss old ones.
+        by_input: dict[tuple, list[str]] = defaultdict(list)
+        for module_name, tensor in self._stash.items():
+            by_input[(tensor.data_ptr(), tuple(tensor.shape))].append(module_name)
+        for names in by_input.values():
+            index = self._group_of.get(names[0])
+            if index is None:
+                index = len(self._groups)
+                self._groups.append(names)
+                inputs = self._stash[names[0]]
+                self._statistics.append(self.make_statistic(inputs.shape[-1], inputs.device))
+                self._group_of.update((n, index) for n in names)
+            self._statistics[index].add(self._stash[names[0]])
         self._stash.clear()
 
     def compress(self, index: int, name: str, block: nn.Module) -> None:
         for group, statistic in zip(self._groups, self._statistics):
             self.solve(group, statistic)
-        self._groups, self._statistics = [], []
+        if self.solve_unseen is not None:
+            for module_name in self._hooked:
+                if module_name not in self._group_of:
+                    self.solve_unseen(module_name)
+        self._groups, self._statistics, self._group_of = [], [], {}
 
 
 def run_statistics(model: nn.Module, modules, make_statistic, solve, ctx: StageContext, description: str) -> None:

@@ -215,9 +215,9 @@ def run_recipe(
     check_recipe_fits_model(recipe, config)
     if getattr(config, "quantization_config", None) is None:  # a compressed input is planned once loaded
         skeleton = skeleton_from_config(config, options.trust_remote_code)
-        plan_recipe(skeleton, recipe)  # targets fail before any weight is read
-        if folder is not None:
+        if folder is not None:  # first: planning may unfuse MoE experts, renaming their weights
             check_weight_names(folder, skeleton, model_reference)
+        plan_recipe(skeleton, recipe)  # targets fail before any weight is read
     tokenizer = load_tokenizer(path, model_reference, options.trust_remote_code)
     evaluation = _plan_evaluation(recipe, options, echo)
     calibration: dict[str, torch.Tensor] = {}

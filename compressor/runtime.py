@@ -167,6 +167,18 @@ def _load_converted_tensors(
     return {key: value for key, value in tensors.items() if key in expected}
 
 
+def _unfuse_compressed_experts(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """MoE experts stored compressed one Linear per expert (`experts.3.up_proj.weight_packed`)
+    get one module per expert, as the quantize stage gave them (compressor.moe_experts); dense
+    experts stay fused and load through transformers' conversion (_load_converted_tensors)."""
+    from compressor.moe_experts import UnknownExpertsError, unfuse_stored_experts
+
+    try:
+        unfuse_stored_experts(model, tensors)
+    except UnknownExpertsError as err:
+        raise ModelError(str(err).split(";")[0], where=where) from None
+
+
 def _apply_lowrank_artifacts(model: nn.Module, folder: Path) -> None:
     """Error-compensation adapters and SVD factors saved beside the weights (compressor.adapters)."""
     from compressor.adapters import apply_adapter, apply_svd_factors
@@ -258,8 +270,9 @@ def load(
 
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
-    formats = _replace_compressed_modules(model, qconfig, torch_dtype) if qconfig else {}
     tensors = _read_tensors(_checkpoint_files(folder), target, torch_dtype)
+    _unfuse_compressed_experts(model, tensors, str(path))
+    formats = _replace_compressed_modules(model, qconfig, torch_dtype) if qconfig else {}
     if any(key.endswith("weight_g_idx") for key in tensors):
         raise ModelError("activation-ordered groups (weight_g_idx) are not supported", where=str(path))
     formats.update(_replace_sparse_modules(model, tensors))

@@ -81,7 +81,7 @@ def _construct(loader: _LineLoader, node: yaml.Node, path: Path_, lines: dict[Pa
         for position, (key_node, value_node) in enumerate(node.value):
             key = loader.construct_object(key_node, deep=True)
             if isinstance(key, (list, dict)):
-                raise RecipeError(f"mapping key must be a scalar", where=f"{lines.get(path)}")
+                raise RecipeError("mapping key must be a scalar", where=f"{lines.get(path)}")
             if position < merged:
                 from_merge.add(key)
             elif key in from_merge:

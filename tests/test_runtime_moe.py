@@ -3,8 +3,9 @@
 transformers 5 keeps the experts of a block as fused 3-D tensors (`experts.gate_up_proj`
 [E, 2I, H], `experts.down_proj` [E, H, I]) but saves them one Linear per expert
 (`experts.3.up_proj.weight`); the runtime must load them through transformers' own conversion.
-The quantize stage compresses the attention, shared-expert and gate Linears; the fused experts
-stay dense.
+Here the recipe ignores the experts (`re:.*experts.*`): the quantize stage compresses the
+attention, shared-expert and gate Linears and the fused experts stay dense (test_moe_experts.py
+covers quantized experts).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ RECIPE = """\
 name: tiny-moe-w4
 calibration: {samples: 4, seq_len: 32}
 stages:
-  - quantize: {method: rtn, weights: {bits: 4, group_size: 32}, ignore: [lm_head]}
+  - quantize: {method: rtn, weights: {bits: 4, group_size: 32}, ignore: [lm_head, 're:.*experts.*']}
 """
 
 

@@ -31,6 +31,16 @@ CONFIGS = {
         shared_expert_intermediate_size=64, num_experts=8, num_experts_per_tok=2, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
     ),
+    "mixtral": dict(
+        model_type="mixtral", hidden_size=64, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=False,
+    ),
+    "gpt_oss": dict(
+        model_type="gpt_oss", hidden_size=64, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+        tie_word_embeddings=False, layer_types=["full_attention", "full_attention"],
+    ),
 }
 
 

@@ -79,6 +79,8 @@ def bitsandbytes_config(model: nn.Module, quantized: set[str], double_quant: boo
 
 class NF4Method:
     calibrated = False
+    # transformers' bitsandbytes loader reads MoE experts only as its fused tensors: keep them so.
+    splits_experts = False
 
     def skip_reason(self, module: nn.Linear) -> str | None:
         # bitsandbytes' CPU kernel reshapes the absmaxes to [out, in / 64]: whole blocks per row.

@@ -71,7 +71,7 @@ class _GPTQBlockAlgorithm(InputStatisticsAlgorithm):
     sequential = True
 
     def __init__(self, model: nn.Module, modules: dict[str, nn.Linear], grids: dict[str, WeightGrid], config, ctx):
-        super().__init__(modules, HessianAccumulator, self._solve_group)
+        super().__init__(modules, HessianAccumulator, self._solve_group, self._solve_unseen)
         self.model = model
         self.grids = grids
         self.config = config
@@ -84,6 +84,16 @@ class _GPTQBlockAlgorithm(InputStatisticsAlgorithm):
             by_grid[self.grids[module_name]].append(module_name)
         for grid, names in by_grid.items():
             self._solve(names, grid, accumulator.hessian, len(group) > 1)
+
+    def _solve_unseen(self, module_name: str) -> None:
+        """A layer no calibration token reached (an MoE expert the router never chose): RTN."""
+        module, grid = self.modules[module_name], self.grids[module_name]
+        codes, scale, zero = rtn_quantize(module.weight.data, grid)
+        replace_module(self.model, module_name, _to_quant_linear(module, codes, scale, zero, grid))
+        self.ctx.records[module_name] = {
+            "stage": "quantize", "method": "gptq", **_grid_record(grid),
+            "fallback": "rtn: no calibration token reached this layer",
+        }
 
     def _solve(self, names: list[str], grid: WeightGrid, hessian: torch.Tensor, shared: bool) -> None:
         started = time.perf_counter()

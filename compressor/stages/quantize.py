@@ -28,6 +28,7 @@ from torch import nn
 from compressor.algorithms.grid import WeightGrid, effective_group_size
 from compressor.errors import RecipeError
 from compressor.layerwise import find_decoder_blocks
+from compressor.moe_experts import UnknownExpertsError, unfuse_targeted_experts
 from compressor.recipe import StrictModel
 from compressor.stages.base import Locator, StageContext, StagePlan
 from compressor.stages.quant_methods import quant_method_registry
@@ -167,6 +168,11 @@ class QuantizeStage:
     def plan(self, model: nn.Module, config: QuantizeConfig, locate: Locator) -> StagePlan:
         method = resolve_method(config)
         calibrated = _needs_calibration(method, config)
+        if getattr(method, "splits_experts", True):  # fused MoE experts become one Linear per expert
+            try:
+                unfuse_targeted_experts(model, config.targets, config.ignore)
+            except UnknownExpertsError as err:
+                raise RecipeError(str(err), **locate("targets")) from None
         selection = select_modules(model, config.targets, config.ignore)
         plan = StagePlan(kind="quantize", method=config.method, skipped=dict(selection.skipped))
         block_prefix = find_decoder_blocks(model)[0] + "." if calibrated else ""
