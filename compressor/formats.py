@@ -14,7 +14,7 @@ import json
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from compressed_tensors.config import CompressionFormat
 from compressed_tensors.quantization import (
@@ -107,6 +107,34 @@ def _compact_targets(names: list[str], all_linear: list[str]) -> list[str]:
     return targets
 
 
+def checkpoint_module_names(model: nn.Module) -> Callable[[str], str]:
+    """Module name in memory → the name its tensors get on disk. transformers 5 renames some modules
+    on load and back on save (Mixtral's `block_sparse_moe` is `mlp` in memory); readers of the saved
+    file (vLLM) match targets against the on-disk names, transformers against the in-memory ones."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:  # a transformers without load-time renaming: the names are the same
+        return lambda name: name
+    reverse = [t.reverse_transform() for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+
+    def on_disk(name: str) -> str:
+        renamed, _ = rename_source_key(f"{name}.weight", reverse, [], reverse=True)
+        return renamed.removesuffix(".weight")
+
+    return on_disk
+
+
+def _both_namings(entries: list[str], on_disk: Callable[[str], str]) -> list[str]:
+    """`entries` (module names or their regexes) plus their on-disk forms where those differ."""
+    names = list(entries)
+    for entry in entries:
+        if entry.startswith("re:"):
+            continue
+        names.append(on_disk(entry))
+    return list(dict.fromkeys(names))
+
+
 def quantized_modules(model: nn.Module) -> dict[str, QuantLinear | W8A8Linear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, (QuantLinear, W8A8Linear))}
 
@@ -117,14 +145,18 @@ def build_quantization_config(model: nn.Module) -> QuantizationConfig | None:
     if not quantized:
         return None
     linear_names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantLinear, W8A8Linear))]
+    on_disk = checkpoint_module_names(model)
+    disk_linear_names = [on_disk(n) for n in linear_names]
     groups: dict[SchemeKey, list[str]] = defaultdict(list)
     for name, module in quantized.items():
         groups[_scheme_key(module)].append(name)
     config_groups: dict[str, Any] = {}
     for index, (key, names) in enumerate(sorted(groups.items(), key=lambda kv: str(kv[0]))):
-        config_groups[f"group_{index}"] = _scheme(key, _compact_targets(names, linear_names))
+        targets = _compact_targets(names, linear_names)
+        targets += _compact_targets([on_disk(n) for n in names], disk_linear_names)
+        config_groups[f"group_{index}"] = _scheme(key, list(dict.fromkeys(targets)))
     formats = {scheme.format for scheme in config_groups.values()}
-    ignore = [n for n in linear_names if n not in quantized]
+    ignore = _both_namings([n for n in linear_names if n not in quantized], on_disk)
     return QuantizationConfig(
         config_groups=config_groups,
         quant_method="compressed-tensors",

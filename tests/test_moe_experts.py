@@ -121,6 +121,15 @@ def test_mixtral_experts_save_in_its_checkpoint_names(mixtral, tmp_path):
     out = _compress(mixtral, tmp_path, "rtn")
     with safe_open(str(out / "model.safetensors"), "pt") as handle:
         assert "model.layers.0.block_sparse_moe.experts.3.w2.weight_packed" in handle.keys()
+        packed = [k.removesuffix(".weight_packed") for k in handle.keys() if k.endswith(".weight_packed")]
+    # A reader that matches targets against the names in the file (vLLM) finds every packed layer.
+    from compressed_tensors.utils.match import is_match
+
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    targets = [t for group in config["config_groups"].values() for t in group["targets"]]
+    assert len(packed) == 2 * (4 + 4 * 3)
+    for name in packed:
+        assert any(is_match(name, torch.nn.Linear(1, 1), t) for t in targets), name
     ours = compressor.load(out)
     assert sum(isinstance(m, QuantLinear) for m in ours.modules()) == 2 * (4 + 4 * 3)
     torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(str(out))), _logits(ours), rtol=0, atol=0.02)
