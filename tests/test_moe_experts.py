@@ -159,6 +159,23 @@ def test_nf4_keeps_the_experts_fused(qwen_moe, tmp_path, capsys):
     assert "shared_expert.gate_proj" in listing and "experts.*" not in listing
 
 
+def test_nf4_moe_output_runs_where_bitsandbytes_repacks_for_its_cpu_kernel(qwen_moe, tmp_path, capsys):
+    # That repack (AVX-512 BF16 CPUs, inference) takes 32 output rows at a time: the 1-row
+    # shared_expert_gate stays dense, so both loaders run the model.
+    import bitsandbytes as bnb
+
+    recipe = tmp_path / "nf4.yaml"
+    recipe.write_text("name: moe\ncalibration: {samples: 4, seq_len: 32}\nstages:\n  - quantize: {method: nf4}\n")
+    out = tmp_path / "out"
+    assert main([str(qwen_moe), "--recipe", str(recipe), "-o", str(out), "-q", "--no-perplexity"]) == 0
+    ours = compressor.load(out)
+    gate = ours.get_submodule("model.layers.0.mlp.shared_expert_gate")
+    assert not isinstance(gate, bnb.nn.Linear4bit) and isinstance(ours.get_submodule("model.layers.0.self_attn.q_proj"), bnb.nn.Linear4bit)
+    theirs = AutoModelForCausalLM.from_pretrained(str(out))
+    assert torch.isfinite(_logits(ours)).all()
+    torch.testing.assert_close(_logits(theirs), _logits(ours), rtol=0, atol=0.05)
+
+
 def test_offloaded_experts_are_refused_in_one_line(qwen_moe, tmp_path, capsys):
     out = tmp_path / "out"
     code, err = run_cli([qwen_moe, "--recipe", _recipe(tmp_path, "rtn"), "-o", out, "-q", "--no-perplexity",

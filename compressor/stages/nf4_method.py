@@ -22,6 +22,7 @@ from compressor.stages.base import StageContext, replace_module
 from compressor.stages.nf4_layout import keep_serialized_layout
 
 NF4_BLOCK_SIZE = 64  # what bitsandbytes uses for 4-bit weights; not configurable there
+NF4_CPU_ROW_BLOCK = 32  # rows bitsandbytes' CPU repack (_convert_weight_packed_for_cpu) packs together
 
 
 def _bnb():
@@ -86,6 +87,10 @@ class NF4Method:
         # bitsandbytes' CPU kernel reshapes the absmaxes to [out, in / 64]: whole blocks per row.
         if module.in_features % NF4_BLOCK_SIZE:
             return f"{module.in_features} input features are not a multiple of the NF4 block ({NF4_BLOCK_SIZE})"
+        # On AVX-512 BF16 CPUs its inference forward repacks 32 output rows at a time and asserts
+        # otherwise, in plain transformers as in compressor.load (Qwen2-MoE's 1-row shared_expert_gate).
+        if module.out_features % NF4_CPU_ROW_BLOCK:
+            return f"{module.out_features} output features are not a multiple of {NF4_CPU_ROW_BLOCK} (bitsandbytes' CPU kernel)"
         return None
 
     def describe(self, module: nn.Linear, config: Any) -> str:
