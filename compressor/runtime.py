@@ -204,19 +204,14 @@ def _resolve_dtype(config: Any, dtype: torch.dtype | str | None) -> torch.dtype:
 
 def _target_device(device: torch.device | str | None) -> torch.device:
     """The device to load onto, refused in one line when torch does not know it or this machine lacks it."""
+    from compressor.devices import device_problem
+
     if device is None:
         return torch.device("cpu")
-    try:
-        target = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ModelError(f"unknown device {device!r} (use cpu, cuda or cuda:N)") from None
-    if target.type == "cpu":
-        return target
-    backend = getattr(torch, target.type, None)
-    available = backend.device_count() if backend is not None and backend.is_available() else 0
-    if target.index is not None and target.index >= available or not available:
-        raise ModelError(f"device {str(target)!r} is not available on this machine ({available} {target.type} devices)")
-    return target
+    problem = device_problem(device)
+    if problem is not None:
+        raise ModelError(problem)
+    return torch.device(device)
 
 
 def _load_bitsandbytes(folder: Path, device: torch.device, dtype: torch.dtype) -> nn.Module:

@@ -168,7 +168,8 @@ def test_save_pretrained_round_trips_the_compressed_model(tiny_qwen2, tmp_path):
     "options, fragment",
     [
         ({"device": "tpu"}, "unknown device 'tpu'"),
-        ({"device": "cuda:7"}, "device 'cuda:7' is not available on this machine"),
+        ({"device": "cuda:7"}, "'cuda:7': CUDA is not available on this machine" if not torch.cuda.is_available()
+         else f"'cuda:7': this machine has {torch.cuda.device_count()} CUDA devices"),
         ({"dtype": "int8"}, "dtype torch.int8 is not a floating-point dtype"),
     ],
 )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
 
 
 class Parser(argparse.ArgumentParser):
@@ -57,33 +56,11 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _device_counts() -> dict[str, Callable[[], int]]:
-    """How many devices of each supported type this machine has (0: none, or torch built without it)."""
-    import torch
-
-    xpu = getattr(torch, "xpu", None)
-    return {
-        "cpu": lambda: 1,  # torch ignores a CPU index, so `cpu:N` is not checked against this
-        "cuda": lambda: torch.cuda.device_count() if torch.cuda.is_available() else 0,
-        "mps": lambda: 1 if torch.backends.mps.is_available() else 0,
-        "xpu": lambda: xpu.device_count() if xpu is not None and xpu.is_available() else 0,
-    }
-
-
 def device_name(text: str) -> str:
     """A torch device string that exists on this machine (`cpu`, `cuda`, `cuda:1`, `mps`, `xpu`)."""
-    import torch
+    from compressor.devices import device_problem
 
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"unknown device {text!r} (use cpu, cuda or cuda:N)") from None
-    count = _device_counts().get(device.type)
-    if count is None:
-        raise argparse.ArgumentTypeError(f"unsupported device {text!r} (use cpu, cuda or cuda:N)")
-    available = count()
-    if available == 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: {device.type.upper()} is not available on this machine")
-    if device.type != "cpu" and device.index is not None and device.index >= available:
-        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {available} {device.type.upper()} devices")
+    problem = device_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
     return text
