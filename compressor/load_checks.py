@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from compressor.errors import ModelError, first_line
-from compressor.weight_files import SAFETENSORS_INDEX, safetensors_files
+from compressor.weight_files import has_safetensors, safetensors_files
 
 # Architecture names a checkpoint declares when it was saved with a language-model head.
 CAUSAL_NAME_ENDINGS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
@@ -177,6 +177,6 @@ def check_weight_names(folder: Path, skeleton: torch.nn.Module, reference: str) 
     """Refuse, before any weight is read, a safetensors folder whose tensors do not fit the model
     its config.json describes (the same refusals `load_causal_lm` makes after the load).
     A pickle checkpoint (--allow-pickle) has no header to read: its load makes the check."""
-    if not (any(folder.glob("*.safetensors")) or (folder / SAFETENSORS_INDEX).is_file()):
+    if not has_safetensors(folder):
         return
     check_loading_info(skeleton, planned_loading_info(folder, skeleton), reference)

@@ -59,9 +59,14 @@ def check_pickle_file(file: Path) -> None:
         raise ModelError("not a PyTorch checkpoint (neither a zip archive nor a pickle)", where=str(file))
 
 
+def has_safetensors(folder: Path) -> bool:
+    """Whether `from_pretrained` reads safetensors here (files, or a shard index) rather than pickles."""
+    return any(folder.glob("*.safetensors")) or (folder / SAFETENSORS_INDEX).is_file()
+
+
 def check_weight_files(folder: Path, pickles: list[Path]) -> None:
     """Check the files `from_pretrained` will read: the safetensors, else the allowed pickles."""
-    if any(folder.glob("*.safetensors")) or (folder / SAFETENSORS_INDEX).is_file():
+    if has_safetensors(folder):
         for file in safetensors_files(folder):
             check_safetensors_file(file)
         return
