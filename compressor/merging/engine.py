@@ -150,7 +150,7 @@ def _read_config(item: MergeInput, where: dict[str, str]) -> dict[str, Any]:
         raise RecipeError(f"cannot read {path}: {err}", **where) from None
 
 
-def _check_fits_architecture(item: MergeInput, where: dict[str, str]) -> None:
+def _check_fits_architecture(item: MergeInput, model_type: str | None, where: dict[str, str]) -> None:
     """The inputs' tensors (the same names and shapes, checked above) must be what their config's
     architecture loads; otherwise the merged checkpoint would load in transformers with random weights."""
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
@@ -158,7 +158,6 @@ def _check_fits_architecture(item: MergeInput, where: dict[str, str]) -> None:
 
     if item.adapter is not None:
         return  # the LoRA-merged tensors exist only once `materialize` has run; the base was checked as read
-    model_type = json.loads((item.config_folder / "config.json").read_text(encoding="utf-8")).get("model_type")
     if model_type not in CONFIG_MAPPING_NAMES:
         return  # remote code: transformers has no architecture of its own to compare with
     config = AutoConfig.from_pretrained(str(item.config_folder))
@@ -263,7 +262,7 @@ def plan_merge(config: MergeConfig, locate: Locate, *, allow_pickle: bool = Fals
     tokenizer_index = _tokenizer_index(config, references, reference_index)
     vocab = plan_vocabulary(inputs, tokenizer_index, config.tokenizer_source, where, locate, base_index)
     _compare_tensors(inputs, reference_index, set(vocab.tensor_names) if vocab else set(), where)
-    _check_fits_architecture(inputs[reference_index], where(reference_index))
+    _check_fits_architecture(inputs[reference_index], configs[reference_index].get("model_type"), where(reference_index))
 
     num_layers = int(configs[reference_index].get("num_hidden_layers") or 0)
     normalize = method.default_normalize if config.normalize is None else config.normalize
