@@ -54,13 +54,17 @@ def _grid_record(grid: WeightGrid) -> dict[str, Any]:
     return {"bits": grid.bits, "group_size": grid.group_size, "symmetric": grid.symmetric, "mse_search": grid.mse_search}
 
 
+def _replace_with_rtn(model: nn.Module, name: str, module: nn.Linear, grid: WeightGrid) -> None:
+    codes, scale, zero = rtn_quantize(module.weight.data, grid)
+    replace_module(model, name, _to_quant_linear(module, codes, scale, zero, grid))
+
+
 class RTNMethod:
     calibrated = False
 
     def quantize(self, model, modules, grids, config, ctx) -> None:
         for name, module in modules.items():
-            codes, scale, zero = rtn_quantize(module.weight.data, grids[name])
-            replace_module(model, name, _to_quant_linear(module, codes, scale, zero, grids[name]))
+            _replace_with_rtn(model, name, module, grids[name])
             ctx.records[name] = {"stage": "quantize", "method": "rtn", **_grid_record(grids[name])}
 
 
@@ -87,9 +91,8 @@ class _GPTQBlockAlgorithm(InputStatisticsAlgorithm):
 
     def _solve_unseen(self, module_name: str) -> None:
         """A layer no calibration token reached (an MoE expert the router never chose): RTN."""
-        module, grid = self.modules[module_name], self.grids[module_name]
-        codes, scale, zero = rtn_quantize(module.weight.data, grid)
-        replace_module(self.model, module_name, _to_quant_linear(module, codes, scale, zero, grid))
+        grid = self.grids[module_name]
+        _replace_with_rtn(self.model, module_name, self.modules[module_name], grid)
         self.ctx.records[module_name] = {
             "stage": "quantize", "method": "gptq", **_grid_record(grid),
             "fallback": "rtn: no calibration token reached this layer",
