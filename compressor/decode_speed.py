@@ -111,14 +111,18 @@ def dense_weight_functions() -> dict[type, Callable[[nn.Module], torch.Tensor]]:
 
 
 def densified(model: nn.Module) -> nn.Module:
-    """A copy of `model` with every compressed layer (quantized, W8A8/FP8, sparse, NF4, factorized)
-    turned into a plain Linear holding the weight it stands for.
+    """A copy of `model` with every compressed layer turned into a plain Linear (see `densify`)."""
+    return densify(copy.deepcopy(model))
+
+
+def densify(dense: nn.Module) -> nn.Module:
+    """`dense` itself, every compressed layer (quantized, W8A8/FP8, sparse, NF4, factorized) turned
+    into a plain Linear holding the weight it stands for; returned for chaining.
     Low-rank compensations are left out: plain transformers does not apply them either."""
     from compressor.kernels.gated_mlp import remove_fused_mlps
     from compressor.stages.base import replace_module
 
     functions = dense_weight_functions()
-    dense = copy.deepcopy(model)
     remove_fused_mlps(dense)  # the twin runs transformers' own modules throughout
     for name, module in list(dense.named_modules()):
         dense_weight = functions.get(type(module))

@@ -238,19 +238,10 @@ def _load_base(path: str, reference: str, device, qlora: bool):
 def _dense_copy_of_compressed(path: str) -> torch.nn.Module:
     """The compressed checkpoint with every QuantLinear replaced by a bf16 Linear holding its
     dequantized weight: the very base the adapter was trained against, as plain transformers."""
+    from compressor.decode_speed import densify
     from compressor.runtime import load
 
-    model = load(path, prepare_kernels=False)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, QuantLinear):
-            dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, dtype=torch.bfloat16)
-            with torch.no_grad():
-                dense.weight.copy_(module.dequantized_weight(torch.float32))
-                if module.bias is not None:
-                    dense.bias.copy_(module.bias)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, dense)
-    return model.to(torch.bfloat16)
+    return densify(load(path, prepare_kernels=False)).to(torch.bfloat16)
 
 
 def keep_nf4_trainable_layout(model: torch.nn.Module) -> int:
