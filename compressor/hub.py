@@ -23,6 +23,7 @@ from typing import Callable
 
 from compressor.errors import UserError
 from compressor.hub_ids import repo_id_problem
+from compressor.weight_files import safetensors_files
 
 CARD_NAME = "README.md"
 COMPRESSED = "compressed"  # a folder written by `compress MODEL -o OUT` (or `compress merge`)
@@ -91,22 +92,8 @@ def check_checkpoint(out_dir: Path) -> str:
         raise UserError(f"not {what} (no {' or '.join(missing)}); push a folder written by {source}", where=str(out_dir))
     if not any(out_dir.glob("*.safetensors")):
         raise UserError("not a compressed checkpoint (no *.safetensors weights)", where=str(out_dir))
-    _check_shards(out_dir)
+    safetensors_files(out_dir)  # a shard its index lists but the folder lacks: half copied
     return kind
-
-
-def _check_shards(out_dir: Path) -> None:
-    """Every weight file a shard index lists is there: a half-copied folder is refused."""
-    for index in sorted(out_dir.glob("*.safetensors.index.json")):
-        try:
-            shards = set((json.loads(index.read_text(encoding="utf-8")).get("weight_map") or {}).values())
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            raise UserError("unreadable shard index; the folder is incomplete or damaged", where=str(index)) from None
-        missing = sorted(name for name in shards if not (out_dir / name).is_file())
-        if missing:
-            raise UserError(
-                f"incomplete checkpoint: {', '.join(missing)} listed in {index.name} is missing", where=str(out_dir)
-            )
 
 
 def _folder_files(root: Path) -> dict[str, Path]:
