@@ -1,6 +1,8 @@
-"""Run the `compress` command in-process and check a refusal: exit 2, one `error:` line."""
+"""Run the `compress` command in-process: check a refusal (exit 2, one `error:` line), or compress a fixture.
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from compressor.cli import main
 
@@ -20,3 +22,12 @@ def assert_one_line_refusal(code: int, err: str, *fragments: str) -> None:
     assert err.startswith("error: "), err
     for fragment in fragments:
         assert fragment in err, f"{fragment!r} not in {err!r}"
+
+
+def compress_into(source: Path, recipe_text: str, folder: Path) -> Path:
+    """`compress SOURCE` with the recipe written to FOLDER/r.yaml, into FOLDER/out (quiet, no
+    held-out perplexity); asserts that it succeeded and returns OUT."""
+    (folder / "r.yaml").write_text(recipe_text)
+    out = folder / "out"
+    assert main([str(source), "--recipe", str(folder / "r.yaml"), "-o", str(out), "-q", "--no-perplexity"]) == 0
+    return out

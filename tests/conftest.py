@@ -43,6 +43,12 @@ def tiny_qwen2(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2", tiny_tokenizer_dir)
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen2_moe(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """Read-only: tests that change a checkpoint copy it first."""
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen2-moe"), "qwen2_moe", tiny_tokenizer_dir)
+
+
 @pytest.fixture
 def seeded():
     torch.manual_seed(0)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from compressor.cli import main
+from tests.cli_runs import compress_into
 
 RECIPE = """\
 name: tiny-w4
@@ -19,11 +20,7 @@ stages:
 
 @pytest.fixture(scope="module")
 def compressed(tiny_llama, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("gen")
-    (folder / "r.yaml").write_text(RECIPE)
-    out = folder / "out"
-    assert main([str(tiny_llama), "--recipe", str(folder / "r.yaml"), "-o", str(out), "-q", "--no-perplexity"]) == 0
-    return out
+    return compress_into(tiny_llama, RECIPE, tmp_path_factory.mktemp("gen"))
 
 
 def test_generate_prints_the_greedy_continuation(compressed, capsys):

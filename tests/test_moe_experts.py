@@ -47,18 +47,13 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def qwen_moe(tmp_path_factory, tiny_tokenizer_dir) -> Path:
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("qwen-moe"), "qwen2_moe", tiny_tokenizer_dir)
-
-
-@pytest.fixture(scope="module")
 def mixtral(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     return build_tiny_checkpoint(tmp_path_factory.mktemp("mixtral"), "mixtral", tiny_tokenizer_dir)
 
 
 @pytest.mark.parametrize("kind", ["qwen2_moe", "mixtral"])
-def test_unfused_experts_compute_what_the_fused_ones_do(kind, qwen_moe, mixtral):
-    source = qwen_moe if kind == "qwen2_moe" else mixtral
+def test_unfused_experts_compute_what_the_fused_ones_do(kind, tiny_qwen2_moe, mixtral):
+    source = tiny_qwen2_moe if kind == "qwen2_moe" else mixtral
     model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
     fused = _logits(model)
     assert unfuse_targeted_experts(model, ["Linear"], ["lm_head"]) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
@@ -70,15 +65,15 @@ def test_unfused_experts_compute_what_the_fused_ones_do(kind, qwen_moe, mixtral)
             assert set(handle.keys()) == set(model.state_dict())
 
 
-def test_ignored_experts_stay_fused(qwen_moe):
-    model = AutoModelForCausalLM.from_pretrained(str(qwen_moe))
+def test_ignored_experts_stay_fused(tiny_qwen2_moe):
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_qwen2_moe))
     assert unfuse_targeted_experts(model, ["Linear"], ["lm_head", "re:.*experts.*"]) == []
     assert model.model.layers[0].mlp.experts.gate_up_proj.dim() == 3
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
-def test_quantized_experts_save_per_expert_and_load_in_transformers(method, qwen_moe, tmp_path):
-    out = _compress(qwen_moe, tmp_path, method)
+def test_quantized_experts_save_per_expert_and_load_in_transformers(method, tiny_qwen2_moe, tmp_path):
+    out = _compress(tiny_qwen2_moe, tmp_path, method)
     with safe_open(str(out / "model.safetensors"), "pt") as handle:
         keys = set(handle.keys())
     assert {f"model.layers.1.mlp.experts.7.down_proj.{n}" for n in ("weight_packed", "weight_scale", "weight_shape")} <= keys
@@ -91,19 +86,19 @@ def test_quantized_experts_save_per_expert_and_load_in_transformers(method, qwen
     assert len(quantized) == 16 + 2 * 8 * 3  # attention and shared expert, then every expert's three
     plain = AutoModelForCausalLM.from_pretrained(str(out))  # transformers' compressed-tensors loader
     torch.testing.assert_close(_logits(plain), _logits(ours), rtol=0, atol=0.02)
-    original = _logits(AutoModelForCausalLM.from_pretrained(str(qwen_moe)))
+    original = _logits(AutoModelForCausalLM.from_pretrained(str(tiny_qwen2_moe)))
     assert (_logits(plain) - original).abs().max() > 0.01  # the loaded experts are the quantized ones
 
 
-def test_gptq_falls_back_to_rtn_for_an_expert_no_token_reaches(qwen_moe, tmp_path):
+def test_gptq_falls_back_to_rtn_for_an_expert_no_token_reaches(tiny_qwen2_moe, tmp_path):
     # A zero router gives every expert the same score: the same two get every token.
-    model = AutoModelForCausalLM.from_pretrained(str(qwen_moe))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_qwen2_moe))
     with torch.no_grad():
         for layer in model.model.layers:
             layer.mlp.gate.weight.zero_()
     model.save_pretrained(str(tmp_path / "src"))
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        (tmp_path / "src" / name).write_bytes((qwen_moe / name).read_bytes())
+        (tmp_path / "src" / name).write_bytes((tiny_qwen2_moe / name).read_bytes())
     out = _compress(tmp_path / "src", tmp_path, "gptq")
     records = json.loads((out / "compression.json").read_text())["modules"]
     experts = {name: record for name, record in records.items() if ".experts." in name}
@@ -135,8 +130,8 @@ def test_mixtral_experts_save_in_its_checkpoint_names(mixtral, tmp_path):
     torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(str(out))), _logits(ours), rtol=0, atol=0.02)
 
 
-def test_dry_run_lists_the_expert_layers(qwen_moe, tmp_path, capsys):
-    assert main([str(qwen_moe), "--recipe", str(_recipe(tmp_path, "gptq")), "--dry-run"]) == 0
+def test_dry_run_lists_the_expert_layers(tiny_qwen2_moe, tmp_path, capsys):
+    assert main([str(tiny_qwen2_moe), "--recipe", str(_recipe(tmp_path, "gptq")), "--dry-run"]) == 0
     listing = capsys.readouterr().out
     for projection in ("gate_proj", "up_proj", "down_proj"):
         assert re.search(rf"model\.layers\.\*\.mlp\.experts\.\*\.{projection} +x16 +int4 sym group 32", listing), listing
@@ -150,16 +145,16 @@ def test_an_experts_class_that_cannot_be_unfused_is_refused(tmp_path, tiny_token
     assert code == 0, err
 
 
-def test_nf4_keeps_the_experts_fused(qwen_moe, tmp_path, capsys):
+def test_nf4_keeps_the_experts_fused(tiny_qwen2_moe, tmp_path, capsys):
     # transformers' bitsandbytes loader reads MoE experts only as its fused tensors.
     recipe = tmp_path / "nf4.yaml"
     recipe.write_text("name: moe\ncalibration: {seq_len: 32}\nstages:\n  - quantize: {method: nf4}\n")
-    assert main([str(qwen_moe), "--recipe", str(recipe), "--dry-run"]) == 0
+    assert main([str(tiny_qwen2_moe), "--recipe", str(recipe), "--dry-run"]) == 0
     listing = capsys.readouterr().out
     assert "shared_expert.gate_proj" in listing and "experts.*" not in listing
 
 
-def test_nf4_moe_output_runs_where_bitsandbytes_repacks_for_its_cpu_kernel(qwen_moe, tmp_path, capsys):
+def test_nf4_moe_output_runs_where_bitsandbytes_repacks_for_its_cpu_kernel(tiny_qwen2_moe, tmp_path, capsys):
     # That repack (AVX-512 BF16 CPUs, inference) takes 32 output rows at a time: the 1-row
     # shared_expert_gate stays dense, so both loaders run the model.
     import bitsandbytes as bnb
@@ -167,7 +162,7 @@ def test_nf4_moe_output_runs_where_bitsandbytes_repacks_for_its_cpu_kernel(qwen_
     recipe = tmp_path / "nf4.yaml"
     recipe.write_text("name: moe\ncalibration: {samples: 4, seq_len: 32}\nstages:\n  - quantize: {method: nf4}\n")
     out = tmp_path / "out"
-    assert main([str(qwen_moe), "--recipe", str(recipe), "-o", str(out), "-q", "--no-perplexity"]) == 0
+    assert main([str(tiny_qwen2_moe), "--recipe", str(recipe), "-o", str(out), "-q", "--no-perplexity"]) == 0
     ours = compressor.load(out)
     gate = ours.get_submodule("model.layers.0.mlp.shared_expert_gate")
     assert not isinstance(gate, bnb.nn.Linear4bit) and isinstance(ours.get_submodule("model.layers.0.self_attn.q_proj"), bnb.nn.Linear4bit)
@@ -176,9 +171,9 @@ def test_nf4_moe_output_runs_where_bitsandbytes_repacks_for_its_cpu_kernel(qwen_
     torch.testing.assert_close(_logits(theirs), _logits(ours), rtol=0, atol=0.05)
 
 
-def test_offloaded_experts_are_refused_in_one_line(qwen_moe, tmp_path, capsys):
+def test_offloaded_experts_are_refused_in_one_line(tiny_qwen2_moe, tmp_path, capsys):
     out = tmp_path / "out"
-    code, err = run_cli([qwen_moe, "--recipe", _recipe(tmp_path, "rtn"), "-o", out, "-q", "--no-perplexity",
+    code, err = run_cli([tiny_qwen2_moe, "--recipe", _recipe(tmp_path, "rtn"), "-o", out, "-q", "--no-perplexity",
                          "--max-memory", "200KB"], capsys)
     assert_one_line_refusal(code, err, "rtn.yaml:4", "targets", "offloaded (--max-memory)", "re:.*experts.*")
     assert not out.exists()

@@ -17,9 +17,8 @@ import torch
 from safetensors import safe_open
 
 import compressor
-from compressor.cli import main
+from tests.cli_runs import compress_into
 from compressor.kernels.quant_linear import QuantLinear
-from tests.tiny_models import build_tiny_checkpoint
 
 IDS = torch.tensor([[5, 17, 42, 99, 7, 250, 13, 64, 3, 120]])
 RECIPE = """\
@@ -31,17 +30,8 @@ stages:
 
 
 @pytest.fixture(scope="module")
-def moe_source(tmp_path_factory, tiny_tokenizer_dir) -> Path:
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-moe"), "qwen2_moe", tiny_tokenizer_dir)
-
-
-@pytest.fixture(scope="module")
-def moe_w4(moe_source, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("moe-w4")
-    (folder / "r.yaml").write_text(RECIPE)
-    out = folder / "out"
-    assert main([str(moe_source), "--recipe", str(folder / "r.yaml"), "-o", str(out), "-q", "--no-perplexity"]) == 0
-    return out
+def moe_w4(tiny_qwen2_moe, tmp_path_factory) -> Path:
+    return compress_into(tiny_qwen2_moe, RECIPE, tmp_path_factory.mktemp("moe-w4"))
 
 
 def _logits(model: torch.nn.Module) -> torch.Tensor:
@@ -49,7 +39,7 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
         return model(IDS).logits.float()
 
 
-def test_moe_checkpoint_loads_with_fused_experts_and_quantized_linears(moe_source, moe_w4):
+def test_moe_checkpoint_loads_with_fused_experts_and_quantized_linears(tiny_qwen2_moe, moe_w4):
     from transformers import AutoModelForCausalLM
 
     from compressor.kernels.gated_mlp import remove_fused_mlps
@@ -66,7 +56,7 @@ def test_moe_checkpoint_loads_with_fused_experts_and_quantized_linears(moe_sourc
 
     # The same model built by plain transformers from the source, its quantized Linears given our
     # dequantized weights: every other tensor (experts, router, norms, embeddings) must be the same.
-    reference = AutoModelForCausalLM.from_pretrained(str(moe_source), dtype=torch.bfloat16)
+    reference = AutoModelForCausalLM.from_pretrained(str(tiny_qwen2_moe), dtype=torch.bfloat16)
     with torch.no_grad():
         for name, module in quantized.items():
             reference.get_submodule(name).weight.copy_(module.dequantized_weight(torch.bfloat16))
