@@ -1,4 +1,4 @@
-"""Run the `compress` command in-process: check a refusal (exit 2, one `error:` line), or compress a fixture.
+"""Run the `compress` command in-process: check a refusal (exit 2, one `error:` line), or compress a fixture."""
 
 from __future__ import annotations
 
