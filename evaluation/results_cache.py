@@ -2,7 +2,9 @@
 count, lm-eval version).
 
 The key also holds the backend and the task's definition fingerprint, so editing an
-include-path task or upgrading lm-eval never serves a stale number. Files live under
+include-path task or upgrading lm-eval never serves a stale number. Each file also keeps the
+header of the run that produced it (lm-eval's `config`, `date`, versions), so a results JSON
+served wholly from the cache still says how its numbers were made. Files live under
 ``<compressor cache>/eval-results/`` and are written atomically.
 """
 
@@ -31,6 +33,12 @@ class CacheKey:
         return hashlib.sha256(json.dumps(self.__dict__, sort_keys=True).encode()).hexdigest()[:32]
 
 
+@dataclass(frozen=True)
+class CachedResults:
+    results: dict[str, Any]  # the task's slice of lm-eval's results JSON
+    header: dict[str, Any]  # the rest of that run's JSON: config, date, versions (empty in old files)
+
+
 class ResultsCache:
     def __init__(self, root: Path | None = None):
         self.root = root if root is not None else cache_root() / "eval-results"
@@ -38,16 +46,18 @@ class ResultsCache:
     def _path(self, key: CacheKey) -> Path:
         return self.root / f"{key.task}-{key.digest()}.json"
 
-    def get(self, key: CacheKey) -> dict[str, Any] | None:
+    def get(self, key: CacheKey) -> CachedResults | None:
         path = self._path(key)
         if not path.is_file():
             return None
         record = json.loads(path.read_text())
-        return record["results"] if record.get("key") == key.__dict__ else None
+        if record.get("key") != key.__dict__:
+            return None
+        return CachedResults(record["results"], record.get("header") or {})  # files of older versions have no header
 
-    def put(self, key: CacheKey, results: dict[str, Any]) -> None:
+    def put(self, key: CacheKey, results: dict[str, Any], header: dict[str, Any]) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".partial")
-        partial.write_text(json.dumps({"key": key.__dict__, "results": results}, sort_keys=True))
+        partial.write_text(json.dumps({"key": key.__dict__, "results": results, "header": header}, sort_keys=True))
         partial.replace(path)

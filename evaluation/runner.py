@@ -288,19 +288,21 @@ def evaluate_target(
     """lm-eval's results for `target` on every task in `settings`."""
     slices: dict[str, dict[str, Any]] = {}
     keys: dict[str, CacheKey] = {}
+    header: dict[str, Any] = {"lm_eval_version": lm_eval_version()}
     if cache is not None and target.identity is not None:
         for task in settings.tasks:
             keys[task.name] = CacheKey(
                 target.identity, task.name, task.fingerprint(), settings.limit, settings.num_fewshot, lm_eval_version(), settings.backend
             )
             hit = cache.get(keys[task.name])
-            if hit is not None and hit.get("results"):  # older versions cached a tag as an empty slice
-                slices[task.name] = hit
+            if hit is not None and hit.results.get("results"):  # older versions cached a tag as an empty slice
+                slices[task.name] = hit.results
+                header.update(hit.header)  # replaced below by a fresh run's own header, if one runs
     cached = [t.name for t in settings.tasks if t.name in slices]
     missing = [t.name for t in settings.tasks if t.name not in slices]
     if cached:
         echo(f"{target.name}: {', '.join(cached)} from the results cache")
-    header: dict[str, Any] = {"lm_eval_version": lm_eval_version()}
+        header["compressor_cached_tasks"] = cached
     throughput = None
     if missing:
         shots = "" if settings.num_fewshot is None else f", {settings.num_fewshot}-shot"
@@ -310,11 +312,12 @@ def evaluate_target(
         lm = backend(settings.backend).build(target, settings)
         fresh = run_lm_eval(lm, built, manager, settings)
         throughput = _throughput(lm)
-        header.update({k: v for k, v in fresh.items() if k not in (*PER_TASK_SECTIONS, "group_subtasks")})
+        run_header = {k: v for k, v in fresh.items() if k not in (*PER_TASK_SECTIONS, "group_subtasks")}
+        header.update(run_header)
         for name in missing:
             slices[name] = task_slice(fresh, name, built.tagged.get(name))
             if name in keys and cache is not None:
-                cache.put(keys[name], slices[name])
+                cache.put(keys[name], slices[name], run_header)
     merged = merge_slices([slices[t.name] for t in settings.tasks], header)
     metrics = {row: values for t in settings.tasks for row, values in extract_metrics(slices[t.name], [t.name]).items()}
     return TargetResults(merged, metrics, cached, throughput)

@@ -225,6 +225,11 @@ def test_compress_eval_report_numbers_equal_lm_eval_json(tiny_llama, tiny_w4, tm
     cached = json.loads((again / "report.json").read_text())
     assert cached["models"][0]["metrics"] == base["metrics"] and cached["models"][0]["cached_tasks"] == report["tasks"]
     assert cached["models"][0]["tokens_per_second"] is None  # nothing ran, nothing measured
+    # Its results JSON keeps the header of the run that made the numbers, and says they were cached.
+    fresh_raw = json.loads((out / "lm_eval_results" / "base.json").read_text())
+    cached_raw = json.loads((again / "lm_eval_results" / "base.json").read_text())
+    assert cached_raw["config"] == fresh_raw["config"] and cached_raw["date"] == fresh_raw["date"]
+    assert cached_raw["compressor_cached_tasks"] == report["tasks"] and "compressor_cached_tasks" not in fresh_raw
 
 
 def test_include_path_task_over_local_json_runs_offline(tiny_llama, tmp_path):
