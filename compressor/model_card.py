@@ -110,8 +110,12 @@ def _size_section(facts: CheckpointFacts) -> list[str]:
     size = facts.size
     original = (facts.compression.get("sizes") or {}).get("original_bytes")
     lines = ["## Size", "", "| | weights on disk | bits per parameter |", "|---|---:|---:|"]
+    gguf = (facts.compression.get("sizes") or {}).get("original_gguf_bytes")
     if original:
-        lines.append(f"| original | {_mb(original)} | {8 * original / max(size.parameters, 1):.2f} |")
+        label = "original, as loaded (dequantized from GGUF)" if gguf else "original"
+        lines.append(f"| {label} | {_mb(original)} | {8 * original / max(size.parameters, 1):.2f} |")
+    if gguf:
+        lines.append(f"| original GGUF file | {_mb(gguf)} | {8 * gguf / max(size.parameters, 1):.2f} |")
     lines.append(f"| compressed | {_mb(size.size_bytes)} | {size.bits_per_parameter:.2f} |")
     lines.append("")
     facts_line = f"{size.parameters:,} parameters"

@@ -71,6 +71,7 @@ class RunSummary:
     stage_seconds: list[float] = field(default_factory=list)
     plans: list[StagePlan] = field(default_factory=list)
     evaluation: dict[str, Any] | None = None  # report.json of the `evaluate:` block
+    original_gguf_bytes: int | None = None  # a GGUF input's own file; original_bytes is its dequantized load
     saved: bool = True  # False in the other processes of an `accelerate launch` (the main one saves)
 
 
@@ -288,7 +289,9 @@ def run_recipe(
         resume=options.resume,
         load_reference_model=reference_model,
     )
-    summary = RunSummary(options.out_dir, original_bytes, 0, base_ppl, None)
+    gguf_file = loaded.source.gguf_file
+    summary = RunSummary(options.out_dir, original_bytes, 0, base_ppl, None,
+                         original_gguf_bytes=gguf_file.stat().st_size if gguf_file is not None else None)
     stage_log: list[dict[str, Any]] = []
     # A merged model sits in a fresh temporary folder each run: its stage checkpoints could never match.
     checkpoints = stage_checkpoints_for(model_reference, loaded, recipe, options, device, echo,
@@ -317,7 +320,7 @@ def run_recipe(
         "stages": [*(prior_stages or []), *stage_log],
         "modules": ctx.records,
         "training": ctx.notes,
-        "sizes": {"original_bytes": original_bytes},
+        "sizes": {"original_bytes": original_bytes, **({"original_gguf_bytes": summary.original_gguf_bytes} if gguf_file else {})},
         "perplexity": {
             "base": base_ppl,
             "compressed": summary.compressed_perplexity,

@@ -13,7 +13,7 @@ from compressor.evaluation.compare import Comparison
 from compressor.evaluation.loading import model_identity
 from compressor.evaluation.results_cache import ResultsCache
 from compressor.evaluation.runner import EvalSettings, EvalTarget
-from compressor.evaluation.size import measure_checkpoint
+from compressor.evaluation.size import measure_checkpoint, measure_model_files
 from compressor.model_io import LoadedModel
 
 BASE_NAME = "base"
@@ -38,7 +38,7 @@ class RecipeEvaluation:
 
     def evaluate_base(self, loaded: LoadedModel, reference: str) -> None:
         """Call before any stage runs: `loaded.model` is still the base model."""
-        size = measure_checkpoint(loaded.folder) if loaded.folder is not None else None
+        size = measure_model_files(loaded.source.gguf_file, loaded.folder)
         target = EvalTarget(BASE_NAME, reference, loaded=loaded, identity=model_identity(reference))
         self.comparison.add(target, size)
 

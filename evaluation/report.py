@@ -68,6 +68,7 @@ def build_report(
                 "size_bytes": row.size.size_bytes if row.size else None,
                 "bits_per_weight": row.size.bits_per_weight if row.size else None,
                 "parameters": row.size.parameters if row.size else None,
+                "stored_as": row.size.stored_as if row.size else None,
                 "tokens_per_second": row.tokens_per_second,
                 "cached_tasks": row.cached_tasks,
                 "metrics": metrics,
@@ -167,6 +168,10 @@ def _legend(report: dict[str, Any]) -> str:
         f" inverted, so below 100 % is worse either way). lm-eval {report['lm_eval_version']},"
         f" limit {report['limit'] if report['limit'] is not None else 'none'} per task{_shots(report)}. tokens/s: forward"
         " passes of the lm-eval run (blank when served from the cache)."
+    ) + "".join(
+        f" `{m['name']}` is sized as its file, {m['stored_as']}, and scored as transformers' dequantized load of it."
+        for m in report["models"]
+        if (m.get("stored_as") or "").startswith("gguf")
     )
 
 

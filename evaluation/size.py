@@ -51,6 +51,7 @@ class SizeInfo:
     parameters: int
     compressed_layers: int
     compressed_weights: int = 0  # the weights the compressed layers stand for
+    stored_as: str = "safetensors"  # the file format measured; a GGUF file also names its tensor types
 
     @property
     def bits_per_parameter(self) -> float:
@@ -168,3 +169,13 @@ def measure_checkpoint(folder: Path) -> SizeInfo:
         compressed_layers=compressed,
         compressed_weights=represented if compressed else 0,
     )
+
+
+def measure_model_files(gguf_file: Path | None, folder: Path | None) -> SizeInfo | None:
+    """A model's size as the user gave it: a GGUF file's own (not that of its dequantized
+    conversion, which is what gets scored), else its safetensors folder's; None if neither is local."""
+    if gguf_file is not None:
+        from compressor.evaluation.gguf_size import measure_gguf
+
+        return measure_gguf(gguf_file)
+    return measure_checkpoint(folder) if folder is not None else None

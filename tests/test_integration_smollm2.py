@@ -11,12 +11,11 @@ import json
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
 from compressor.cli import main
-from compressor.model_io import BUILTIN_MODELS
+from compressor.model_io import BUILTIN_MODELS, resolve_model
 
 MODEL = "builtin:smollm2-135m-instruct"
 PERPLEXITY_BOUND = 1.30
@@ -67,6 +66,11 @@ def test_smollm2_gptq_w4_end_to_end(smollm2_cache, tmp_path, capsys, monkeypatch
     assert compressed < base * PERPLEXITY_BOUND, (base, compressed)
     assert record["sizes"]["compressed_bytes"] < 0.5 * record["sizes"]["original_bytes"]
     assert record["source"]["hub_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    # The Q4_1 GGUF file is smaller than its bf16 load (the "original"); the summary and the card say both.
+    gguf_bytes = resolve_model(MODEL).gguf_file.stat().st_size
+    assert record["sizes"]["original_gguf_bytes"] == gguf_bytes < 0.5 * record["sizes"]["original_bytes"]
+    assert f"the GGUF file it was read from: {gguf_bytes / 1e6:.1f} MB" in printed
+    assert f"| original GGUF file | {gguf_bytes / 1e6:.1f} MB |" in (out / "README.md").read_text()
     assert all(m["fallback"] is None for m in record["modules"].values())
 
     config = json.loads((out / "config.json").read_text())
@@ -78,3 +82,27 @@ def test_smollm2_gptq_w4_end_to_end(smollm2_cache, tmp_path, capsys, monkeypatch
         [sys.executable, "-c", GENERATE, str(out)], capture_output=True, text=True, check=True, cwd=tmp_path
     ).stdout
     assert "Paris" in answer, answer
+
+
+def test_a_gguf_model_is_sized_as_its_file_in_the_eval_report(smollm2_cache):
+    """The report scores a GGUF model as its dequantized load but sizes it as the file the user
+    gave: Q4_1 matrices at 5 bits (4-bit codes, an fp16 scale and minimum per 32) and the Q8_0
+    embedding at 8.5, not the 16 bits of the conversion."""
+    from gguf import GGUFReader
+
+    from compressor.evaluation.gguf_size import measure_gguf
+    from compressor.evaluation.report import ModelRow, build_report, render_markdown
+
+    path = resolve_model(MODEL).gguf_file
+    size = measure_gguf(path)
+    tensors = GGUFReader(str(path)).tensors
+    q4_1 = sum(int(t.n_elements) for t in tensors if t.tensor_type.name == "Q4_1")
+    q8_0 = sum(int(t.n_elements) for t in tensors if t.tensor_type.name == "Q8_0")
+    assert size.size_bytes == path.stat().st_size and size.parameters == 134_515_008
+    assert size.compressed_weights == q4_1 + q8_0
+    assert size.bits_per_weight == pytest.approx((5.0 * q4_1 + 8.5 * q8_0) / (q4_1 + q8_0))
+    assert size.stored_as == "gguf (Q4_1, F32, Q8_0)"
+
+    report = build_report([ModelRow("base", MODEL, "hf", size, {})], "base", [], None, "0.4")
+    assert report["models"][0]["stored_as"] == size.stored_as
+    assert "`base` is sized as its file, gguf (Q4_1, F32, Q8_0)" in render_markdown(report)

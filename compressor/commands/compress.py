@@ -122,8 +122,10 @@ def run(argv: list[str]) -> int:
         return 0
     ratio = summary.original_bytes / max(summary.compressed_bytes, 1)
     print(f"saved: {summary.out_dir}")
+    # A GGUF input is compressed from its dequantized load; its own file is smaller than that.
+    gguf = "" if summary.original_gguf_bytes is None else f"; the GGUF file it was read from: {summary.original_gguf_bytes / 1e6:.1f} MB"
     print(
-        f"size: {summary.compressed_bytes / 1e6:.1f} MB (original {summary.original_bytes / 1e6:.1f} MB, {ratio:.2f}x smaller)"
+        f"size: {summary.compressed_bytes / 1e6:.1f} MB (original {summary.original_bytes / 1e6:.1f} MB, {ratio:.2f}x smaller{gguf})"
     )
     if summary.base_perplexity is not None and summary.compressed_perplexity is not None:
         change = (summary.compressed_perplexity / summary.base_perplexity - 1) * 100

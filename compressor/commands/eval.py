@@ -71,11 +71,12 @@ def _check_report_spares_model(output: Path, name: str, model_path: str | Path |
 
 def _size_of(name: str, reference: str):
     from compressor.evaluation.loading import ModelLoadError, weights_folder
-    from compressor.evaluation.size import measure_checkpoint
+    from compressor.evaluation.size import measure_model_files
+    from compressor.model_io import resolve_model
 
-    folder = weights_folder(reference)
+    gguf_file = resolve_model(reference).gguf_file
     try:
-        return measure_checkpoint(folder) if folder is not None else None
+        return measure_model_files(gguf_file, None if gguf_file is not None else weights_folder(reference))
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"model '{name}' failed to load: {err}", where=reference) from None
 
