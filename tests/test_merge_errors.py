@@ -127,6 +127,22 @@ def test_mergekit_configs_refuse_what_they_cannot_translate(pair, tmp_path, caps
     refused(tmp_path, capsys, bad_weight, "merge.yaml:4 models[0].parameters.weight: must be a number, got 'abc'")
 
 
+def test_mergekit_config_errors_found_after_parsing_name_the_mergekit_keys(pair, tmp_path, capsys):
+    """Checks made once inputs are resolved (plan time) name the key as the mergekit file spells it."""
+    a, base, missing = pair["a"], pair["base"], tmp_path / "missing"
+    twice = f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\n  - model: {a}\n    parameters: {{weight: 1}}\n"
+    refused(tmp_path, capsys, twice, "merge.yaml:5 models[1].model: ", "listed twice")
+    not_found = f"merge_method: ties\nbase_model: {missing}\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\n"
+    refused(tmp_path, capsys, not_found, "merge.yaml:2 base_model: model path not found")
+    zero = f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\n  - model: {base}\n    parameters: {{weight: -1}}\n"
+    refused(tmp_path, capsys, zero, "merge.yaml:2 models: the weights sum to zero")
+    # Keys the file leaves out are named where mergekit reads them.
+    no_weight = f"merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {a}\n    parameters: {{density: 0.5}}\n"
+    refused(tmp_path, capsys, no_weight, "merge.yaml:4 models[0].parameters.weight: ties needs a weight")
+    no_t = f"merge_method: slerp\nbase_model: {base}\nmodels:\n  - model: {a}\n"
+    refused(tmp_path, capsys, no_t, "merge.yaml:1 parameters.t: slerp needs `t`")
+
+
 def test_dry_run_plans_the_merge_and_later_stages(pair, tmp_path, capsys):
     text = recipe_text(
         f"method: ties\nbase: {pair['base']}\nmodels:\n  - {{model: {pair['a']}, weight: 1.0, density: 0.5}}",

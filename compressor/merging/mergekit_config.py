@@ -16,6 +16,7 @@ accepted and has no effect.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from compressor.errors import RecipeError
@@ -27,6 +28,10 @@ GLOBAL_PARAMETERS = ("weight", "density", "gamma", "t", "normalize", "rescale", 
 IGNORED_PARAMETERS = ("int8_mask",)
 TOP_LEVEL = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "name")
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+
+
+RENAMED = {"method": "merge_method", "base": "base_model"}
+_MERGE_KEY = re.compile(r"stages\[0\]\.merge\.(?:(?P<models>models\[\d+\])\.)?(?P<name>\w+)")
 
 
 def is_mergekit_config(doc: LocatedDocument) -> bool:
@@ -52,6 +57,15 @@ class _Translation:
         """The mergekit spelling of a recipe key path (its longest translated prefix swapped)."""
         if key is None:
             return None
+        unwritten = _MERGE_KEY.fullmatch(key)  # a key the file leaves out: where mergekit would put it
+        if key not in self.keys and unwritten is not None:
+            models, name = unwritten.group("models"), unwritten.group("name")
+            if models is not None and name in MODEL_PARAMETERS:
+                return f"{models}.parameters.{name}"
+            if models is None and name in GLOBAL_PARAMETERS:
+                return f"parameters.{name}"
+            if models is None and name in RENAMED:
+                return RENAMED[name]
         for end in range(len(key), 0, -1):
             if (end == len(key) or key[end] in ".[") and key[:end] in self.keys:
                 return self.keys[key[:end]] + key[end:]
@@ -88,6 +102,7 @@ class _Translation:
         if not isinstance(models, list) or not models:
             raise self.error("`models` must be a non-empty list", ("models",))
         merge["models"] = []
+        self.place(("models",), ("models",))
         for i, entry in enumerate(models):
             if not isinstance(entry, dict) or "model" not in entry:
                 raise self.error("each model must be a mapping with `model`", ("models", i))
@@ -114,11 +129,24 @@ class _Translation:
         return {"name": data.get("name") or f"mergekit-{data['merge_method']}", "stages": [{"merge": merge}]}
 
 
+class _MergekitDocument(LocatedDocument):
+    """The translated recipe, locating keys as the mergekit file spells them, so that errors
+    raised after parsing (a model not found, weights summing to zero) name what the user wrote."""
+
+    def __init__(self, translation: _Translation, data: Any):
+        super().__init__(data, translation.lines, translation.doc.source)
+        self.translation = translation
+
+    def locate(self, path: tuple[Any, ...]) -> dict[str, str]:
+        located = super().locate(path)
+        return {**located, "key": self.translation.mergekit_key(located["key"]) or located["key"]}
+
+
 def recipe_from_mergekit(doc: LocatedDocument) -> Recipe:
     """The recipe a mergekit config means; errors point at the mergekit file's lines."""
     translation = _Translation(doc)
     data = translation.translate()
     try:
-        return parse_recipe(LocatedDocument(data, translation.lines, doc.source))
+        return parse_recipe(_MergekitDocument(translation, data))
     except RecipeError as err:  # name the key the user wrote, not the recipe key it became
         raise RecipeError(err.message, where=err.where, key=translation.mergekit_key(err.key)) from None
