@@ -143,6 +143,19 @@ def test_mergekit_config_errors_found_after_parsing_name_the_mergekit_keys(pair,
     refused(tmp_path, capsys, no_t, "merge.yaml:1 parameters.t: slerp needs `t`")
 
 
+def test_merge_only_recipe_refuses_evaluate_and_checks_push_before_merging(pair, tmp_path, capsys, monkeypatch):
+    """Both keys were silently ignored by a recipe whose only stage is the merge."""
+    block = f"method: linear\nmodels:\n  - {{model: {pair['a']}, weight: 1.0}}"
+    evaluate = recipe_text(block, extra="evaluate: {tasks: [perplexity], limit: 2}\n")
+    refused(tmp_path, capsys, evaluate, "merge.yaml:7 evaluate: ", "this recipe only merges", argv_prefix=("--recipe",))
+    (tmp_path / "e.yaml").write_text(evaluate)
+    assert main(["--recipe", str(tmp_path / "e.yaml"), "--dry-run"]) == 2
+    assert "e.yaml:7 evaluate: " in capsys.readouterr().err
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    push = recipe_text(block, extra="output: {push_to_hub: org/merged}\n")
+    refused(tmp_path, capsys, push, "push", "HF_HUB_OFFLINE", argv_prefix=("--recipe",))
+
+
 def test_dry_run_plans_the_merge_and_later_stages(pair, tmp_path, capsys):
     text = recipe_text(
         f"method: ties\nbase: {pair['base']}\nmodels:\n  - {{model: {pair['a']}, weight: 1.0, density: 0.5}}",

@@ -85,6 +85,15 @@ def test_ties_output_equals_the_method_on_whole_state_dicts(merge_models, tmp_pa
     assert AutoTokenizer.from_pretrained(str(tmp_path / "out")).vocab_size > 0
 
 
+def test_merge_only_output_has_its_model_card(merge_models, tmp_path):
+    """Like every other OUT: README.md with the merge's metadata (it was missing without later stages)."""
+    merge(recipe_text(ties_block(merge_models)), tmp_path / "out")
+    card = (tmp_path / "out" / "README.md").read_text()
+    header = yaml.safe_load(card.split("---")[1])
+    assert "merge" in header["tags"] and "ties" in header["tags"]
+    assert "A ties merge of" in card and str(merge_models["ft0"]) in card
+
+
 def test_small_shards_get_an_index_and_the_same_tensors(merge_models, tmp_path):
     block = f"method: linear\nmodels:\n  - {{model: {merge_models['ft0']}, weight: 1.0}}\n  - {{model: {merge_models['ft1']}, weight: 3.0}}"
     merge(recipe_text(block), tmp_path / "one")
