@@ -156,6 +156,29 @@ def test_merge_only_recipe_refuses_evaluate_and_checks_push_before_merging(pair,
     refused(tmp_path, capsys, push, "push", "HF_HUB_OFFLINE", argv_prefix=("--recipe",))
 
 
+@pytest.mark.parametrize(
+    "block, located",
+    [
+        # A recipe: the key as written.
+        ("method: task_arithmetic\nbase: BASE\nmodels:\n  - {model: A, weight: 1.0, density: 0.5}", "merge.yaml:7 stages[0].merge.models[0].density: `density` has no effect on task_arithmetic"),
+        ("method: ties\nbase: BASE\nseed: 3\nmodels:\n  - {model: A, weight: 1.0, density: 0.5}", "merge.yaml:6 stages[0].merge.seed: `seed` has no effect on ties"),
+        ("method: linear\nlambda: 0.5\nmodels:\n  - {model: A, weight: 1.0}", "merge.yaml:5 stages[0].merge.lambda: `lambda` has no effect on linear (linear reads weight, normalize)"),
+    ],
+)
+def test_parameters_the_method_does_not_read_are_refused(pair, tmp_path, capsys, block, located):
+    block = block.replace("BASE", str(pair["base"])).replace("A", str(pair["a"]))
+    refused(tmp_path, capsys, recipe_text(block), located, "remove it")
+
+
+def test_mergekit_parameters_the_method_does_not_read_are_refused(pair, tmp_path, capsys):
+    """mergekit resolves only the parameters a method declares and skips the rest without a word."""
+    a, b, base = pair["a"], pair["b"], pair["base"]
+    stock = f"merge_method: model_stock\nbase_model: {base}\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.5}}\n  - model: {b}\n"
+    refused(tmp_path, capsys, stock, "merge.yaml:5 models[0].parameters.weight: `weight` has no effect on model_stock")
+    slerp = f"merge_method: slerp\nbase_model: {base}\nmodels:\n  - model: {a}\nparameters:\n  t: 0.5\n  normalize: true\n"
+    refused(tmp_path, capsys, slerp, "merge.yaml:7 parameters.normalize: `normalize` has no effect on slerp (slerp reads t)")
+
+
 def test_dry_run_plans_the_merge_and_later_stages(pair, tmp_path, capsys):
     text = recipe_text(
         f"method: ties\nbase: {pair['base']}\nmodels:\n  - {{model: {pair['a']}, weight: 1.0, density: 0.5}}",

@@ -134,6 +134,25 @@ def _input_order(config: MergeConfig, method: MergeMethod, locate: Locate) -> tu
     return references, base_index
 
 
+# Merge-block keys any method reads (dtypes, tokenizer, output); the others depend on the method.
+_METHOD_KEYS = ("weight", "density", "gamma", "t", "normalize", "lambda", "rescale", "filter_wise", "seed", "tie_break")
+
+
+def _check_unused_parameters(config: MergeConfig, method: MergeMethod, locate: Locate) -> None:
+    """A key the method never reads would be silently ignored (a `density` on task_arithmetic does
+    not sparsify anything): refuse it, naming the key and what the method does read."""
+    used = method.parameters()
+    reads = f"{method.name} reads {', '.join(used) or 'none of them'}"
+    given = {"lambda" if name == "lambda_" else name for name in config.model_fields_set}
+    for key in _METHOD_KEYS:
+        if key in given and key not in used:
+            raise RecipeError(f"`{key}` has no effect on {method.name} ({reads}); remove it", **locate(key))
+    for i, model in enumerate(config.models):
+        for key in sorted(model.model_fields_set - {"model"}):
+            if key not in used:
+                raise RecipeError(f"`{key}` has no effect on {method.name} ({reads}); remove it", **locate("models", i, key))
+
+
 def _count_message(method: MergeMethod, count: int) -> str:
     if method.max_inputs == method.min_inputs == 2:
         return f"{method.name} merges exactly two models, the base and one other (got {count} counting the base)"
@@ -243,6 +262,7 @@ def _check_weight_sum(params: TensorParams, name: str, normalize: bool, locate: 
 def plan_merge(config: MergeConfig, locate: Locate, *, allow_pickle: bool = False) -> MergePlan:
     """Every check a merge can make before reading a weight; raises RecipeError naming the key."""
     method = merge_method_registry().get(config.method)
+    _check_unused_parameters(config, method, locate)
     references, base_index = _input_order(config, method, locate)
 
     def where(i: int) -> dict[str, str]:
