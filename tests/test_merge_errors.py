@@ -179,6 +179,23 @@ def test_mergekit_parameters_the_method_does_not_read_are_refused(pair, tmp_path
     refused(tmp_path, capsys, slerp, "merge.yaml:7 parameters.normalize: `normalize` has no effect on slerp (slerp reads t)")
 
 
+def test_lora_inputs_are_resolved_at_plan_time(pair, tmp_path, capsys):
+    """A missing adapter used to pass `--dry-run` and fail the run with no file:line."""
+    bare = tmp_path / "lora"
+    bare.mkdir()
+    (bare / "adapter_config.json").write_text("{}")
+
+    def ties_with(model: str) -> str:
+        return recipe_text(f"method: ties\nbase: {pair['base']}\nmodels:\n  - {{model: '{model}', weight: 1.0, density: 0.5}}")
+
+    located = "merge.yaml:7 stages[0].merge.models[0].model: "
+    for argv in (("merge",), ("merge", "--dry-run")):
+        refused(tmp_path, capsys, ties_with(f"{pair['a']}+{tmp_path / 'missing'}"), located, "missing not found", argv_prefix=argv)
+    refused(tmp_path, capsys, ties_with(f"{pair['a']}+org/uncached-lora"), located, "cannot fetch adapter org/uncached-lora")
+    refused(tmp_path, capsys, ties_with(f"{pair['a']}+{pair['b']}"), located, "has no adapter_config.json")
+    refused(tmp_path, capsys, ties_with(str(bare)), located, "is a peft adapter, not a model: write it as BASE+ADAPTER")
+
+
 def test_dry_run_plans_the_merge_and_later_stages(pair, tmp_path, capsys):
     text = recipe_text(
         f"method: ties\nbase: {pair['base']}\nmodels:\n  - {{model: {pair['a']}, weight: 1.0, density: 0.5}}",

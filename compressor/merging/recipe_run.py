@@ -81,7 +81,7 @@ def merge_stage_record(plan: MergePlan, seconds: float) -> dict[str, Any]:
 
 def _input_paths(plan: MergePlan) -> list[Path | str]:
     """Every local folder the merge reads: checkpoints, their configs, LoRA adapters."""
-    return [p for item in plan.inputs for p in (item.folder, item.config_folder, item.adapter or "")]
+    return [p for item in plan.inputs for p in (item.folder, item.config_folder, item.adapter_folder or "")]
 
 
 def dry_run_merge_recipe(recipe: Recipe, options) -> list[StagePlan]:
