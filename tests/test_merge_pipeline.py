@@ -181,7 +181,10 @@ dtype: float32
 """
     (tmp_path / "mk.yaml").write_text(mergekit_yaml)
     (tmp_path / "native.yaml").write_text(recipe_text(native))
-    assert main(["merge", str(tmp_path / "mk.yaml"), "-o", str(tmp_path / "a"), "-q"]) == 0
+    # OUT as a second argument, as `mergekit-yaml CONFIG OUT` takes it; -o elsewhere must agree.
+    assert main(["merge", str(tmp_path / "mk.yaml"), str(tmp_path / "c"), "-o", str(tmp_path / "d"), "-q"]) == 2
+    assert "two output folders" in capsys.readouterr().err
+    assert main(["merge", str(tmp_path / "mk.yaml"), str(tmp_path / "a"), "-q"]) == 0
     assert main(["merge", str(tmp_path / "native.yaml"), "-o", str(tmp_path / "b"), "-q"]) == 0
     a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert a.keys() == b.keys()
