@@ -179,6 +179,14 @@ t:
   - {{value: 0.5}}
 dtype: float32
 """
+    # mergekit's README writes this slerp with one whole-model slice: the same merge.
+    sliced_yaml = mergekit_yaml.replace(
+        f"models:\n  - model: {m['base']}\n  - model: {m['ft2']}\n",
+        f"slices:\n  - sources:\n      - {{model: {m['base']}, layer_range: [0, 2]}}\n      - {{model: {m['ft2']}, layer_range: [0, 2]}}\n",
+    )
+    assert "slices" in sliced_yaml
+    (tmp_path / "sliced.yaml").write_text(sliced_yaml)
+    assert main(["merge", str(tmp_path / "sliced.yaml"), str(tmp_path / "sliced"), "-q"]) == 0
     (tmp_path / "mk.yaml").write_text(mergekit_yaml)
     (tmp_path / "native.yaml").write_text(recipe_text(native))
     # OUT as a second argument, as `mergekit-yaml CONFIG OUT` takes it; -o elsewhere must agree.
@@ -186,10 +194,11 @@ dtype: float32
     assert "two output folders" in capsys.readouterr().err
     assert main(["merge", str(tmp_path / "mk.yaml"), str(tmp_path / "a"), "-q"]) == 0
     assert main(["merge", str(tmp_path / "native.yaml"), "-o", str(tmp_path / "b"), "-q"]) == 0
-    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
-    assert a.keys() == b.keys()
+    a, b, sliced = weights(tmp_path / "a"), weights(tmp_path / "b"), weights(tmp_path / "sliced")
+    assert a.keys() == b.keys() == sliced.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+        torch.testing.assert_close(sliced[name], b[name], rtol=0, atol=0)
     base, ft2 = weights(m["base"]), weights(m["ft2"])
     # layer 1 of 2 sits at t=1: attention takes the fine-tune, the MLP keeps the base.
     torch.testing.assert_close(a["model.layers.1.self_attn.q_proj.weight"], ft2["model.layers.1.self_attn.q_proj.weight"])

@@ -285,6 +285,12 @@ def plan_merge(config: MergeConfig, locate: Locate, *, allow_pickle: bool = Fals
     _check_fits_architecture(inputs[reference_index], configs[reference_index].get("model_type"), where(reference_index))
 
     num_layers = int(configs[reference_index].get("num_hidden_layers") or 0)
+    if config.layer_range is not None and list(config.layer_range) != [0, num_layers]:
+        raise RecipeError(
+            f"layer_range {list(config.layer_range)} does not cover the models' {num_layers} layers: only whole-model"
+            f" slices are supported (layer_range: [0, {num_layers}])",
+            **locate("layer_range"),
+        )
     normalize = method.default_normalize if config.normalize is None else config.normalize
     reference = inputs[reference_index].load()
     slots, params, compute = [], [], []

@@ -80,6 +80,8 @@ class MergeConfig(StrictModel):
     # "sort" (torch.argsort's order, bit-identical to mergekit, ~20 bytes per entry more memory).
     tie_break: Literal["index", "sort"] = "index"
     max_shard_size: str = "5GB"
+    # mergekit's one whole-model slice: must be [0, the models' number of layers] (checked at plan time).
+    layer_range: list[NonNegativeInt] | None = Field(default=None, min_length=2, max_length=2)
 
     @field_validator("method")
     @classmethod
