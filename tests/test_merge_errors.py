@@ -59,6 +59,23 @@ def test_different_shape_names_the_first_tensor(pair, tiny_tokenizer_dir, tmp_pa
     assert "[96, 160]" in err
 
 
+def test_tied_and_untied_embeddings_are_named_as_such(pair, tmp_path, capsys):
+    """It used to read "has tensor lm_head.weight that <base> lacks", which hides the cause."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    untied = shutil.copytree(pair["a"], tmp_path / "untied")
+    tensors = load_file(str(untied / "model.safetensors"))
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, str(untied / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((untied / "config.json").read_text())
+    (untied / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    text = recipe_text(f"method: ties\nbase: {pair['base']}\nmodels:\n  - {{model: {untied}, weight: 1.0, density: 0.5}}")
+    refused(tmp_path, capsys, text, "merge.yaml:7 stages[0].merge.models[0].model: tie_word_embeddings is false here and true in")
+
+
 def test_weights_summing_to_zero_with_normalize(pair, tmp_path, capsys):
     text = recipe_text(f"method: linear\nmodels:\n  - {{model: {pair['a']}, weight: 1.0}}\n  - {{model: {pair['b']}, weight: -1.0}}")
     refused(tmp_path, capsys, text, "merge.yaml:5", "stages[0].merge.models", "sum to zero")

@@ -197,6 +197,14 @@ def _compare_architectures(configs: list[dict[str, Any]], references: list[str],
                 f"architecture {found[1] or found[0]} differs from {references[ref]}'s {expected[1] or expected[0]}",
                 **where(i),
             )
+        # Said before the tensor lists are compared, where it would read as a missing lm_head.weight.
+        tied, ref_tied = config.get("tie_word_embeddings"), configs[ref].get("tie_word_embeddings")
+        if None not in (tied, ref_tied) and tied != ref_tied:
+            raise RecipeError(
+                f"tie_word_embeddings is {str(tied).lower()} here and {str(ref_tied).lower()} in {references[ref]}:"
+                " merging a model whose lm_head is tied to its embeddings with one whose lm_head is its own is not supported",
+                **where(i),
+            )
 
 
 def _compare_tensors(plan_inputs: list[MergeInput], ref: int, vocab_names: set[str], where: Callable[[int], dict]) -> None:
