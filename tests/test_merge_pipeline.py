@@ -92,6 +92,8 @@ def test_merge_only_output_has_its_model_card(merge_models, tmp_path):
     header = yaml.safe_load(card.split("---")[1])
     assert "merge" in header["tags"] and "ties" in header["tags"]
     assert "A ties merge of" in card and str(merge_models["ft0"]) in card
+    # Plain dense weights: no compressed-tensors tag, nor a claim that loading needs it.
+    assert "compressed-tensors" not in header["tags"] and "pip install compressed-tensors" not in card
 
 
 def test_small_shards_get_an_index_and_the_same_tensors(merge_models, tmp_path):
