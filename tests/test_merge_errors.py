@@ -138,7 +138,7 @@ def test_mergekit_configs_refuse_what_they_cannot_translate(pair, tmp_path, caps
     refused(tmp_path, capsys, slices + f"  - sources:\n{source}", "merge.yaml:2 slices: only one slice covering every layer")
     mixed = slices + source.replace("[0, 1]", "[1, 2]")
     refused(tmp_path, capsys, mixed, "merge.yaml:8 slices[0].sources[1].layer_range: layer_range [1, 2]: every source must cover the same layers")
-    refused(tmp_path, capsys, f"merge_method: linear\nmodules: {{}}\n", "merge.yaml:2 modules: `modules` configs are not supported")
+    refused(tmp_path, capsys, "merge_method: linear\nmodules: {}\n", "merge.yaml:2 modules: `modules` configs are not supported")
     unknown_source = f"merge_method: linear\nmodels:\n  - model: {pair['a']}\n    parameters: {{weight: 1.0}}\ntokenizer_source: other\n"
     refused(tmp_path, capsys, unknown_source, "merge.yaml:5", "tokenizer_source must be 'base', 'union' or one of the models")
     bad_density = f"merge_method: ties\nbase_model: {pair['base']}\nmodels:\n  - model: {pair['a']}\n    parameters:\n      weight: 1.0\n      density: 2.0\n"
