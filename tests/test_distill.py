@@ -303,6 +303,9 @@ def test_mse_hidden_without_layers_runs_after_quantize(teacher, tiny_llama, tmp_
         ("{teacher: SWAPPED}", 4, "stages[0].distill.teacher", "different tokenizer (2 tokens differ"),
         ("{teacher: MISSING}", 4, "stages[0].distill.teacher", "model path not found"),
         ("{teacher: org/not-cached-teacher}", 4, "stages[0].distill.teacher", "teacher 'org/not-cached-teacher': cannot load"),
+        # Batches larger than the windows silently held every window.
+        ("{batch_size: 8}", 4, "stages[0].distill.batch_size", "larger than the 4 windows it draws batches from (calibration.samples)"),
+        ("{batch_size: 3, data: {samples: 2}}", 4, "stages[0].distill.batch_size", "(data.samples)"),
     ],
 )
 def test_bad_distill_blocks(block, line, key, fragment, tiny_llama, tmp_path, capsys):
