@@ -186,6 +186,8 @@ def test_merge_only_recipe_refuses_evaluate_and_checks_push_before_merging(pair,
         ("method: task_arithmetic\nbase: BASE\nmodels:\n  - {model: A, weight: 1.0, density: 0.5}", "merge.yaml:7 stages[0].merge.models[0].density: `density` has no effect on task_arithmetic"),
         ("method: ties\nbase: BASE\nseed: 3\nmodels:\n  - {model: A, weight: 1.0, density: 0.5}", "merge.yaml:6 stages[0].merge.seed: `seed` has no effect on ties"),
         ("method: linear\nlambda: 0.5\nmodels:\n  - {model: A, weight: 1.0}", "merge.yaml:5 stages[0].merge.lambda: `lambda` has no effect on linear (linear reads weight, normalize)"),
+        # The base listed under models: task vectors start from it, so its weight would change nothing.
+        ("method: ties\nbase: BASE\nmodels:\n  - {model: BASE, weight: 0.3}\n  - {model: A, weight: 1.0}", "merge.yaml:7 stages[0].merge.models[0].weight: the base takes no `weight` in ties"),
     ],
 )
 def test_parameters_the_method_does_not_read_are_refused(pair, tmp_path, capsys, block, located):

@@ -148,7 +148,11 @@ def _check_unused_parameters(config: MergeConfig, method: MergeMethod, locate: L
         if key in given and key not in used:
             raise RecipeError(f"`{key}` has no effect on {method.name} ({reads}); remove it", **locate(key))
     for i, model in enumerate(config.models):
+        is_base = method.base == "required" and model.model == config.base
         for key in sorted(model.model_fields_set - {"model"}):
+            if is_base:  # the deltas are measured from it, so no per-model parameter reaches it
+                raise RecipeError(f"the base takes no `{key}` in {method.name} (its delta is zero); remove it",
+                                  **locate("models", i, key))
             if key not in used:
                 raise RecipeError(f"`{key}` has no effect on {method.name} ({reads}); remove it", **locate("models", i, key))
 
