@@ -303,6 +303,8 @@ def test_mse_hidden_without_layers_runs_after_quantize(teacher, tiny_llama, tmp_
         ("{teacher: SWAPPED}", 4, "stages[0].distill.teacher", "different tokenizer (2 tokens differ"),
         ("{teacher: MISSING}", 4, "stages[0].distill.teacher", "model path not found"),
         ("{teacher: org/not-cached-teacher}", 4, "stages[0].distill.teacher", "teacher 'org/not-cached-teacher': cannot load"),
+        # Hidden states of another width cannot be compared element by element (it crashed mid-run).
+        ("{teacher: WIDE, loss: {kind: mse_hidden, layers: [[2, 2]]}}", 4, "stages[0].distill.loss", "hidden size is 96 and the teacher's 128"),
         # Batches larger than the windows silently held every window.
         ("{batch_size: 8}", 4, "stages[0].distill.batch_size", "larger than the 4 windows it draws batches from (calibration.samples)"),
         ("{batch_size: 3, data: {samples: 2}}", 4, "stages[0].distill.batch_size", "(data.samples)"),
@@ -312,9 +314,10 @@ def test_bad_distill_blocks(block, line, key, fragment, tiny_llama, tmp_path, ca
     teacher = _teacher_variant(tiny_llama, tmp_path / "teacher", vocab_size=500)
     deep = _teacher_variant(tiny_llama, tmp_path / "deep", num_hidden_layers=3)
     swapped = _teacher_with_two_token_ids_swapped(tiny_llama, tmp_path / "swapped")
+    wide = _teacher_variant(tiny_llama, tmp_path / "wide", hidden_size=128)
     recipe = tmp_path / "r.yaml"
     block = block.replace("TEACHER", str(teacher)).replace("DEEP", str(deep))
-    block = block.replace("SWAPPED", str(swapped)).replace("MISSING", str(tmp_path / "missing"))
+    block = block.replace("SWAPPED", str(swapped)).replace("MISSING", str(tmp_path / "missing")).replace("WIDE", str(wide))
     recipe.write_text("name: t\ncalibration: {samples: 4, seq_len: 32}\nstages:\n  - distill: " + block + "\n")
     code = main([str(tiny_llama), "--recipe", str(recipe), "--dry-run", "-q"])
     err = capsys.readouterr().err.strip()

@@ -171,8 +171,21 @@ def _check_layers(model: nn.Module, teacher_depth: int | None, config: DistillCo
                     )
 
 
+def _check_hidden_width(model: nn.Module, teacher_width: int | None, config: DistillConfig, locate: Locator) -> None:
+    """Hidden losses compare states element by element (no projection is learned): same width."""
+    width = getattr(model.config, "hidden_size", None)
+    for index, spec in enumerate(config.losses()):
+        if spec.kind in _HIDDEN_LOSSES and None not in (width, teacher_width) and width != teacher_width:
+            raise RecipeError(
+                f"loss '{spec.kind}' compares hidden states element by element, but the model's hidden size is"
+                f" {width} and the teacher's {teacher_width}: use a logit loss (kl, reverse_kl, jsd) or a teacher of the same width",
+                **locate(*config.loss_path(index)),
+            )
+
+
 def _teacher_depth(model: nn.Module, config: DistillConfig, locate: Locator) -> int | None:
-    """The teacher's number of blocks, after checking that it shares the model's vocabulary."""
+    """The teacher's number of blocks, after checking that it shares the model's vocabulary (and
+    its width, for hidden-state losses)."""
     if config.teacher == "base":
         return getattr(model.config, "num_hidden_layers", None)
     from compressor.model_io import load_config, prepare_source
@@ -189,6 +202,7 @@ def _teacher_depth(model: nn.Module, config: DistillConfig, locate: Locator) -> 
             **locate("teacher"),
         )
     _check_same_tokens(getattr(model.config, "_name_or_path", ""), path, config.teacher, ours, locate)
+    _check_hidden_width(model, getattr(teacher_config, "hidden_size", None), config, locate)
     return getattr(teacher_config, "num_hidden_layers", None)
 
 
