@@ -83,7 +83,7 @@ def card_metadata(facts: CheckpointFacts, base_model_override: list[str] | None 
     """The YAML header: base_model, base_model_relation, library_name, license, tags."""
     bases = base_model_override or base_models(facts.compression, facts.recipe)
     methods = [method for _, method in facts.stages if method]
-    tags = ["compressed-tensors", "compressor"]
+    tags = ["compressed-tensors", "compressor"] if _stored_compressed(facts) else ["compressor"]
     scheme = weight_scheme_tag(facts.config)
     for tag in ([scheme] if scheme else []) + methods + [kind for kind, _ in facts.stages]:
         if tag not in tags:
@@ -189,15 +189,22 @@ def _eval_section(facts: CheckpointFacts) -> list[str]:
     return lines
 
 
+def _stored_compressed(facts: CheckpointFacts) -> bool:
+    """Whether the weights are stored in a compressed format (a merge or a distillation alone writes
+    plain dense weights, which need neither compressed-tensors nor its kernels)."""
+    return bool(facts.config.get("quantization_config") or facts.config.get("sparsity_config"))
+
+
 def _usage_section(repo_id: str, facts: CheckpointFacts) -> list[str]:
     asymmetric = any(
         not ((group.get("weights") or {}).get("symmetric", True))
         for group in ((facts.config.get("quantization_config") or {}).get("config_groups") or {}).values()
     )
+    compressed = _stored_compressed(facts)
     lines = [
         "## Use it",
         "",
-        "With transformers (needs `pip install compressed-tensors`):",
+        "With transformers (needs `pip install compressed-tensors`):" if compressed else "With transformers:",
         "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
@@ -206,7 +213,7 @@ def _usage_section(repo_id: str, facts: CheckpointFacts) -> list[str]:
         f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
         "```",
         "",
-        "With vLLM, which runs the compressed-tensors format with its own kernels:",
+        "With vLLM, which runs the compressed-tensors format with its own kernels:" if compressed else "With vLLM:",
         "",
         "```python",
         "from vllm import LLM",

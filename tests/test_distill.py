@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -226,6 +224,24 @@ def _teacher_variant(source: Path, folder: Path, **changes) -> Path:
     return folder
 
 
+def _teacher_with_two_token_ids_swapped(source: Path, folder: Path) -> Path:
+    """A copy of `source` whose tokenizer has the same size but gives two tokens each other's ids."""
+    shutil.copytree(source, folder)
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    first, second = sorted(vocab, key=vocab.get)[100:102]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return folder
+
+
+def test_a_teacher_with_the_same_tokenizer_passes_the_check(tiny_llama, tmp_path, capsys):
+    teacher = shutil.copytree(tiny_llama, tmp_path / "teacher")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: t\ncalibration: {{samples: 4, seq_len: 32}}\nstages:\n  - distill: {{teacher: {teacher}}}\n")
+    assert main([str(tiny_llama), "--recipe", str(recipe), "--dry-run", "-q"]) == 0, capsys.readouterr().err
+
+
 def test_hidden_loss_without_layers_pairs_every_block(tiny_llama):
     from compressor.errors import CompressionError
     from compressor.stages.distill import DistillConfig
@@ -283,13 +299,25 @@ def test_mse_hidden_without_layers_runs_after_quantize(teacher, tiny_llama, tmp_
         ("{max_minutes: 0}", 4, "stages[0].distill.max_minutes", "greater than 0"),
         ("{train: everything}", 4, "stages[0].distill.train", "got 'everything'"),
         ("{teacher: TEACHER}", 4, "stages[0].distill.teacher", "different vocabulary"),
+        # Same size, other ids: logits compared id by id would mean nothing.
+        ("{teacher: SWAPPED}", 4, "stages[0].distill.teacher", "different tokenizer (2 tokens differ"),
+        ("{teacher: MISSING}", 4, "stages[0].distill.teacher", "model path not found"),
+        ("{teacher: org/not-cached-teacher}", 4, "stages[0].distill.teacher", "teacher 'org/not-cached-teacher': cannot load"),
+        # Hidden states of another width cannot be compared element by element (it crashed mid-run).
+        ("{teacher: WIDE, loss: {kind: mse_hidden, layers: [[2, 2]]}}", 4, "stages[0].distill.loss", "hidden size is 96 and the teacher's 128"),
+        # Batches larger than the windows silently held every window.
+        ("{batch_size: 8}", 4, "stages[0].distill.batch_size", "larger than the 4 windows it draws batches from (calibration.samples)"),
+        ("{batch_size: 3, data: {samples: 2}}", 4, "stages[0].distill.batch_size", "(data.samples)"),
     ],
 )
 def test_bad_distill_blocks(block, line, key, fragment, tiny_llama, tmp_path, capsys):
     teacher = _teacher_variant(tiny_llama, tmp_path / "teacher", vocab_size=500)
     deep = _teacher_variant(tiny_llama, tmp_path / "deep", num_hidden_layers=3)
+    swapped = _teacher_with_two_token_ids_swapped(tiny_llama, tmp_path / "swapped")
+    wide = _teacher_variant(tiny_llama, tmp_path / "wide", hidden_size=128)
     recipe = tmp_path / "r.yaml"
     block = block.replace("TEACHER", str(teacher)).replace("DEEP", str(deep))
+    block = block.replace("SWAPPED", str(swapped)).replace("MISSING", str(tmp_path / "missing")).replace("WIDE", str(wide))
     recipe.write_text("name: t\ncalibration: {samples: 4, seq_len: 32}\nstages:\n  - distill: " + block + "\n")
     code = main([str(tiny_llama), "--recipe", str(recipe), "--dry-run", "-q"])
     err = capsys.readouterr().err.strip()

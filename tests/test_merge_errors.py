@@ -59,6 +59,23 @@ def test_different_shape_names_the_first_tensor(pair, tiny_tokenizer_dir, tmp_pa
     assert "[96, 160]" in err
 
 
+def test_tied_and_untied_embeddings_are_named_as_such(pair, tmp_path, capsys):
+    """It used to read "has tensor lm_head.weight that <base> lacks", which hides the cause."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    untied = shutil.copytree(pair["a"], tmp_path / "untied")
+    tensors = load_file(str(untied / "model.safetensors"))
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, str(untied / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((untied / "config.json").read_text())
+    (untied / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    text = recipe_text(f"method: ties\nbase: {pair['base']}\nmodels:\n  - {{model: {untied}, weight: 1.0, density: 0.5}}")
+    refused(tmp_path, capsys, text, "merge.yaml:7 stages[0].merge.models[0].model: tie_word_embeddings is false here and true in")
+
+
 def test_weights_summing_to_zero_with_normalize(pair, tmp_path, capsys):
     text = recipe_text(f"method: linear\nmodels:\n  - {{model: {pair['a']}, weight: 1.0}}\n  - {{model: {pair['b']}, weight: -1.0}}")
     refused(tmp_path, capsys, text, "merge.yaml:5", "stages[0].merge.models", "sum to zero")
@@ -114,8 +131,14 @@ def test_merge_must_be_first_and_takes_no_model(pair, tmp_path, capsys):
 
 
 def test_mergekit_configs_refuse_what_they_cannot_translate(pair, tmp_path, capsys):
-    slices = f"merge_method: linear\nslices:\n  - sources:\n      - model: {pair['a']}\n        layer_range: [0, 2]\n"
-    refused(tmp_path, capsys, slices, "merge.yaml:2", "slices", "not supported")
+    # One whole-model slice is a `models` merge; anything that stacks or drops layers is refused.
+    source = f"      - model: {pair['a']}\n        layer_range: [0, 1]\n        parameters: {{weight: 1}}\n"
+    slices = f"merge_method: linear\nslices:\n  - sources:\n{source}"
+    refused(tmp_path, capsys, slices, "merge.yaml:5 slices[0].sources[0].layer_range: layer_range [0, 1] does not cover the models' 2 layers")
+    refused(tmp_path, capsys, slices + f"  - sources:\n{source}", "merge.yaml:2 slices: only one slice covering every layer")
+    mixed = slices + source.replace("[0, 1]", "[1, 2]")
+    refused(tmp_path, capsys, mixed, "merge.yaml:8 slices[0].sources[1].layer_range: layer_range [1, 2]: every source must cover the same layers")
+    refused(tmp_path, capsys, "merge_method: linear\nmodules: {}\n", "merge.yaml:2 modules: `modules` configs are not supported")
     unknown_source = f"merge_method: linear\nmodels:\n  - model: {pair['a']}\n    parameters: {{weight: 1.0}}\ntokenizer_source: other\n"
     refused(tmp_path, capsys, unknown_source, "merge.yaml:5", "tokenizer_source must be 'base', 'union' or one of the models")
     bad_density = f"merge_method: ties\nbase_model: {pair['base']}\nmodels:\n  - model: {pair['a']}\n    parameters:\n      weight: 1.0\n      density: 2.0\n"
@@ -125,6 +148,77 @@ def test_mergekit_configs_refuse_what_they_cannot_translate(pair, tmp_path, caps
     refused(tmp_path, capsys, unknown_method, "merge.yaml:1 merge_method: unknown merge method 'frankenmerge'")
     bad_weight = f"merge_method: linear\nmodels:\n  - model: {pair['a']}\n    parameters: {{weight: abc}}\n"
     refused(tmp_path, capsys, bad_weight, "merge.yaml:4 models[0].parameters.weight: must be a number, got 'abc'")
+
+
+def test_mergekit_config_errors_found_after_parsing_name_the_mergekit_keys(pair, tmp_path, capsys):
+    """Checks made once inputs are resolved (plan time) name the key as the mergekit file spells it."""
+    a, base, missing = pair["a"], pair["base"], tmp_path / "missing"
+    twice = f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\n  - model: {a}\n    parameters: {{weight: 1}}\n"
+    refused(tmp_path, capsys, twice, "merge.yaml:5 models[1].model: ", "listed twice")
+    not_found = f"merge_method: ties\nbase_model: {missing}\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\n"
+    refused(tmp_path, capsys, not_found, "merge.yaml:2 base_model: model path not found")
+    zero = f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\n  - model: {base}\n    parameters: {{weight: -1}}\n"
+    refused(tmp_path, capsys, zero, "merge.yaml:2 models: the weights sum to zero")
+    # Keys the file leaves out are named where mergekit reads them.
+    no_weight = f"merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {a}\n    parameters: {{density: 0.5}}\n"
+    refused(tmp_path, capsys, no_weight, "merge.yaml:4 models[0].parameters.weight: ties needs a weight")
+    no_t = f"merge_method: slerp\nbase_model: {base}\nmodels:\n  - model: {a}\n"
+    refused(tmp_path, capsys, no_t, "merge.yaml:1 parameters.t: slerp needs `t`")
+
+
+def test_merge_only_recipe_refuses_evaluate_and_checks_push_before_merging(pair, tmp_path, capsys, monkeypatch):
+    """Both keys were silently ignored by a recipe whose only stage is the merge."""
+    block = f"method: linear\nmodels:\n  - {{model: {pair['a']}, weight: 1.0}}"
+    evaluate = recipe_text(block, extra="evaluate: {tasks: [perplexity], limit: 2}\n")
+    refused(tmp_path, capsys, evaluate, "merge.yaml:7 evaluate: ", "this recipe only merges", argv_prefix=("--recipe",))
+    (tmp_path / "e.yaml").write_text(evaluate)
+    assert main(["--recipe", str(tmp_path / "e.yaml"), "--dry-run"]) == 2
+    assert "e.yaml:7 evaluate: " in capsys.readouterr().err
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    push = recipe_text(block, extra="output: {push_to_hub: org/merged}\n")
+    refused(tmp_path, capsys, push, "push", "HF_HUB_OFFLINE", argv_prefix=("--recipe",))
+
+
+@pytest.mark.parametrize(
+    "block, located",
+    [
+        # A recipe: the key as written.
+        ("method: task_arithmetic\nbase: BASE\nmodels:\n  - {model: A, weight: 1.0, density: 0.5}", "merge.yaml:7 stages[0].merge.models[0].density: `density` has no effect on task_arithmetic"),
+        ("method: ties\nbase: BASE\nseed: 3\nmodels:\n  - {model: A, weight: 1.0, density: 0.5}", "merge.yaml:6 stages[0].merge.seed: `seed` has no effect on ties"),
+        ("method: linear\nlambda: 0.5\nmodels:\n  - {model: A, weight: 1.0}", "merge.yaml:5 stages[0].merge.lambda: `lambda` has no effect on linear (linear reads weight, normalize)"),
+        # The base listed under models: task vectors start from it, so its weight would change nothing.
+        ("method: ties\nbase: BASE\nmodels:\n  - {model: BASE, weight: 0.3}\n  - {model: A, weight: 1.0}", "merge.yaml:7 stages[0].merge.models[0].weight: the base takes no `weight` in ties"),
+    ],
+)
+def test_parameters_the_method_does_not_read_are_refused(pair, tmp_path, capsys, block, located):
+    block = block.replace("BASE", str(pair["base"])).replace("A", str(pair["a"]))
+    refused(tmp_path, capsys, recipe_text(block), located, "remove it")
+
+
+def test_mergekit_parameters_the_method_does_not_read_are_refused(pair, tmp_path, capsys):
+    """mergekit resolves only the parameters a method declares and skips the rest without a word."""
+    a, b, base = pair["a"], pair["b"], pair["base"]
+    stock = f"merge_method: model_stock\nbase_model: {base}\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.5}}\n  - model: {b}\n"
+    refused(tmp_path, capsys, stock, "merge.yaml:5 models[0].parameters.weight: `weight` has no effect on model_stock")
+    slerp = f"merge_method: slerp\nbase_model: {base}\nmodels:\n  - model: {a}\nparameters:\n  t: 0.5\n  normalize: true\n"
+    refused(tmp_path, capsys, slerp, "merge.yaml:7 parameters.normalize: `normalize` has no effect on slerp (slerp reads t)")
+
+
+def test_lora_inputs_are_resolved_at_plan_time(pair, tmp_path, capsys):
+    """A missing adapter used to pass `--dry-run` and fail the run with no file:line."""
+    bare = tmp_path / "lora"
+    bare.mkdir()
+    (bare / "adapter_config.json").write_text("{}")
+
+    def ties_with(model: str) -> str:
+        return recipe_text(f"method: ties\nbase: {pair['base']}\nmodels:\n  - {{model: '{model}', weight: 1.0, density: 0.5}}")
+
+    located = "merge.yaml:7 stages[0].merge.models[0].model: "
+    for argv in (("merge",), ("merge", "--dry-run")):
+        refused(tmp_path, capsys, ties_with(f"{pair['a']}+{tmp_path / 'missing'}"), located, "missing not found", argv_prefix=argv)
+    refused(tmp_path, capsys, ties_with(f"{pair['a']}+org/uncached-lora"), located, "cannot fetch adapter org/uncached-lora")
+    refused(tmp_path, capsys, ties_with(f"{pair['a']}+{pair['b']}"), located, "has no adapter_config.json")
+    refused(tmp_path, capsys, ties_with(str(bare)), located, "is a peft adapter, not a model: write it as BASE+ADAPTER")
 
 
 def test_dry_run_plans_the_merge_and_later_stages(pair, tmp_path, capsys):

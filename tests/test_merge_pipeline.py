@@ -85,6 +85,17 @@ def test_ties_output_equals_the_method_on_whole_state_dicts(merge_models, tmp_pa
     assert AutoTokenizer.from_pretrained(str(tmp_path / "out")).vocab_size > 0
 
 
+def test_merge_only_output_has_its_model_card(merge_models, tmp_path):
+    """Like every other OUT: README.md with the merge's metadata (it was missing without later stages)."""
+    merge(recipe_text(ties_block(merge_models)), tmp_path / "out")
+    card = (tmp_path / "out" / "README.md").read_text()
+    header = yaml.safe_load(card.split("---")[1])
+    assert "merge" in header["tags"] and "ties" in header["tags"]
+    assert "A ties merge of" in card and str(merge_models["ft0"]) in card
+    # Plain dense weights: no compressed-tensors tag, nor a claim that loading needs it.
+    assert "compressed-tensors" not in header["tags"] and "pip install compressed-tensors" not in card
+
+
 def test_small_shards_get_an_index_and_the_same_tensors(merge_models, tmp_path):
     block = f"method: linear\nmodels:\n  - {{model: {merge_models['ft0']}, weight: 1.0}}\n  - {{model: {merge_models['ft1']}, weight: 3.0}}"
     merge(recipe_text(block), tmp_path / "one")
@@ -170,14 +181,26 @@ t:
   - {{value: 0.5}}
 dtype: float32
 """
+    # mergekit's README writes this slerp with one whole-model slice: the same merge.
+    sliced_yaml = mergekit_yaml.replace(
+        f"models:\n  - model: {m['base']}\n  - model: {m['ft2']}\n",
+        f"slices:\n  - sources:\n      - {{model: {m['base']}, layer_range: [0, 2]}}\n      - {{model: {m['ft2']}, layer_range: [0, 2]}}\n",
+    )
+    assert "slices" in sliced_yaml
+    (tmp_path / "sliced.yaml").write_text(sliced_yaml)
+    assert main(["merge", str(tmp_path / "sliced.yaml"), str(tmp_path / "sliced"), "-q"]) == 0
     (tmp_path / "mk.yaml").write_text(mergekit_yaml)
     (tmp_path / "native.yaml").write_text(recipe_text(native))
-    assert main(["merge", str(tmp_path / "mk.yaml"), "-o", str(tmp_path / "a"), "-q"]) == 0
+    # OUT as a second argument, as `mergekit-yaml CONFIG OUT` takes it; -o elsewhere must agree.
+    assert main(["merge", str(tmp_path / "mk.yaml"), str(tmp_path / "c"), "-o", str(tmp_path / "d"), "-q"]) == 2
+    assert "two output folders" in capsys.readouterr().err
+    assert main(["merge", str(tmp_path / "mk.yaml"), str(tmp_path / "a"), "-q"]) == 0
     assert main(["merge", str(tmp_path / "native.yaml"), "-o", str(tmp_path / "b"), "-q"]) == 0
-    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
-    assert a.keys() == b.keys()
+    a, b, sliced = weights(tmp_path / "a"), weights(tmp_path / "b"), weights(tmp_path / "sliced")
+    assert a.keys() == b.keys() == sliced.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+        torch.testing.assert_close(sliced[name], b[name], rtol=0, atol=0)
     base, ft2 = weights(m["base"]), weights(m["ft2"])
     # layer 1 of 2 sits at t=1: attention takes the fine-tune, the MLP keeps the base.
     torch.testing.assert_close(a["model.layers.1.self_attn.q_proj.weight"], ft2["model.layers.1.self_attn.q_proj.weight"])

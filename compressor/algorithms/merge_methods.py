@@ -88,6 +88,12 @@ class MergeMethod:
     uses_t: bool = False
     randomized: bool = False
     elementwise: bool = False  # each output entry depends on the same entry of the inputs only
+    options: tuple[str, ...] = ()  # the merge block's other keys that change this method's result
+
+    def parameters(self) -> tuple[str, ...]:
+        """Every parameter key this method reads (a recipe setting any other is refused)."""
+        used = (("weight", self.uses_weight), ("density", self.uses_density), ("gamma", self.uses_gamma), ("t", self.uses_t))
+        return tuple(name for name, uses in used if uses) + self.options
 
 
 def _float_work_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -241,18 +247,32 @@ def model_stock(m: TensorMerge) -> torch.Tensor:
     return (t * average + (1 - t) * w0).reshape(shape)
 
 
+_SPARSIFIED = ("normalize", "lambda", "rescale")  # the task-vector methods that drop entries
+
+
 @functools.cache
 def merge_method_registry() -> Registry[MergeMethod]:
     registry: Registry[MergeMethod] = Registry("merge method")
     for method in (
-        MergeMethod("linear", linear, "ignored", 1, None, default_normalize=True, default_rescale=False, elementwise=True),
-        MergeMethod("task_arithmetic", _task_vectors(None, False), "required", 1, None, False, False, elementwise=True),
-        MergeMethod("ties", _task_vectors("magnitude", True), "required", 1, None, True, False, uses_density=True),
         MergeMethod(
-            "dare_ties", _task_vectors("random", True), "required", 1, None, False, True, uses_density=True, randomized=True
+            "linear", linear, "ignored", 1, None, default_normalize=True, default_rescale=False, elementwise=True,
+            options=("normalize",),
         ),
         MergeMethod(
-            "dare_linear", _task_vectors("random", False), "required", 1, None, False, True, uses_density=True, randomized=True
+            "task_arithmetic", _task_vectors(None, False), "required", 1, None, False, False, elementwise=True,
+            options=("normalize", "lambda"),
+        ),
+        MergeMethod(
+            "ties", _task_vectors("magnitude", True), "required", 1, None, True, False, uses_density=True,
+            options=_SPARSIFIED + ("tie_break",),
+        ),
+        MergeMethod(
+            "dare_ties", _task_vectors("random", True), "required", 1, None, False, True, uses_density=True, randomized=True,
+            options=_SPARSIFIED + ("seed",),
+        ),
+        MergeMethod(
+            "dare_linear", _task_vectors("random", False), "required", 1, None, False, True, uses_density=True, randomized=True,
+            options=_SPARSIFIED + ("seed",),
         ),
         MergeMethod(
             "breadcrumbs",
@@ -264,9 +284,10 @@ def merge_method_registry() -> Registry[MergeMethod]:
             False,
             uses_density=True,
             uses_gamma=True,
+            options=_SPARSIFIED + ("tie_break",),
         ),
         MergeMethod("slerp", slerp, "required", 2, 2, False, False, uses_weight=False, uses_t=True),
-        MergeMethod("model_stock", model_stock, "required", 3, None, False, False, uses_weight=False),
+        MergeMethod("model_stock", model_stock, "required", 3, None, False, False, uses_weight=False, options=("filter_wise",)),
     ):
         registry.register(method.name, method)
     return registry.freeze()

@@ -1,4 +1,5 @@
-"""`compress merge CONFIG.yaml -o OUT`: run a merge recipe, or a mergekit config, as is."""
+"""`compress merge CONFIG.yaml -o OUT` (or `compress merge CONFIG.yaml OUT`, as `mergekit-yaml` takes it):
+run a merge recipe, or a mergekit config, as is."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from compressor.errors import RecipeError
 def _parser() -> Parser:
     parser = Parser(prog="compress merge", description="Merge models from a recipe or a mergekit YAML config.")
     parser.add_argument("config", help="a recipe whose first stage is `merge`, or a mergekit config (merge_method: ...)")
+    parser.add_argument("out", nargs="?", type=Path, help="output folder, as mergekit-yaml takes it (or -o)")
     parser.add_argument("--output", "-o", type=Path, help="output folder (required unless --dry-run)")
     parser.add_argument("--dry-run", action="store_true", help="check inputs, shapes and parameters; write nothing")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
@@ -41,6 +43,9 @@ def run(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     from compressor.errors import UserError
 
+    if args.out is not None and args.output is not None and args.out != args.output:
+        raise UserError(f"two output folders: {args.out} and -o {args.output}; give one", where="compress merge")
+    args.output = args.output or args.out
     if args.output is None and not args.dry_run:
         raise UserError("--output/-o is required (or pass --dry-run)", where="compress merge")
     from compressor.commands.compress import _print_plans, run_options

@@ -134,6 +134,29 @@ def _input_order(config: MergeConfig, method: MergeMethod, locate: Locate) -> tu
     return references, base_index
 
 
+# Merge-block keys any method reads (dtypes, tokenizer, output); the others depend on the method.
+_METHOD_KEYS = ("weight", "density", "gamma", "t", "normalize", "lambda", "rescale", "filter_wise", "seed", "tie_break")
+
+
+def _check_unused_parameters(config: MergeConfig, method: MergeMethod, locate: Locate) -> None:
+    """A key the method never reads would be silently ignored (a `density` on task_arithmetic does
+    not sparsify anything): refuse it, naming the key and what the method does read."""
+    used = method.parameters()
+    reads = f"{method.name} reads {', '.join(used) or 'none of them'}"
+    given = {"lambda" if name == "lambda_" else name for name in config.model_fields_set}
+    for key in _METHOD_KEYS:
+        if key in given and key not in used:
+            raise RecipeError(f"`{key}` has no effect on {method.name} ({reads}); remove it", **locate(key))
+    for i, model in enumerate(config.models):
+        is_base = method.base == "required" and model.model == config.base
+        for key in sorted(model.model_fields_set - {"model"}):
+            if is_base:  # the deltas are measured from it, so no per-model parameter reaches it
+                raise RecipeError(f"the base takes no `{key}` in {method.name} (its delta is zero); remove it",
+                                  **locate("models", i, key))
+            if key not in used:
+                raise RecipeError(f"`{key}` has no effect on {method.name} ({reads}); remove it", **locate("models", i, key))
+
+
 def _count_message(method: MergeMethod, count: int) -> str:
     if method.max_inputs == method.min_inputs == 2:
         return f"{method.name} merges exactly two models, the base and one other (got {count} counting the base)"
@@ -176,6 +199,14 @@ def _compare_architectures(configs: list[dict[str, Any]], references: list[str],
         if found != expected:
             raise RecipeError(
                 f"architecture {found[1] or found[0]} differs from {references[ref]}'s {expected[1] or expected[0]}",
+                **where(i),
+            )
+        # Said before the tensor lists are compared, where it would read as a missing lm_head.weight.
+        tied, ref_tied = config.get("tie_word_embeddings"), configs[ref].get("tie_word_embeddings")
+        if None not in (tied, ref_tied) and tied != ref_tied:
+            raise RecipeError(
+                f"tie_word_embeddings is {str(tied).lower()} here and {str(ref_tied).lower()} in {references[ref]}:"
+                " merging a model whose lm_head is tied to its embeddings with one whose lm_head is its own is not supported",
                 **where(i),
             )
 
@@ -243,6 +274,7 @@ def _check_weight_sum(params: TensorParams, name: str, normalize: bool, locate: 
 def plan_merge(config: MergeConfig, locate: Locate, *, allow_pickle: bool = False) -> MergePlan:
     """Every check a merge can make before reading a weight; raises RecipeError naming the key."""
     method = merge_method_registry().get(config.method)
+    _check_unused_parameters(config, method, locate)
     references, base_index = _input_order(config, method, locate)
 
     def where(i: int) -> dict[str, str]:
@@ -265,6 +297,12 @@ def plan_merge(config: MergeConfig, locate: Locate, *, allow_pickle: bool = Fals
     _check_fits_architecture(inputs[reference_index], configs[reference_index].get("model_type"), where(reference_index))
 
     num_layers = int(configs[reference_index].get("num_hidden_layers") or 0)
+    if config.layer_range is not None and list(config.layer_range) != [0, num_layers]:
+        raise RecipeError(
+            f"layer_range {list(config.layer_range)} does not cover the models' {num_layers} layers: only whole-model"
+            f" slices are supported (layer_range: [0, {num_layers}])",
+            **locate("layer_range"),
+        )
     normalize = method.default_normalize if config.normalize is None else config.normalize
     reference = inputs[reference_index].load()
     slots, params, compute = [], [], []

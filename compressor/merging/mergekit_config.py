@@ -8,7 +8,8 @@
     parameters: {normalize: true}               normalize: true
     dtype: bfloat16                             dtype: bfloat16
 
-Supported: the methods our registry has, `models` (not `slices`/`modules`), per-model and global
+Supported: the methods our registry has, `models` or one whole-model slice (`slices:` with one slice
+whose sources all have `layer_range: [0, number of layers]`; not `modules`), per-model and global
 `parameters` (numbers, gradients, filtered values), `dtype`, `out_dtype`, `tokenizer_source`
 (`base`, `union` or a model). `int8_mask` only changes the dtype mergekit builds its sign mask in, so it is
 accepted and has no effect.
@@ -16,6 +17,7 @@ accepted and has no effect.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from compressor.errors import RecipeError
@@ -25,8 +27,12 @@ from compressor.yaml_lines import LocatedDocument, format_path
 MODEL_PARAMETERS = ("weight", "density", "gamma")
 GLOBAL_PARAMETERS = ("weight", "density", "gamma", "t", "normalize", "rescale", "lambda", "filter_wise")
 IGNORED_PARAMETERS = ("int8_mask",)
-TOP_LEVEL = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "name")
+TOP_LEVEL = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source", "name")
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+
+
+RENAMED = {"method": "merge_method", "base": "base_model"}
+_MERGE_KEY = re.compile(r"stages\[0\]\.merge\.(?:(?P<models>models\[\d+\])\.)?(?P<name>\w+)")
 
 
 def is_mergekit_config(doc: LocatedDocument) -> bool:
@@ -52,6 +58,15 @@ class _Translation:
         """The mergekit spelling of a recipe key path (its longest translated prefix swapped)."""
         if key is None:
             return None
+        unwritten = _MERGE_KEY.fullmatch(key)  # a key the file leaves out: where mergekit would put it
+        if key not in self.keys and unwritten is not None:
+            models, name = unwritten.group("models"), unwritten.group("name")
+            if models is not None and name in MODEL_PARAMETERS:
+                return f"{self.keys.get(f'stages[0].merge.{models}', models)}.parameters.{name}"
+            if models is None and name in GLOBAL_PARAMETERS:
+                return f"parameters.{name}"
+            if models is None and name in RENAMED:
+                return RENAMED[name]
         for end in range(len(key), 0, -1):
             if (end == len(key) or key[end] in ".[") and key[:end] in self.keys:
                 return self.keys[key[:end]] + key[end:]
@@ -72,11 +87,42 @@ class _Translation:
             self.place((*new, key), (*path, key))
         return out
 
+    def whole_model_slice(self, merge: dict[str, Any]) -> tuple[list[Any], tuple[Any, ...]]:
+        """`slices:` with one slice whose sources all cover the same layers from 0: the same merge as
+        `models:` (mergekit's README writes its slerp example so). The range must reach the last
+        layer, checked once the models' depth is known (`layer_range` in the merge block)."""
+        slices = self.doc.data["slices"]
+        if not isinstance(slices, list) or len(slices) != 1 or not isinstance(slices[0], dict):
+            raise self.error("only one slice covering every layer is supported (a whole-model merge); list whole models under `models`", ("slices",))
+        unknown = [k for k in slices[0] if k != "sources"]
+        if unknown:
+            raise self.error(f"slice key '{unknown[0]}' is not supported (known: sources)", ("slices", 0, unknown[0]))
+        sources = slices[0].get("sources")
+        path = ("slices", 0, "sources")
+        if not isinstance(sources, list) or not sources:
+            raise self.error("`sources` must be a non-empty list", path)
+        ranges = []
+        for i, source in enumerate(sources):
+            span = source.get("layer_range") if isinstance(source, dict) else None
+            if not (isinstance(span, list) and len(span) == 2 and all(type(v) is int for v in span)):
+                raise self.error("each source needs `layer_range: [start, end]`", (*path, i))
+            ranges.append(span)
+        for i, span in enumerate(ranges):
+            if span != ranges[0] or span[0] != 0:
+                raise self.error(
+                    f"layer_range {span}: every source must cover the same layers from 0 (here {ranges[0]}), a whole-model"
+                    " merge; frankenmerges that stack or drop layers are not supported",
+                    (*path, i, "layer_range"),
+                )
+        merge["layer_range"] = ranges[0]
+        self.place(("layer_range",), (*path, 0, "layer_range"))
+        return sources, path
+
     def translate(self) -> dict[str, Any]:
         data = self.doc.data
         for key in data:
-            if key in ("slices", "modules"):
-                raise self.error(f"`{key}` configs are not supported; list whole models under `models`", (key,))
+            if key == "modules":
+                raise self.error("`modules` configs are not supported; list whole models under `models`", (key,))
             if key not in TOP_LEVEL:
                 raise self.error(f"unknown or unsupported mergekit key '{key}' (supported: {', '.join(TOP_LEVEL)})", (key,))
         merge: dict[str, Any] = {"method": data["merge_method"]}
@@ -84,20 +130,27 @@ class _Translation:
         if data.get("base_model") is not None:
             merge["base"] = data["base_model"]
             self.place(("base",), ("base_model",))
-        models = data.get("models")
-        if not isinstance(models, list) or not models:
-            raise self.error("`models` must be a non-empty list", ("models",))
+        if data.get("slices") is not None:
+            if data.get("models") is not None:
+                raise self.error("give `models` or `slices`, not both", ("slices",))
+            models, path = self.whole_model_slice(merge)
+        else:
+            models, path = data.get("models"), ("models",)
+            if not isinstance(models, list) or not models:
+                raise self.error("`models` must be a non-empty list", path)
         merge["models"] = []
+        self.place(("models",), path)
+        known = ("model", "parameters") + (("layer_range",) if path != ("models",) else ())
         for i, entry in enumerate(models):
             if not isinstance(entry, dict) or "model" not in entry:
-                raise self.error("each model must be a mapping with `model`", ("models", i))
-            unknown = [k for k in entry if k not in ("model", "parameters")]
+                raise self.error("each model must be a mapping with `model`", (*path, i))
+            unknown = [k for k in entry if k not in known]
             if unknown:
-                raise self.error(f"unknown key '{unknown[0]}' (known: model, parameters)", ("models", i, unknown[0]))
+                raise self.error(f"unknown key '{unknown[0]}' (known: {', '.join(known)})", (*path, i, unknown[0]))
             item = {"model": entry["model"]}
-            self.place(("models", i), ("models", i))
-            self.place(("models", i, "model"), ("models", i, "model"))
-            item.update(self.parameters(entry.get("parameters"), ("models", i, "parameters"), MODEL_PARAMETERS, ("models", i)))
+            self.place(("models", i), (*path, i))
+            self.place(("models", i, "model"), (*path, i, "model"))
+            item.update(self.parameters(entry.get("parameters"), (*path, i, "parameters"), MODEL_PARAMETERS, ("models", i)))
             merge["models"].append(item)
         merge.update(self.parameters(data.get("parameters"), ("parameters",), GLOBAL_PARAMETERS, ()))
         for key in ("dtype", "out_dtype"):
@@ -114,11 +167,24 @@ class _Translation:
         return {"name": data.get("name") or f"mergekit-{data['merge_method']}", "stages": [{"merge": merge}]}
 
 
+class _MergekitDocument(LocatedDocument):
+    """The translated recipe, locating keys as the mergekit file spells them, so that errors
+    raised after parsing (a model not found, weights summing to zero) name what the user wrote."""
+
+    def __init__(self, translation: _Translation, data: Any):
+        super().__init__(data, translation.lines, translation.doc.source)
+        self.translation = translation
+
+    def locate(self, path: tuple[Any, ...]) -> dict[str, str]:
+        located = super().locate(path)
+        return {**located, "key": self.translation.mergekit_key(located["key"]) or located["key"]}
+
+
 def recipe_from_mergekit(doc: LocatedDocument) -> Recipe:
     """The recipe a mergekit config means; errors point at the mergekit file's lines."""
     translation = _Translation(doc)
     data = translation.translate()
     try:
-        return parse_recipe(LocatedDocument(data, translation.lines, doc.source))
+        return parse_recipe(_MergekitDocument(translation, data))
     except RecipeError as err:  # name the key the user wrote, not the recipe key it became
         raise RecipeError(err.message, where=err.where, key=translation.mergekit_key(err.key)) from None

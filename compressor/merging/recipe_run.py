@@ -39,8 +39,20 @@ def _merge_locator(recipe: Recipe) -> Callable[..., dict[str, str]]:
     return lambda *suffix: recipe.where(("stages", 0, "merge", *suffix))
 
 
+def check_merge_only_evaluation(recipe: Recipe) -> None:
+    """`evaluate:` compares the model before and after the compression stages; a merge-only
+    recipe has no such pair (it would compare the merged model with itself)."""
+    if len(recipe.stages) == 1 and recipe.evaluate is not None:
+        raise RecipeError(
+            "`evaluate:` compares the model before and after the compression stages, and this recipe only merges:"
+            " add a stage after the merge, or evaluate OUT with `compress eval merged=OUT base=MODEL`",
+            **recipe.where(("evaluate",)),
+        )
+
+
 def plan_recipe_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
     check_merge_position(recipe)
+    check_merge_only_evaluation(recipe)
     config = recipe.stages[0].config
     assert isinstance(config, MergeConfig)
     return plan_merge(config, _merge_locator(recipe), allow_pickle=allow_pickle)
@@ -69,7 +81,7 @@ def merge_stage_record(plan: MergePlan, seconds: float) -> dict[str, Any]:
 
 def _input_paths(plan: MergePlan) -> list[Path | str]:
     """Every local folder the merge reads: checkpoints, their configs, LoRA adapters."""
-    return [p for item in plan.inputs for p in (item.folder, item.config_folder, item.adapter or "")]
+    return [p for item in plan.inputs for p in (item.folder, item.config_folder, item.adapter_folder or "")]
 
 
 def dry_run_merge_recipe(recipe: Recipe, options) -> list[StagePlan]:
@@ -99,12 +111,13 @@ def _merge_metadata(plan: MergePlan, seconds: float, stats) -> dict[str, Any]:
 
 def run_merge_recipe(recipe: Recipe, options, echo: Callable[[str], None] = print):
     """Merge, then run the remaining stages (if any) on the merged model; write OUT atomically."""
-    from compressor.pipeline import RunSummary, _versions, run_recipe
+    from compressor.pipeline import RunSummary, _hub_token_for, _push_output, _versions, _write_model_card, run_recipe
 
     assert options.out_dir is not None
     check_output_dir(options.out_dir, options.overwrite)
     plan = plan_recipe_merge(recipe, options.allow_pickle)
     check_output_spares(options.out_dir, _input_paths(plan))
+    hub_token = _hub_token_for(recipe)  # before the merge: a missing token or network costs no work
     base_reference = plan.inputs[plan.reference_index].reference
     source = {"reference": base_reference, "kind": "merge", "hub_id": plan.inputs[plan.reference_index].hub_id}
     echo(f"stage 1/{len(recipe.stages)}: merge ({plan.method.name}) of {len(plan.inputs)} models, {len(plan.slots)} tensors")
@@ -126,6 +139,9 @@ def run_merge_recipe(recipe: Recipe, options, echo: Callable[[str], None] = prin
             }
             (staging / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
             (staging / "compression.json").write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            _write_model_card(staging, recipe, options.out_dir.name)
+        if hub_token is not None:
+            _push_output(recipe, options.out_dir, hub_token, echo)
         return RunSummary(options.out_dir, size, size, None, None, [seconds], [merge_stage_plan(plan)])
 
     out_parent = options.out_dir.resolve().parent

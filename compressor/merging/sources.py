@@ -21,7 +21,7 @@ from safetensors import safe_open
 
 from compressor.cache import cache_root
 from compressor.errors import ModelError, first_line
-from compressor.model_io import prepare_source, resolve_model
+from compressor.model_io import HUB_ID, prepare_source, resolve_model
 from compressor.weight_files import safetensors_files
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
@@ -56,6 +56,40 @@ def _hub_folder(hub_id: str, reference: str) -> Path:
         return Path(snapshot_download(hub_id, allow_patterns=HUB_PATTERNS))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
         raise ModelError(f"cannot fetch from the Hub: {first_line(err)}", where=reference) from None
+
+
+ADAPTER_PATTERNS = ["*.json", "*.safetensors"]
+
+
+def adapter_folder(adapter: str, reference: str) -> Path:
+    """The local folder of a peft adapter (a folder, or a Hub id fetched or found in the cache),
+    resolved at plan time so that a missing adapter fails `--dry-run`, not the merge."""
+    path = Path(adapter).expanduser()
+    if path.is_dir():
+        if not (path / "adapter_config.json").is_file():
+            raise ModelError(f"adapter folder {adapter} has no adapter_config.json; not a peft adapter", where=reference)
+        return path
+    if path.exists() or adapter.startswith((".", "/", "~")) or adapter.count("/") > 1:
+        raise ModelError(f"adapter {adapter} not found (give a peft adapter folder or its Hub id)", where=reference)
+    if not HUB_ID.match(adapter):
+        raise ModelError(f"adapter {adapter} is not a local folder and not a Hub id of the form org/name", where=reference)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        folder = Path(snapshot_download(adapter, allow_patterns=ADAPTER_PATTERNS))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
+        raise ModelError(f"cannot fetch adapter {adapter} from the Hub: {first_line(err)}", where=reference) from None
+    if not (folder / "adapter_config.json").is_file():
+        raise ModelError(f"Hub repo {adapter} has no adapter_config.json; not a peft adapter", where=reference)
+    return folder
+
+
+def _refuse_bare_adapter(model: str, reference: str) -> None:
+    """A peft adapter folder named as a model: say how to write it, not just "no config.json"."""
+    folder = Path(model).expanduser()
+    if folder.is_dir() and not (folder / "config.json").is_file() and (folder / "adapter_config.json").is_file():
+        raise ModelError("this folder is a peft adapter, not a model: write it as BASE+ADAPTER", where=reference)
 
 
 def model_folder(reference: str, *, allow_pickle: bool = False) -> Path:
@@ -157,7 +191,8 @@ class MergeInput:
     folder: Path  # checkpoint to read (the LoRA-merged one for `model+adapter`)
     config_folder: Path  # where config.json and the tokenizer live
     hub_id: str | None
-    adapter: str | None = None
+    adapter: str | None = None  # as the recipe names it
+    adapter_folder: Path | None = None  # where it lives (resolved at plan time)
     tensors: CheckpointTensors | None = None
 
     def load(self) -> CheckpointTensors:
@@ -169,13 +204,16 @@ class MergeInput:
 def open_input(reference: str, *, allow_pickle: bool = False) -> MergeInput:
     """Resolve a reference without reading weights; `model+adapter` is merged later by `materialize`."""
     model, adapter = split_reference(reference)
+    _refuse_bare_adapter(model, reference)
     folder = model_folder(model, allow_pickle=allow_pickle)
     source = resolve_model(model)
-    return MergeInput(reference=reference, folder=folder, config_folder=folder, hub_id=source.hub_id, adapter=adapter)
+    adapter_path = adapter_folder(adapter, reference) if adapter is not None else None
+    return MergeInput(reference=reference, folder=folder, config_folder=folder, hub_id=source.hub_id, adapter=adapter,
+                      adapter_folder=adapter_path)
 
 
 def materialize(item: MergeInput, trust_remote_code: bool = False) -> None:
     """Fold the adapter in (if any), so that `item.folder` holds the weights to merge."""
-    if item.adapter is not None and item.folder == item.config_folder:
-        item.folder = merge_adapter(item.config_folder, item.adapter, item.reference, trust_remote_code)
+    if item.adapter_folder is not None and item.folder == item.config_folder:
+        item.folder = merge_adapter(item.config_folder, str(item.adapter_folder), item.reference, trust_remote_code)
         item.tensors = None

@@ -34,7 +34,7 @@ from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_
 from torch import nn
 
 from compressor.algorithms.distill_losses import loss_registry
-from compressor.errors import RecipeError
+from compressor.errors import ModelError, RecipeError
 from compressor.recipe import CalibrationSpec, StrictModel
 from compressor.stages.base import Locator, StageContext, StagePlan
 from compressor.kernels.quant_linear import QuantLinear
@@ -171,21 +171,69 @@ def _check_layers(model: nn.Module, teacher_depth: int | None, config: DistillCo
                     )
 
 
+def _check_hidden_width(model: nn.Module, teacher_width: int | None, config: DistillConfig, locate: Locator) -> None:
+    """Hidden losses compare states element by element (no projection is learned): same width."""
+    width = getattr(model.config, "hidden_size", None)
+    for index, spec in enumerate(config.losses()):
+        if spec.kind in _HIDDEN_LOSSES and None not in (width, teacher_width) and width != teacher_width:
+            raise RecipeError(
+                f"loss '{spec.kind}' compares hidden states element by element, but the model's hidden size is"
+                f" {width} and the teacher's {teacher_width}: use a logit loss (kl, reverse_kl, jsd) or a teacher of the same width",
+                **locate(*config.loss_path(index)),
+            )
+
+
 def _teacher_depth(model: nn.Module, config: DistillConfig, locate: Locator) -> int | None:
-    """The teacher's number of blocks, after checking that it shares the model's vocabulary."""
+    """The teacher's number of blocks, after checking that it shares the model's vocabulary (and
+    its width, for hidden-state losses)."""
     if config.teacher == "base":
         return getattr(model.config, "num_hidden_layers", None)
     from compressor.model_io import load_config, prepare_source
 
-    _, path, _ = prepare_source(config.teacher, allow_pickle=False)
-    teacher_config = load_config(path, config.teacher, False)
+    try:
+        _, path, _ = prepare_source(config.teacher, allow_pickle=False)
+        teacher_config = load_config(path, config.teacher, False)
+    except ModelError as err:  # the recipe line names the teacher; the message says what is wrong with it
+        raise RecipeError(f"teacher '{config.teacher}': {err.message}", **locate("teacher")) from None
     ours, theirs = getattr(model.config, "vocab_size", None), getattr(teacher_config, "vocab_size", None)
     if ours != theirs:
         raise RecipeError(
             f"teacher '{config.teacher}' has a different vocabulary ({theirs} tokens, the model has {ours})",
             **locate("teacher"),
         )
+    _check_same_tokens(getattr(model.config, "_name_or_path", ""), path, config.teacher, ours, locate)
+    _check_hidden_width(model, getattr(teacher_config, "hidden_size", None), config, locate)
     return getattr(teacher_config, "num_hidden_layers", None)
+
+
+def _token_ids(path: str, rows: int | None) -> dict[str, int] | None:
+    """Token → id for the ids that have a logit row (transformers may append tokens past them)."""
+    from transformers import AutoTokenizer
+
+    try:
+        vocab = AutoTokenizer.from_pretrained(path).get_vocab()
+    except (OSError, ValueError):
+        return None
+    return {token: i for token, i in vocab.items() if rows is None or i < rows}
+
+
+def _check_same_tokens(model_path: str, teacher_path: str, teacher: str, rows: int | None, locate: Locator) -> None:
+    """The losses compare logits id by id, so both tokenizers must give every token the same id
+    (the same vocabulary size alone is not enough: two BPE vocabularies of one size differ)."""
+    ours = _token_ids(model_path, rows) if model_path else None
+    if ours is None:  # no tokenizer beside the model's config: nothing to compare with
+        return
+    theirs = _token_ids(teacher_path, rows)
+    if theirs is None:
+        raise RecipeError(f"teacher '{teacher}' has no tokenizer to compare with the model's", **locate("teacher"))
+    differing = sorted(t for t in ours.keys() | theirs.keys() if ours.get(t) != theirs.get(t))
+    if differing:
+        token = differing[0]
+        raise RecipeError(
+            f"teacher '{teacher}' has a different tokenizer ({len(differing)} tokens differ, e.g. {token!r} is id"
+            f" {ours.get(token)} in the model's and {theirs.get(token)} in the teacher's); the losses compare logits id by id",
+            **locate("teacher"),
+        )
 
 
 _LORA_KEYS = ("rank", "alpha", "dropout", "targets")

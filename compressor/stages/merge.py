@@ -10,7 +10,7 @@ Recipe block (must be the first stage; the recipe then takes no input MODEL)::
           - {model: org/code-tune+./code-lora, weight: [0.2, 0.8]}   # gradient over the layers
         density: 0.5                 # defaults for every model (weight / density / gamma)
         normalize: true              # method default when left out
-        seed: 0                      # DARE's random masks
+        seed: 0                      # DARE's random masks (dare_ties / dare_linear only)
         tokenizer_source: base       # union, or one of the models; needed when vocabularies differ
         tie_break: index             # equal magnitudes at a TIES cut: index (streamed) or sort (mergekit's)
 
@@ -80,6 +80,8 @@ class MergeConfig(StrictModel):
     # "sort" (torch.argsort's order, bit-identical to mergekit, ~20 bytes per entry more memory).
     tie_break: Literal["index", "sort"] = "index"
     max_shard_size: str = "5GB"
+    # mergekit's one whole-model slice: must be [0, the models' number of layers] (checked at plan time).
+    layer_range: list[NonNegativeInt] | None = Field(default=None, min_length=2, max_length=2)
 
     @field_validator("method")
     @classmethod

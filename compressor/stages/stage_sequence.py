@@ -12,6 +12,9 @@ would refuse later, after spending the earlier stages' time:
   to compensate.
 
 A stage that only smooths (SmoothQuant with ``activations: null``) replaces no layer.
+
+- a training stage (distill) whose `batch_size` is larger than the windows it draws batches from
+  (its `data`, else the recipe's calibration): each batch would silently hold every window.
 """
 
 from __future__ import annotations
@@ -53,9 +56,24 @@ def _compressed_as_loaded(model: nn.Module, names: set[str]) -> bool:
     return any(hasattr(model.get_submodule(name), "weight_packed") for name in names)
 
 
+def _check_batches_fit_the_data(recipe) -> None:
+    for index, spec in enumerate(recipe.stages):
+        config = spec.config
+        if not (hasattr(config, "batch_size") and hasattr(config, "data")):
+            continue
+        data, where = (config.data, "data.samples") if config.data is not None else (recipe.calibration, "calibration.samples")
+        if config.batch_size > data.samples:
+            raise RecipeError(
+                f"batch_size {config.batch_size} is larger than the {data.samples} windows it draws batches from"
+                f" ({where}): lower batch_size or raise the samples",
+                **recipe.where(("stages", index, spec.kind, "batch_size")),
+            )
+
+
 def check_stage_sequence(recipe, plans: dict[int, StagePlan], model: nn.Module) -> None:
     """Raise RecipeError when a stage would find nothing left to act on (`plans` by stage index,
-    made against `model` as loaded)."""
+    made against `model` as loaded), or draws batches larger than its data."""
+    _check_batches_fit_the_data(recipe)
     replaced: dict[str, int] = {}  # module name → index of the stage that replaced it
     for index, spec in enumerate(recipe.stages):
         plan = plans.get(index)
