@@ -42,14 +42,21 @@ class TargetSelection:
 
     selected: dict[str, nn.Module] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    unmatched_ignore: list[str] = field(default_factory=list)  # `ignore` entries naming no module at all
+
+    def notes(self) -> list[str]:
+        """A misspelt `ignore` entry would quietly compress what it meant to keep: say so."""
+        return [f"`ignore: {entry}` matches no module of this model" for entry in self.unmatched_ignore]
 
 
 def select_modules(model: nn.Module, targets: list[str], ignore: list[str]) -> TargetSelection:
     """Modules matching `targets` and no `ignore` entry (tied duplicates counted once)."""
     selection = TargetSelection()
     seen: set[int] = set()
-    for name, module in model.named_modules():
-        if not name or id(module) in seen or first_match(targets, name, module) is None:
+    named = [(name, module) for name, module in model.named_modules() if name]
+    selection.unmatched_ignore = [e for e in ignore if not any(matches(e, n, m) for n, m in named)]
+    for name, module in named:
+        if id(module) in seen or first_match(targets, name, module) is None:
             continue
         seen.add(id(module))
         ignored_by = first_match(ignore, name, module)
