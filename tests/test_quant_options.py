@@ -1,0 +1,114 @@
+"""Quantize options as llm-compressor and GPTQModel users write them: channel-wise `group_size: -1`,
+GPTQ options on methods that never run GPTQ, other tools' key names, `ignore` entries naming nothing."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from compressor.errors import RecipeError
+from compressor.recipe import parse_recipe_text
+from compressor.cli import main
+
+
+def parse(stage: str):
+    text = "name: x\nstages:\n  - quantize:\n" + textwrap.indent(textwrap.dedent(stage), "      ")
+    return parse_recipe_text(text, source="r.yaml")
+
+
+def error_of(stage: str) -> str:
+    with pytest.raises(RecipeError) as info:
+        parse(stage)
+    return info.value.format()
+
+
+def test_group_size_minus_one_is_channel_wise_like_compressed_tensors():
+    recipe = parse("method: gptq\nweights: {bits: 4, group_size: -1}\noverrides:\n  - {targets: [down_proj], weights: {bits: 8, group_size: -1}}\n")
+    config = recipe.stages[0].config
+    assert config.weights.group_size is None
+    assert config.overrides[0].weights.group_size is None
+    # the saved recipe.yaml shows the canonical spelling and parses again
+    assert "group_size: null" in recipe.to_yaml()
+    assert parse_recipe_text(recipe.to_yaml(), source="again.yaml").to_dict() == recipe.to_dict()
+
+
+def test_other_negative_group_sizes_stay_refused():
+    assert error_of("method: rtn\nweights: {group_size: -2}\n").startswith(
+        "r.yaml:5 stages[0].quantize.weights.group_size: must be greater than 0, got -2"
+    )
+
+
+@pytest.mark.parametrize(
+    "stage, key",
+    [
+        ("method: rtn\ndampening: 0.05\n", "dampening"),
+        ("method: hqq\nblock_size: 64\n", "block_size"),
+        ("method: fp8\nact_order: false\n", "act_order"),
+        ("method: smoothquant\ndampening: 0.1\n", "dampening"),
+        ("method: awq\nawq: {then: rtn}\nact_order: false\n", "act_order"),
+    ],
+)
+def test_gptq_options_on_methods_without_gptq_are_refused(stage, key):
+    message = error_of(stage)
+    assert message.startswith("r.yaml:3 stages[0].quantize: "), message
+    assert f"`{key}` is a GPTQ option" in message and "does not use it" in message
+
+
+@pytest.mark.parametrize(
+    "stage",
+    [
+        "method: gptq\ndampening: 0.05\nact_order: false\nblock_size: 64\n",
+        "method: smoothquant+gptq\ndampening: 0.05\n",
+        "method: awq\nawq: {then: gptq}\nact_order: false\n",
+        "method: rtn\nact_order: true\ndampening: 0.01\nblock_size: 128\n",  # defaults, as recipe.yaml writes them
+    ],
+)
+def test_gptq_options_where_gptq_runs_or_at_their_defaults_parse(stage):
+    parse(stage)
+
+
+@pytest.mark.parametrize(
+    "stage, fragment",
+    [
+        ("method: gptq\ndamp_percent: 0.05\n", "stages[0].quantize.damp_percent: unknown key 'damp_percent': use `dampening`"),
+        ("method: gptq\ndesc_act: true\n", "unknown key 'desc_act': use `act_order: true|false`"),
+        ("method: gptq\nstatic_groups: true\n", "unknown key 'static_groups': groups are always static"),
+        ("method: gptq\ntrue_sequential: true\n", "unknown key 'true_sequential': GPTQ is always true-sequential"),
+        ("method: gptq\nbits: 4\n", "unknown key 'bits': put it under `weights:`"),
+        ("method: gptq\nscheme: W4A16\n", "unknown key 'scheme': write the scheme as keys"),
+        ("method: gptq\nweights: {sym: true}\n", "stages[0].quantize.weights.sym: unknown key 'sym': use `symmetric`"),
+        ("method: gptq\nweights: {num_bits: 4}\n", "unknown key 'num_bits': use `bits`"),
+    ],
+)
+def test_other_tools_key_names_get_a_hint(stage, fragment):
+    assert fragment in error_of(stage)
+
+
+def test_misspelt_key_still_lists_the_known_keys():
+    assert "unknown key 'dampning' (known: method, weights," in error_of("method: gptq\ndampning: 0.05\n")
+
+
+def test_ignore_entries_matching_no_module_are_printed(tiny_llama, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "name: x\ncalibration: {seq_len: 64}\nstages:\n"
+        "  - quantize: {method: rtn, ignore: [lm-head, 're:.*mlp\\.gate$', down_proj]}\n"
+    )
+    assert main([str(tiny_llama), "--recipe", str(recipe), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: `ignore: lm-head` matches no module of this model" in out
+    assert "warning: `ignore: re:.*mlp\\.gate$` matches no module of this model" in out
+    assert "ignore: down_proj` matches" not in out  # it matches, and its layers are skipped
+    assert "skipped model.layers.0.mlp.down_proj: ignored by `ignore: down_proj`" in out
+    # the real run says it too, next to the stage line
+    out_dir = tmp_path / "out"
+    assert main([str(tiny_llama), "--recipe", str(recipe), "-o", str(out_dir), "-q", "--no-perplexity"]) == 0
+    assert "  warning: `ignore: lm-head` matches no module of this model" in capsys.readouterr().out
+
+
+def test_prune_reports_unmatched_ignore_entries_too(tiny_llama, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: x\ncalibration: {seq_len: 64}\nstages:\n  - prune: {method: magnitude, sparsity: 0.5, ignore: [lm_haed]}\n")
+    assert main([str(tiny_llama), "--recipe", str(recipe), "--dry-run"]) == 0
+    assert "warning: `ignore: lm_haed` matches no module of this model" in capsys.readouterr().out
