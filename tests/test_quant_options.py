@@ -6,6 +6,7 @@ from __future__ import annotations
 import textwrap
 
 import pytest
+import torch
 
 from compressor.errors import RecipeError
 from compressor.recipe import parse_recipe_text
@@ -112,3 +113,47 @@ def test_prune_reports_unmatched_ignore_entries_too(tiny_llama, tmp_path, capsys
     recipe.write_text("name: x\ncalibration: {seq_len: 64}\nstages:\n  - prune: {method: magnitude, sparsity: 0.5, ignore: [lm_haed]}\n")
     assert main([str(tiny_llama), "--recipe", str(recipe), "--dry-run"]) == 0
     assert "warning: `ignore: lm_haed` matches no module of this model" in capsys.readouterr().out
+
+
+def test_mixed_stages_write_every_scheme_load_in_transformers_and_tag_the_card(tiny_llama, tmp_path):
+    """FP8 attention, then int4 MLP with int8 down_proj: one config group per scheme on disk, plain
+    transformers reads it like compressor.load, and the card is tagged with every scheme."""
+    import json
+
+    import yaml
+    from compressed_tensors.quantization import QuantizationConfig
+    from transformers import AutoModelForCausalLM
+
+    import compressor
+    from compressor.model_card import build_model_card
+    from tests.cli_runs import compress_into
+
+    out = compress_into(tiny_llama, (
+        "name: mix\ncalibration: {samples: 4, seq_len: 32}\nstages:\n"
+        "  - quantize: {method: fp8, targets: ['re:.*self_attn.*']}\n"
+        "  - quantize:\n      method: rtn\n      targets: ['re:.*mlp.*']\n      weights: {bits: 4, group_size: null}\n"
+        "      overrides: [{targets: [down_proj], weights: {bits: 8}}]\n"
+    ), tmp_path)
+    block = json.loads((out / "config.json").read_text())["quantization_config"]
+    config = QuantizationConfig.model_validate(block)  # compressed-tensors reads back what was written
+    assert config.format == "mixed-precision"
+    by_bits = {(group.format, group.weights.num_bits): group for group in config.config_groups.values()}
+    assert set(by_bits) == {("float-quantized", 8), ("pack-quantized", 4), ("pack-quantized", 8)}
+    fp8, int4, int8 = by_bits["float-quantized", 8], by_bits["pack-quantized", 4], by_bits["pack-quantized", 8]
+    assert (fp8.weights.type, fp8.weights.strategy, fp8.input_activations.strategy, fp8.input_activations.dynamic) == (
+        "float", "channel", "token", True
+    )
+    assert (int4.weights.num_bits, int4.weights.strategy, int4.weights.group_size) == (4, "channel", None)
+    assert (int8.weights.strategy, int8.weights.group_size) == ("channel", None)  # the override kept the stage's null
+    assert all("self_attn" in t for t in fp8.targets) and all("mlp" in t for t in int4.targets)
+    assert int8.targets == ["re:^model\\.layers\\.\\d+\\.mlp\\.down_proj$"]
+
+    ids = torch.tensor([[5, 17, 42, 99, 7, 64, 3, 250]])
+    with torch.no_grad():
+        ours = compressor.load(str(out))(ids).logits.float()
+        plain = AutoModelForCausalLM.from_pretrained(str(out))(ids).logits.float()
+    # the weights agree to bf16 rounding; the FP8 activation rounding of the two readers differs a little
+    assert ((ours - plain).norm() / plain.norm()).item() < 0.08
+
+    tags = yaml.safe_load(str(build_model_card(out, "me/mix")).split("---\n")[1])["tags"]
+    assert {"fp8", "w4a16", "w8a16"} <= set(tags) and "w8a8" not in tags  # w8a8 names int8 × int8
