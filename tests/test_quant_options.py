@@ -157,3 +157,26 @@ def test_mixed_stages_write_every_scheme_load_in_transformers_and_tag_the_card(t
 
     tags = yaml.safe_load(str(build_model_card(out, "me/mix")).split("---\n")[1])["tags"]
     assert {"fp8", "w4a16", "w8a16"} <= set(tags) and "w8a8" not in tags  # w8a8 names int8 × int8
+
+
+def test_a_calibrated_method_says_it_leaves_a_targeted_lm_head_dense(tiny_llama, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: x\ncalibration: {samples: 4, seq_len: 32}\nstages:\n  - quantize: {method: gptq, ignore: []}\n")
+    out_dir = tmp_path / "out"
+    assert main([str(tiny_llama), "--recipe", str(recipe), "-o", str(out_dir), "-q", "--no-perplexity"]) == 0
+    printed = capsys.readouterr().out
+    assert (
+        "  warning: gptq leaves lm_head unquantized: it calibrates only the decoder blocks"
+        " (a later `method: rtn` stage can quantize it)"
+    ) in printed
+    # and that advice works: a second stage quantizes it, so the saved head is packed
+    recipe.write_text(
+        "name: x\ncalibration: {samples: 4, seq_len: 32}\nstages:\n  - quantize: {method: gptq, ignore: []}\n"
+        "  - quantize: {method: rtn, targets: [lm_head], ignore: []}\n"
+    )
+    assert main([str(tiny_llama), "--recipe", str(recipe), "-o", str(out_dir), "-q", "--no-perplexity", "--overwrite"]) == 0
+    assert "stage 2/2: quantize (rtn) on 1 modules" in capsys.readouterr().out
+    from safetensors import safe_open
+
+    with safe_open(str(out_dir / "model.safetensors"), "pt") as handle:
+        assert "lm_head.weight_packed" in handle.keys()

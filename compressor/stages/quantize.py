@@ -234,6 +234,11 @@ class QuantizeStage:
                 continue
             if calibrated and not name.startswith(block_prefix):
                 plan.skipped[name] = f"outside the decoder blocks, which {config.method} calibrates (use method: rtn)"
+                # Asked for (lm_head with `ignore: []`), yet left dense: say it where the run is watched.
+                plan.notes.append(
+                    f"{config.method} leaves {name} unquantized: it calibrates only the decoder blocks"
+                    " (a later `method: rtn` stage can quantize it)"
+                )
                 continue
             reason = unsupported(module) if unsupported is not None else None
             if reason is not None:
