@@ -42,11 +42,12 @@ class TargetSelection:
 
     selected: dict[str, nn.Module] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
-    unmatched_ignore: list[str] = field(default_factory=list)  # `ignore` entries naming no module at all
+    unmatched: dict[str, list[str]] = field(default_factory=dict)  # "targets"/"ignore" → entries naming no module
 
     def notes(self) -> list[str]:
-        """A misspelt `ignore` entry would quietly compress what it meant to keep: say so."""
-        return [f"`ignore: {entry}` matches no module of this model" for entry in self.unmatched_ignore]
+        """A misspelt entry would quietly leave a layer dense (`targets`) or compress what it meant
+        to keep (`ignore`) while the other entries match: say so."""
+        return [f"`{key}: {entry}` matches no module of this model" for key, entries in self.unmatched.items() for entry in entries]
 
 
 def select_modules(model: nn.Module, targets: list[str], ignore: list[str]) -> TargetSelection:
@@ -54,7 +55,8 @@ def select_modules(model: nn.Module, targets: list[str], ignore: list[str]) -> T
     selection = TargetSelection()
     seen: set[int] = set()
     named = [(name, module) for name, module in model.named_modules() if name]
-    selection.unmatched_ignore = [e for e in ignore if not any(matches(e, n, m) for n, m in named)]
+    for key, entries in (("targets", targets), ("ignore", ignore)):
+        selection.unmatched[key] = [e for e in entries if not any(matches(e, n, m) for n, m in named)]
     for name, module in named:
         if id(module) in seen or first_match(targets, name, module) is None:
             continue

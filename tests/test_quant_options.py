@@ -94,10 +94,12 @@ def test_ignore_entries_matching_no_module_are_printed(tiny_llama, tmp_path, cap
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         "name: x\ncalibration: {seq_len: 64}\nstages:\n"
-        "  - quantize: {method: rtn, ignore: [lm-head, 're:.*mlp\\.gate$', down_proj]}\n"
+        "  - quantize: {method: rtn, targets: [q_proj, v_prj, down_proj], ignore: [lm-head, 're:.*mlp\\.gate$', down_proj]}\n"
     )
     assert main([str(tiny_llama), "--recipe", str(recipe), "--dry-run"]) == 0
     out = capsys.readouterr().out
+    assert "warning: `targets: v_prj` matches no module of this model" in out
+    assert "`targets: q_proj` matches" not in out
     assert "warning: `ignore: lm-head` matches no module of this model" in out
     assert "warning: `ignore: re:.*mlp\\.gate$` matches no module of this model" in out
     assert "ignore: down_proj` matches" not in out  # it matches, and its layers are skipped
