@@ -47,7 +47,11 @@ class TargetSelection:
     def notes(self) -> list[str]:
         """A misspelt entry would quietly leave a layer dense (`targets`) or compress what it meant
         to keep (`ignore`) while the other entries match: say so."""
-        return [f"`{key}: {entry}` matches no module of this model" for key, entries in self.unmatched.items() for entry in entries]
+        return [
+            f"`{key}: {entry}` matches no module of this model"
+            for key, entries in self.unmatched.items()
+            for entry in entries
+        ]
 
 
 def select_modules(model: nn.Module, targets: list[str], ignore: list[str]) -> TargetSelection:
