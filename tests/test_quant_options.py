@@ -182,3 +182,22 @@ def test_a_calibrated_method_says_it_leaves_a_targeted_lm_head_dense(tiny_llama,
 
     with safe_open(str(out_dir / "model.safetensors"), "pt") as handle:
         assert "lm_head.weight_packed" in handle.keys()
+
+
+def test_moe_gates_stay_dense_as_vllm_builds_them(tiny_qwen2_moe, tmp_path):
+    """vLLM's Qwen2-MoE holds `shared_expert_gate` as a plain nn.Linear: packed tensors there fail its load."""
+    import json
+
+    from safetensors import safe_open
+
+    from tests.cli_runs import compress_into
+
+    out = compress_into(tiny_qwen2_moe, "name: x\ncalibration: {samples: 4, seq_len: 32}\nstages:\n  - quantize: {method: rtn, weights: {group_size: 32}}\n", tmp_path)
+    with safe_open(str(out / "model.safetensors"), "pt") as handle:
+        keys = set(handle.keys())
+        assert handle.get_tensor("model.layers.0.mlp.shared_expert_gate.weight").dtype == torch.bfloat16
+    assert not any(key.startswith("model.layers.0.mlp.shared_expert_gate.weight_") for key in keys)
+    assert "model.layers.0.mlp.shared_expert.up_proj.weight_packed" in keys  # its neighbours are quantized
+    block = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert "model.layers.1.mlp.shared_expert_gate" in block["ignore"]
+    assert not any("shared_expert_gate" in target for group in block["config_groups"].values() for target in group["targets"])

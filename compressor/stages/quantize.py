@@ -28,7 +28,7 @@ from torch import nn
 from compressor.algorithms.grid import WeightGrid, effective_group_size
 from compressor.errors import RecipeError
 from compressor.layerwise import find_decoder_blocks
-from compressor.moe_experts import UnknownExpertsError, unfuse_targeted_experts
+from compressor.moe_experts import UnknownExpertsError, moe_gate_reason, unfuse_targeted_experts
 from compressor.recipe import StrictModel
 from compressor.stages.base import Locator, StageContext, StagePlan
 from compressor.stages.quant_methods import quant_method_registry
@@ -241,6 +241,7 @@ class QuantizeStage:
                 )
                 continue
             reason = unsupported(module) if unsupported is not None else None
+            reason = reason or moe_gate_reason(model, name, module)
             if reason is not None:
                 plan.skipped[name] = reason
                 continue
