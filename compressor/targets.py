@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -44,13 +45,20 @@ class TargetSelection:
     skipped: dict[str, str] = field(default_factory=dict)
     unmatched: dict[str, list[str]] = field(default_factory=dict)  # "targets"/"ignore" → entries naming no module
 
-    def notes(self) -> list[str]:
+    def notes(self, config: Any = None) -> list[str]:
         """A misspelt entry would quietly leave a layer dense (`targets`) or compress what it meant
-        to keep (`ignore`) while the other entries match: say so."""
+        to keep (`ignore`) while the other entries match: say so. Entries of the stage's own defaults
+        (lowrank's `QuantLinear` before any quantize stage) are generic, not typos."""
+        defaults: set[str] = set()
+        for key in self.unmatched:
+            field = type(config).model_fields.get(key) if config is not None else None
+            if field is not None and field.default_factory is not None:
+                defaults.update(field.default_factory())
         return [
             f"`{key}: {entry}` matches no module of this model"
             for key, entries in self.unmatched.items()
             for entry in entries
+            if entry not in defaults
         ]
 
 

@@ -201,3 +201,13 @@ def test_moe_gates_stay_dense_as_vllm_builds_them(tiny_qwen2_moe, tmp_path):
     block = json.loads((out / "config.json").read_text())["quantization_config"]
     assert "model.layers.1.mlp.shared_expert_gate" in block["ignore"]
     assert not any("shared_expert_gate" in target for group in block["config_groups"].values() for target in group["targets"])
+
+
+def test_a_default_entry_that_matches_nothing_is_not_reported(tiny_llama, tmp_path, capsys):
+    """lowrank's default targets are [Linear, QuantLinear]; before any quantize stage QuantLinear matches
+    nothing, and that is no typo. Written out (as recipe.yaml does) it stays quiet too."""
+    recipe = tmp_path / "r.yaml"
+    for stage in ("{method: svd, energy: 0.9}", "{method: svd, energy: 0.9, targets: [Linear, QuantLinear]}"):
+        recipe.write_text(f"name: x\ncalibration: {{seq_len: 64}}\nstages:\n  - lowrank: {stage}\n")
+        assert main([str(tiny_llama), "--recipe", str(recipe), "--dry-run"]) == 0
+        assert "matches no module" not in capsys.readouterr().out

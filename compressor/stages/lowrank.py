@@ -84,7 +84,7 @@ class LowRankStage:
         method = lowrank_method_registry().get(config.method)
         selection = select_modules(model, config.targets, config.ignore)
         plan = StagePlan(
-            kind="lowrank", method=config.method, skipped=dict(selection.skipped), notes=selection.notes()
+            kind="lowrank", method=config.method, skipped=dict(selection.skipped), notes=selection.notes(config)
         )
         rank = config.rank if config.rank is not None else method.default_rank
         for name, module in selection.selected.items():

@@ -221,7 +221,7 @@ class QuantizeStage:
                 raise RecipeError(str(err), **locate("targets")) from None
         selection = select_modules(model, config.targets, config.ignore)
         plan = StagePlan(
-            kind="quantize", method=config.method, skipped=dict(selection.skipped), notes=selection.notes()
+            kind="quantize", method=config.method, skipped=dict(selection.skipped), notes=selection.notes(config)
         )
         block_prefix = find_decoder_blocks(model)[0] + "." if calibrated else ""
         candidates: dict[str, nn.Module] = {}
