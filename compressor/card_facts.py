@@ -97,15 +97,21 @@ def base_models(compression: dict[str, Any], recipe: dict[str, Any]) -> list[str
     return _unique([_hub_id_of(source.get("reference"))])
 
 
-def weight_scheme_tag(config: dict[str, Any]) -> str | None:
-    """`w4a16`, `w8a8`, ...: the weight and activation bits of the first quantized group."""
+def weight_scheme_tags(config: dict[str, Any]) -> list[str]:
+    """`w4a16`, `w8a8`, `fp8`, ...: one tag per distinct scheme of `quantization_config`'s groups
+    (a mixed-precision checkpoint is all of them, not whichever group sorts first)."""
     groups = (config.get("quantization_config") or {}).get("config_groups") or {}
+    tags: list[str] = []
     for group in groups.values():
         weights = group.get("weights") or {}
-        if weights.get("num_bits"):
-            activations = group.get("input_activations") or {}
-            return f"w{weights['num_bits']}a{activations.get('num_bits', 16)}"
-    return None
+        if not weights.get("num_bits"):
+            continue
+        activations = group.get("input_activations") or {}
+        # "w8a8" names int8 × int8 (llm-compressor's W8A8); FP8 checkpoints are tagged fp8 on the Hub.
+        tag = "fp8" if weights.get("type") == "float" else f"w{weights['num_bits']}a{activations.get('num_bits', 16)}"
+        if tag not in tags:
+            tags.append(tag)
+    return tags
 
 
 def _gguf_license(path: Path) -> str | None:

@@ -20,7 +20,7 @@ from compressor.card_facts import (
     merge_hub_ids,
     merge_parents,
     source_license,
-    weight_scheme_tag,
+    weight_scheme_tags,
 )
 from compressor.evaluation.size import SizeInfo, measure_checkpoint
 
@@ -84,8 +84,7 @@ def card_metadata(facts: CheckpointFacts, base_model_override: list[str] | None 
     bases = base_model_override or base_models(facts.compression, facts.recipe)
     methods = [method for _, method in facts.stages if method]
     tags = ["compressed-tensors", "compressor"] if _stored_compressed(facts) else ["compressor"]
-    scheme = weight_scheme_tag(facts.config)
-    for tag in ([scheme] if scheme else []) + methods + [kind for kind, _ in facts.stages]:
+    for tag in weight_scheme_tags(facts.config) + methods + [kind for kind, _ in facts.stages]:
         if tag not in tags:
             tags.append(tag)
     metadata: dict[str, Any] = {

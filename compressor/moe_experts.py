@@ -187,3 +187,19 @@ def unfuse_stored_experts(model: nn.Module, tensor_names: Iterable[str]) -> list
             unfuse_module(model, name, module)
             chosen.append(name)
     return chosen
+
+
+def moe_gate_reason(model: nn.Module, name: str, module: nn.Module) -> str | None:
+    """Why a Linear that computes an MoE block's gating logits stays dense, else None: a router or
+    Qwen2-MoE/Qwen3-Next's `shared_expert_gate` (a direct child of a block holding `experts`, with
+    at most one output per expert). vLLM builds these layers unquantized (a plain `nn.Linear`), so
+    a checkpoint with their packed tensors does not load there; llm-compressor recipes ignore them."""
+    parent_name = name.rpartition(".")[0]
+    parent = model.get_submodule(parent_name) if parent_name else model
+    experts = getattr(parent, "experts", None)
+    if not isinstance(module, nn.Linear) or not isinstance(experts, nn.Module):
+        return None
+    count = getattr(experts, "num_experts", None) or (len(experts) if isinstance(experts, nn.ModuleList) else 1)
+    if module.out_features > count:
+        return None
+    return "MoE gate (routing logits): left dense, as vLLM and llm-compressor keep it"

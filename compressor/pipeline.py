@@ -368,6 +368,8 @@ def _run_stages(
         plan = stage.plan(model, spec.config, locate)
         ctx.stage_index, ctx.locate = index, locate
         echo(f"stage {index + 1}/{len(recipe.stages)}: {spec.kind} ({plan.method}) on {len(plan.selected)} modules")
+        for note in plan.notes:
+            echo(f"  warning: {note}")
         started = time.perf_counter()
         if is_dispatched(model) and not getattr(stage, "streams_blocks", lambda _config: False)(spec.config):
             undispatch(model)  # this stage reads whole weights: everything comes into memory first

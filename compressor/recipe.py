@@ -11,7 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, field_validator
@@ -27,6 +27,9 @@ class StrictModel(BaseModel):
     numbers are finite (`.inf` as a learning rate or temperature only fails mid-training)."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    # Keys other tools use for one of ours (or for behaviour that is fixed here): unknown key → its hint.
+    foreign_keys: ClassVar[dict[str, str]] = {}
 
 
 class CalibrationSpec(StrictModel):
@@ -179,6 +182,9 @@ def _describe(error: dict[str, Any], model: type[BaseModel], loc: tuple[Any, ...
     kind = error["type"]
     if kind == "extra_forbidden":
         parent = _model_at(model, loc[:-1])
+        hint = parent.foreign_keys.get(str(loc[-1])) if parent is not None and issubclass(parent, StrictModel) else None
+        if hint is not None:
+            return f"unknown key '{loc[-1]}': {hint}"
         known = ", ".join(parent.model_fields) if parent else ""
         return f"unknown key '{loc[-1]}'" + (f" (known: {known})" if known else "")
     if kind == "missing":

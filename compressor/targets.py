@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -42,14 +43,34 @@ class TargetSelection:
 
     selected: dict[str, nn.Module] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    unmatched: dict[str, list[str]] = field(default_factory=dict)  # "targets"/"ignore" → entries naming no module
+
+    def notes(self, config: Any = None) -> list[str]:
+        """A misspelt entry would quietly leave a layer dense (`targets`) or compress what it meant
+        to keep (`ignore`) while the other entries match: say so. Entries of the stage's own defaults
+        (lowrank's `QuantLinear` before any quantize stage) are generic, not typos."""
+        defaults: set[str] = set()
+        for key in self.unmatched:
+            field = type(config).model_fields.get(key) if config is not None else None
+            if field is not None and field.default_factory is not None:
+                defaults.update(field.default_factory())
+        return [
+            f"`{key}: {entry}` matches no module of this model"
+            for key, entries in self.unmatched.items()
+            for entry in entries
+            if entry not in defaults
+        ]
 
 
 def select_modules(model: nn.Module, targets: list[str], ignore: list[str]) -> TargetSelection:
     """Modules matching `targets` and no `ignore` entry (tied duplicates counted once)."""
     selection = TargetSelection()
     seen: set[int] = set()
-    for name, module in model.named_modules():
-        if not name or id(module) in seen or first_match(targets, name, module) is None:
+    named = [(name, module) for name, module in model.named_modules() if name]
+    for key, entries in (("targets", targets), ("ignore", ignore)):
+        selection.unmatched[key] = [e for e in entries if not any(matches(e, n, m) for n, m in named)]
+    for name, module in named:
+        if id(module) in seen or first_match(targets, name, module) is None:
             continue
         seen.add(id(module))
         ignored_by = first_match(ignore, name, module)

@@ -44,6 +44,8 @@ RECIPES: list[tuple[str, str, tuple[str, ...]]] = [
     ("dampening-zero", HEAD + "  - quantize: {method: gptq, dampening: 0}\n", ("R:4 stages[0].quantize.dampening:", "greater than 0")),
     ("dampening-above-one", HEAD + "  - quantize: {method: gptq, dampening: 1.5}\n", ("R:4 stages[0].quantize.dampening:", "less than 1")),
     ("block-size-zero", HEAD + "  - quantize: {method: gptq, block_size: 0}\n", ("R:4 stages[0].quantize.block_size:", "greater than 0")),
+    ("gptq-option-on-rtn", HEAD + "  - quantize: {method: rtn, dampening: 0.05}\n", ("R:4 stages[0].quantize:", "`dampening` is a GPTQ option")),
+    ("gptqmodel-key", HEAD + "  - quantize: {method: gptq, desc_act: false}\n", ("R:4 stages[0].quantize.desc_act:", "use `act_order")),
     ("targets-empty", HEAD + "  - quantize: {method: gptq, targets: []}\n", ("R:4 stages[0].quantize.targets:", "at least 1 item")),
     ("targets-bad-regex", HEAD + '  - quantize: {method: gptq, targets: ["re:("]}\n', ("R:4 stages[0].quantize.targets:", "invalid regex")),
     ("targets-match-nothing", HEAD + '  - quantize: {method: gptq, targets: ["re:.*nothing"]}\n', ("R:4 stages[0].quantize.targets:", "matches no Linear")),

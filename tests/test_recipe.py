@@ -132,3 +132,11 @@ def test_yaml_anchors_and_merge_keys():
     assert (first.bits, first.group_size, first.symmetric) == (4, 32, False)
     assert (second.bits, second.group_size, second.symmetric) == (8, 32, False)
     assert third == first
+
+
+def test_every_builtin_recipe_resolved_parses_again():
+    """What `recipe.yaml` in OUT holds (every default written out) is a recipe `compress` accepts."""
+    for name in builtin_recipes():
+        recipe = load_recipe(name)
+        again = parse_recipe_text(recipe.to_yaml(), source=f"{name}/recipe.yaml")
+        assert again.to_dict() == recipe.to_dict(), name

@@ -49,7 +49,7 @@ def test_moe_checkpoint_loads_with_fused_experts_and_quantized_linears(tiny_qwen
         saved_up = handle.get_tensor("model.layers.0.mlp.experts.5.up_proj.weight")
     model = compressor.load(moe_w4)
     quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
-    assert len(quantized) == 16  # q/k/v/o, shared expert gate/up/down, shared_expert_gate; 2 blocks
+    assert len(quantized) == 14  # q/k/v/o, shared expert gate/up/down (shared_expert_gate stays dense); 2 blocks
     experts = model.model.layers[0].mlp.experts
     intermediate = experts.gate_up_proj.shape[1] // 2
     assert torch.equal(experts.gate_up_proj[5, intermediate:], saved_up)

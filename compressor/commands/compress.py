@@ -59,6 +59,8 @@ def _print_plans(plans, echo: Callable[[str], None]) -> None:
             echo(f"  {pattern:<40} x{count:<4} {detail}")
         for name, reason in plan.skipped.items():
             echo(f"  skipped {name}: {reason}")
+        for note in plan.notes:
+            echo(f"  warning: {note}")
 
 
 _SECRET_FLAGS = ("--token", "--hub-token")

@@ -38,6 +38,7 @@ class StagePlan:
     method: str
     selected: dict[str, str] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # warnings about the recipe, printed with the plan
 
 
 Locator = Callable[..., dict[str, str]]

@@ -74,7 +74,10 @@ class LossSpec(StrictModel):
 
     @model_validator(mode="after")
     def _fields_fit_kind(self) -> "LossSpec":
-        given = self.model_fields_set
+        # Keys at their defaults pass: the saved recipe.yaml writes every key out (`layers: null`,
+        # `beta: 0.5` under kl) and must parse again.
+        fields = type(self).model_fields
+        given = {key for key in self.model_fields_set if getattr(self, key) != fields[key].default}
         if self.kind not in _HIDDEN_LOSSES and "layers" in given:
             raise ValueError(f"`layers` applies to mse_hidden and cosine_hidden, not '{self.kind}'")
         if "temperature" in given and self.kind not in _LOGIT_LOSSES:

@@ -83,7 +83,9 @@ class LowRankStage:
         _check_keys(config, locate)
         method = lowrank_method_registry().get(config.method)
         selection = select_modules(model, config.targets, config.ignore)
-        plan = StagePlan(kind="lowrank", method=config.method, skipped=dict(selection.skipped))
+        plan = StagePlan(
+            kind="lowrank", method=config.method, skipped=dict(selection.skipped), notes=selection.notes(config)
+        )
         rank = config.rank if config.rank is not None else method.default_rank
         for name, module in selection.selected.items():
             in_features = getattr(module, "in_features", None)

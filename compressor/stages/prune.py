@@ -157,7 +157,9 @@ class PruneStage:
             return plan_structured(model, config, locate)
         calibrated = self.needs_calibration(config)
         selection = select_modules(model, config.targets, config.ignore)
-        plan = StagePlan(kind="prune", method=config.method, skipped=dict(selection.skipped))
+        plan = StagePlan(
+            kind="prune", method=config.method, skipped=dict(selection.skipped), notes=selection.notes(config)
+        )
         block_prefix = find_decoder_blocks(model)[0] + "." if calibrated else ""
         pattern = config.pattern
         for name, module in selection.selected.items():

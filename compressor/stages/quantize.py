@@ -19,7 +19,7 @@ Recipe block::
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field, PositiveInt, field_validator, model_validator
@@ -28,7 +28,7 @@ from torch import nn
 from compressor.algorithms.grid import WeightGrid, effective_group_size
 from compressor.errors import RecipeError
 from compressor.layerwise import find_decoder_blocks
-from compressor.moe_experts import UnknownExpertsError, unfuse_targeted_experts
+from compressor.moe_experts import UnknownExpertsError, moe_gate_reason, unfuse_targeted_experts
 from compressor.recipe import StrictModel
 from compressor.stages.base import Locator, StageContext, StagePlan
 from compressor.stages.quant_methods import quant_method_registry
@@ -45,10 +45,22 @@ from compressor.targets import select_modules, validate_pattern
 
 class WeightArgs(StrictModel):
     bits: Literal[2, 3, 4, 8] = 4
-    group_size: PositiveInt | None = 128  # null: one scale per output channel
+    group_size: PositiveInt | None = 128  # null (or -1): one scale per output channel
     symmetric: bool = True
     type: Literal["int", "float"] = "int"  # float: FP8 e4m3, 8 bits, one scale per output channel
     observer: Literal["minmax", "mse", "hqq"] = "minmax"
+
+    foreign_keys: ClassVar[dict[str, str]] = {
+        "num_bits": "use `bits` (compressed-tensors' num_bits)",
+        "sym": "use `symmetric` (GPTQModel's sym)",
+        "strategy": "the strategy follows `group_size`: a number is group-wise, null or -1 one scale per output channel",
+    }
+
+    @field_validator("group_size", mode="before")
+    @classmethod
+    def _channel_wise_alias(cls, value: object) -> object:
+        # -1 is how GPTQModel, AutoGPTQ and compressed-tensors itself spell "one scale per channel".
+        return None if value == -1 and not isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _float_weights(self) -> "WeightArgs":
@@ -69,6 +81,25 @@ class AWQArgs(StrictModel):
 
 
 _OVERRIDE_METHODS = ("rtn", "gptq", "awq", "hqq")
+_GPTQ_OPTIONS = ("act_order", "dampening", "block_size")
+
+
+def solves_with_gptq(config: "QuantizeConfig") -> bool:
+    """Whether the stage's weights go through the GPTQ solver (the only reader of `_GPTQ_OPTIONS`)."""
+    return config.method in ("gptq", "smoothquant+gptq") or (config.awq is not None and config.awq.then == "gptq")
+
+
+def _check_gptq_options(config: "QuantizeConfig") -> None:
+    """A GPTQ option set to anything but its default on a method that never runs GPTQ would be
+    silently ignored; defaults pass, since the saved recipe.yaml writes every key out."""
+    if solves_with_gptq(config):
+        return
+    for key in _GPTQ_OPTIONS:
+        if key in config.model_fields_set and getattr(config, key) != type(config).model_fields[key].default:
+            method = "awq with then: rtn" if config.method == "awq" else config.method
+            raise ValueError(
+                f"`{key}` is a GPTQ option (methods gptq, smoothquant+gptq, awq with then: gptq); {method} does not use it"
+            )
 
 
 class QuantizeConfig(StrictModel):
@@ -85,12 +116,27 @@ class QuantizeConfig(StrictModel):
     smoothing_strength: float = Field(default=0.5, ge=0, le=1)  # SmoothQuant's migration strength α
     double_quant: bool = False  # nf4: quantize the block absmaxes again (QLoRA's double quantization)
 
+    foreign_keys: ClassVar[dict[str, str]] = {
+        "damp_percent": "use `dampening` (GPTQModel's damp_percent; a fraction of the mean diagonal, 0.01 = 1 %)",
+        "dampening_frac": "use `dampening` (llm-compressor's dampening_frac)",
+        "desc_act": "use `act_order: true|false` (GPTQModel's desc_act)",
+        "actorder": "use `act_order: true|false`; act order here always uses static groups (llm-compressor's actorder: static)",
+        "static_groups": "groups are always static with `act_order: true` (scales from the unmodified weight, no g_idx stored)",
+        "true_sequential": "GPTQ is always true-sequential on pre-norm blocks (README: True-sequential GPTQ)",
+        "bits": "put it under `weights:` (weights: {bits: 4})",
+        "group_size": "put it under `weights:` (weights: {group_size: 128})",
+        "sym": "put it under `weights:` as `symmetric`",
+        "scheme": "write the scheme as keys: W4A16 is weights: {bits: 4, group_size: 128}; W8A8 is weights: {bits: 8},"
+        " activations: {bits: 8, dynamic: true}; FP8_DYNAMIC is method: fp8",
+    }
+
     @model_validator(mode="after")
     def _method_options(self) -> "QuantizeConfig":
         if self.awq is not None and self.method != "awq":
             raise ValueError(f"`awq` options only apply to method: awq, not {self.method}")
         if self.method == "awq" and self.awq is None:
             self.awq = AWQArgs()
+        _check_gptq_options(self)
         if self.method == "hqq" and self.weights.observer not in ("minmax", "hqq"):
             raise ValueError(f"method: hqq chooses its own scales; drop `observer: {self.weights.observer}`")
         if self.overrides and (self.method not in _OVERRIDE_METHODS or self.activations is not None or self.weights.type != "int"):
@@ -174,7 +220,9 @@ class QuantizeStage:
             except UnknownExpertsError as err:
                 raise RecipeError(str(err), **locate("targets")) from None
         selection = select_modules(model, config.targets, config.ignore)
-        plan = StagePlan(kind="quantize", method=config.method, skipped=dict(selection.skipped))
+        plan = StagePlan(
+            kind="quantize", method=config.method, skipped=dict(selection.skipped), notes=selection.notes(config)
+        )
         block_prefix = find_decoder_blocks(model)[0] + "." if calibrated else ""
         candidates: dict[str, nn.Module] = {}
         describe = getattr(method, "describe", None)
@@ -186,8 +234,14 @@ class QuantizeStage:
                 continue
             if calibrated and not name.startswith(block_prefix):
                 plan.skipped[name] = f"outside the decoder blocks, which {config.method} calibrates (use method: rtn)"
+                # Asked for (lm_head with `ignore: []`), yet left dense: say it where the run is watched.
+                plan.notes.append(
+                    f"{config.method} leaves {name} unquantized: it calibrates only the decoder blocks"
+                    " (a later `method: rtn` stage can quantize it)"
+                )
                 continue
             reason = unsupported(module) if unsupported is not None else None
+            reason = reason or moe_gate_reason(model, name, module)
             if reason is not None:
                 plan.skipped[name] = reason
                 continue
