@@ -64,7 +64,7 @@ class RunOptions:
 @dataclass
 class RunSummary:
     out_dir: Path
-    original_bytes: int
+    original_bytes: int | None  # None for a merge alone: nothing was compressed
     compressed_bytes: int
     base_perplexity: float | None
     compressed_perplexity: float | None

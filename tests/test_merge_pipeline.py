@@ -96,6 +96,21 @@ def test_merge_only_output_has_its_model_card(merge_models, tmp_path):
     assert "compressed-tensors" not in header["tags"] and "pip install compressed-tensors" not in card
 
 
+def test_merge_alone_claims_no_compression_ratio(merge_models, tmp_path, capsys):
+    """Nothing was compressed, so neither the summary nor the card compares with an 'original'
+    (they said "1.00x smaller than the original", the merged model itself)."""
+    from compressor.cli import main
+
+    (tmp_path / "m.yaml").write_text(recipe_text(ties_block(merge_models)))
+    assert main(["--recipe", str(tmp_path / "m.yaml"), "-o", str(tmp_path / "out"), "-q"]) == 0
+    printed = capsys.readouterr().out
+    size = json.loads((tmp_path / "out" / "compression.json").read_text())["sizes"]
+    assert size == {"compressed_bytes": sum(f.stat().st_size for f in (tmp_path / "out").glob("*.safetensors"))}
+    assert f"size: {size['compressed_bytes'] / 1e6:.1f} MB\n" in printed and "smaller" not in printed
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "| original |" not in card and "smaller than the original" not in card
+
+
 def test_small_shards_get_an_index_and_the_same_tensors(merge_models, tmp_path):
     block = f"method: linear\nmodels:\n  - {{model: {merge_models['ft0']}, weight: 1.0}}\n  - {{model: {merge_models['ft1']}, weight: 3.0}}"
     merge(recipe_text(block), tmp_path / "one")

@@ -90,6 +90,15 @@ def run_options(args: argparse.Namespace, **more):
     )
 
 
+def _compared_with_original(summary) -> str:
+    if summary.original_bytes is None:  # a merge alone: nothing was compressed
+        return ""
+    ratio = summary.original_bytes / max(summary.compressed_bytes, 1)
+    # A GGUF input is compressed from its dequantized load; its own file is smaller than that.
+    gguf = "" if summary.original_gguf_bytes is None else f"; the GGUF file it was read from: {summary.original_gguf_bytes / 1e6:.1f} MB"
+    return f" (original {summary.original_bytes / 1e6:.1f} MB, {ratio:.2f}x smaller{gguf})"
+
+
 def run(argv: list[str]) -> int:
     args = _run_parser().parse_args(argv)
     if args.output is None and not args.dry_run:
@@ -122,13 +131,8 @@ def run(argv: list[str]) -> int:
     summary = run_merge_recipe(recipe, options) if merging else run_recipe(args.model, recipe, options)
     if not summary.saved:  # another process of this launch saved the output
         return 0
-    ratio = summary.original_bytes / max(summary.compressed_bytes, 1)
     print(f"saved: {summary.out_dir}")
-    # A GGUF input is compressed from its dequantized load; its own file is smaller than that.
-    gguf = "" if summary.original_gguf_bytes is None else f"; the GGUF file it was read from: {summary.original_gguf_bytes / 1e6:.1f} MB"
-    print(
-        f"size: {summary.compressed_bytes / 1e6:.1f} MB (original {summary.original_bytes / 1e6:.1f} MB, {ratio:.2f}x smaller{gguf})"
-    )
+    print(f"size: {summary.compressed_bytes / 1e6:.1f} MB{_compared_with_original(summary)}")
     if summary.base_perplexity is not None and summary.compressed_perplexity is not None:
         change = (summary.compressed_perplexity / summary.base_perplexity - 1) * 100
         print(

@@ -134,7 +134,7 @@ def run_merge_recipe(recipe: Recipe, options, echo: Callable[[str], None] = prin
                 "source": source,
                 "merge": _merge_metadata(plan, seconds, stats),
                 "stages": [merge_stage_record(plan, seconds)],
-                "sizes": {"original_bytes": size, "compressed_bytes": size},
+                "sizes": {"compressed_bytes": size},  # no original: the inputs were merged, not compressed
                 "versions": _versions(),
             }
             (staging / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
@@ -142,7 +142,7 @@ def run_merge_recipe(recipe: Recipe, options, echo: Callable[[str], None] = prin
             _write_model_card(staging, recipe, options.out_dir.name)
         if hub_token is not None:
             _push_output(recipe, options.out_dir, hub_token, echo)
-        return RunSummary(options.out_dir, size, size, None, None, [seconds], [merge_stage_plan(plan)])
+        return RunSummary(options.out_dir, None, size, None, None, [seconds], [merge_stage_plan(plan)])
 
     out_parent = options.out_dir.resolve().parent
     out_parent.mkdir(parents=True, exist_ok=True)
