@@ -232,7 +232,7 @@ def test_dry_run_plans_the_merge_and_later_stages(pair, tmp_path, capsys):
     (tmp_path / "r.yaml").write_text(text + "calibration: {seq_len: 64}\n")
     assert main(["--recipe", str(tmp_path / "r.yaml"), "--dry-run", "-o", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
-    assert "stage 1: merge (ties)" in printed and "stage 2: quantize (rtn)" in printed
+    assert "stage 1: merge (ties): 2 input models targeted" in printed and "stage 2: quantize (rtn)" in printed
     assert str(pair["base"]) in printed
     assert not (tmp_path / "out").exists()
 

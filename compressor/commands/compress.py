@@ -51,7 +51,7 @@ def _pattern_of(name: str) -> str:
 
 def _print_plans(plans, echo: Callable[[str], None]) -> None:
     for index, plan in enumerate(plans, start=1):
-        echo(f"stage {index}: {plan.kind} ({plan.method}): {len(plan.selected)} modules targeted, {len(plan.skipped)} skipped")
+        echo(f"stage {index}: {plan.kind} ({plan.method}): {len(plan.selected)} {plan.unit} targeted, {len(plan.skipped)} skipped")
         grouped: dict[tuple[str, str], int] = defaultdict(int)
         for name, detail in plan.selected.items():
             grouped[(_pattern_of(name), detail)] += 1

@@ -60,7 +60,7 @@ def plan_recipe_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
 
 def merge_stage_plan(plan: MergePlan) -> StagePlan:
     """The merge as `--dry-run` prints it: inputs and how many tensors each gives."""
-    stage = StagePlan(kind="merge", method=plan.method.name)
+    stage = StagePlan(kind="merge", method=plan.method.name, unit="input models")
     for i, item in enumerate(plan.inputs):
         role = "base" if i == plan.base_index else "model"
         stage.selected[item.reference] = f"{role}, {len(plan.slots)} tensors"

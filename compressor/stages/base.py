@@ -39,6 +39,7 @@ class StagePlan:
     selected: dict[str, str] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # warnings about the recipe, printed with the plan
+    unit: str = "modules"  # what `selected` names (a merge selects input models)
 
 
 Locator = Callable[..., dict[str, str]]
