@@ -301,6 +301,8 @@ def run_recipe(
         note = checkpoints.kept_note() if processes.is_main else None
         if note is not None:
             print(note, file=sys.stderr)
+        elif processes.is_main:
+            checkpoints.drop_empty_workdir()
         raise
     loaded.model = model
     if not processes.is_main:

@@ -172,6 +172,13 @@ class StageCheckpoints:
         last = completed[-1][0] + 1
         return f"{self.workdir}: stages 1-{last} are kept there; repeat the command with --resume to continue from stage {last + 1}"
 
+    def drop_empty_workdir(self) -> None:
+        """After a failure: a work folder holding no checkpoint (a save refused midway) goes."""
+        try:
+            self.workdir.rmdir()
+        except OSError:  # absent, or holds something worth keeping
+            pass
+
     def restore(self, model: nn.Module, ctx: StageContext, loop: LoopState) -> tuple[nn.Module, int]:
         """With --resume: the model after the newest usable checkpoint and the first stage to run."""
         if not self.resume:
