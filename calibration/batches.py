@@ -33,12 +33,13 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def _source_fingerprint(dataset: str) -> str:
-    """Local files: size and modification time, so an edited file is not served stale."""
+    """Local files and folders: sizes and modification times, so an edited file is not served stale."""
     path = Path(dataset).expanduser()
-    if path.is_file():
-        stat = path.stat()
-        return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-    return dataset
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
+    if not files:
+        return dataset
+    stats = [(str(f.relative_to(path)) if f != path else "", f.stat()) for f in files]
+    return f"{path.resolve()}:" + ";".join(f"{name}:{st.st_size}:{st.st_mtime_ns}" for name, st in stats)
 
 
 def cache_key(spec: CalibrationSpec, tokenizer) -> str:
