@@ -127,6 +127,14 @@ def test_experts_pruned_by_router_frequency_and_contribution(tmp_path):
         ("llama", "{method: magnitude, sparsity: {layers: [0, 1]}}", "every one of the 2 blocks", "stages[0].prune.sparsity.layers"),
         ("llama", "{method: magnitude, sparsity: {layers: [7]}}", "block 7 does not exist", "stages[0].prune.sparsity.layers"),
         ("llama", "{method: magnitude, sparsity: {layers: auto, count: 2}}", "every one of the 2 blocks", "stages[0].prune.sparsity.count"),
+        ("llama", "{method: magnitude, sparsity: {layers: [1, 1]}}", "block 1 is listed twice", "stages[0].prune.sparsity.layers"),
+        # 160 channels: 0.999 rounds to all of them (the old plan saved intermediate_size 0), 0.002 to none.
+        ("llama", "{method: wanda, sparsity: {mlp_channels: 0.999}}", "rounds to removing every channel; between 1 and 159",
+         "stages[0].prune.sparsity.mlp_channels"),
+        ("llama", "{method: wanda, sparsity: {mlp_channels: 0.002}}", "rounds to removing no channel",
+         "stages[0].prune.sparsity.mlp_channels"),
+        # Qwen2-MoE's MLPs are experts (and a shared expert): the old plan changed the config only.
+        ("qwen2_moe", "{method: wanda, sparsity: {mlp_channels: 0.25}}", "no gated MLP", "stages[0].prune.sparsity.mlp_channels"),
     ],
 )
 def test_bad_structured_requests_are_refused_in_plan(kind, block, message, key):
