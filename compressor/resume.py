@@ -118,6 +118,28 @@ def _difference(live: nn.Module, reloaded: nn.Module) -> tuple[str | None, dict[
     return None, attributes
 
 
+def _unfused_experts(model: nn.Module) -> list[str]:
+    """MoE experts modules a stage split into one Linear per expert (compressor.moe_experts)."""
+    from compressor.moe_experts import UnfusedExperts
+
+    return [name for name, module in model.named_modules() if isinstance(module, UnfusedExperts)]
+
+
+def _reload(folder: Path, unfused: list[str]) -> nn.Module:
+    """The checkpoint as `compressor.load` builds it, with the experts the live model had split
+    (a pruned expert is stored as a dense per-expert `.weight`, which loads fused) split again:
+    the split copies the fused tensors' slices, so it is exact."""
+    from compressor.moe_experts import fused_experts, unfuse_module
+    from compressor.runtime import load
+
+    model = load(folder, prepare_kernels=False)
+    fused = fused_experts(model)
+    for name in unfused:
+        if name in fused:
+            unfuse_module(model, name, fused[name])
+    return model
+
+
 def _apply_attributes(model: nn.Module, attributes: dict[str, dict[str, Any]], frozen: list[str], training: bool) -> None:
     modules = dict(model.named_modules())
     for name, values in attributes.items():
@@ -193,15 +215,13 @@ class StageCheckpoints:
             self.echo("resume: no completed stage to continue from; running every stage")
             return model, 0
         index, folder, _ = usable[-1]
-        from compressor.runtime import load
-
+        extra = folder / _STATE
+        state = json.loads((extra / "state.json").read_text())
         try:
-            restored = load(folder, prepare_kernels=False)
+            restored = _reload(folder, state.get("unfused_experts", []))
         except Exception as err:  # e.g. a builder that vanished since: never a wrong resume
             self.echo(f"resume: {folder.name} cannot be reloaded ({_message(err)}); running every stage")
             return model, 0
-        extra = folder / _STATE
-        state = json.loads((extra / "state.json").read_text())
         _apply_attributes(restored, json.loads((extra / "attributes.json").read_text()), state["frozen"], state["training"])
         torch.set_rng_state(load_file(str(extra / "rng.safetensors"))["cpu"])
         ctx.records.update(state["records"])
@@ -252,10 +272,8 @@ class StageCheckpoints:
         return True
 
     def _verify(self, model: nn.Module, folder: Path) -> tuple[str | None, dict[str, dict[str, Any]]]:
-        from compressor.runtime import load
-
         try:
-            reloaded = load(folder, prepare_kernels=False)
+            reloaded = _reload(folder, _unfused_experts(model))
         except Exception as err:  # whatever stops it reloading (no builder, a shape the skeleton lacks): no checkpoint
             return f"cannot be reloaded: {_message(err)}", {}
         problem, attributes = _difference(model, reloaded)
@@ -278,6 +296,7 @@ class StageCheckpoints:
             "plans": [asdict(plan) for plan in loop.plans],
             "frozen": [name for name, p in model.named_parameters() if not p.requires_grad],
             "training": model.training,
+            "unfused_experts": _unfused_experts(model),
         }
         extra = folder / _STATE
         extra.mkdir()
