@@ -142,3 +142,11 @@ def test_bad_structured_requests_are_refused_in_plan(kind, block, message, key):
         plan_only(tiny_model(kind), prune_recipe(block))
     assert message in caught.value.message
     assert caught.value.key == key and caught.value.where == "r.yaml:3"
+
+
+def test_removing_experts_after_a_stage_split_them_says_to_reorder():
+    recipe = "name: t\nstages:\n  - prune: {method: magnitude, sparsity: 0.5}\n  - prune: {method: wanda, sparsity: {experts: 0.25}}\n"
+    with pytest.raises(RecipeError) as caught:
+        plan_only(tiny_model("qwen2_moe"), recipe)
+    assert "split the experts into one Linear each; put the {experts: r} stage first" in caught.value.message
+    assert caught.value.key == "stages[1].prune.sparsity.experts"

@@ -28,6 +28,7 @@ from torch import nn
 
 from compressor.errors import RecipeError
 from compressor.layerwise import find_decoder_blocks, run_layerwise
+from compressor.moe_experts import UnfusedExperts
 from compressor.algorithms.wanda import ColumnNormAccumulator
 from compressor.stages.base import Locator, StageContext, StagePlan
 from compressor.stages.prune_methods import run_statistics
@@ -152,6 +153,9 @@ def plan_structured(model: nn.Module, config, locate: Locator) -> StagePlan:
                 plan.selected[f"{blocks_name}.{index}"] = "remove block"
     else:
         experts = _expert_blocks(model)
+        if not experts and any(isinstance(m, UnfusedExperts) for m in model.modules()):
+            raise RecipeError("experts: an earlier prune or quantize stage split the experts into one Linear each;"
+                              " put the {experts: r} stage first", **locate("sparsity", "experts"))
         if not experts:
             raise RecipeError("experts: this model has no mixture-of-experts layers", **locate("sparsity", "experts"))
         total = next(getattr(model_config, k) for k in _EXPERT_COUNT_KEYS if hasattr(model_config, k))
