@@ -32,7 +32,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256((body + extra).encode()).hexdigest()[:16]
 
 
-def _source_fingerprint(dataset: str) -> str:
+def source_fingerprint(dataset: str) -> str:
     """Local files and folders: sizes and modification times, so an edited file is not served stale."""
     path = Path(dataset).expanduser()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
@@ -44,7 +44,7 @@ def _source_fingerprint(dataset: str) -> str:
 
 def cache_key(spec: CalibrationSpec, tokenizer) -> str:
     payload = json.dumps(
-        {"spec": spec.model_dump(mode="json"), "source": _source_fingerprint(spec.dataset), "tok": tokenizer_fingerprint(tokenizer)},
+        {"spec": spec.model_dump(mode="json"), "source": source_fingerprint(spec.dataset), "tok": tokenizer_fingerprint(tokenizer)},
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:24]

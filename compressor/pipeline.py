@@ -93,12 +93,9 @@ def check_recipe_fits_model(recipe: Recipe, config: Any) -> None:
         )
 
 
-def check_recipe_datasets(recipe: Recipe) -> None:
-    """Refuse a dataset reference that cannot work (a missing file, an unknown built-in) before
-    any weight is read: the recipe's calibration when a stage reads it, and every stage's own
-    dataset block (distill `data`, lora `dataset`)."""
-    from compressor.calibration.sources import dataset_problem
-
+def _dataset_blocks(recipe: Recipe) -> list[tuple[tuple[Any, ...], CalibrationSpec]]:
+    """The recipe's calibration when a stage reads it, and every stage's own dataset block
+    (distill `data`, lora `dataset`), each with its key path."""
     registry = stage_registry()
     blocks: list[tuple[tuple[Any, ...], CalibrationSpec]] = []
     if any(registry.get(s.kind).implementation.needs_calibration(s.config) for s in recipe.stages):
@@ -108,7 +105,15 @@ def check_recipe_datasets(recipe: Recipe) -> None:
             value = getattr(spec.config, key)
             if isinstance(value, CalibrationSpec):
                 blocks.append((("stages", index, spec.kind, key, "dataset"), value))
-    for path, block in blocks:
+    return blocks
+
+
+def check_recipe_datasets(recipe: Recipe) -> None:
+    """Refuse a dataset reference that cannot work (a missing file, an unknown built-in) before
+    any weight is read."""
+    from compressor.calibration.sources import dataset_problem
+
+    for path, block in _dataset_blocks(recipe):
         problem = dataset_problem(block.dataset)
         if problem is not None:
             raise RecipeError(f"{block.dataset}: {problem}", **recipe.where(path))
@@ -395,7 +400,10 @@ def stage_checkpoints_for(
     writes: bool = True,
 ) -> StageCheckpoints:
     assert options.out_dir is not None
-    key = run_key(recipe.sha256(), model_reference, loaded.folder, device, options.batch_size)
+    from compressor.calibration.batches import source_fingerprint
+
+    data = [source_fingerprint(block.dataset) for _, block in _dataset_blocks(recipe)]
+    key = run_key(recipe.sha256(), model_reference, loaded.folder, device, options.batch_size, data)
     enabled = options.stage_checkpoints and not merged and writes
     return StageCheckpoints(workdir_for(options.out_dir), key, [s.kind for s in recipe.stages], enabled, options.resume, echo)
 

@@ -38,8 +38,10 @@ _PLAIN = (str, int, float, bool, type(None))
 _STATE = "run-state"  # a subfolder, so the loader never sees its files as model weights
 
 
-def run_key(recipe_sha256: str, model_reference: str, model_folder: Path | None, device: torch.device, batch_size: int) -> dict[str, Any]:
-    """What must match for a stage checkpoint to be reused."""
+def run_key(recipe_sha256: str, model_reference: str, model_folder: Path | None, device: torch.device, batch_size: int,
+            data: list[str] | None = None) -> dict[str, Any]:
+    """What must match for a stage checkpoint to be reused. `data`: fingerprints of the datasets
+    the recipe reads (a local file's size and mtime), so an edited calibration file starts over."""
     import transformers
 
     from compressor import __version__
@@ -56,6 +58,7 @@ def run_key(recipe_sha256: str, model_reference: str, model_folder: Path | None,
         "model_files": files,
         "device": device.type,
         "batch_size": batch_size,
+        "data": data or [],
         "versions": {"compressor": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
     }
 
@@ -207,7 +210,7 @@ class StageCheckpoints:
             return model, 0
         completed = self._completed()
         if any(record.get("key") != self.key for _, _, record in completed):
-            self.echo(f"resume: the stage checkpoints in {self.workdir} were made by a different recipe or model; starting over")
+            self.echo(f"resume: the stage checkpoints in {self.workdir} were made by a different recipe, model or calibration data; starting over")
             shutil.rmtree(self.workdir, ignore_errors=True)
             return model, 0
         usable = [item for item in completed if 0 <= item[0] < self.total - 1]

@@ -151,7 +151,7 @@ def test_changed_recipe_starts_over(tiny_llama, tmp_path, capsys, interrupt_afte
     capsys.readouterr()
     assert compress(tiny_llama, recipe, out, "--resume") == 0
     printed = capsys.readouterr().out
-    assert "made by a different recipe or model; starting over" in printed
+    assert "made by a different recipe, model or calibration data; starting over" in printed
     assert "stage 1/2: quantize (rtn)" in printed and "skipped" not in printed
     assert compress(tiny_llama, recipe, tmp_path / "ref") == 0
     assert digests(out) == digests(tmp_path / "ref")
@@ -340,4 +340,25 @@ def test_pruned_moe_experts_resume_byte_identical(tiny_qwen2_moe, tmp_path, caps
     capsys.readouterr()
     assert compress(tiny_qwen2_moe, recipe, out, "--resume") == 0
     assert "resume: stages 1-1 of 2 restored" in capsys.readouterr().out
+    assert digests(out) == digests(tmp_path / "ref")
+
+
+def test_edited_calibration_file_starts_over(tiny_llama, tmp_path, capsys, interrupt_after_checkpoint):
+    # The recipe names the file, not its contents: stage 1 calibrated on the old text must not be
+    # combined with stage 2 on the new one.
+    data = tmp_path / "calib.jsonl"
+    data.write_text("".join(json.dumps({"text": f"old text number {i} about pruning"}) + "\n" for i in range(60)))
+    recipe = tmp_path / "wanda.yaml"
+    recipe.write_text(f"name: t\ncalibration: {{dataset: {data}, samples: 4, seq_len: 32}}\nstages:\n"
+                      "  - prune: {method: wanda, sparsity: 0.5, targets: ['re:.*mlp.*']}\n"
+                      "  - prune: {method: wanda, sparsity: 0.5, targets: ['re:.*self_attn.*']}\n")
+    interrupt_after_checkpoint(1)
+    out = tmp_path / "out"
+    assert compress(tiny_llama, recipe, out) == 130
+    interrupt_after_checkpoint(0)
+    data.write_text("".join(json.dumps({"text": f"new words, {i} other tokens entirely!"}) + "\n" for i in range(80)))
+    capsys.readouterr()
+    assert compress(tiny_llama, recipe, out, "--resume") == 0
+    assert "calibration data; starting over" in capsys.readouterr().out
+    assert compress(tiny_llama, recipe, tmp_path / "ref") == 0
     assert digests(out) == digests(tmp_path / "ref")
