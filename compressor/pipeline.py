@@ -85,12 +85,16 @@ def _locator(recipe: Recipe, index: int, kind: str) -> Callable[..., dict[str, s
 
 
 def check_recipe_fits_model(recipe: Recipe, config: Any) -> None:
+    """Windows no longer than the model's positions: the calibration's and every stage's own data
+    block (RoPE models run past the limit without an error, on positions they never learned)."""
     limit = getattr(config, "max_position_embeddings", None)
-    if limit is not None and recipe.calibration.seq_len > limit:
-        raise RecipeError(
-            f"{recipe.calibration.seq_len} is longer than the model allows ({limit} positions)",
-            **recipe.where(("calibration", "seq_len")),
-        )
+    if limit is None:
+        return
+    blocks = [(("calibration",), recipe.calibration), *((path[:-1], block) for path, block in _dataset_blocks(recipe))]
+    for path, block in blocks:
+        if block.seq_len > limit:
+            raise RecipeError(f"{block.seq_len} is longer than the model allows ({limit} positions)",
+                              **recipe.where((*path, "seq_len")))
 
 
 def _dataset_blocks(recipe: Recipe) -> list[tuple[tuple[Any, ...], CalibrationSpec]]:
