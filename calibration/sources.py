@@ -16,6 +16,9 @@ from compressor.errors import DataError, first_line
 
 Document = Union[str, list[dict[str, str]]]
 
+# ShareGPT-style chats (`conversations: [{from: human, value: ...}]`) in chat-template roles.
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+
 TEXT_COLUMNS = ("text", "content", "abstract", "document", "messages", "conversations")
 
 
@@ -66,6 +69,9 @@ def _documents_from_records(records: list[dict[str, Any]], column: str | None, s
                 documents.append(value)
         elif isinstance(value, list) and all(isinstance(m, dict) and "content" in m for m in value):
             documents.append([{"role": str(m.get("role", "user")), "content": str(m["content"])} for m in value])
+        elif isinstance(value, list) and all(isinstance(m, dict) and "value" in m for m in value):  # ShareGPT
+            documents.append([{"role": SHAREGPT_ROLES.get(str(m.get("from")), str(m.get("from", "user"))),
+                               "content": str(m["value"])} for m in value])
         elif value is not None:
             raise DataError(f"record {index}: column '{name}' is neither text nor a list of messages", where=source)
     if not documents:

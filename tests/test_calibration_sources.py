@@ -99,3 +99,16 @@ def test_the_seed_picks_the_windows(tiny_tokenizer_dir, tmp_path):
     windows = {seed: build_calibration(CalibrationSpec(samples=4, seq_len=32, seed=seed), tokenizer, None) for seed in (0, 1)}
     assert build_calibration(CalibrationSpec(samples=4, seq_len=32, seed=0), tokenizer, None).equal(windows[0])
     assert not windows[0].equal(windows[1])
+
+
+def test_sharegpt_conversations_are_chats_rendered_with_the_template(tiny_tokenizer_dir, tmp_path):
+    # `conversations` is one of the columns looked for, but its ShareGPT messages ({from, value})
+    # were refused as "neither text nor a list of messages".
+    data = tmp_path / "share.jsonl"
+    data.write_text("".join(json.dumps({"conversations": [{"from": "human", "value": "Summarize."},
+                                                           {"from": "gpt", "value": t}]}) + "\n" for t in TEXTS))
+    assert _documents(data)[0] == [{"role": "user", "content": "Summarize."}, {"role": "assistant", "content": TEXTS[0]}]
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    tokenizer.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    windows = build_calibration(CalibrationSpec(dataset=str(data), samples=2, seq_len=32), tokenizer, None)
+    assert "[user] Summarize.\n[assistant] document" in tokenizer.decode(windows[0])
