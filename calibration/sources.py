@@ -182,12 +182,12 @@ _SAVED_DATASET_FILES = ("state.json", "dataset_dict.json")  # what Dataset(Dict)
 def _read_folder(path: Path, split: str, column: str | None) -> list[Document]:
     """A local datasets folder: one `save_to_disk` wrote, or data files `load_dataset` reads."""
     datasets = _datasets_library(str(path))
-    if not any((path / name).is_file() for name in _SAVED_DATASET_FILES):
-        return _read_hub(str(path), None, split, column, str(path))
+    saved = any((path / name).is_file() for name in _SAVED_DATASET_FILES)
     try:
-        dataset = datasets.load_from_disk(str(path))
-    except Exception as err:  # damaged or from an incompatible datasets version
-        raise DataError(f"cannot load the saved dataset: {first_line(err)}", where=str(path)) from None
+        dataset = datasets.load_from_disk(str(path)) if saved else datasets.load_dataset(str(path), split=split)
+    except Exception as err:  # damaged, from an incompatible datasets version, no data files, no such split
+        what = "the saved dataset" if saved else "the folder's data files (.jsonl, .json, .csv, .parquet, .txt)"
+        raise DataError(f"cannot load {what}: {first_line(err)}", where=str(path)) from None
     if isinstance(dataset, datasets.DatasetDict):
         if split not in dataset:
             raise DataError(f"no split '{split}' (splits: {', '.join(dataset)}); set calibration.split", where=str(path))

@@ -56,6 +56,9 @@ def test_a_folder_of_data_files_and_a_json_list(tmp_path):
     folder.mkdir()
     (folder / "part.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
     assert _documents(folder) == TEXTS
+    (tmp_path / "empty").mkdir()  # not the offline Hub message: the folder is what is wrong
+    with pytest.raises(DataError, match="cannot load the folder's data files .*doesn't contain any data files"):
+        _documents(tmp_path / "empty")
     (tmp_path / "list.json").write_text(json.dumps([{"content": t} for t in TEXTS]))
     assert _documents(tmp_path / "list.json") == TEXTS
     (tmp_path / "lines.json").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
