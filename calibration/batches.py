@@ -32,18 +32,19 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256((body + extra).encode()).hexdigest()[:16]
 
 
-def _source_fingerprint(dataset: str) -> str:
-    """Local files: size and modification time, so an edited file is not served stale."""
+def source_fingerprint(dataset: str) -> str:
+    """Local files and folders: sizes and modification times, so an edited file is not served stale."""
     path = Path(dataset).expanduser()
-    if path.is_file():
-        stat = path.stat()
-        return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-    return dataset
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
+    if not files:
+        return dataset
+    stats = [(str(f.relative_to(path)) if f != path else "", f.stat()) for f in files]
+    return f"{path.resolve()}:" + ";".join(f"{name}:{st.st_size}:{st.st_mtime_ns}" for name, st in stats)
 
 
 def cache_key(spec: CalibrationSpec, tokenizer) -> str:
     payload = json.dumps(
-        {"spec": spec.model_dump(mode="json"), "source": _source_fingerprint(spec.dataset), "tok": tokenizer_fingerprint(tokenizer)},
+        {"spec": spec.model_dump(mode="json"), "source": source_fingerprint(spec.dataset), "tok": tokenizer_fingerprint(tokenizer)},
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:24]

@@ -16,6 +16,9 @@ from compressor.errors import DataError, first_line
 
 Document = Union[str, list[dict[str, str]]]
 
+# ShareGPT-style chats (`conversations: [{from: human, value: ...}]`) in chat-template roles.
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+
 TEXT_COLUMNS = ("text", "content", "abstract", "document", "messages", "conversations")
 
 
@@ -27,11 +30,13 @@ class HubDatasetSource:
     subset: str | None
     split: str
     column: str
+    data_files: str | None = None  # one file of a huge set: what calibration needs, not terabytes
 
 
 KNOWN_HUB_SETS = {
     "wikitext": HubDatasetSource("Salesforce/wikitext", "wikitext-2-raw-v1", "train", "text"),
-    "c4": HubDatasetSource("allenai/c4", "en", "train", "text"),
+    # The "en" config is 365M documents (~300 GB); one shard holds ~356k, plenty for calibration.
+    "c4": HubDatasetSource("allenai/c4", None, "train", "text", data_files="en/c4-train.00000-of-01024.json.gz"),
     "ultrachat": HubDatasetSource("HuggingFaceH4/ultrachat_200k", None, "train_sft", "messages"),
 }
 
@@ -64,6 +69,9 @@ def _documents_from_records(records: list[dict[str, Any]], column: str | None, s
                 documents.append(value)
         elif isinstance(value, list) and all(isinstance(m, dict) and "content" in m for m in value):
             documents.append([{"role": str(m.get("role", "user")), "content": str(m["content"])} for m in value])
+        elif isinstance(value, list) and all(isinstance(m, dict) and "value" in m for m in value):  # ShareGPT
+            documents.append([{"role": SHAREGPT_ROLES.get(str(m.get("from")), str(m.get("from", "user"))),
+                               "content": str(m["value"])} for m in value])
         elif value is not None:
             raise DataError(f"record {index}: column '{name}' is neither text nor a list of messages", where=source)
     if not documents:
@@ -71,24 +79,45 @@ def _documents_from_records(records: list[dict[str, Any]], column: str | None, s
     return documents
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"not UTF-8 text (byte {err.start})", where=str(path)) from None
+
+
 def _read_jsonl(path: Path, column: str | None) -> list[Document]:
     records = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"not valid JSON: {err.msg}", where=f"{path}:{number}") from None
-            if not isinstance(record, dict):
-                raise DataError("each line must be a JSON object", where=f"{path}:{number}")
-            records.append(record)
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"not valid JSON: {err.msg}", where=f"{path}:{number}") from None
+        if not isinstance(record, dict):
+            raise DataError("each line must be a JSON object", where=f"{path}:{number}")
+        records.append(record)
     return _documents_from_records(records, column, str(path))
 
 
+def _read_json(path: Path, column: str | None) -> list[Document]:
+    """A JSON list of records, or JSON lines under a .json name (as `datasets` accepts both)."""
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data":  # one object per line
+            return _read_jsonl(path, column)
+        raise DataError(f"not valid JSON: {err.msg}", where=f"{path}:{err.lineno}") from None
+    if not isinstance(data, list) or not all(isinstance(record, dict) for record in data):
+        raise DataError("a .json calibration file must be a list of JSON objects (or one object per line)", where=str(path))
+    return _documents_from_records(data, column, str(path))
+
+
 def _read_txt(path: Path, column: str | None) -> list[Document]:
-    text = path.read_text(encoding="utf-8")
+    if column is not None:  # silently reading the whole file would hide a recipe meant for another file
+        raise DataError(f"calibration.text_column '{column}' does not apply to a .txt file (read as paragraphs)", where=str(path))
+    text = _read_text(path)
     paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
     if not paragraphs:
         raise DataError("file is empty", where=str(path))
@@ -111,21 +140,59 @@ def _read_parquet(path: Path, column: str | None) -> list[Document]:
 
 LOCAL_READERS: dict[str, Callable[[Path, str | None], list[Document]]] = {
     ".jsonl": _read_jsonl,
+    ".json": _read_json,
     ".txt": _read_txt,
     ".parquet": _read_parquet,
 }
 
 
-def _read_hub(path: str, subset: str | None, split: str, column: str | None, label: str) -> list[Document]:
+def _datasets_library(label: str):
     try:
         import datasets
     except ImportError:
         raise DataError("Hub datasets need the `datasets` package (pip install 'compressor[data]')", where=label) from None
+    return datasets
+
+
+_UNSUPPORTED = (
+    f"unsupported calibration file (use {', '.join(LOCAL_READERS)}, a datasets folder or a Hub dataset id)"
+)
+
+
+def _read_hub(path: str, subset: str | None, split: str, column: str | None, label: str,
+              data_files: str | None = None) -> list[Document]:
+    datasets = _datasets_library(label)
     try:
-        dataset = datasets.load_dataset(path, subset, split=split)
+        dataset = datasets.load_dataset(path, subset, split=split, data_files=data_files)
     except Exception as err:  # datasets raises many types for missing/offline sets
+        if datasets.config.HF_HUB_OFFLINE:
+            raise DataError(
+                f"'{path}' is not in the local datasets cache and the Hub is offline (HF_HUB_OFFLINE=1): load it once"
+                " online to cache it, or save it to a folder (Dataset.save_to_disk) or a .jsonl/.parquet file and"
+                " give that path",
+                where=label,
+            ) from None
         raise DataError(f"cannot load dataset '{path}' (split {split}): {first_line(err)}", where=label) from None
     return _documents_from_records(dataset.to_list(), column, label)
+
+
+_SAVED_DATASET_FILES = ("state.json", "dataset_dict.json")  # what Dataset(Dict).save_to_disk writes
+
+
+def _read_folder(path: Path, split: str, column: str | None) -> list[Document]:
+    """A local datasets folder: one `save_to_disk` wrote, or data files `load_dataset` reads."""
+    datasets = _datasets_library(str(path))
+    saved = any((path / name).is_file() for name in _SAVED_DATASET_FILES)
+    try:
+        dataset = datasets.load_from_disk(str(path)) if saved else datasets.load_dataset(str(path), split=split)
+    except Exception as err:  # damaged, from an incompatible datasets version, no data files, no such split
+        what = "the saved dataset" if saved else "the folder's data files (.jsonl, .json, .csv, .parquet, .txt)"
+        raise DataError(f"cannot load {what}: {first_line(err)}", where=str(path)) from None
+    if isinstance(dataset, datasets.DatasetDict):
+        if split not in dataset:
+            raise DataError(f"no split '{split}' (splits: {', '.join(dataset)}); set calibration.split", where=str(path))
+        dataset = dataset[split]
+    return _documents_from_records(dataset.to_list(), column, str(path))
 
 
 def dataset_problem(dataset: str) -> str | None:
@@ -140,8 +207,10 @@ def dataset_problem(dataset: str) -> str | None:
     path = Path(dataset).expanduser()
     if path.suffix in LOCAL_READERS:
         return None if path.is_file() else "calibration file not found"
+    if path.is_dir():
+        return None
     if path.exists() or dataset.startswith((".", "/", "~")):
-        return f"unsupported calibration file (use {', '.join(LOCAL_READERS)}) or a Hub dataset id"
+        return _UNSUPPORTED if path.exists() else "calibration file or folder not found"
     return None
 
 
@@ -153,14 +222,14 @@ def load_documents(dataset: str, *, text_column: str | None, split: str, subset:
         raise DataError(f"unknown built-in dataset '{dataset}' (known: builtin:abstracts)", where="calibration.dataset")
     if dataset in KNOWN_HUB_SETS:
         known = KNOWN_HUB_SETS[dataset]
-        return _read_hub(known.path, known.subset, known.split, text_column or known.column, dataset)
+        return _read_hub(known.path, known.subset, known.split, text_column or known.column, dataset, known.data_files)
     path = Path(dataset).expanduser()
     if path.suffix in LOCAL_READERS:
         if not path.is_file():
             raise DataError("calibration file not found", where=str(path))
         return LOCAL_READERS[path.suffix](path, text_column)
+    if path.is_dir():
+        return _read_folder(path, split, text_column)
     if path.exists() or dataset.startswith((".", "/", "~")):
-        raise DataError(
-            f"unsupported calibration file (use {', '.join(LOCAL_READERS)}) or a Hub dataset id", where=dataset
-        )
+        raise DataError(_UNSUPPORTED if path.exists() else "calibration file or folder not found", where=dataset)
     return _read_hub(dataset, subset, split, text_column, dataset)

@@ -60,6 +60,13 @@ def _check_can_create(out_dir: Path) -> None:
         raise UserError(f"cannot create the output folder: {ancestor} is not a folder", where=str(out_dir))
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise UserError(f"cannot create the output folder: {ancestor} is not writable", where=str(out_dir))
+    # os.access says yes to root everywhere, and knows nothing of read-only mounts or of /proc:
+    # make (and remove) a folder there, as the staging folder will be made.
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".compressor-probe-", dir=ancestor))
+    except OSError as err:
+        raise UserError(f"cannot create the output folder: {ancestor} refuses new folders ({err.strerror})",
+                        where=str(out_dir)) from None
 
 
 _OWNER_FILE = ".owner-pid"

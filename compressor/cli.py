@@ -4,7 +4,7 @@
     compress recipes
 
 Subcommands live in `compressor.commands`, one module each.
-Exit codes: 0 success, 1 failure during compression, 2 bad input (one line on stderr,
+Exit codes: 0 success, 1 failure during compression (a full disk included), 2 bad input (one line on stderr,
 nothing written), 130 interrupted.
 """
 
@@ -16,7 +16,7 @@ import sys
 import threading
 
 from compressor.commands.library_notices import drop_library_noise
-from compressor.errors import CompressionError, UserError
+from compressor.errors import CompressionError, UserError, storage_failure
 
 
 class Terminated(BaseException):
@@ -45,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_code
     except CompressionError as err:
         print(f"compression failed: {err}", file=sys.stderr)
+        return 1
+    except Exception as err:  # only a refused write becomes one line; anything else is a bug to show
+        failure = storage_failure(err)
+        if failure is None:
+            raise
+        print(f"write failed: {failure}; the output was not written (free space, or pick another folder)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: the output was not written", file=sys.stderr)

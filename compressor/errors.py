@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import errno
+
+# A write the storage refused: disk full, quota, file size limit, read-only file system, I/O.
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO)
+
 
 def first_line(err: BaseException) -> str:
     """An exception's message cut to its first line (its type name when it has none): what a
     one-line error quotes from a library's multi-line one."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def storage_failure(err: BaseException) -> str | None:
+    """One line for a write the storage refused (None for any other error). safetensors' Rust
+    writer reports these as `SafetensorError("... I/O error: No space left on device (os error 28)")`."""
+    if isinstance(err, OSError) and err.errno in _STORAGE_ERRNOS:
+        return f"{err.filename}: {err.strerror}" if err.filename else str(err.strerror)
+    text = first_line(err)
+    if "I/O error" in text and any(f"(os error {code})" in text for code in _STORAGE_ERRNOS):
+        return text
+    return None
 
 
 class UserError(Exception):

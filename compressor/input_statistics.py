@@ -106,8 +106,9 @@ class InputStatisticsAlgorithm:
         self._groups, self._statistics, self._group_of = [], [], {}
 
 
-def run_statistics(model: nn.Module, modules, make_statistic, solve, ctx: StageContext, description: str) -> None:
-    algorithm = InputStatisticsAlgorithm(modules, make_statistic, solve)
+def run_statistics(model: nn.Module, modules, make_statistic, solve, ctx: StageContext, description: str,
+                   solve_unseen: Callable[[str], None] | None = None) -> None:
+    algorithm = InputStatisticsAlgorithm(modules, make_statistic, solve, solve_unseen)
     run_layerwise(
         model, ctx.calibration(), algorithm, batch_size=ctx.batch_size, device=ctx.device,
         description=description, show_progress=ctx.show_progress,

@@ -86,20 +86,21 @@ def _locator(recipe: Recipe, index: int, kind: str) -> Callable[..., dict[str, s
 
 
 def check_recipe_fits_model(recipe: Recipe, config: Any) -> None:
+    """Windows no longer than the model's positions: the calibration's and every stage's own data
+    block (RoPE models run past the limit without an error, on positions they never learned)."""
     limit = getattr(config, "max_position_embeddings", None)
-    if limit is not None and recipe.calibration.seq_len > limit:
-        raise RecipeError(
-            f"{recipe.calibration.seq_len} is longer than the model allows ({limit} positions)",
-            **recipe.where(("calibration", "seq_len")),
-        )
+    if limit is None:
+        return
+    blocks = [(("calibration",), recipe.calibration), *((path[:-1], block) for path, block in _dataset_blocks(recipe))]
+    for path, block in blocks:
+        if block.seq_len > limit:
+            raise RecipeError(f"{block.seq_len} is longer than the model allows ({limit} positions)",
+                              **recipe.where((*path, "seq_len")))
 
 
-def check_recipe_datasets(recipe: Recipe) -> None:
-    """Refuse a dataset reference that cannot work (a missing file, an unknown built-in) before
-    any weight is read: the recipe's calibration when a stage reads it, and every stage's own
-    dataset block (distill `data`, lora `dataset`)."""
-    from compressor.calibration.sources import dataset_problem
-
+def _dataset_blocks(recipe: Recipe) -> list[tuple[tuple[Any, ...], CalibrationSpec]]:
+    """The recipe's calibration when a stage reads it, and every stage's own dataset block
+    (distill `data`, lora `dataset`), each with its key path."""
     registry = stage_registry()
     blocks: list[tuple[tuple[Any, ...], CalibrationSpec]] = []
     if any(registry.get(s.kind).implementation.needs_calibration(s.config) for s in recipe.stages):
@@ -109,7 +110,15 @@ def check_recipe_datasets(recipe: Recipe) -> None:
             value = getattr(spec.config, key)
             if isinstance(value, CalibrationSpec):
                 blocks.append((("stages", index, spec.kind, key, "dataset"), value))
-    for path, block in blocks:
+    return blocks
+
+
+def check_recipe_datasets(recipe: Recipe) -> None:
+    """Refuse a dataset reference that cannot work (a missing file, an unknown built-in) before
+    any weight is read."""
+    from compressor.calibration.sources import dataset_problem
+
+    for path, block in _dataset_blocks(recipe):
         problem = dataset_problem(block.dataset)
         if problem is not None:
             raise RecipeError(f"{block.dataset}: {problem}", **recipe.where(path))
@@ -304,6 +313,8 @@ def run_recipe(
         note = checkpoints.kept_note() if processes.is_main else None
         if note is not None:
             print(note, file=sys.stderr)
+        elif processes.is_main:
+            checkpoints.drop_empty_workdir()
         raise
     loaded.model = model
     if not processes.is_main:
@@ -398,7 +409,10 @@ def stage_checkpoints_for(
     writes: bool = True,
 ) -> StageCheckpoints:
     assert options.out_dir is not None
-    key = run_key(recipe.sha256(), model_reference, loaded.folder, device, options.batch_size)
+    from compressor.calibration.batches import source_fingerprint
+
+    data = [source_fingerprint(block.dataset) for _, block in _dataset_blocks(recipe)]
+    key = run_key(recipe.sha256(), model_reference, loaded.folder, device, options.batch_size, data)
     enabled = options.stage_checkpoints and not merged and writes
     return StageCheckpoints(workdir_for(options.out_dir), key, [s.kind for s in recipe.stages], enabled, options.resume, echo)
 

@@ -38,8 +38,10 @@ _PLAIN = (str, int, float, bool, type(None))
 _STATE = "run-state"  # a subfolder, so the loader never sees its files as model weights
 
 
-def run_key(recipe_sha256: str, model_reference: str, model_folder: Path | None, device: torch.device, batch_size: int) -> dict[str, Any]:
-    """What must match for a stage checkpoint to be reused."""
+def run_key(recipe_sha256: str, model_reference: str, model_folder: Path | None, device: torch.device, batch_size: int,
+            data: list[str] | None = None) -> dict[str, Any]:
+    """What must match for a stage checkpoint to be reused. `data`: fingerprints of the datasets
+    the recipe reads (a local file's size and mtime), so an edited calibration file starts over."""
     import transformers
 
     from compressor import __version__
@@ -56,6 +58,7 @@ def run_key(recipe_sha256: str, model_reference: str, model_folder: Path | None,
         "model_files": files,
         "device": device.type,
         "batch_size": batch_size,
+        "data": data or [],
         "versions": {"compressor": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
     }
 
@@ -118,6 +121,28 @@ def _difference(live: nn.Module, reloaded: nn.Module) -> tuple[str | None, dict[
     return None, attributes
 
 
+def _unfused_experts(model: nn.Module) -> list[str]:
+    """MoE experts modules a stage split into one Linear per expert (compressor.moe_experts)."""
+    from compressor.moe_experts import UnfusedExperts
+
+    return [name for name, module in model.named_modules() if isinstance(module, UnfusedExperts)]
+
+
+def _reload(folder: Path, unfused: list[str]) -> nn.Module:
+    """The checkpoint as `compressor.load` builds it, with the experts the live model had split
+    (a pruned expert is stored as a dense per-expert `.weight`, which loads fused) split again:
+    the split copies the fused tensors' slices, so it is exact."""
+    from compressor.moe_experts import fused_experts, unfuse_module
+    from compressor.runtime import load
+
+    model = load(folder, prepare_kernels=False)
+    fused = fused_experts(model)
+    for name in unfused:
+        if name in fused:
+            unfuse_module(model, name, fused[name])
+    return model
+
+
 def _apply_attributes(model: nn.Module, attributes: dict[str, dict[str, Any]], frozen: list[str], training: bool) -> None:
     modules = dict(model.named_modules())
     for name, values in attributes.items():
@@ -172,13 +197,20 @@ class StageCheckpoints:
         last = completed[-1][0] + 1
         return f"{self.workdir}: stages 1-{last} are kept there; repeat the command with --resume to continue from stage {last + 1}"
 
+    def drop_empty_workdir(self) -> None:
+        """After a failure: a work folder holding no checkpoint (a save refused midway) goes."""
+        try:
+            self.workdir.rmdir()
+        except OSError:  # absent, or holds something worth keeping
+            pass
+
     def restore(self, model: nn.Module, ctx: StageContext, loop: LoopState) -> tuple[nn.Module, int]:
         """With --resume: the model after the newest usable checkpoint and the first stage to run."""
         if not self.resume:
             return model, 0
         completed = self._completed()
         if any(record.get("key") != self.key for _, _, record in completed):
-            self.echo(f"resume: the stage checkpoints in {self.workdir} were made by a different recipe or model; starting over")
+            self.echo(f"resume: the stage checkpoints in {self.workdir} were made by a different recipe, model or calibration data; starting over")
             shutil.rmtree(self.workdir, ignore_errors=True)
             return model, 0
         usable = [item for item in completed if 0 <= item[0] < self.total - 1]
@@ -186,15 +218,13 @@ class StageCheckpoints:
             self.echo("resume: no completed stage to continue from; running every stage")
             return model, 0
         index, folder, _ = usable[-1]
-        from compressor.runtime import load
-
+        extra = folder / _STATE
+        state = json.loads((extra / "state.json").read_text())
         try:
-            restored = load(folder, prepare_kernels=False)
+            restored = _reload(folder, state.get("unfused_experts", []))
         except Exception as err:  # e.g. a builder that vanished since: never a wrong resume
             self.echo(f"resume: {folder.name} cannot be reloaded ({_message(err)}); running every stage")
             return model, 0
-        extra = folder / _STATE
-        state = json.loads((extra / "state.json").read_text())
         _apply_attributes(restored, json.loads((extra / "attributes.json").read_text()), state["frozen"], state["training"])
         torch.set_rng_state(load_file(str(extra / "rng.safetensors"))["cpu"])
         ctx.records.update(state["records"])
@@ -245,10 +275,8 @@ class StageCheckpoints:
         return True
 
     def _verify(self, model: nn.Module, folder: Path) -> tuple[str | None, dict[str, dict[str, Any]]]:
-        from compressor.runtime import load
-
         try:
-            reloaded = load(folder, prepare_kernels=False)
+            reloaded = _reload(folder, _unfused_experts(model))
         except Exception as err:  # whatever stops it reloading (no builder, a shape the skeleton lacks): no checkpoint
             return f"cannot be reloaded: {_message(err)}", {}
         problem, attributes = _difference(model, reloaded)
@@ -271,6 +299,7 @@ class StageCheckpoints:
             "plans": [asdict(plan) for plan in loop.plans],
             "frozen": [name for name, p in model.named_parameters() if not p.requires_grad],
             "training": model.training,
+            "unfused_experts": _unfused_experts(model),
         }
         extra = folder / _STATE
         extra.mkdir()

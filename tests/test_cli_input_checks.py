@@ -369,3 +369,12 @@ def test_help_after_an_unknown_word_is_compress_help(capsys):
         main(["frobnicate", "--help"])
     assert exit_info.value.code == 0
     assert "usage: compress" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", OUTPUT_COMMANDS)
+def test_output_where_no_folder_can_be_made_is_refused_before_any_work(command, tmp_path, capsys):
+    # /proc accepts no new folder, even from root (for whom os.access always says yes): the
+    # old check let the run compress, then fail with a traceback when it first wrote.
+    out = Path("/proc") / "compressor-out" / "out"
+    code, err = _run(_output_argv(command, tmp_path, out), capsys)
+    _assert_refused(code, err, str(out), "/proc refuses new folders")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -105,3 +106,24 @@ def test_killed_runs_leave_no_partial_output(tiny_llama, tmp_path):
     assert process.returncode == 0, stderr
     _assert_complete(out)
     assert sorted(p.name for p in out.parent.iterdir()) == ["out"], "stale staging folders were not removed"
+
+
+def _small_file_limit() -> None:
+    # A file size limit turns every large write into EFBIG, as a full disk gives ENOSPC; with
+    # SIGXFSZ ignored the write fails with the error instead of killing the process.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+
+def test_a_write_the_disk_refuses_is_one_line_and_leaves_nothing(tiny_llama, tmp_path):
+    recipe = tmp_path / "two.yaml"
+    recipe.write_text(RECIPE.replace("samples: 64, seq_len: 128", "samples: 4, seq_len: 32"))
+    out = tmp_path / "runs" / "out"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", COMPRESSOR_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "compressor.cli", str(tiny_llama), "--recipe", str(recipe), "-o", str(out), "-q", "--no-perplexity"]
+    process = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, preexec_fn=_small_file_limit)
+    assert process.returncode == 1, process.stderr
+    lines = process.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("write failed: ") and "File too large" in lines[0], process.stderr
+    # Stage 1's checkpoint could not be written: no OUT, no staging folder, no empty work folder.
+    assert list(out.parent.iterdir()) == [], list(out.parent.iterdir())

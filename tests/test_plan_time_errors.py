@@ -143,3 +143,12 @@ def test_quantize_after_svd_of_every_layer(tiny_llama, tmp_path):
     recipe = write(tmp_path, HEAD + "  - lowrank: {method: svd, rank: 8}\n" + RTN)
     assert_refused_both_ways(tiny_llama, recipe, tmp_path, f"{recipe}:5 stages[1].quantize.targets",
                              "already replaced by stages[0] (quantized or factorized)")
+
+
+def test_a_stage_data_block_longer_than_the_model_positions(tiny_llama, tmp_path):
+    # RoPE models run past max_position_embeddings without an error: distill trained on 1000-token
+    # windows of a 256-position model, where the recipe's own calibration block is refused.
+    text = HEAD + RTN + "  - distill:\n      steps: 2\n      data: {samples: 2, seq_len: 1000}\n"
+    recipe = write(tmp_path, text)
+    assert_refused_both_ways(tiny_llama, recipe, tmp_path, f"{recipe}:7 stages[1].distill.data.seq_len",
+                             "1000 is longer than the model allows (256 positions)")

@@ -205,3 +205,50 @@ def test_evaluation_loads_a_sparse_checkpoint_with_its_real_weights(tiny_llama, 
         evaluated = loaded.model(IDS).logits[0].float()
         reference = load_sparse_model(out)(IDS).logits[0].float()
     assert torch.allclose(evaluated, reference, atol=1e-5, rtol=1e-5)
+
+
+MOE_PRUNE = "name: t\ncalibration: {{samples: 4, seq_len: 32}}\nstages:\n  - prune: {{method: {method}, sparsity: {sparsity}, storage: {storage}}}\n"
+
+
+def test_unstructured_pruning_reaches_the_routed_experts(tiny_qwen2_moe, tmp_path):
+    # Fused experts (gate_up_proj [E, 2I, H]) are most of an MoE's weights; the prune stage used to
+    # leave them dense without a word (a tiny Qwen2-MoE at "2:4" came out 1.10x smaller).
+    from compressor.runtime import load
+    from transformers import AutoModelForCausalLM
+
+    dense = _compress_moe(tiny_qwen2_moe, tmp_path / "dense", "magnitude", "0.5", "dense")
+    plain = AutoModelForCausalLM.from_pretrained(str(dense))
+    experts = plain.model.layers[0].mlp.experts
+    for fused in (experts.gate_up_proj, experts.down_proj):
+        assert [round(float((w == 0).float().mean()), 3) for w in fused] == [0.5] * 8
+    sparse = _compress_moe(tiny_qwen2_moe, tmp_path / "sparse", "magnitude", "0.5", "sparse")
+    ids = torch.tensor([[1, 5, 9, 33, 70, 120, 7, 2]])
+    with torch.no_grad():
+        assert torch.equal(load(sparse)(ids).logits, plain(ids).logits)
+    nm = _compress_moe(tiny_qwen2_moe, tmp_path / "nm", "sparsegpt", '"2:4"', "dense")
+    gate_up = AutoModelForCausalLM.from_pretrained(str(nm)).model.layers[1].mlp.experts.gate_up_proj
+    assert all(is_nm_sparse(w, parse_nm("2:4")) for w in gate_up)
+
+
+def _compress_moe(model: Path, folder: Path, method: str, sparsity: str, storage: str) -> Path:
+    from tests.cli_runs import compress_into
+
+    folder.mkdir()
+    return compress_into(model, MOE_PRUNE.format(method=method, sparsity=sparsity, storage=storage), folder)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_an_expert_no_calibration_token_reaches_is_pruned_by_magnitude(method, tiny_qwen2_moe, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tests.cli_runs import compress_into
+
+    # Two tokens, two experts each: most of the 8 experts of a block see none, so the calibrated
+    # methods have no statistics for them (they were left dense).
+    recipe = MOE_PRUNE.format(method=method, sparsity="0.5", storage="dense").replace("samples: 4, seq_len: 32", "samples: 1, seq_len: 2")
+    out = compress_into(tiny_qwen2_moe, recipe, tmp_path)
+    for layer in AutoModelForCausalLM.from_pretrained(str(out)).model.layers:
+        assert [round(float((w == 0).float().mean()), 3) for w in layer.mlp.experts.gate_up_proj] == [0.5] * 8
+    records = json.loads((out / "compression.json").read_text())["modules"]
+    unseen = [name for name, record in records.items() if record.get("fallback") == "magnitude: no calibration token reached this layer"]
+    assert unseen and all(".mlp.experts." in name for name in unseen)

@@ -127,6 +127,14 @@ def test_experts_pruned_by_router_frequency_and_contribution(tmp_path):
         ("llama", "{method: magnitude, sparsity: {layers: [0, 1]}}", "every one of the 2 blocks", "stages[0].prune.sparsity.layers"),
         ("llama", "{method: magnitude, sparsity: {layers: [7]}}", "block 7 does not exist", "stages[0].prune.sparsity.layers"),
         ("llama", "{method: magnitude, sparsity: {layers: auto, count: 2}}", "every one of the 2 blocks", "stages[0].prune.sparsity.count"),
+        ("llama", "{method: magnitude, sparsity: {layers: [1, 1]}}", "block 1 is listed twice", "stages[0].prune.sparsity.layers"),
+        # 160 channels: 0.999 rounds to all of them (the old plan saved intermediate_size 0), 0.002 to none.
+        ("llama", "{method: wanda, sparsity: {mlp_channels: 0.999}}", "rounds to removing every channel; between 1 and 159",
+         "stages[0].prune.sparsity.mlp_channels"),
+        ("llama", "{method: wanda, sparsity: {mlp_channels: 0.002}}", "rounds to removing no channel",
+         "stages[0].prune.sparsity.mlp_channels"),
+        # Qwen2-MoE's MLPs are experts (and a shared expert): the old plan changed the config only.
+        ("qwen2_moe", "{method: wanda, sparsity: {mlp_channels: 0.25}}", "no gated MLP", "stages[0].prune.sparsity.mlp_channels"),
     ],
 )
 def test_bad_structured_requests_are_refused_in_plan(kind, block, message, key):
@@ -134,3 +142,11 @@ def test_bad_structured_requests_are_refused_in_plan(kind, block, message, key):
         plan_only(tiny_model(kind), prune_recipe(block))
     assert message in caught.value.message
     assert caught.value.key == key and caught.value.where == "r.yaml:3"
+
+
+def test_removing_experts_after_a_stage_split_them_says_to_reorder():
+    recipe = "name: t\nstages:\n  - prune: {method: magnitude, sparsity: 0.5}\n  - prune: {method: wanda, sparsity: {experts: 0.25}}\n"
+    with pytest.raises(RecipeError) as caught:
+        plan_only(tiny_model("qwen2_moe"), recipe)
+    assert "split the experts into one Linear each; put the {experts: r} stage first" in caught.value.message
+    assert caught.value.key == "stages[1].prune.sparsity.experts"

@@ -151,7 +151,7 @@ def test_changed_recipe_starts_over(tiny_llama, tmp_path, capsys, interrupt_afte
     capsys.readouterr()
     assert compress(tiny_llama, recipe, out, "--resume") == 0
     printed = capsys.readouterr().out
-    assert "made by a different recipe or model; starting over" in printed
+    assert "made by a different recipe, model or calibration data; starting over" in printed
     assert "stage 1/2: quantize (rtn)" in printed and "skipped" not in printed
     assert compress(tiny_llama, recipe, tmp_path / "ref") == 0
     assert digests(out) == digests(tmp_path / "ref")
@@ -316,3 +316,49 @@ def test_interrupt_after_a_checkpoint_says_what_is_kept(tiny_llama, tmp_path, ca
     note, last = capsys.readouterr().err.strip().splitlines()
     assert note == f"{workdir(out).resolve()}: stages 1-1 are kept there; repeat the command with --resume to continue from stage 2"
     assert last == "interrupted: the output was not written"
+
+
+MOE_PRUNE_THEN_QUANTIZE = """name: moe-prune-then-rtn
+calibration: {samples: 4, seq_len: 32}
+stages:
+  - prune: {method: magnitude, sparsity: "2:4", storage: dense}
+  - quantize: {method: rtn, weights: {bits: 4, group_size: 32}}
+"""
+
+
+def test_pruned_moe_experts_resume_byte_identical(tiny_qwen2_moe, tmp_path, capsys, interrupt_after_checkpoint):
+    # The prune stage splits the fused experts into Linears; a dense checkpoint of them loads fused,
+    # so the checkpoint is split again on reload (before: "module tree differs", no checkpoint).
+    recipe = tmp_path / "moe.yaml"
+    recipe.write_text(MOE_PRUNE_THEN_QUANTIZE)
+    assert compress(tiny_qwen2_moe, recipe, tmp_path / "ref") == 0
+    interrupt_after_checkpoint(1)
+    out = tmp_path / "out"
+    assert compress(tiny_qwen2_moe, recipe, out) == 130
+    interrupt_after_checkpoint(0)
+    assert (workdir(out) / "stage-1" / "done.json").is_file(), capsys.readouterr().out
+    capsys.readouterr()
+    assert compress(tiny_qwen2_moe, recipe, out, "--resume") == 0
+    assert "resume: stages 1-1 of 2 restored" in capsys.readouterr().out
+    assert digests(out) == digests(tmp_path / "ref")
+
+
+def test_edited_calibration_file_starts_over(tiny_llama, tmp_path, capsys, interrupt_after_checkpoint):
+    # The recipe names the file, not its contents: stage 1 calibrated on the old text must not be
+    # combined with stage 2 on the new one.
+    data = tmp_path / "calib.jsonl"
+    data.write_text("".join(json.dumps({"text": f"old text number {i} about pruning"}) + "\n" for i in range(60)))
+    recipe = tmp_path / "wanda.yaml"
+    recipe.write_text(f"name: t\ncalibration: {{dataset: {data}, samples: 4, seq_len: 32}}\nstages:\n"
+                      "  - prune: {method: wanda, sparsity: 0.5, targets: ['re:.*mlp.*']}\n"
+                      "  - prune: {method: wanda, sparsity: 0.5, targets: ['re:.*self_attn.*']}\n")
+    interrupt_after_checkpoint(1)
+    out = tmp_path / "out"
+    assert compress(tiny_llama, recipe, out) == 130
+    interrupt_after_checkpoint(0)
+    data.write_text("".join(json.dumps({"text": f"new words, {i} other tokens entirely!"}) + "\n" for i in range(80)))
+    capsys.readouterr()
+    assert compress(tiny_llama, recipe, out, "--resume") == 0
+    assert "calibration data; starting over" in capsys.readouterr().out
+    assert compress(tiny_llama, recipe, tmp_path / "ref") == 0
+    assert digests(out) == digests(tmp_path / "ref")

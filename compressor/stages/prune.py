@@ -26,6 +26,7 @@ from torch import nn
 from compressor.algorithms.masks import NMPattern, parse_nm
 from compressor.errors import RecipeError
 from compressor.layerwise import find_decoder_blocks
+from compressor.moe_experts import UnknownExpertsError, unfuse_targeted_experts
 from compressor.recipe import StrictModel
 from compressor.stages.base import Locator, StageContext, StagePlan
 from compressor.stages.prune_methods import LayerTarget, prune_method_registry
@@ -156,6 +157,10 @@ class PruneStage:
 
             return plan_structured(model, config, locate)
         calibrated = self.needs_calibration(config)
+        try:  # fused MoE experts become one Linear per expert, as for quantize, so they are pruned too
+            unfuse_targeted_experts(model, config.targets, config.ignore)
+        except UnknownExpertsError as err:
+            raise RecipeError(str(err), **locate("targets")) from None
         selection = select_modules(model, config.targets, config.ignore)
         plan = StagePlan(
             kind="prune", method=config.method, skipped=dict(selection.skipped), notes=selection.notes(config)

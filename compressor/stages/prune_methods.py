@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
@@ -58,17 +58,32 @@ class PruneMethod(Protocol):
     def prune(self, model: nn.Module, modules: dict[str, nn.Linear], targets: dict[str, LayerTarget], config: Any, ctx: StageContext) -> None: ...
 
 
+def _prune_by_magnitude(module: nn.Linear, target: LayerTarget) -> None:
+    sparsity, pattern = _split(target)
+    scores = module.weight.data.float().abs()
+    keep = nm_mask(scores, pattern) if pattern else unstructured_mask(scores, sparsity, per_row=False)
+    module.weight.data.mul_(keep.to(module.weight.dtype))
+    mark_pruned(module, target)
+
+
+def _magnitude_for_unseen(modules, targets, ctx: StageContext, method: str) -> Callable[[str], None]:
+    """For a layer no calibration token reached (an MoE expert the router never chose), which
+    the calibrated methods have no statistics for: magnitude pruning, recorded as a fallback."""
+    def solve_unseen(name: str) -> None:
+        started = time.perf_counter()
+        _prune_by_magnitude(modules[name], targets[name])
+        _record(ctx, name, method, modules[name], targets[name], time.perf_counter() - started,
+                fallback="magnitude: no calibration token reached this layer")
+    return solve_unseen
+
+
 class MagnitudeMethod:
     calibrated = False
 
     def prune(self, model, modules, targets, config, ctx) -> None:
         for name, module in modules.items():
             started = time.perf_counter()
-            sparsity, pattern = _split(targets[name])
-            scores = module.weight.data.float().abs()
-            keep = nm_mask(scores, pattern) if pattern else unstructured_mask(scores, sparsity, per_row=False)
-            module.weight.data.mul_(keep.to(module.weight.dtype))
-            mark_pruned(module, targets[name])
+            _prune_by_magnitude(module, targets[name])
             _record(ctx, name, "magnitude", module, targets[name], time.perf_counter() - started)
 
 
@@ -85,7 +100,8 @@ class WandaMethod:
                 mark_pruned(module, targets[name])
                 _record(ctx, name, "wanda", module, targets[name], time.perf_counter() - started)
 
-        run_statistics(model, modules, ColumnNormAccumulator, solve, ctx, "wanda")
+        run_statistics(model, modules, ColumnNormAccumulator, solve, ctx, "wanda",
+                       _magnitude_for_unseen(modules, targets, ctx, "wanda"))
 
 
 class SparseGPTMethod:
@@ -112,7 +128,8 @@ class SparseGPTMethod:
         def exact_hessian(in_features: int, device: torch.device) -> HessianAccumulator:
             return HessianAccumulator(in_features, device, float32_products=True)
 
-        run_statistics(model, modules, exact_hessian, solve, ctx, "sparsegpt")
+        run_statistics(model, modules, exact_hessian, solve, ctx, "sparsegpt",
+                       _magnitude_for_unseen(modules, targets, ctx, "sparsegpt"))
 
 
 @functools.cache

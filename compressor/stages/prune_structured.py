@@ -28,6 +28,7 @@ from torch import nn
 
 from compressor.errors import RecipeError
 from compressor.layerwise import find_decoder_blocks, run_layerwise
+from compressor.moe_experts import UnfusedExperts
 from compressor.algorithms.wanda import ColumnNormAccumulator
 from compressor.stages.base import Locator, StageContext, StagePlan
 from compressor.stages.prune_methods import run_statistics
@@ -121,10 +122,18 @@ def plan_structured(model: nn.Module, config, locate: Locator) -> StagePlan:
         for name in _attentions(model):
             plan.selected[name] = f"heads {cut.heads} → {cut.new_heads}, KV heads {cut.kv_heads} → {cut.new_kv_heads}"
     elif spec.kind == "mlp_channels":
+        mlps = _mlps(model)
+        if not mlps:  # else the config's intermediate_size would change and no weight would
+            raise RecipeError("mlp_channels: this model has no gated MLP (gate_proj/up_proj/down_proj) outside its"
+                              " experts; for mixture-of-experts blocks use {experts: r}", **locate("sparsity", "mlp_channels"))
         width = model_config.intermediate_size
-        keep = width - round(spec.mlp_channels * width)
-        for name in _mlps(model):
-            plan.selected[name] = f"intermediate {width} → {keep} channels"
+        remove = round(spec.mlp_channels * width)
+        if remove == 0 or remove >= width:
+            outcome = "removing no channel" if remove == 0 else "removing every channel"
+            raise RecipeError(f"mlp_channels: {spec.mlp_channels} of {width} channels rounds to {outcome}; between 1 and"
+                              f" {width - 1} can go", **locate("sparsity", "mlp_channels"))
+        for name in mlps:
+            plan.selected[name] = f"intermediate {width} → {width - remove} channels"
     elif spec.kind == "layers":
         count = len(blocks)
         if spec.layers == "auto":
@@ -135,12 +144,18 @@ def plan_structured(model: nn.Module, config, locate: Locator) -> StagePlan:
             bad = [i for i in spec.layers if not 0 <= i < count]
             if bad:
                 raise RecipeError(f"block {bad[0]} does not exist (the model has {count}: 0..{count - 1})", **locate("sparsity", "layers"))
+            twice = sorted({i for i in spec.layers if spec.layers.count(i) > 1})
+            if twice:  # most likely a typo for another block
+                raise RecipeError(f"block {twice[0]} is listed twice", **locate("sparsity", "layers"))
             if len(set(spec.layers)) >= count:
                 raise RecipeError(f"would remove every one of the {count} blocks", **locate("sparsity", "layers"))
             for index in sorted(set(spec.layers)):
                 plan.selected[f"{blocks_name}.{index}"] = "remove block"
     else:
         experts = _expert_blocks(model)
+        if not experts and any(isinstance(m, UnfusedExperts) for m in model.modules()):
+            raise RecipeError("experts: an earlier prune or quantize stage split the experts into one Linear each;"
+                              " put the {experts: r} stage first", **locate("sparsity", "experts"))
         if not experts:
             raise RecipeError("experts: this model has no mixture-of-experts layers", **locate("sparsity", "experts"))
         total = next(getattr(model_config, k) for k in _EXPERT_COUNT_KEYS if hasattr(model_config, k))
