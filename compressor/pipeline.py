@@ -94,7 +94,11 @@ def check_recipe_fits_model(recipe: Recipe, config: Any) -> None:
     blocks = [(("calibration",), recipe.calibration), *((path[:-1], block) for path, block in _dataset_blocks(recipe))]
     for path, block in blocks:
         if block.seq_len > limit:
-            raise RecipeError(f"{block.seq_len} is longer than the model allows ({limit} positions)",
+            # A default nobody wrote needs saying so, or the line points at a key the file lacks.
+            unwritten = "seq_len" not in block.model_fields_set
+            what = f"{block.seq_len} (the default)" if unwritten else str(block.seq_len)
+            hint = f"; set seq_len: {limit} or less" if unwritten else ""
+            raise RecipeError(f"{what} is longer than the model allows ({limit} positions){hint}",
                               **recipe.where((*path, "seq_len")))
 
 

@@ -307,7 +307,7 @@ def test_mse_hidden_without_layers_runs_after_quantize(teacher, tiny_llama, tmp_
         ("{teacher: WIDE, loss: {kind: mse_hidden, layers: [[2, 2]]}}", 4, "stages[0].distill.loss", "hidden size is 96 and the teacher's 128"),
         # Batches larger than the windows silently held every window.
         ("{batch_size: 8}", 4, "stages[0].distill.batch_size", "larger than the 4 windows it draws batches from (calibration.samples)"),
-        ("{batch_size: 3, data: {samples: 2}}", 4, "stages[0].distill.batch_size", "(data.samples)"),
+        ("{batch_size: 3, data: {samples: 2, seq_len: 32}}", 4, "stages[0].distill.batch_size", "(data.samples)"),
     ],
 )
 def test_bad_distill_blocks(block, line, key, fragment, tiny_llama, tmp_path, capsys):

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from compressor.cli import main
-from compressor.model_io import BUILTIN_MODELS
+from compressor.model_io import BUILTIN_MODELS, resolve_model
 
 MODEL = "builtin:smollm2-135m-instruct"
 LIMIT = 4
@@ -25,7 +25,9 @@ def test_builtin_tasks_run_offline_on_smollm2(tmp_path, monkeypatch, capsys):
     assert main(argv) == 0
     report = json.loads((out / "report.json").read_text())
     (smol,) = report["models"]
-    assert smol["parameters"] == 134_515_008 and smol["bits_per_weight"] == 16.0
+    # Sized as the Q4_1 GGUF file it is (Q4_1 matrices at 5 bits, the Q8_0 embedding at 8.5), not as its bf16 load.
+    assert smol["parameters"] == 134_515_008 and smol["bits_per_weight"] == pytest.approx(5.7368, abs=1e-4)
+    assert smol["stored_as"] == "gguf (Q4_1, F32, Q8_0)" and smol["size_bytes"] == resolve_model(MODEL).gguf_file.stat().st_size
     raw = json.loads((out / "lm_eval_results" / "smol.json").read_text())
     for task in ("perplexity", "abstracts_match"):
         assert raw["n-samples"][task]["effective"] == LIMIT

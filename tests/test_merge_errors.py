@@ -228,7 +228,7 @@ def test_dry_run_plans_the_merge_and_later_stages(pair, tmp_path, capsys):
     )
     (tmp_path / "r.yaml").write_text(text)
     assert main(["--recipe", str(tmp_path / "r.yaml"), "--dry-run"]) == 2  # 512-token calibration > 256 positions
-    assert "calibration.seq_len" in capsys.readouterr().err
+    assert "calibration.seq_len: 512 (the default) is longer than the model allows (256 positions); set seq_len: 256 or less" in capsys.readouterr().err
     (tmp_path / "r.yaml").write_text(text + "calibration: {seq_len: 64}\n")
     assert main(["--recipe", str(tmp_path / "r.yaml"), "--dry-run", "-o", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
