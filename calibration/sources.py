@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Union
 
 from compressor.calibration.corpus import calibration_slice_path, read_abstracts
+from compressor.data_files import read_jsonl_records, read_utf8
 from compressor.errors import DataError, first_line
 
 Document = Union[str, list[dict[str, str]]]
@@ -80,25 +81,11 @@ def _documents_from_records(records: list[dict[str, Any]], column: str | None, s
 
 
 def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"not UTF-8 text (byte {err.start})", where=str(path)) from None
+    return read_utf8(path, str(path))
 
 
 def _read_jsonl(path: Path, column: str | None) -> list[Document]:
-    records = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"not valid JSON: {err.msg}", where=f"{path}:{number}") from None
-        if not isinstance(record, dict):
-            raise DataError("each line must be a JSON object", where=f"{path}:{number}")
-        records.append(record)
-    return _documents_from_records(records, column, str(path))
+    return _documents_from_records(read_jsonl_records(path, str(path)), column, str(path))
 
 
 def _read_json(path: Path, column: str | None) -> list[Document]:

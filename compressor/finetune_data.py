@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from compressor.data_files import read_jsonl_records, read_utf8
 from compressor.errors import DataError, first_line
 
 IGNORE_INDEX = -100
@@ -36,25 +37,14 @@ def _read_records(dataset: str, split: str) -> tuple[list[dict[str, Any]], str]:
     if path.suffix == ".txt":
         if not path.is_file():
             raise DataError("dataset file not found", where=dataset)
-        paragraphs = [p.strip() for p in _read_text(path, dataset).split("\n\n") if p.strip()]
+        paragraphs = [p.strip() for p in read_utf8(path, dataset).split("\n\n") if p.strip()]
         return [{"text": p} for p in paragraphs], dataset
     if path.suffix in (".jsonl", ".json"):
         if not path.is_file():
             raise DataError("dataset file not found", where=dataset)
         if path.suffix == ".json":
-            return _json_list_records(_read_text(path, dataset), dataset), dataset
-        records = []
-        for number, line in enumerate(_read_text(path, dataset).splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"not valid JSON: {err.msg}", where=f"{dataset}:{number}") from None
-            if not isinstance(record, dict):
-                raise DataError("each line must be a JSON object", where=f"{dataset}:{number}")
-            records.append(record)
-        return records, dataset
+            return _json_list_records(read_utf8(path, dataset), dataset), dataset
+        return read_jsonl_records(path, dataset), dataset
     if path.exists() or dataset.startswith((".", "/", "~")):
         raise DataError("unsupported dataset file (use .txt, .jsonl, .json) or a Hub dataset id", where=dataset)
     try:
@@ -65,13 +55,6 @@ def _read_records(dataset: str, split: str) -> tuple[list[dict[str, Any]], str]:
         return datasets.load_dataset(dataset, split=split).to_list(), dataset
     except Exception as err:  # datasets raises many types for missing/offline sets
         raise DataError(f"cannot load dataset (split {split}): {first_line(err)}", where=dataset) from None
-
-
-def _read_text(path: Path, dataset: str) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"not UTF-8 text (byte {err.start})", where=dataset) from None
 
 
 def _json_list_records(text: str, dataset: str) -> list[dict[str, Any]]:
