@@ -134,18 +134,16 @@ def _input_order(config: MergeConfig, method: MergeMethod, locate: Locate) -> tu
     return references, base_index
 
 
-# Merge-block keys any method reads (dtypes, tokenizer, output); the others depend on the method.
-_METHOD_KEYS = ("weight", "density", "gamma", "t", "normalize", "lambda", "rescale", "filter_wise", "seed", "tie_break")
-
-
 def _check_unused_parameters(config: MergeConfig, method: MergeMethod, locate: Locate) -> None:
     """A key the method never reads would be silently ignored (a `density` on task_arithmetic does
-    not sparsify anything): refuse it, naming the key and what the method does read."""
+    not sparsify anything): refuse it, naming the key and what the method does read. Keys no
+    method lists (dtypes, tokenizer, output) apply to every method."""
     used = method.parameters()
+    method_keys = {key for name in merge_method_registry() for key in merge_method_registry().get(name).parameters()}
     reads = f"{method.name} reads {', '.join(used) or 'none of them'}"
-    given = {"lambda" if name == "lambda_" else name for name in config.model_fields_set}
-    for key in _METHOD_KEYS:
-        if key in given and key not in used:
+    given = ["lambda" if name == "lambda_" else name for name in type(config).model_fields if name in config.model_fields_set]
+    for key in given:
+        if key in method_keys and key not in used:
             raise RecipeError(f"`{key}` has no effect on {method.name} ({reads}); remove it", **locate(key))
     for i, model in enumerate(config.models):
         is_base = method.base == "required" and model.model == config.base
