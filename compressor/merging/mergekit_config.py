@@ -184,7 +184,4 @@ def recipe_from_mergekit(doc: LocatedDocument) -> Recipe:
     """The recipe a mergekit config means; errors point at the mergekit file's lines."""
     translation = _Translation(doc)
     data = translation.translate()
-    try:
-        return parse_recipe(_MergekitDocument(translation, data))
-    except RecipeError as err:  # name the key the user wrote, not the recipe key it became
-        raise RecipeError(err.message, where=err.where, key=translation.mergekit_key(err.key)) from None
+    return parse_recipe(_MergekitDocument(translation, data))  # its errors name the keys the user wrote
