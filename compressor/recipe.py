@@ -31,6 +31,13 @@ class StrictModel(BaseModel):
     # Keys other tools use for one of ours (or for behaviour that is fixed here): unknown key → its hint.
     foreign_keys: ClassVar[dict[str, str]] = {}
 
+    def keys_off_default(self) -> set[str]:
+        """Keys the input set to something other than their default. A saved recipe.yaml writes
+        every key out, defaults included, and must parse and plan again: checks that refuse a key
+        the chosen kind or method does not read look at these, not at `model_fields_set`."""
+        fields = type(self).model_fields
+        return {key for key in self.model_fields_set if getattr(self, key) != fields[key].get_default(call_default_factory=True)}
+
 
 class CalibrationSpec(StrictModel):
     dataset: str = "builtin:abstracts"

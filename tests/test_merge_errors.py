@@ -195,6 +195,27 @@ def test_parameters_the_method_does_not_read_are_refused(pair, tmp_path, capsys,
     refused(tmp_path, capsys, recipe_text(block), located, "remove it")
 
 
+@pytest.mark.parametrize("method", ["linear", "ties", "dare_linear", "slerp", "model_stock"])
+def test_a_merge_outputs_resolved_recipe_plans_again(pair, method):
+    """recipe.yaml in OUT writes every key out, defaults included (`density: null`, `seed: 0`):
+    the unused-parameter check refused it, so `compress --recipe OUT/recipe.yaml` failed."""
+    from compressor.merging.recipe_run import plan_recipe_merge
+    from compressor.recipe import parse_recipe_text
+
+    a, b, base = pair["a"], pair["b"], pair["base"]
+    blocks = {
+        "linear": f"method: linear\nmodels:\n  - {{model: {a}, weight: 1.0}}\n  - {{model: {b}, weight: 2.0}}",
+        "ties": f"method: ties\nbase: {base}\nmodels:\n  - {{model: {a}, weight: 1.0, density: 0.5}}",
+        "dare_linear": f"method: dare_linear\nbase: {base}\nmodels:\n  - {{model: {a}, weight: 1.0, density: 0.5}}\nseed: 3",
+        "slerp": f"method: slerp\nbase: {base}\nmodels:\n  - {{model: {a}}}\nt: 0.3",
+        "model_stock": f"method: model_stock\nbase: {base}\nmodels:\n  - {{model: {a}}}\n  - {{model: {b}}}",
+    }
+    recipe = parse_recipe_text(recipe_text(blocks[method]), "merge.yaml")
+    saved = parse_recipe_text(recipe.to_yaml(), "saved.yaml")
+    assert plan_recipe_merge(saved).method.name == method
+    assert saved.sha256() == recipe.sha256()
+
+
 def test_mergekit_parameters_the_method_does_not_read_are_refused(pair, tmp_path, capsys):
     """mergekit resolves only the parameters a method declares and skips the rest without a word."""
     a, b, base = pair["a"], pair["b"], pair["base"]

@@ -141,13 +141,15 @@ def _check_unused_parameters(config: MergeConfig, method: MergeMethod, locate: L
     used = method.parameters()
     method_keys = {key for name in merge_method_registry() for key in merge_method_registry().get(name).parameters()}
     reads = f"{method.name} reads {', '.join(used) or 'none of them'}"
-    given = ["lambda" if name == "lambda_" else name for name in type(config).model_fields if name in config.model_fields_set]
+    # Keys at their defaults pass: a merge output's recipe.yaml writes every key out and must run again.
+    set_keys = config.keys_off_default()
+    given = ["lambda" if name == "lambda_" else name for name in type(config).model_fields if name in set_keys]
     for key in given:
         if key in method_keys and key not in used:
             raise RecipeError(f"`{key}` has no effect on {method.name} ({reads}); remove it", **locate(key))
     for i, model in enumerate(config.models):
         is_base = method.base == "required" and model.model == config.base
-        for key in sorted(model.model_fields_set - {"model"}):
+        for key in sorted(model.keys_off_default() - {"model"}):
             if is_base:  # the deltas are measured from it, so no per-model parameter reaches it
                 raise RecipeError(f"the base takes no `{key}` in {method.name} (its delta is zero); remove it",
                                   **locate("models", i, key))

@@ -74,10 +74,7 @@ class LossSpec(StrictModel):
 
     @model_validator(mode="after")
     def _fields_fit_kind(self) -> "LossSpec":
-        # Keys at their defaults pass: the saved recipe.yaml writes every key out (`layers: null`,
-        # `beta: 0.5` under kl) and must parse again.
-        fields = type(self).model_fields
-        given = {key for key in self.model_fields_set if getattr(self, key) != fields[key].default}
+        given = self.keys_off_default()  # a saved recipe.yaml writes `layers: null`, `beta: 0.5` under kl
         if self.kind not in _HIDDEN_LOSSES and "layers" in given:
             raise ValueError(f"`layers` applies to mse_hidden and cosine_hidden, not '{self.kind}'")
         if "temperature" in given and self.kind not in _LOGIT_LOSSES:

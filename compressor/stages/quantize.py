@@ -94,8 +94,9 @@ def _check_gptq_options(config: "QuantizeConfig") -> None:
     silently ignored; defaults pass, since the saved recipe.yaml writes every key out."""
     if solves_with_gptq(config):
         return
+    given = config.keys_off_default()
     for key in _GPTQ_OPTIONS:
-        if key in config.model_fields_set and getattr(config, key) != type(config).model_fields[key].default:
+        if key in given:
             method = "awq with then: rtn" if config.method == "awq" else config.method
             raise ValueError(
                 f"`{key}` is a GPTQ option (methods gptq, smoothquant+gptq, awq with then: gptq); {method} does not use it"
