@@ -152,3 +152,23 @@ def test_a_stage_data_block_longer_than_the_model_positions(tiny_llama, tmp_path
     recipe = write(tmp_path, text)
     assert_refused_both_ways(tiny_llama, recipe, tmp_path, f"{recipe}:7 stages[1].distill.data.seq_len",
                              "1000 is longer than the model allows (256 positions)")
+
+
+@pytest.mark.parametrize(
+    "stages",
+    [
+        RTN + "  - lowrank: {method: eora, rank: 4}\n",
+        RTN + "  - lowrank: {method: lora, rank: 4, steps: 2}\n",
+        "  - lowrank: {method: svd, rank: 4}\n",
+        RTN + "  - distill: {teacher: base, steps: 2, batch_size: 2}\n",
+    ],
+)
+def test_a_resolved_recipe_plans_again(tiny_llama, tmp_path, stages):
+    """recipe.yaml in OUT writes every key out, the keys of other methods and train modes
+    included at their defaults (`alpha: null` under eora, `rank: 32` under `train: auto`):
+    the checks that refuse keys a method does not read refused the output's own recipe."""
+    from compressor.recipe import parse_recipe_text
+
+    resolved = parse_recipe_text(HEAD + stages, "r.yaml").to_yaml()
+    code, err = run([tiny_llama, "--recipe", write(tmp_path, resolved), "--dry-run"])
+    assert code == 0, err

@@ -260,8 +260,9 @@ def lora_targets(model: nn.Module, config: DistillConfig, locate: Locator) -> di
 def _check_lora_keys(config: DistillConfig, locate: Locator) -> None:
     if config.train == "lora":
         return
+    given = config.keys_off_default()  # a saved recipe.yaml writes `rank: 32` etc. for every train mode
     for key in _LORA_KEYS:
-        if key in config.model_fields_set:
+        if key in given:
             raise RecipeError(f"'{key}' applies to `train: lora`, not `train: {config.train}`", **locate(key))
 
 

@@ -66,7 +66,8 @@ _COMMON_KEYS = {"method", "targets", "ignore"}
 
 def _check_keys(config: LowRankConfig, locate: Locator) -> None:
     method = lowrank_method_registry().get(config.method)
-    for key in sorted(config.model_fields_set - _COMMON_KEYS - method.keys):
+    # Keys at their defaults pass: a saved recipe.yaml writes every method's keys out.
+    for key in sorted(config.keys_off_default() - _COMMON_KEYS - method.keys):
         raise RecipeError(
             f"'{key}' does not apply to method {config.method} (its keys: {', '.join(sorted(method.keys))})",
             **locate(key),
