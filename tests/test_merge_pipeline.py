@@ -370,3 +370,23 @@ def test_card_metadata_lists_hub_parents_as_a_merge():
     assert "merge-ties" in metadata["tags"]
     assert [m["model"] for m in merge_inputs(record)] == ["org/base", "org/math", "/local/ft"]
     assert merge_card_metadata({"source": {}}) == {}
+
+
+def test_mixed_input_dtypes_are_promoted_not_cast_to_the_reference(merge_models, tmp_path):
+    """A bfloat16 base with a float32 fine-tune and no `dtype`: mergekit 0.1.5 promotes each tensor's
+    inputs to their common dtype, so the merge runs, and is written, in float32 (the fine-tune is not
+    rounded to bfloat16 first); config.json says float32."""
+    base16 = perturbed_copy(merge_models["base"], tmp_path / "base-bf16", seed=9, scale=0.0, dtype=torch.bfloat16)
+    block = f"method: task_arithmetic\nbase: {base16}\nmodels:\n  - {{model: {merge_models['ft0']}, weight: 0.5}}"
+    merge(recipe_text(block), tmp_path / "out")
+    out, base, ft = weights(tmp_path / "out"), weights(base16), weights(merge_models["ft0"])
+    for name, tensor in out.items():
+        assert tensor.dtype == torch.float32, name
+        promoted = base[name].float()
+        torch.testing.assert_close(tensor, promoted + 0.5 * (ft[name] - promoted), rtol=0, atol=0, msg=name)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config.get("torch_dtype", config.get("dtype")) == "float32"
+
+    # An explicit dtype still decides: both inputs cast to bfloat16 first.
+    merge(recipe_text(block + "\ndtype: bfloat16"), tmp_path / "bf16")
+    assert {t.dtype for t in weights(tmp_path / "bf16").values()} == {torch.bfloat16}

@@ -310,16 +310,43 @@ def plan_merge(config: MergeConfig, locate: Locate, *, allow_pickle: bool = Fals
         t = layer_position(name, num_layers)
         tensor_params = _resolve_params(config, method, references, base_index, name, t, locate)
         _check_weight_sum(tensor_params, name, normalize, locate)
-        compute_dtype = DTYPES[config.dtype] if config.dtype and info.dtype.is_floating_point else info.dtype
+        if config.dtype and info.dtype.is_floating_point:
+            compute_dtype = DTYPES[config.dtype]
+        else:
+            compute_dtype = _promoted_dtype(inputs, name, info.dtype)
         out_dtype = DTYPES[config.out_dtype] if config.out_dtype and info.dtype.is_floating_point else compute_dtype
         shape = vocab.output_shape(name, info.shape) if vocab else info.shape
         slots.append(TensorSlot(name, shape, out_dtype))
         params.append(tensor_params)
         compute.append(compute_dtype)
     model_config = dict(configs[reference_index])
+    written = _written_dtype(config, reference, slots)
+    if written is not None:  # mixed input dtypes promoted the merge: the config says what the weights are
+        model_config["torch_dtype" if "torch_dtype" in model_config else "dtype"] = written
     if vocab is not None:
         model_config["vocab_size"] = vocab.size
     return MergePlan(config, method, inputs, base_index, reference_index, slots, params, compute, tokenizer_index, vocab, model_config)
+
+
+def _promoted_dtype(inputs: list[MergeInput], name: str, own: torch.dtype) -> torch.dtype:
+    """The dtype a tensor is merged in without `dtype`: every input's promoted (as mergekit 0.1.5 does),
+    so a bfloat16 model merged with a float32 one is merged, and written, in float32. A non-float
+    tensor (a buffer) is copied from the reference, in its own dtype."""
+    dtypes = [item.load().tensors[name].dtype for item in inputs]
+    if not all(dtype.is_floating_point for dtype in dtypes):
+        return own
+    return functools.reduce(torch.promote_types, dtypes)
+
+
+def _written_dtype(config: MergeConfig, reference, slots: list[TensorSlot]) -> str | None:
+    """The dtype name for config.json when promotion changed the reference's floating dtype."""
+    if config.dtype or config.out_dtype:
+        return None  # written by _write_model_files
+    written = {slot.dtype for slot in slots if slot.dtype.is_floating_point}
+    own = {info.dtype for info in reference.tensors.values() if info.dtype.is_floating_point}
+    if len(written) != 1 or written == own:
+        return None
+    return next(name for name, dtype in DTYPES.items() if dtype in written)
 
 
 def _tokenizer_index(config: MergeConfig, references: list[str], reference_index: int) -> int:
