@@ -23,6 +23,7 @@ import torch
 from compressor.algorithms.merge_methods import MergeMethod, TensorMerge, merge_method_registry
 from compressor.errors import ModelError, RecipeError
 from compressor.load_checks import check_weight_names
+from compressor.merging.chat_templates import ChosenTemplate, choose_chat_template, write_chat_template
 from compressor.merging.params import layer_position, resolve
 from compressor.merging.sources import MergeInput, materialize, open_input
 from compressor.merging.vocab import VocabAlignment, copy_tokenizer, plan_vocabulary
@@ -57,6 +58,7 @@ class MergePlan:
     tokenizer_index: int
     vocab: VocabAlignment | None = None
     model_config: dict[str, Any] = field(default_factory=dict)
+    chat_template: ChosenTemplate | None = None
 
     def record(self) -> dict[str, Any]:
         """What compression.json keeps about the merge (the hub's model card reads it)."""
@@ -82,6 +84,12 @@ class MergePlan:
         }
         if self.ignored_base is not None:
             record["ignored_base"] = self.ignored_base
+        if self.config.tokens:
+            record["tokens"] = list(self.config.tokens)
+        if self.config.pad_to_multiple_of is not None:
+            record["pad_to_multiple_of"] = self.config.pad_to_multiple_of
+        if self.chat_template is not None:
+            record["chat_template"] = self.chat_template.note
         return record
 
     def _default_tokenizer(self) -> str:
@@ -292,7 +300,7 @@ def plan_merge(config: MergeConfig, locate: Locate, *, allow_pickle: bool = Fals
     configs = [_read_config(item, where(i)) for i, item in enumerate(inputs)]
     _compare_architectures(configs, references, reference_index, where)
     tokenizer_index = _tokenizer_index(config, references, reference_index)
-    vocab = plan_vocabulary(inputs, tokenizer_index, config.tokenizer_source, where, locate, base_index)
+    vocab = plan_vocabulary(inputs, tokenizer_index, config, where, locate, base_index)
     _compare_tensors(inputs, reference_index, set(vocab.tensor_names) if vocab else set(), where)
     _check_fits_architecture(inputs[reference_index], configs[reference_index].get("model_type"), where(reference_index))
 
@@ -325,7 +333,13 @@ def plan_merge(config: MergeConfig, locate: Locate, *, allow_pickle: bool = Fals
         model_config["torch_dtype" if "torch_dtype" in model_config else "dtype"] = written
     if vocab is not None:
         model_config["vocab_size"] = vocab.size
-    return MergePlan(config, method, inputs, base_index, reference_index, slots, params, compute, tokenizer_index, vocab, model_config)
+    chat_template = None
+    if config.chat_template is not None:
+        folders = [(item.reference, item.config_folder) for item in inputs]
+        chat_template = choose_chat_template(config.chat_template, folders, locate("chat_template"))
+    return MergePlan(
+        config, method, inputs, base_index, reference_index, slots, params, compute, tokenizer_index, vocab, model_config, chat_template
+    )
 
 
 def _promoted_dtype(inputs: list[MergeInput], name: str, own: torch.dtype) -> torch.dtype:
@@ -462,10 +476,11 @@ def _write_model_files(plan: MergePlan, folder: Path) -> None:
     generation = plan.inputs[plan.reference_index].config_folder / "generation_config.json"
     if generation.is_file():
         (folder / "generation_config.json").write_bytes(generation.read_bytes())
-    if plan.vocab is not None and plan.vocab.save_tokenizer(folder):
-        return
-    tokenizer_folder = plan.inputs[plan.tokenizer_index].config_folder
-    if not copy_tokenizer(tokenizer_folder, folder):
-        from transformers import AutoTokenizer  # a tokenizer in some other layout: let transformers write it
+    if plan.vocab is None or not plan.vocab.save_tokenizer(folder):
+        tokenizer_folder = plan.inputs[plan.tokenizer_index].config_folder
+        if not copy_tokenizer(tokenizer_folder, folder):
+            from transformers import AutoTokenizer  # a tokenizer in some other layout: let transformers write it
 
-        AutoTokenizer.from_pretrained(str(tokenizer_folder)).save_pretrained(str(folder))
+            AutoTokenizer.from_pretrained(str(tokenizer_folder)).save_pretrained(str(folder))
+    if plan.chat_template is not None and plan.chat_template.template is not None:
+        write_chat_template(folder, plan.chat_template.template)

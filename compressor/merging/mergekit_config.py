@@ -11,8 +11,9 @@
 Supported: the methods our registry has, `models` or one whole-model slice (`slices:` with one slice
 whose sources all have `layer_range: [0, number of layers]`; not `modules`), per-model and global
 `parameters` (numbers, gradients, filtered values), `dtype`, `out_dtype`, `tokenizer_source`
-(`base`, `union` or a model). `int8_mask` only changes the dtype mergekit builds its sign mask in, so it is
-accepted and has no effect.
+(`base`, `union` or a model) or the `tokenizer:` block (`source`, default union; `tokens`;
+`pad_to_multiple_of`), and `chat_template`. `int8_mask` only changes the dtype mergekit builds its sign
+mask in, so it is accepted and has no effect.
 """
 
 from __future__ import annotations
@@ -27,7 +28,11 @@ from compressor.yaml_lines import LocatedDocument, format_path
 MODEL_PARAMETERS = ("weight", "density", "gamma")
 GLOBAL_PARAMETERS = ("weight", "density", "gamma", "t", "normalize", "rescale", "lambda", "filter_wise")
 IGNORED_PARAMETERS = ("int8_mask",)
-TOP_LEVEL = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source", "name")
+TOP_LEVEL = (
+    "merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source", "tokenizer",
+    "chat_template", "name",
+)
+TOKENIZER_KEYS = ("source", "tokens", "pad_to_multiple_of")
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 
 
@@ -118,6 +123,32 @@ class _Translation:
         self.place(("layer_range",), (*path, 0, "layer_range"))
         return sources, path
 
+    def tokenizer_block(self, merge: dict[str, Any], legacy_source: Any) -> None:
+        """`tokenizer: {source, tokens, pad_to_multiple_of}` → the recipe's tokenizer_source, tokens and
+        pad_to_multiple_of; `source` defaults to union, as in mergekit."""
+        block = self.doc.data["tokenizer"]
+        if legacy_source is not None:
+            raise self.error("give `tokenizer` or `tokenizer_source`, not both (as mergekit refuses)", ("tokenizer",))
+        if not isinstance(block, dict):
+            raise self.error("`tokenizer` must be a mapping (source, tokens, pad_to_multiple_of)", ("tokenizer",))
+        for key in block:
+            if key not in TOKENIZER_KEYS:
+                raise self.error(f"unknown tokenizer key '{key}' (known: {', '.join(TOKENIZER_KEYS)})", ("tokenizer", key))
+        merge["tokenizer_source"] = block.get("source", "union")
+        self.place(("tokenizer_source",), ("tokenizer", "source") if "source" in block else ("tokenizer",))
+        for key in ("tokens", "pad_to_multiple_of"):
+            if block.get(key) is not None:
+                merge[key] = block[key]
+                self.place((key,), ("tokenizer", key))
+        self.place_nested(("tokens",), ("tokenizer", "tokens"), block.get("tokens"))
+
+    def place_nested(self, new: tuple[Any, ...], old: tuple[Any, ...], value: Any) -> None:
+        """Lines for every key under a mapping copied as it is (`tokens`, whose entries nest)."""
+        if isinstance(value, dict):
+            for key, child in value.items():
+                self.place((*new, key), (*old, key))
+                self.place_nested((*new, key), (*old, key), child)
+
     def translate(self) -> dict[str, Any]:
         data = self.doc.data
         for key in data:
@@ -162,6 +193,11 @@ class _Translation:
         if source is not None:
             merge["tokenizer_source"] = source
             self.place(("tokenizer_source",), ("tokenizer_source",))
+        if data.get("tokenizer") is not None:
+            self.tokenizer_block(merge, source)
+        if data.get("chat_template") is not None:
+            merge["chat_template"] = data["chat_template"]
+            self.place(("chat_template",), ("chat_template",))
         self.lines[()] = 1
         self.lines[("stages", 0, "merge")] = 1
         return {"name": data.get("name") or f"mergekit-{data['merge_method']}", "stages": [{"merge": merge}]}

@@ -5,7 +5,8 @@ tokenizer, and every input's token-indexed tensors (embeddings, lm_head) are re-
 token string before merging, as mergekit does: a model that has the token uses its own row; for a
 model that lacks it, the row comes from the only model that has it, else from the base when the
 base has it, else the average of the models that have it, else zeros. Rows past the tokenizer's
-tokens (padding) take the mean of that model's token rows.
+tokens (padding, `pad_to_multiple_of`) take the mean of that model's aligned token rows, as in
+mergekit. `tokens` names the rows of single tokens (see `compressor.merging.token_rows`).
 
 ``union`` (mergekit's construction): the base's tokenizer (the first model's without a base)
 with every other token appended, in input order: first each model's ordinary tokens the base
@@ -26,6 +27,8 @@ import torch
 
 from compressor.errors import RecipeError
 from compressor.merging.sources import MergeInput
+from compressor.merging.token_rows import configured_rows
+from compressor.stages.merge import MergeConfig
 
 VOCAB_TENSOR_SUFFIXES = (
     "embed_tokens.weight",
@@ -76,6 +79,10 @@ def read_vocabulary(folder: Path) -> dict[str, int]:
         from tokenizers import Tokenizer
 
         return Tokenizer.from_file(str(tokenizer_file)).get_vocab(with_added_tokens=True)
+    return _loaded_vocabulary(folder)
+
+
+def _loaded_vocabulary(folder: Path) -> dict[str, int]:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(folder)).get_vocab()
@@ -93,7 +100,8 @@ class VocabAlignment:
     rows: list[torch.Tensor]  # per input: output row -> input row, -1 where the input lacks the token
     fallbacks: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # output row -> (input, row) to average
     padding: list[int] = field(default_factory=list)  # output rows that hold no token
-    tokenizer: Any = None  # a tokenizer built for the output (union); None: copy the source's files
+    tokenizer: Any = None  # a tokenizer built for the output (union, added tokens); None: copy the source's files
+    forced: set[int] = field(default_factory=set)  # rows every input takes from `fallbacks` (tokens' `force`)
 
     def save_tokenizer(self, folder: Path) -> bool:
         if self.tokenizer is None:
@@ -111,6 +119,8 @@ class VocabAlignment:
                 defaults[row] = torch.stack([tensors[i][r] for i, r in sources]).mean(dim=0)
             else:
                 defaults[row] = tensors[0].new_zeros(tensors[0].shape[1:])
+        padding = set(self.padding)
+        token_rows = [row for row in range(self.size) if row not in padding]
         aligned = []
         for i, tensor in enumerate(tensors):
             rows = self.rows[i]
@@ -118,9 +128,10 @@ class VocabAlignment:
             for row in (rows < 0).nonzero().flatten().tolist():
                 if row in defaults:
                     out[row] = defaults[row]
-            if self.padding:
-                token_rows = rows[rows >= 0]
-                out[self.padding] = tensor[token_rows].mean(dim=0).to(tensor.dtype)
+            for row in self.forced:
+                out[row] = defaults[row]
+            if self.padding:  # mergekit's padding: the mean of this input's aligned token rows
+                out[self.padding] = out[token_rows].mean(dim=0)
             aligned.append(out)
         return aligned
 
@@ -128,21 +139,25 @@ class VocabAlignment:
 def plan_vocabulary(
     inputs: list[MergeInput],
     target: int,
-    tokenizer_source: str | None,
+    config: MergeConfig,
     where: Callable[[int], dict[str, str]],
     locate: Callable[..., dict[str, str]],
     base_index: int | None = None,
 ) -> VocabAlignment | None:
-    """None when every input shares the tokenizer; an alignment when `tokenizer_source` asks."""
+    """None when every input shares the tokenizer and nothing reshapes it; else the alignment
+    that `tokenizer_source`, `tokens` and `pad_to_multiple_of` ask for."""
+    source, specs = config.tokenizer_source, config.tokens or {}
+    reshaped = bool(specs) or config.pad_to_multiple_of is not None
     sizes = [_config_vocab_size(item.config_folder) for item in inputs]
     fingerprints = [tokenizer_fingerprint(item.config_folder) for item in inputs]
-    if all(f == fingerprints[target] for f in fingerprints) and all(s == sizes[target] for s in sizes):
+    same = all(f == fingerprints[target] for f in fingerprints) and all(s == sizes[target] for s in sizes)
+    if same and not reshaped:
         return None  # byte-identical tokenizer files: no need to parse them
     vocabularies = [read_vocabulary(item.config_folder) for item in inputs]
     differing = [i for i in range(len(inputs)) if vocabularies[i] != vocabularies[target] or sizes[i] != sizes[target]]
-    if not differing:
+    if not differing and not reshaped:
         return None
-    if tokenizer_source is None:
+    if source is None:
         i = differing[0]
         raise RecipeError(
             f"vocabulary differs from {inputs[target].reference}'s ({len(vocabularies[i])} tokens, {sizes[i]} rows"
@@ -156,13 +171,22 @@ def plan_vocabulary(
         raise RecipeError("found no token embedding tensor to align", **locate("tokenizer_source"))
     input_rows = [item.load().tensors[names[0]].shape[0] if names[0] in item.load().tensors else 0 for item in inputs]
     size = reference.tensors[names[0]].shape[0]
-    tokenizer = None
-    if tokenizer_source == "union":
-        tokenizer = union_tokenizer([item.config_folder for item in inputs], target, input_rows)
-        tokens = tokenizer.get_vocab()
+    tokenizer = union_tokenizer([item.config_folder for item in inputs], target, input_rows) if source == "union" else None
+    added = [token for token in specs if token not in (tokenizer.get_vocab() if tokenizer else vocabularies[target])]
+    if added:  # mergekit adds them as plain added tokens of the output tokenizer
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(inputs[target].config_folder))
+        tokenizer.add_tokens(added)
+    tokens = tokenizer.get_vocab() if tokenizer is not None else vocabularies[target]
+    if tokenizer is not None:
+        # The inputs' vocabularies as transformers loads them too, so that a token it adds on load
+        # (a default `<|endoftext|>` pad token) is found where a model has a row for it.
+        vocabularies = [_loaded_vocabulary(item.config_folder) for item in inputs]
         size = max(size, max(tokens.values()) + 1)
-    else:
-        tokens = vocabularies[target]
+    if config.pad_to_multiple_of is not None:
+        size = -(-size // config.pad_to_multiple_of) * config.pad_to_multiple_of
     rows = []
     for vocab, available in zip(vocabularies, input_rows):
         mapping = torch.full((size,), -1, dtype=torch.long)
@@ -184,7 +208,9 @@ def plan_vocabulary(
             fallbacks[token_id] = [(donor, int(rows[donor][token_id]))]
         else:
             fallbacks[token_id] = [(i, int(rows[i][token_id])) for i in present]
-    return VocabAlignment(size, names, rows, fallbacks, padding, tokenizer)
+    configured = configured_rows(specs, tokens, inputs, vocabularies, rows, input_rows, locate)
+    fallbacks.update(configured.sources)
+    return VocabAlignment(size, names, rows, fallbacks, padding, tokenizer, configured.forced)
 
 
 def union_tokenizer(folders: list[Path], first: int, input_rows: list[int]) -> Any:

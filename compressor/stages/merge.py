@@ -12,6 +12,10 @@ Recipe block (must be the first stage; the recipe then takes no input MODEL)::
         normalize: true              # method default when left out
         seed: 0                      # DARE's random masks (dare_ties / dare_linear only)
         tokenizer_source: base       # union, or one of the models; needed when vocabularies differ
+        tokens:                      # with tokenizer_source: tokens to add, and where their rows come from
+          "<|im_end|>": {source: org/math-tune, force: false}   # or {kind: model_token, model, token|token_id}, {kind: zero}
+        pad_to_multiple_of: 64       # embedding rows rounded up (the extra rows take the mean token row)
+        chat_template: auto          # auto | chatml | llama3 | mistral | alpaca | exaone | a Jinja template
         tie_break: index             # equal magnitudes at a TIES cut: index (streamed) or sort (mergekit's)
 
 The merge streams tensors from disk (see `compressor.merging.engine`); it runs before any model
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import ConfigDict, Field, NonNegativeInt, ValidationInfo, field_validator
+from pydantic import ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationInfo, field_validator, model_validator
 
 from compressor.algorithms.merge_methods import merge_method_registry
 from compressor.merging.params import Setting, numbers_in
@@ -58,6 +62,39 @@ class MergeModel(StrictModel):
         return _check_range(value, "gamma", 0.0, 1.0, low_open=False)
 
 
+class ModelTokenRow(StrictModel):
+    """A token's row taken from a model by that model's own token (or id): mergekit's `model_token`."""
+
+    kind: Literal["model_token"]
+    model: str = Field(min_length=1)
+    token: str | None = None
+    token_id: NonNegativeInt | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.token is None) == (self.token_id is None):
+            raise ValueError("give one of `token` or `token_id`")
+        return self
+
+
+class ZeroRow(StrictModel):
+    kind: Literal["zero"]
+
+
+class TokenRows(StrictModel):
+    """Where one token's embedding and lm_head rows come from (mergekit's `tokenizer.tokens` entry).
+    `source` a model: its row of this token; none: the usual rule for a token some model lacks."""
+
+    source: str | ModelTokenRow | ZeroRow | None = None
+    force: bool = False  # every input takes the source's row, even one that has the token
+
+    @model_validator(mode="after")
+    def _force_needs_source(self):
+        if self.force and self.source is None:
+            raise ValueError("force: true needs a `source` to take the row from")
+        return self
+
+
 class MergeConfig(StrictModel):
     model_config = ConfigDict(extra="forbid", strict=True, serialize_by_alias=True)
 
@@ -76,6 +113,9 @@ class MergeConfig(StrictModel):
     dtype: DType | None = None  # dtype the inputs are cast to before merging (mergekit's `dtype`)
     out_dtype: DType | None = None  # dtype written (default: the merge's result dtype)
     tokenizer_source: str | None = None  # "base", "union" or one of `models[].model`
+    tokens: dict[str, TokenRows] | None = None  # tokens the output tokenizer gets, and their rows
+    pad_to_multiple_of: PositiveInt | None = None  # token-indexed rows rounded up to a multiple of this
+    chat_template: str | None = Field(default=None, min_length=1)  # auto, a built-in name, or Jinja
     # Equal magnitudes at a TIES / Breadcrumbs cut: "index" (streamed, lower index first) or
     # "sort" (torch.argsort's order, bit-identical to mergekit, ~20 bytes per entry more memory).
     tie_break: Literal["index", "sort"] = "index"
@@ -117,6 +157,14 @@ class MergeConfig(StrictModel):
         if source == "base" and info.data.get("base") is None:
             raise ValueError("tokenizer_source: base needs a `base` model")
         return source
+
+    @field_validator("tokens", "pad_to_multiple_of")
+    @classmethod
+    def _needs_tokenizer_source(cls, value, info: ValidationInfo):
+        # Both reshape the vocabulary, which only a merge that builds its tokenizer does (as in mergekit).
+        if value is not None and info.data.get("tokenizer_source") is None:
+            raise ValueError(f"{info.field_name} needs tokenizer_source (base, union or one of the models)")
+        return value
 
     def max_shard_bytes(self) -> int:
         return parse_size(self.max_shard_size)
