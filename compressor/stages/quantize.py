@@ -19,7 +19,6 @@ Recipe block::
 
 from __future__ import annotations
 
-import re
 from typing import ClassVar, Literal
 
 import torch
@@ -41,7 +40,7 @@ from compressor.stages.quant_schemes import (
     check_float_weights,
     uses_activation_layers,
 )
-from compressor.targets import select_modules, validate_pattern
+from compressor.targets import layer_pattern, select_modules, validate_pattern
 
 
 class WeightArgs(StrictModel):
@@ -207,7 +206,7 @@ def group_fallback_notes(changed: dict[str, tuple[int, int, int | None]]) -> lis
     block index; `changed`: module name → that triple, for the layers whose group differs."""
     by_case: dict[tuple[int, int, int | None], list[str]] = {}
     for name, case in changed.items():
-        pattern = re.sub(r"\.\d+\.", ".*.", name)
+        pattern = layer_pattern(name)
         names = by_case.setdefault(case, [])
         if pattern not in names:
             names.append(pattern)
