@@ -1,10 +1,12 @@
 """Token batches for calibration: render, tokenize, pack, sample, cache.
 
-Documents are shuffled with the recipe's seed, rendered (chats through the tokenizer's chat
+Documents come in the order the recipe's seed gives them (``sources.sampled_documents``: streamed
+sources are read only as far as they are taken), rendered (chats through the tokenizer's chat
 template), tokenized without special tokens and joined with the EOS token into one stream,
 which is cut into ``seq_len`` windows; the first ``samples`` windows are the calibration
 set. Packing wastes no token on padding, so every sample is a full window and no attention
-mask is needed. The result is cached on disk keyed by the tokenizer and the spec.
+mask is needed. The result is cached on disk keyed by the tokenizer, the spec and the source
+(files' sizes and times; for streamed sources also how they are sampled).
 """
 
 from __future__ import annotations
@@ -12,14 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import tempfile
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from compressor.calibration.sources import Document, load_documents
+from compressor.calibration.sources import STREAM_SAMPLING, Document, is_streamed, sampled_documents
 from compressor.errors import DataError
 from compressor.recipe import CalibrationSpec
 
@@ -33,13 +35,16 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def source_fingerprint(dataset: str) -> str:
-    """Local files and folders: sizes and modification times, so an edited file is not served stale."""
+    """Local files and folders: sizes and modification times, so an edited file is not served stale.
+    A streamed source (Hub id, dataset folder) also names how it is sampled, so windows cached (or
+    stage checkpoints kept for --resume) under an earlier sampling of it are not reused."""
     path = Path(dataset).expanduser()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
-    if not files:
-        return dataset
-    stats = [(str(f.relative_to(path)) if f != path else "", f.stat()) for f in files]
-    return f"{path.resolve()}:" + ";".join(f"{name}:{st.st_size}:{st.st_mtime_ns}" for name, st in stats)
+    found = dataset
+    if files:
+        stats = [(str(f.relative_to(path)) if f != path else "", f.stat()) for f in files]
+        found = f"{path.resolve()}:" + ";".join(f"{name}:{st.st_size}:{st.st_mtime_ns}" for name, st in stats)
+    return f"{found}|{STREAM_SAMPLING}" if is_streamed(dataset) else found
 
 
 def cache_key(spec: CalibrationSpec, tokenizer) -> str:
@@ -58,15 +63,14 @@ def _render(document: Document, tokenizer) -> str:
     return tokenizer.apply_chat_template(document, tokenize=False)
 
 
-def pack_documents(documents: list[Document], tokenizer, spec: CalibrationSpec) -> torch.Tensor:
-    """[samples, seq_len] int64 windows of the shuffled, EOS-joined token stream."""
-    order = list(range(len(documents)))
-    random.Random(spec.seed).shuffle(order)
+def pack_documents(documents: Iterable[Document], tokenizer, spec: CalibrationSpec) -> torch.Tensor:
+    """[samples, seq_len] int64 windows of the EOS-joined token stream of `documents` (in sampling
+    order), which is read only until the windows are full."""
     needed = spec.samples * spec.seq_len
     separator = tokenizer.eos_token_id
     stream: list[int] = []
-    for index in order:
-        stream.extend(tokenizer(_render(documents[index], tokenizer), add_special_tokens=False)["input_ids"])
+    for document in documents:
+        stream.extend(tokenizer(_render(document, tokenizer), add_special_tokens=False)["input_ids"])
         if separator is not None:
             stream.append(separator)
         if len(stream) >= needed:
@@ -85,7 +89,7 @@ def build_calibration(spec: CalibrationSpec, tokenizer, cache_dir: Path | None) 
     path = cache_dir / f"{cache_key(spec, tokenizer)}.safetensors" if cache_dir is not None else None
     if path is not None and path.is_file():
         return load_file(str(path))["input_ids"]
-    documents = load_documents(spec.dataset, text_column=spec.text_column, split=spec.split, subset=spec.subset)
+    documents = sampled_documents(spec.dataset, text_column=spec.text_column, split=spec.split, subset=spec.subset, seed=spec.seed)
     tokens = pack_documents(documents, tokenizer, spec)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

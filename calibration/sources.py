@@ -1,15 +1,24 @@
 """Calibration text sources, by name: built-in corpus, well-known Hub sets, local files.
 
-Every source returns a list of documents, each either a string or a chat (a list of
-``{"role", "content"}`` messages, rendered later with the model's chat template).
+Every source gives documents, each either a string or a chat (a list of ``{"role", "content"}``
+messages, rendered later with the model's chat template). ``sampled_documents`` gives them in the
+order calibration takes them for a seed, lazily, so a run reads only what it packs:
+
+- what ``datasets`` reads (Hub ids, local dataset folders) is streamed (``streaming=True``; a
+  ``save_to_disk`` folder through ``to_iterable_dataset``) and shuffled with a seeded buffer of
+  ``SHUFFLE_BUFFER`` documents (``IterableDataset.shuffle``): the same documents for the same seed,
+  without downloading or holding the whole split;
+- local files and the built-in corpus, read whole as before, are shuffled in full with the seed
+  (``random.Random(seed)``), so they pick the same documents as earlier versions did.
 """
 
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, Iterable, Iterator, Union
 
 from compressor.calibration.corpus import calibration_slice_path, read_abstracts
 from compressor.data_files import read_jsonl_records, read_utf8
@@ -21,6 +30,12 @@ Document = Union[str, list[dict[str, str]]]
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 
 TEXT_COLUMNS = ("text", "content", "abstract", "document", "messages", "conversations")
+
+# Documents a streamed source is shuffled over: the first document taken is drawn from the first
+# SHUFFLE_BUFFER of the stream (after a seeded shuffle of its files). Part of the cache and resume
+# fingerprint of such sources (STREAM_SAMPLING), since it decides which documents a seed picks.
+SHUFFLE_BUFFER = 10_000
+STREAM_SAMPLING = f"datasets-stream-shuffle(buffer={SHUFFLE_BUFFER})"
 
 
 @dataclass(frozen=True)
@@ -57,27 +72,35 @@ def _pick_column(columns: list[str], requested: str | None, source: str) -> str:
     )
 
 
-def _documents_from_records(records: list[dict[str, Any]], column: str | None, source: str) -> list[Document]:
-    if not records:
-        raise DataError("dataset is empty", where=source)
-    columns = list(records[0].keys())
-    name = _pick_column(columns, column, source)
-    documents: list[Document] = []
+def _document(value: Any, name: str, index: int, source: str) -> Document | None:
+    """One record's document (None: an empty or missing value, skipped)."""
+    if isinstance(value, str):
+        return value if value.strip() else None
+    if isinstance(value, list) and all(isinstance(m, dict) and "content" in m for m in value):
+        return [{"role": str(m.get("role", "user")), "content": str(m["content"])} for m in value]
+    if isinstance(value, list) and all(isinstance(m, dict) and "value" in m for m in value):  # ShareGPT
+        return [{"role": SHAREGPT_ROLES.get(str(m.get("from")), str(m.get("from", "user"))), "content": str(m["value"])}
+                for m in value]
+    if value is not None:
+        raise DataError(f"record {index}: column '{name}' is neither text nor a list of messages", where=source)
+    return None
+
+
+def _documents_from_records(records: Iterable[dict[str, Any]], column: str | None, source: str) -> Iterator[Document]:
+    """The documents of `records`, as they are read; the text column is chosen from the first record."""
+    name: str | None = None
+    found = False
     for index, record in enumerate(records):
-        value = record.get(name)
-        if isinstance(value, str):
-            if value.strip():
-                documents.append(value)
-        elif isinstance(value, list) and all(isinstance(m, dict) and "content" in m for m in value):
-            documents.append([{"role": str(m.get("role", "user")), "content": str(m["content"])} for m in value])
-        elif isinstance(value, list) and all(isinstance(m, dict) and "value" in m for m in value):  # ShareGPT
-            documents.append([{"role": SHAREGPT_ROLES.get(str(m.get("from")), str(m.get("from", "user"))),
-                               "content": str(m["value"])} for m in value])
-        elif value is not None:
-            raise DataError(f"record {index}: column '{name}' is neither text nor a list of messages", where=source)
-    if not documents:
+        if name is None:
+            name = _pick_column(list(record.keys()), column, source)
+        document = _document(record.get(name), name, index, source)
+        if document is not None:
+            found = True
+            yield document
+    if name is None:
+        raise DataError("dataset is empty", where=source)
+    if not found:
         raise DataError(f"column '{name}' holds no text", where=source)
-    return documents
 
 
 def _read_text(path: Path) -> str:
@@ -85,7 +108,7 @@ def _read_text(path: Path) -> str:
 
 
 def _read_jsonl(path: Path, column: str | None) -> list[Document]:
-    return _documents_from_records(read_jsonl_records(path, str(path)), column, str(path))
+    return list(_documents_from_records(read_jsonl_records(path, str(path)), column, str(path)))
 
 
 def _read_json(path: Path, column: str | None) -> list[Document]:
@@ -98,7 +121,7 @@ def _read_json(path: Path, column: str | None) -> list[Document]:
         raise DataError(f"not valid JSON: {err.msg}", where=f"{path}:{err.lineno}") from None
     if not isinstance(data, list) or not all(isinstance(record, dict) for record in data):
         raise DataError("a .json calibration file must be a list of JSON objects (or one object per line)", where=str(path))
-    return _documents_from_records(data, column, str(path))
+    return list(_documents_from_records(data, column, str(path)))
 
 
 def _read_txt(path: Path, column: str | None) -> list[Document]:
@@ -122,7 +145,7 @@ def _read_parquet(path: Path, column: str | None) -> list[Document]:
         table = pq.read_table(path)
     except (pyarrow.ArrowException, OSError) as err:  # not a parquet file, or a damaged one
         raise DataError(f"cannot read the parquet file: {first_line(err)}", where=str(path)) from None
-    return _documents_from_records(table.to_pylist(), column, str(path))
+    return list(_documents_from_records(table.to_pylist(), column, str(path)))
 
 
 LOCAL_READERS: dict[str, Callable[[Path, str | None], list[Document]]] = {
@@ -146,32 +169,32 @@ _UNSUPPORTED = (
 )
 
 
-def _read_hub(path: str, subset: str | None, split: str, column: str | None, label: str,
-              data_files: str | None = None) -> list[Document]:
+def _stream_hub(path: str, subset: str | None, split: str, label: str, data_files: str | None = None):
+    """The split as a `datasets.IterableDataset`: nothing is downloaded until it is iterated."""
     datasets = _datasets_library(label)
     try:
-        dataset = datasets.load_dataset(path, subset, split=split, data_files=data_files)
+        return datasets.load_dataset(path, subset, split=split, data_files=data_files, streaming=True)
     except Exception as err:  # datasets raises many types for missing/offline sets
         if datasets.config.HF_HUB_OFFLINE:
             raise DataError(
-                f"'{path}' is not in the local datasets cache and the Hub is offline (HF_HUB_OFFLINE=1): load it once"
-                " online to cache it, or save it to a folder (Dataset.save_to_disk) or a .jsonl/.parquet file and"
-                " give that path",
+                f"'{path}' cannot be streamed while the Hub is offline (HF_HUB_OFFLINE=1): calibration streams Hub"
+                " datasets rather than reading a local datasets cache, so save it to a folder (Dataset.save_to_disk)"
+                " or a .jsonl/.parquet file and give that path",
                 where=label,
             ) from None
         raise DataError(f"cannot load dataset '{path}' (split {split}): {first_line(err)}", where=label) from None
-    return _documents_from_records(dataset.to_list(), column, label)
 
 
 _SAVED_DATASET_FILES = ("state.json", "dataset_dict.json")  # what Dataset(Dict).save_to_disk writes
 
 
-def _read_folder(path: Path, split: str, column: str | None) -> list[Document]:
-    """A local datasets folder: one `save_to_disk` wrote, or data files `load_dataset` reads."""
+def _stream_folder(path: Path, split: str):
+    """A local datasets folder as an IterableDataset: one `save_to_disk` wrote (memory-mapped, read
+    through `to_iterable_dataset`), or data files `load_dataset` streams."""
     datasets = _datasets_library(str(path))
     saved = any((path / name).is_file() for name in _SAVED_DATASET_FILES)
     try:
-        dataset = datasets.load_from_disk(str(path)) if saved else datasets.load_dataset(str(path), split=split)
+        dataset = datasets.load_from_disk(str(path)) if saved else datasets.load_dataset(str(path), split=split, streaming=True)
     except Exception as err:  # damaged, from an incompatible datasets version, no data files, no such split
         what = "the saved dataset" if saved else "the folder's data files (.jsonl, .json, .csv, .parquet, .txt)"
         raise DataError(f"cannot load {what}: {first_line(err)}", where=str(path)) from None
@@ -179,7 +202,59 @@ def _read_folder(path: Path, split: str, column: str | None) -> list[Document]:
         if split not in dataset:
             raise DataError(f"no split '{split}' (splits: {', '.join(dataset)}); set calibration.split", where=str(path))
         dataset = dataset[split]
-    return _documents_from_records(dataset.to_list(), column, str(path))
+    return dataset.to_iterable_dataset() if isinstance(dataset, datasets.Dataset) else dataset
+
+
+def _records(stream, label: str) -> Iterator[dict[str, Any]]:
+    """The stream's records; what `datasets` raises while reading (a damaged file, a dropped
+    connection) becomes one DataError naming the source."""
+    iterator = iter(stream)
+    while True:
+        try:
+            record = next(iterator)
+        except StopIteration:
+            return
+        except Exception as err:
+            raise DataError(f"cannot read the dataset: {first_line(err)}", where=label) from None
+        yield record
+
+
+def is_streamed(dataset: str) -> bool:
+    """Whether `dataset` is read through `datasets` streaming: a well-known Hub set, a local folder,
+    or anything else that does not look like a path (a Hub id)."""
+    if dataset.startswith("builtin:"):
+        return False
+    if dataset in KNOWN_HUB_SETS:
+        return True
+    path = Path(dataset).expanduser()
+    if path.suffix in LOCAL_READERS:
+        return False
+    return path.is_dir() or not (path.exists() or dataset.startswith((".", "/", "~")))
+
+
+def _stream(dataset: str, split: str, subset: str | None, text_column: str | None):
+    """(IterableDataset, text column, label) of a source `is_streamed` accepts."""
+    if dataset in KNOWN_HUB_SETS:
+        known = KNOWN_HUB_SETS[dataset]
+        return _stream_hub(known.path, known.subset, known.split, dataset, known.data_files), text_column or known.column, dataset
+    path = Path(dataset).expanduser()
+    if path.is_dir():
+        return _stream_folder(path, split), text_column, str(path)
+    return _stream_hub(dataset, subset, split, dataset), text_column, dataset
+
+
+def _local_documents(dataset: str, text_column: str | None) -> list[Document]:
+    """The documents of a local file or the built-in corpus, read whole."""
+    if dataset == "builtin:abstracts":
+        return list(read_abstracts(calibration_slice_path()))
+    if dataset.startswith("builtin:"):
+        raise DataError(f"unknown built-in dataset '{dataset}' (known: builtin:abstracts)", where="calibration.dataset")
+    path = Path(dataset).expanduser()
+    if path.suffix in LOCAL_READERS:
+        if not path.is_file():
+            raise DataError("calibration file not found", where=str(path))
+        return LOCAL_READERS[path.suffix](path, text_column)
+    raise DataError(_UNSUPPORTED if path.exists() else "calibration file or folder not found", where=dataset)
 
 
 def dataset_problem(dataset: str) -> str | None:
@@ -202,21 +277,21 @@ def dataset_problem(dataset: str) -> str | None:
 
 
 def load_documents(dataset: str, *, text_column: str | None, split: str, subset: str | None) -> list[Document]:
-    """The documents named by a recipe's ``calibration.dataset``."""
-    if dataset == "builtin:abstracts":
-        return list(read_abstracts(calibration_slice_path()))
-    if dataset.startswith("builtin:"):
-        raise DataError(f"unknown built-in dataset '{dataset}' (known: builtin:abstracts)", where="calibration.dataset")
-    if dataset in KNOWN_HUB_SETS:
-        known = KNOWN_HUB_SETS[dataset]
-        return _read_hub(known.path, known.subset, known.split, text_column or known.column, dataset, known.data_files)
-    path = Path(dataset).expanduser()
-    if path.suffix in LOCAL_READERS:
-        if not path.is_file():
-            raise DataError("calibration file not found", where=str(path))
-        return LOCAL_READERS[path.suffix](path, text_column)
-    if path.is_dir():
-        return _read_folder(path, split, text_column)
-    if path.exists() or dataset.startswith((".", "/", "~")):
-        raise DataError(_UNSUPPORTED if path.exists() else "calibration file or folder not found", where=dataset)
-    return _read_hub(dataset, subset, split, text_column, dataset)
+    """Every document named by a recipe's ``calibration.dataset``, in stored order (reads it all)."""
+    if not is_streamed(dataset):
+        return _local_documents(dataset, text_column)
+    stream, column, label = _stream(dataset, split, subset, text_column)
+    return list(_documents_from_records(_records(stream, label), column, label))
+
+
+def sampled_documents(dataset: str, *, text_column: str | None, split: str, subset: str | None, seed: int) -> Iterator[Document]:
+    """The documents of ``calibration.dataset`` in the order calibration takes them for `seed`, read
+    as they are taken (see the module's docstring for the two shuffles)."""
+    if not is_streamed(dataset):
+        documents = _local_documents(dataset, text_column)
+        order = list(range(len(documents)))
+        random.Random(seed).shuffle(order)
+        return (documents[index] for index in order)
+    stream, column, label = _stream(dataset, split, subset, text_column)
+    shuffled = stream.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER)
+    return _documents_from_records(_records(shuffled, label), column, label)

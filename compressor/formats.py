@@ -5,7 +5,8 @@ A model whose quantized layers are ``QuantLinear`` modules already holds the ten
 W8A8, ``float-quantized`` for FP8); this module describes them in a ``QuantizationConfig``
 (one config group per distinct scheme, each with its format, targets written as compact
 regexes; ``mixed-precision`` at the top when the formats differ) and writes it into
-``config.json`` so that transformers and vLLM load the folder.
+``config.json`` so that transformers and vLLM load the folder. A module's ``weight_calibration``
+(``WeightCalibration``: GPTQ's ``actorder``, the weight ``observer``) is part of its scheme.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,19 +35,59 @@ from compressor.kernels.w8a8_linear import W8A8Linear
 _INDEX = re.compile(r"\.\d+\.")
 
 
-SchemeKey = tuple  # ("pack", bits, group_size, symmetric) | ("w8a8", weight type, act type | None, dynamic)
+@dataclass(frozen=True)
+class WeightCalibration:
+    """How a layer's scales were found, as compressed-tensors' ``QuantizationArgs`` names it:
+    ``actorder`` (GPTQ's column order: "static", or None when columns went in order) and
+    ``observer`` with its ``observer_kwargs`` (as sorted (key, value) pairs, so it hashes).
+    Quantized modules carry it as ``weight_calibration`` (None: not known, written as nothing)."""
+
+    actorder: str | None = None
+    observer: str | None = None
+    observer_kwargs: tuple[tuple[str, Any], ...] = ()
+
+    def args(self) -> dict[str, Any]:
+        """The `QuantizationArgs` fields this sets (only those it knows, as llm-compressor writes them)."""
+        fields: dict[str, Any] = {}
+        if self.actorder is not None:
+            fields["actorder"] = self.actorder
+        if self.observer is not None:
+            fields["observer"] = self.observer
+        if self.observer_kwargs:
+            fields["observer_kwargs"] = dict(self.observer_kwargs)
+        return fields
+
+    @classmethod
+    def from_args(cls, weights: QuantizationArgs) -> "WeightCalibration | None":
+        """What a saved config group says (None when it says neither), for a reloaded model."""
+        actorder = str(getattr(weights.actorder, "value", weights.actorder)) if weights.actorder is not None else None
+        observer = weights.observer if "observer" in weights.model_fields_set else None
+        if actorder is None and observer is None:
+            return None
+        return cls(actorder, observer, tuple(sorted((weights.observer_kwargs or {}).items())))
+
+
+SchemeKey = tuple  # ("pack", bits, group_size, symmetric, calibration) | ("w8a8", weight type, act type | None, dynamic, calibration)
 
 
 def _scheme_key(module: QuantLinear | W8A8Linear) -> SchemeKey:
+    calibration = getattr(module, "weight_calibration", None)
     if isinstance(module, W8A8Linear):
         acts = module.activations
-        return ("w8a8", module.weight_type, acts.type if acts else None, acts.dynamic if acts else None)
-    return ("pack", module.bits, module.group_size, module.symmetric)
+        return ("w8a8", module.weight_type, acts.type if acts else None, acts.dynamic if acts else None, calibration)
+    return ("pack", module.bits, module.group_size, module.symmetric, calibration)
 
 
-def _w8a8_scheme(targets: list[str], weight_type: str, act_type: str | None, dynamic: bool | None) -> QuantizationScheme:
+def _calibration_args(calibration: WeightCalibration | None) -> dict[str, Any]:
+    return calibration.args() if calibration is not None else {}
+
+
+def _w8a8_scheme(
+    targets: list[str], weight_type: str, act_type: str | None, dynamic: bool | None, calibration: WeightCalibration | None
+) -> QuantizationScheme:
     weights = QuantizationArgs(
-        num_bits=8, type=weight_type, symmetric=True, strategy=QuantizationStrategy.CHANNEL, dynamic=False
+        num_bits=8, type=weight_type, symmetric=True, strategy=QuantizationStrategy.CHANNEL, dynamic=False,
+        **_calibration_args(calibration),
     )
     inputs = None
     if act_type is not None:
@@ -68,7 +110,7 @@ def _scheme(key: SchemeKey, targets: list[str]) -> QuantizationScheme:
     )
 
 
-def _weight_args(bits: int, group_size: int | None, symmetric: bool) -> QuantizationArgs:
+def _weight_args(bits: int, group_size: int | None, symmetric: bool, calibration: WeightCalibration | None) -> QuantizationArgs:
     return QuantizationArgs(
         num_bits=bits,
         type=QuantizationType.INT,
@@ -76,6 +118,7 @@ def _weight_args(bits: int, group_size: int | None, symmetric: bool) -> Quantiza
         strategy=QuantizationStrategy.GROUP if group_size else QuantizationStrategy.CHANNEL,
         group_size=group_size,
         dynamic=False,
+        **_calibration_args(calibration),
     )
 
 

@@ -35,6 +35,7 @@ ModuleBuilder = Callable[[str, nn.Linear, Any, torch.dtype], nn.Module]
 def build_pack_quantized(name: str, linear: nn.Linear, scheme: Any, dtype: torch.dtype) -> nn.Module:
     from compressed_tensors.quantization import QuantizationStrategy, QuantizationType
 
+    from compressor.formats import WeightCalibration
     from compressor.kernels.quant_linear import QuantLinear
 
     if scheme.input_activations is not None:
@@ -48,7 +49,7 @@ def build_pack_quantized(name: str, linear: nn.Linear, scheme: Any, dtype: torch
     group_size = weights.group_size if weights.strategy == QuantizationStrategy.GROUP else None
     if group_size is not None and linear.in_features % group_size:
         raise ModelError(f"{name}: group size {group_size} does not divide {linear.in_features} columns")
-    return QuantLinear(
+    module = QuantLinear(
         linear.in_features,
         linear.out_features,
         bits=weights.num_bits,
@@ -58,16 +59,21 @@ def build_pack_quantized(name: str, linear: nn.Linear, scheme: Any, dtype: torch
         dtype=dtype,
         device="meta",
     )
+    module.weight_calibration = WeightCalibration.from_args(weights)  # saved again as it was read
+    return module
 
 
 def build_eight_bit(name: str, linear: nn.Linear, scheme: Any, dtype: torch.dtype) -> nn.Module:
     """W8A8 int8 (`int-quantized`) and FP8 (`float-quantized`): 8-bit codes, one scale per channel."""
+    from compressor.formats import WeightCalibration
     from compressor.kernels.w8a8_linear import build_from_scheme
 
     try:
-        return build_from_scheme(linear, scheme.model_dump(mode="json"), dtype)
+        module = build_from_scheme(linear, scheme.model_dump(mode="json"), dtype)
     except ValueError as err:
         raise ModelError(f"{name}: {err}") from None
+    module.weight_calibration = WeightCalibration.from_args(scheme.weights)  # saved again as it was read
+    return module
 
 
 @functools.cache

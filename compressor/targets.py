@@ -15,6 +15,11 @@ from typing import Any
 from torch import nn
 
 
+def layer_pattern(name: str) -> str:
+    """`model.layers.3.mlp.up_proj` → `model.layers.*.mlp.up_proj`: one line for a layer of every block."""
+    return re.sub(r"\.\d+\.", ".*.", name)
+
+
 def validate_pattern(entry: str) -> str:
     """Raise ValueError for an entry whose regex does not compile."""
     if entry.startswith("re:"):

@@ -76,6 +76,8 @@ class QuantLinear(DispatchedModule):
         else:
             self.weight_zero_point = None
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        # How the scales were found (compressor.formats.WeightCalibration), for the saved config only.
+        self.weight_calibration: Any = None
         self.compile_plan: tuple | None = None  # (backend, state, rows, dtype, device): plan_for_compile
         self._bound: BoundKernel | None = None  # the last no-grad kernel choice, for calls like it
 

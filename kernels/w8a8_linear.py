@@ -23,7 +23,7 @@ quantization is passed straight through and the gradient multiplies by the dequa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -104,6 +104,8 @@ class W8A8Linear(DispatchedModule):
         else:
             self.input_scale = None
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        # How the scales were found (compressor.formats.WeightCalibration), for the saved config only.
+        self.weight_calibration: Any = None
 
     @classmethod
     def from_codes(

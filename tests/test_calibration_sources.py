@@ -10,8 +10,8 @@ import datasets
 import pytest
 from transformers import AutoTokenizer
 
-from compressor.calibration.batches import build_calibration
-from compressor.calibration.sources import KNOWN_HUB_SETS, load_documents
+from compressor.calibration.batches import build_calibration, source_fingerprint
+from compressor.calibration.sources import KNOWN_HUB_SETS, STREAM_SAMPLING, load_documents
 from compressor.errors import DataError
 from compressor.recipe import CalibrationSpec
 from tests.cli_runs import assert_one_line_refusal, run_cli
@@ -86,7 +86,7 @@ def test_text_column_on_a_txt_file_is_refused(tmp_path):
 def test_an_uncached_hub_dataset_offline_says_how_to_fix(tiny_llama, tmp_path, capsys):
     (tmp_path / "r.yaml").write_text(WANDA.format(data="some-org/not-cached-anywhere"))
     code, err = run_cli([tiny_llama, "--recipe", tmp_path / "r.yaml", "-o", tmp_path / "out", "-q"], capsys)
-    assert_one_line_refusal(code, err, "r.yaml:2 calibration.dataset", "not in the local datasets cache",
+    assert_one_line_refusal(code, err, "r.yaml:2 calibration.dataset", "cannot be streamed while the Hub is offline",
                             "HF_HUB_OFFLINE=1", "save_to_disk", ".jsonl/.parquet")
     assert not (tmp_path / "out").exists()
 
@@ -115,3 +115,55 @@ def test_sharegpt_conversations_are_chats_rendered_with_the_template(tiny_tokeni
     tokenizer.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
     windows = build_calibration(CalibrationSpec(dataset=str(data), samples=2, seq_len=32), tokenizer, None)
     assert "[user] Summarize.\n[assistant] document" in tokenizer.decode(windows[0])
+
+
+def test_a_streamed_folder_is_read_only_as_far_as_calibration_takes_it(tiny_tokenizer_dir, tmp_path):
+    """A dataset folder is streamed: the windows come from the shuffle buffer at the start of the
+    stream, so a damaged line 12 MB in is never reached (it used to be read, and refused, whole)."""
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    folder = tmp_path / "big"
+    folder.mkdir()
+    line = json.dumps({"text": TEXTS[0] + " " + "x" * 40}) + "\n"
+    with open(folder / "part.jsonl", "w") as handle:
+        handle.write(line * (12_000_000 // len(line)))
+        handle.write('{"text": "this line is cut off\n')
+    windows = build_calibration(CalibrationSpec(dataset=str(folder), samples=2, seq_len=16), tokenizer, None)
+    assert windows.shape == (2, 16)
+    with pytest.raises(DataError, match="cannot read the dataset"):  # reading all of it does reach the damage
+        _documents(folder)
+
+
+@pytest.mark.parametrize("saved", [False, True])
+def test_a_streamed_source_is_seeded_and_its_sampling_is_in_the_fingerprint(saved, tiny_tokenizer_dir, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    folder = tmp_path / "files"
+    if saved:
+        datasets.Dataset.from_dict({"text": TEXTS}).save_to_disk(str(folder))
+    else:
+        folder.mkdir()
+        (folder / "part.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    spec = {"dataset": str(folder), "samples": 2, "seq_len": 16}
+    windows = {seed: build_calibration(CalibrationSpec(**spec, seed=seed), tokenizer, None) for seed in (0, 1)}
+    assert build_calibration(CalibrationSpec(**spec, seed=0), tokenizer, None).equal(windows[0])
+    assert not windows[0].equal(windows[1])
+    # cached windows and --resume checkpoints from the earlier full-list shuffle are not reused
+    assert source_fingerprint(str(folder)).endswith(f"|{STREAM_SAMPLING}")
+    assert source_fingerprint("some-org/some-set") == f"some-org/some-set|{STREAM_SAMPLING}"
+
+
+def test_a_local_file_picks_the_documents_it_always_picked(tiny_tokenizer_dir, tmp_path):
+    """Files are still shuffled whole with random.Random(seed), so their cached windows stay valid
+    and their fingerprint is unchanged."""
+    import random
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    order = list(range(len(TEXTS)))
+    random.Random(3).shuffle(order)
+    stream: list[int] = []
+    for index in order:
+        stream += tokenizer(TEXTS[index], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    windows = build_calibration(CalibrationSpec(dataset=str(data), samples=2, seq_len=16, seed=3), tokenizer, None)
+    assert windows.flatten().tolist() == stream[:32]
+    assert STREAM_SAMPLING not in source_fingerprint(str(data))

@@ -22,7 +22,9 @@ def reference_dequant(codes, scale, zero, group):
     return out
 
 
-@pytest.mark.parametrize("in_features, asked, expected", [(576, 128, 64), (1536, 128, 128), (96, 64, 32), (100, 64, None), (576, None, None), (576, 96, 96)])
+@pytest.mark.parametrize("in_features, asked, expected", [(576, 128, 64), (1536, 128, 128), (96, 64, 32), (100, 64, None), (576, None, None), (576, 96, 96),
+                                                            # a group spanning the row or more: one scale per row
+                                                            (96, 128, None), (64, 128, None), (128, 128, 128)])
 def test_effective_group_size(in_features, asked, expected):
     assert effective_group_size(in_features, asked) == expected
 

@@ -14,7 +14,8 @@ import torch
 from compressor.kernels.w8a8_linear import float8_max, to_codes
 
 FLOAT8_DTYPE_NAME = "float8_e4m3fn"
-MSE_SHRINK_STEPS = 41  # scale fractions from 1.0 down to 0.5
+MSE_SHRINK_STEPS = 41  # scale fractions from 1.0 down to MSE_LOWEST_FRACTION
+MSE_LOWEST_FRACTION = 0.5
 
 
 def float8_supported() -> bool:
@@ -46,7 +47,7 @@ def fp8_quantize(
     scale = _row_scale(absmax, 1.0, scale_dtype)
     if mse_search:
         best = _row_error(w, scale)
-        for fraction in torch.linspace(1.0, 0.5, MSE_SHRINK_STEPS)[1:].tolist():
+        for fraction in torch.linspace(1.0, MSE_LOWEST_FRACTION, MSE_SHRINK_STEPS)[1:].tolist():
             candidate = _row_scale(absmax, fraction, scale_dtype)
             error = _row_error(w, candidate)
             better = error < best

@@ -41,14 +41,19 @@ class WeightGrid:
 def effective_group_size(in_features: int, group_size: int | None) -> int | None:
     """The group size used for a layer with `in_features` columns.
 
-    compressed-tensors (and so transformers and vLLM) need the group size to divide the
-    number of columns. When the asked size does not (SmolLM2: 576 columns, group 128), the
-    layer uses the largest power of two that is at most the asked size and divides the
-    columns (576 → 64): more scales, never a partial group, and a size every kernel knows.
-    If that would be below 16 columns the layer falls back to one scale per channel.
+    A group as wide as the row or wider is one scale per output channel (None), which is what
+    one group spanning the row is, and how compressed-tensors, llm-compressor and GPTQModel
+    count it (ceil(columns / group) = 1 group). compressed-tensors (and so transformers and
+    vLLM) need the group size to divide the columns: a partial last group (GPTQModel's
+    ceil-div groups) does not load there. When the asked size does not divide (SmolLM2: 576
+    columns, group 128), the layer uses the largest power of two that is at most the asked size
+    and divides the columns (576 → 64): finer, never coarser than asked, and a size every kernel
+    knows. Below 16 columns it falls back to one scale per channel.
     """
     if group_size is None or in_features % group_size == 0:
         return group_size
+    if group_size > in_features:
+        return None
     size = 1 << (group_size.bit_length() - 1)
     while size >= MIN_FALLBACK_GROUP:
         if in_features % size == 0:
@@ -87,7 +92,9 @@ def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | 
     return (q - zero) * scale if zero is not None else q * scale
 
 
-_MSE_SHRINK_STEPS = torch.linspace(1.0, 0.5, 21)
+MSE_SHRINK_STEPS = 21  # clip ratios tried by the MSE observer, from 1.0 down to MSE_LOWEST_RATIO
+MSE_LOWEST_RATIO = 0.5
+_MSE_RATIOS = torch.linspace(1.0, MSE_LOWEST_RATIO, MSE_SHRINK_STEPS)
 
 
 def group_scale_zero(w: torch.Tensor, grid: WeightGrid) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -107,7 +114,7 @@ def group_scale_zero(w: torch.Tensor, grid: WeightGrid) -> tuple[torch.Tensor, t
     if not grid.mse_search:
         return scale, zero
     best_err = torch.full_like(scale, float("inf"))
-    for ratio in _MSE_SHRINK_STEPS.tolist():
+    for ratio in _MSE_RATIOS.tolist():
         s, z = _scale_zero_from_range(wmin * ratio, wmax * ratio, grid)
         err = (dequantize_codes(quantize_codes(w, s, z, grid), s, z) - w).pow(2).sum(dim=1, keepdim=True)
         better = err < best_err

@@ -45,16 +45,14 @@ def _run_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _pattern_of(name: str) -> str:
-    return re.sub(r"\.\d+\.", ".*.", name)
-
-
 def _print_plans(plans, echo: Callable[[str], None]) -> None:
+    from compressor.targets import layer_pattern
+
     for index, plan in enumerate(plans, start=1):
         echo(f"stage {index}: {plan.kind} ({plan.method}): {len(plan.selected)} {plan.unit} targeted, {len(plan.skipped)} skipped")
         grouped: dict[tuple[str, str], int] = defaultdict(int)
         for name, detail in plan.selected.items():
-            grouped[(_pattern_of(name), detail)] += 1
+            grouped[(layer_pattern(name), detail)] += 1
         for (pattern, detail), count in grouped.items():
             echo(f"  {pattern:<40} x{count:<4} {detail}")
         for name, reason in plan.skipped.items():

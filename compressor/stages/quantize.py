@@ -40,7 +40,7 @@ from compressor.stages.quant_schemes import (
     check_float_weights,
     uses_activation_layers,
 )
-from compressor.targets import select_modules, validate_pattern
+from compressor.targets import layer_pattern, select_modules, validate_pattern
 
 
 class WeightArgs(StrictModel):
@@ -185,13 +185,36 @@ def _rule_choices(config: QuantizeConfig, modules: dict[str, nn.Module], locate:
     return resolve_rules(modules, config.overrides, config.weights, locate)
 
 
+def _group_label(group_size: int | None) -> str:
+    return "per-channel" if group_size is None else f"group {group_size}"
+
+
+def _why_group_differs(asked: int, in_features: int) -> str:
+    return f"{asked} > {in_features} columns" if asked > in_features else f"{asked} does not divide {in_features} columns"
+
+
 def _describe(grid: WeightGrid, weights: WeightArgs, in_features: int) -> str:
-    group = "per-channel" if grid.group_size is None else f"group {grid.group_size}"
     note = ""
     if weights.group_size is not None and grid.group_size != weights.group_size:
-        note = f" ({weights.group_size} does not divide {in_features} columns)"
+        note = f" ({_why_group_differs(weights.group_size, in_features)})"
     observer = "" if weights.observer == "minmax" else f", {weights.observer} observer"
-    return f"int{grid.bits} {'sym' if grid.symmetric else 'asym'} {group}{note}{observer}"
+    return f"int{grid.bits} {'sym' if grid.symmetric else 'asym'} {_group_label(grid.group_size)}{note}{observer}"
+
+
+def group_fallback_notes(changed: dict[str, tuple[int, int, int | None]]) -> list[str]:
+    """One warning per (asked group, columns, group used), naming the layers as patterns over the
+    block index; `changed`: module name → that triple, for the layers whose group differs."""
+    by_case: dict[tuple[int, int, int | None], list[str]] = {}
+    for name, case in changed.items():
+        pattern = layer_pattern(name)
+        names = by_case.setdefault(case, [])
+        if pattern not in names:
+            names.append(pattern)
+    return [
+        f"group_size {asked} does not fit {', '.join(names)} ({_why_group_differs(asked, columns)}):"
+        f" {_group_label(used)} there (written so in quantization_config)"
+        for (asked, columns, used), names in by_case.items()
+    ]
 
 
 def resolve_method(config: QuantizeConfig):
@@ -247,6 +270,7 @@ class QuantizeStage:
                 plan.skipped[name] = reason
                 continue
             candidates[name] = module
+        regrouped: dict[str, tuple[int, int, int | None]] = {}
         for name, choice in _rule_choices(config, candidates, locate).items():
             weights = module_weights(config, choice)
             if weights is None:
@@ -258,6 +282,9 @@ class QuantizeStage:
                 continue
             grid = grid_for(candidates[name], weights)
             plan.selected[name] = _describe(grid, weights, candidates[name].in_features) + rule
+            if weights.group_size is not None and grid.group_size != weights.group_size:
+                regrouped[name] = (weights.group_size, candidates[name].in_features, grid.group_size)
+        plan.notes.extend(group_fallback_notes(regrouped))
         if not plan.selected:
             raise RecipeError("matches no Linear module of this model that the stage can quantize", **locate("targets"))
         return plan
@@ -271,6 +298,24 @@ class QuantizeStage:
         method = resolve_method(config)
         modules = {name: model.get_submodule(name) for name in plan.selected}
         choices = _rule_choices(config, modules, None)
-        grids = {name: grid_for(module, module_weights(config, choices[name])) for name, module in modules.items()}
+        weights = {name: module_weights(config, choices[name]) for name in modules}
+        grids = {name: grid_for(module, weights[name]) for name, module in modules.items()}
         method.quantize(model, modules, grids, config, ctx)
+        _record_calibration(model, config, weights, ctx)
         return model
+
+
+def _record_calibration(model: nn.Module, config: QuantizeConfig, weights: dict[str, WeightArgs], ctx: StageContext) -> None:
+    """Give each new quantized layer its `weight_calibration` (compressor.stages.quant_provenance)."""
+    from compressor.stages.quant_provenance import weight_calibration  # imports compressed-tensors
+
+    gptq = solves_with_gptq(config) and config.act_order
+    for name, args in weights.items():
+        module = model.get_submodule(name)
+        if not hasattr(module, "weight_calibration"):  # bitsandbytes' NF4 layers: not compressed-tensors
+            continue
+        float_weights = args.type == "float"  # FP8 weights are cast, never solved by GPTQ
+        fell_back = bool(ctx.records.get(name, {}).get("fallback"))
+        module.weight_calibration = weight_calibration(
+            args.observer, float_weights=float_weights, act_order_ran=gptq and not float_weights and not fell_back
+        )
