@@ -176,10 +176,10 @@ def _stream_hub(path: str, subset: str | None, split: str, label: str, data_file
         return datasets.load_dataset(path, subset, split=split, data_files=data_files, streaming=True)
     except Exception as err:  # datasets raises many types for missing/offline sets
         if datasets.config.HF_HUB_OFFLINE:
+            # Offline, `datasets` streams a set it has cached before; this one is not in that cache.
             raise DataError(
-                f"'{path}' cannot be streamed while the Hub is offline (HF_HUB_OFFLINE=1): calibration streams Hub"
-                " datasets rather than reading a local datasets cache, so save it to a folder (Dataset.save_to_disk)"
-                " or a .jsonl/.parquet file and give that path",
+                f"'{path}' is not in the local datasets cache and the Hub is offline (HF_HUB_OFFLINE=1): load it once"
+                " online, or save it to a folder (Dataset.save_to_disk) or a .jsonl/.parquet file and give that path",
                 where=label,
             ) from None
         raise DataError(f"cannot load dataset '{path}' (split {split}): {first_line(err)}", where=label) from None

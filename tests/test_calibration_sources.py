@@ -86,9 +86,24 @@ def test_text_column_on_a_txt_file_is_refused(tmp_path):
 def test_an_uncached_hub_dataset_offline_says_how_to_fix(tiny_llama, tmp_path, capsys):
     (tmp_path / "r.yaml").write_text(WANDA.format(data="some-org/not-cached-anywhere"))
     code, err = run_cli([tiny_llama, "--recipe", tmp_path / "r.yaml", "-o", tmp_path / "out", "-q"], capsys)
-    assert_one_line_refusal(code, err, "r.yaml:2 calibration.dataset", "cannot be streamed while the Hub is offline",
+    assert_one_line_refusal(code, err, "r.yaml:2 calibration.dataset", "not in the local datasets cache and the Hub is offline",
                             "HF_HUB_OFFLINE=1", "save_to_disk", ".jsonl/.parquet")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_hub_dataset_in_the_local_datasets_cache_streams_offline(tmp_path, monkeypatch):
+    # Lay a built split out where `datasets` keeps a downloaded Hub set (org___name/config/version/hash),
+    # as a machine that loaded it online once would have it; offline, calibration must still read it.
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    built = datasets.load_dataset("json", data_files=str(tmp_path / "d.jsonl"), split="train", cache_dir=str(tmp_path / "build"))
+    arrow = Path(built.cache_files[0]["filename"])
+    cached = tmp_path / "cache" / "some-org___cached-set" / "default" / "0.0.0" / "0123abcd"
+    cached.mkdir(parents=True)
+    (cached / "dataset_info.json").write_bytes((arrow.parent / "dataset_info.json").read_bytes())
+    (cached / "cached-set-train.arrow").write_bytes(arrow.read_bytes())
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    assert datasets.config.HF_HUB_OFFLINE
+    assert sorted(_documents("some-org/cached-set")) == sorted(TEXTS)
 
 
 def test_c4_reads_one_shard_not_the_whole_corpus():
