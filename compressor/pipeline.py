@@ -14,9 +14,10 @@ import shutil
 import sys
 import time
 import tempfile
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import torch
 from torch import nn
@@ -35,6 +36,7 @@ from compressor.model_io import (
     LoadedModel, load_config, load_model, load_tokenizer, prepare_source, skeleton_from_config, weights_bytes,
 )
 from compressor.offload import is_dispatched, undispatch
+from compressor.output_lock import output_lock
 from compressor.processes import launch_processes
 from compressor.recipe import CalibrationSpec, Recipe
 from compressor.resume import LoopState, StageCheckpoints, run_key
@@ -196,7 +198,28 @@ def _plan_evaluation(recipe: Recipe, options: RunOptions, echo: Callable[[str], 
     return RecipeEvaluation.plan(spec.tasks, spec.limit, recipe.name, options.batch_size, echo, spec.num_fewshot)
 
 
+def hold_output(options: RunOptions) -> ContextManager[None]:
+    """The lock on OUT for this run (compressor.output_lock); under a launch of several
+    processes only the main one writes OUT, so only it holds the lock."""
+    assert options.out_dir is not None
+    processes = launch_processes(default_device(options.device))
+    return output_lock(options.out_dir) if processes.is_main else nullcontext()
+
+
 def run_recipe(
+    model_reference: str,
+    recipe: Recipe,
+    options: RunOptions,
+    echo: Callable[[str], None] = print,
+) -> RunSummary:
+    """Compress `model_reference` with `recipe` into `options.out_dir`, holding OUT's lock."""
+    assert options.out_dir is not None
+    check_output_dir(options.out_dir, options.overwrite, inputs=[model_reference])
+    with hold_output(options):
+        return run_recipe_holding_output(model_reference, recipe, options, echo)
+
+
+def run_recipe_holding_output(
     model_reference: str,
     recipe: Recipe,
     options: RunOptions,
@@ -204,7 +227,8 @@ def run_recipe(
     extra_metadata: dict[str, Any] | None = None,
     prior_stages: list[dict[str, Any]] | None = None,
 ) -> RunSummary:
-    """Compress `model_reference` with `recipe` into `options.out_dir`.
+    """`run_recipe` for a caller that has checked OUT (check_output_dir) and holds its lock
+    (`hold_output`).
 
     `prior_stages`: entries for stages that ran before the model was loaded (the merge that made
     it), logged ahead of this run's stages in compression.json.
@@ -213,7 +237,6 @@ def run_recipe(
     from compressor.evaluation.perplexity import evaluation_windows, limited_count, perplexity_on
 
     assert options.out_dir is not None
-    check_output_dir(options.out_dir, options.overwrite, inputs=[model_reference])
     hub_token = _hub_token_for(recipe)
     device = default_device(options.device)
     registry = stage_registry()
