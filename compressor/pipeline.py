@@ -130,13 +130,31 @@ def check_recipe_datasets(recipe: Recipe) -> None:
             raise RecipeError(f"{block.dataset}: {problem}", **recipe.where(path))
 
 
-def _located_data_error(err: DataError, recipe: Recipe) -> DataError:
-    """A calibration DataError with the recipe's file and line: the data file's own place (a bad
+def _located_data_error(err: DataError, recipe: Recipe, block: tuple[Any, ...] = ("calibration",)) -> DataError:
+    """A DataError from reading the dataset block at `block` (the recipe's calibration, a distill
+    `data`, a lora `dataset`) with the recipe's file and line: the data file's own place (a bad
     line) stays in the message; an error about the block itself points at its key."""
-    if err.where and err.where.startswith("calibration"):  # already a recipe key: calibration.samples
-        return DataError(err.message, **recipe.where(tuple(err.where.split("."))))
+    if err.where and err.where.startswith("calibration"):  # a key of the block: calibration.samples
+        return DataError(err.message, **recipe.where((*block, *err.where.split(".")[1:])))
     message = f"{err.where}: {err.message}" if err.where else err.message
-    return DataError(message, **recipe.where(("calibration", "dataset")))
+    return DataError(message, **recipe.where((*block, "dataset")))
+
+
+def check_dataset_contents(recipe: Recipe, tokenizer, only_local: bool = False) -> None:
+    """Read and window the dataset blocks the recipe reads (exists, UTF-8, records with the text
+    field, enough tokens for samples × seq_len), so that a bad distill `data` or lora `dataset`
+    fails before any weight is read, not after the stages before it. The windows land in the
+    calibration cache, where the stage finds them. `only_local`: skip Hub datasets and the
+    built-in corpus (a dry run reads no network and checks only the files the user gave)."""
+    from compressor.calibration.batches import build_calibration
+
+    for path, block in _dataset_blocks(recipe):
+        if only_local and not Path(block.dataset).expanduser().exists():
+            continue
+        try:
+            build_calibration(block, tokenizer, cache_root() / "calibration")
+        except DataError as err:
+            raise _located_data_error(err, recipe, path[:-1]) from None
 
 
 def plan_recipe(model: nn.Module, recipe: Recipe) -> list[StagePlan]:
@@ -269,6 +287,7 @@ def run_recipe_holding_output(
 
     if any(registry.get(s.kind).implementation.needs_calibration(s.config) for s in recipe.stages):
         calibration_tokens()
+    check_dataset_contents(recipe, tokenizer)  # the stages' own data blocks too (built once, cached)
 
     # Kept alive for the whole run: accelerate may spill weights it cannot memory-map there.
     offload_scratch = tempfile.TemporaryDirectory(prefix="compressor-offload-") if options.max_memory else None
@@ -488,4 +507,16 @@ def dry_run(model_reference: str, recipe: Recipe, options: RunOptions) -> list[S
     check_recipe_datasets(recipe)
     model = skeleton_model(model_reference, allow_pickle=options.allow_pickle, trust_remote_code=options.trust_remote_code)
     check_recipe_fits_model(recipe, model.config)
-    return plan_recipe(model, recipe)
+    plans = plan_recipe(model, recipe)
+    check_local_dataset_contents(recipe, model_reference, options)
+    return plans
+
+
+def check_local_dataset_contents(recipe: Recipe, model_reference: str, options: RunOptions) -> None:
+    """`--dry-run`: the dataset files the recipe names, read and windowed with the model's
+    tokenizer (check_dataset_contents); the tokenizer is loaded only when there is a file."""
+    if not any(Path(block.dataset).expanduser().exists() for _, block in _dataset_blocks(recipe)):
+        return
+    _, path, _ = prepare_source(model_reference, allow_pickle=options.allow_pickle)
+    tokenizer = load_tokenizer(path, model_reference, options.trust_remote_code)
+    check_dataset_contents(recipe, tokenizer, only_local=True)

@@ -372,3 +372,33 @@ def test_dry_run_says_a_quantized_layer_trains_its_scales(tiny_llama, tmp_path, 
     q_proj = next(line for line in distill.splitlines() if "self_attn.q_proj" in line)
     assert q_proj.rstrip().endswith("weight, or its scales if an earlier stage quantizes it"), q_proj
     assert any(line.rstrip().endswith("x1    norm weight") for line in distill.splitlines()), distill
+
+
+BAD_DATA_FILES = [
+    # (file contents, key the refusal names, what it says)
+    (b'{"text": "a first line about pruning"}\n{not json\n', "data.dataset", "d.jsonl:2: not valid JSON"),
+    (b'{"text": "caf\xe9"}\n', "data.dataset", "not UTF-8 text (byte 13)"),
+    (b'{"question": "a", "label": 1}\n', "data.dataset", "no text column found"),
+    (b'{"text": "just a few words"}\n', "data.samples", "lower samples or seq_len"),
+]
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "run"])
+@pytest.mark.parametrize("contents, key, fragment", BAD_DATA_FILES, ids=["json", "utf8", "column", "windows"])
+def test_bad_distill_data_file_is_refused_before_any_stage_runs(contents, key, fragment, dry_run, tiny_llama, tmp_path, capsys):
+    """A distill `data` file used to be read only when its stage ran, after the stages before it."""
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(contents)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: t\ncalibration: {samples: 4, seq_len: 32}\nstages:\n"
+                      "  - quantize: {method: rtn, weights: {bits: 4, group_size: 32}}\n"
+                      f"  - distill: {{steps: 2, batch_size: 2, data: {{dataset: {data}, samples: 4, seq_len: 32}}}}\n")
+    out = tmp_path / "out"
+    before = {p.name for p in tmp_path.iterdir()}
+    code = main([str(tiny_llama), "--recipe", str(recipe), "-o", str(out), "-q", "--no-perplexity", *(["--dry-run"] if dry_run else [])])
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"{recipe}:5 stages[1].distill.{key}:" in err and fragment in err, err
+    assert "stage 1/2" not in captured.out, captured.out  # refused before the quantize stage ran
+    assert {p.name for p in tmp_path.iterdir()} == before  # no OUT, no .out.work, no lock file

@@ -86,7 +86,7 @@ def _input_paths(plan: MergePlan) -> list[Path | str]:
 
 def dry_run_merge_recipe(recipe: Recipe, options) -> list[StagePlan]:
     """Validate the merge (headers only) and the later stages against the merged structure."""
-    from compressor.pipeline import check_recipe_fits_model, plan_recipe, skeleton_model
+    from compressor.pipeline import check_local_dataset_contents, check_recipe_fits_model, plan_recipe, skeleton_model
 
     if options.out_dir is not None:
         check_output_dir(options.out_dir, options.overwrite)
@@ -99,6 +99,7 @@ def dry_run_merge_recipe(recipe: Recipe, options) -> list[StagePlan]:
         model = skeleton_model(str(base_folder), allow_pickle=options.allow_pickle, trust_remote_code=options.trust_remote_code)
         check_recipe_fits_model(recipe, model.config)
         plans += [p for p in plan_recipe(model, recipe) if p.kind != "merge"]
+        check_local_dataset_contents(recipe, str(base_folder), options)
     return plans
 
 

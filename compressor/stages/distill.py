@@ -281,6 +281,10 @@ class DistillStage:
     def needs_calibration(self, config: DistillConfig) -> bool:
         return config.data is None
 
+    def batch_data_key(self, config: DistillConfig) -> str | None:
+        """The key of its own dataset block: training batches come from it, else from the calibration."""
+        return "data"
+
     def plan(self, model: nn.Module, config: DistillConfig, locate: Locator) -> StagePlan:
         check_launch(os.environ)  # before any weight is read
         _check_lora_keys(config, locate)

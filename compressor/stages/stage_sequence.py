@@ -13,8 +13,9 @@ would refuse later, after spending the earlier stages' time:
 
 A stage that only smooths (SmoothQuant with ``activations: null``) replaces no layer.
 
-- a training stage (distill) whose `batch_size` is larger than the windows it draws batches from
-  (its `data`, else the recipe's calibration): each batch would silently hold every window.
+- a training stage (distill, lowrank lora) whose `batch_size` is larger than the windows it draws
+  batches from (its `data` / `dataset`, else the recipe's calibration): each batch would silently
+  hold every window.
 """
 
 from __future__ import annotations
@@ -57,11 +58,17 @@ def _compressed_as_loaded(model: nn.Module, names: set[str]) -> bool:
 
 
 def _check_batches_fit_the_data(recipe) -> None:
+    from compressor.registry import stage_registry
+
+    registry = stage_registry()
     for index, spec in enumerate(recipe.stages):
         config = spec.config
-        if not (hasattr(config, "batch_size") and hasattr(config, "data")):
+        # A stage that trains names the key of its own dataset block (distill `data`, lora `dataset`).
+        key = getattr(registry.get(spec.kind).implementation, "batch_data_key", lambda _config: None)(config)
+        if key is None:
             continue
-        data, where = (config.data, "data.samples") if config.data is not None else (recipe.calibration, "calibration.samples")
+        own = getattr(config, key)
+        data, where = (own, f"{key}.samples") if own is not None else (recipe.calibration, "calibration.samples")
         if config.batch_size > data.samples:
             raise RecipeError(
                 f"batch_size {config.batch_size} is larger than the {data.samples} windows it draws batches from"
