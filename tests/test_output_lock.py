@@ -133,3 +133,18 @@ def test_lock_file_left_by_a_killed_run_blocks_nothing(tiny_llama, tmp_path, cap
         code, err = run_cli([tiny_llama, "--recipe", tmp_path / "r.yaml", "-o", out, "-q", "--no-perplexity"], capsys)
         assert code == 0, err
         assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "r.yaml"]
+
+
+def test_push_preview_has_one_writer_too(tiny_llama, tmp_path, capsys):
+    # `compress push --dry-run` empties and refills OUT.push-preview: two at once would interleave.
+    (tmp_path / "r.yaml").write_text(RTN)
+    out = tmp_path / "out"
+    assert run_cli([tiny_llama, "--recipe", tmp_path / "r.yaml", "-o", out, "-q", "--no-perplexity"], capsys)[0] == 0
+    preview = tmp_path / "out.push-preview"
+    with another_writer(preview) as holder:
+        code, err = run_cli(["push", out, "org/name", "--dry-run"], capsys)
+        assert_one_line_refusal(code, err, str(preview), f"another compress run (pid {holder.pid}) is writing")
+        assert not preview.exists()
+    code, err = run_cli(["push", out, "org/name", "--dry-run"], capsys)
+    assert code == 0, err
+    assert (preview / "model.safetensors").is_file() and not lock_file(preview).exists()
