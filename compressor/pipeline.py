@@ -44,7 +44,7 @@ from compressor.sparse_format import pack_sparse_layers, write_sparsity_config
 from compressor.registry import stage_registry
 from compressor.stages.base import StageContext, StagePlan
 from compressor.stages.quant_sequence import check_quantize_sequence
-from compressor.stages.stage_sequence import check_stage_sequence
+from compressor.stages.stage_sequence import check_stage_sequence, describe_after_earlier_quantization
 
 
 @dataclass
@@ -172,6 +172,7 @@ def plan_recipe(model: nn.Module, recipe: Recipe) -> list[StagePlan]:
         by_index[i] = plans[-1]
     check_quantize_sequence(recipe, by_index)
     check_stage_sequence(recipe, by_index, model)
+    describe_after_earlier_quantization(recipe, by_index, model)
     return plans
 
 

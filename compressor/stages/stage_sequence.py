@@ -25,7 +25,7 @@ from typing import Any
 from torch import nn
 
 from compressor.errors import RecipeError
-from compressor.stages.base import StagePlan
+from compressor.stages.base import EarlierQuantization, StagePlan
 from compressor.stages.quant_schemes import smooths_only
 
 
@@ -106,3 +106,34 @@ def check_stage_sequence(recipe, plans: dict[int, StagePlan], model: nn.Module) 
         if _replaces_layers(spec.kind, spec.config):
             for name in selected:
                 replaced.setdefault(name, index)
+
+
+def quantized_before(recipe, plans: dict[int, StagePlan]) -> dict[int, dict[str, EarlierQuantization]]:
+    """For each stage (by index), the layers that earlier quantize stages replace, and how."""
+    from compressor.stages.quantize import resolve_method
+
+    earlier: dict[str, EarlierQuantization] = {}
+    found: dict[int, dict[str, EarlierQuantization]] = {}
+    for index, spec in enumerate(recipe.stages):
+        found[index] = dict(earlier)
+        plan = plans.get(index)
+        if plan is None or spec.kind != "quantize" or smooths_only(spec.config):
+            continue
+        layer_class = resolve_method(spec.config).layer_class
+        for name, scheme in plan.selected.items():
+            earlier.setdefault(name, EarlierQuantization(index + 1, scheme, layer_class))
+    return found
+
+
+def describe_after_earlier_quantization(recipe, plans: dict[int, StagePlan], model: nn.Module) -> None:
+    """A stage whose plan depends on what earlier quantize stages make of its layers (distill
+    trains scales or adapters on them, not their weights) rewrites its plan to say so: each plan
+    saw the model as loaded, where those layers are still Linear."""
+    from compressor.registry import stage_registry
+
+    registry = stage_registry()
+    for index, quantized in quantized_before(recipe, plans).items():
+        spec = recipe.stages[index]
+        describe = getattr(registry.get(spec.kind).implementation, "describe_after_quantization", None)
+        if describe is not None and quantized and index in plans:
+            describe(plans[index], spec.config, model, quantized)
