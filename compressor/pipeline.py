@@ -33,7 +33,8 @@ from compressor.guards import assert_finite, check_free_space, state_bytes
 from compressor.load_checks import check_weight_names
 from compressor.model_card import build_model_card
 from compressor.model_io import (
-    LoadedModel, load_config, load_model, load_tokenizer, prepare_source, skeleton_from_config, weights_bytes,
+    LoadedModel, load_config, load_model, load_tokenizer, prepare_source, skeleton_from_config, source_tokenizer,
+    weights_bytes,
 )
 from compressor.offload import is_dispatched, undispatch
 from compressor.output_lock import output_lock
@@ -140,19 +141,19 @@ def _located_data_error(err: DataError, recipe: Recipe, block: tuple[Any, ...] =
     return DataError(message, **recipe.where((*block, "dataset")))
 
 
-def check_dataset_contents(recipe: Recipe, tokenizer, only_local: bool = False) -> None:
+def check_dataset_contents(recipe: Recipe, tokenizer, dry_run: bool = False) -> None:
     """Read and window the dataset blocks the recipe reads (exists, UTF-8, records with the text
     field, enough tokens for samples × seq_len), so that a bad distill `data` or lora `dataset`
     fails before any weight is read, not after the stages before it. The windows land in the
-    calibration cache, where the stage finds them. `only_local`: skip Hub datasets and the
-    built-in corpus (a dry run reads no network and checks only the files the user gave)."""
+    calibration cache, where the stage finds them. `dry_run`: only the local files the user
+    gave (no Hub dataset, not the built-in corpus), and nothing written to the cache."""
     from compressor.calibration.batches import build_calibration
 
     for path, block in _dataset_blocks(recipe):
-        if only_local and not Path(block.dataset).expanduser().exists():
+        if dry_run and not Path(block.dataset).expanduser().exists():
             continue
         try:
-            build_calibration(block, tokenizer, cache_root() / "calibration")
+            build_calibration(block, tokenizer, None if dry_run else cache_root() / "calibration")
         except DataError as err:
             raise _located_data_error(err, recipe, path[:-1]) from None
 
@@ -515,9 +516,6 @@ def dry_run(model_reference: str, recipe: Recipe, options: RunOptions) -> list[S
 
 def check_local_dataset_contents(recipe: Recipe, model_reference: str, options: RunOptions) -> None:
     """`--dry-run`: the dataset files the recipe names, read and windowed with the model's
-    tokenizer (check_dataset_contents); the tokenizer is loaded only when there is a file."""
-    if not any(Path(block.dataset).expanduser().exists() for _, block in _dataset_blocks(recipe)):
-        return
-    _, path, _ = prepare_source(model_reference, allow_pickle=options.allow_pickle)
-    tokenizer = load_tokenizer(path, model_reference, options.trust_remote_code)
-    check_dataset_contents(recipe, tokenizer, only_local=True)
+    tokenizer (check_dataset_contents); the tokenizer is loaded only when there is such a file."""
+    if any(Path(block.dataset).expanduser().exists() for _, block in _dataset_blocks(recipe)):
+        check_dataset_contents(recipe, source_tokenizer(model_reference, options.trust_remote_code), dry_run=True)

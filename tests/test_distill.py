@@ -447,3 +447,20 @@ def test_bad_distill_data_file_is_refused_before_any_stage_runs(contents, key, f
     assert f"{recipe}:5 stages[1].distill.{key}:" in err and fragment in err, err
     assert "stage 1/2" not in captured.out, captured.out  # refused before the quantize stage ran
     assert {p.name for p in tmp_path.iterdir()} == before  # no OUT, no .out.work, no lock file
+
+
+def test_dry_run_reads_a_good_data_file_and_caches_nothing(tiny_llama, tmp_path, capsys):
+    from compressor.cache import cache_root
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"sentence {i} about weights and their scales"}) + "\n" for i in range(80)))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: t\ncalibration: {samples: 4, seq_len: 32}\nstages:\n"
+                      f"  - distill: {{steps: 2, batch_size: 2, data: {{dataset: {data}, samples: 4, seq_len: 32}}}}\n")
+    cached = cache_root() / "calibration"
+    before = sorted(cached.iterdir()) if cached.is_dir() else []
+    assert main([str(tiny_llama), "--recipe", str(recipe), "--dry-run", "-q"]) == 0, capsys.readouterr().err
+    assert (sorted(cached.iterdir()) if cached.is_dir() else []) == before  # a dry run writes no windows
+    recipe.write_text(recipe.read_text().replace("samples: 4, seq_len: 32}}", "samples: 400, seq_len: 32}}"))
+    assert main([str(tiny_llama), "--recipe", str(recipe), "--dry-run", "-q"]) == 2
+    assert "stages[0].distill.data.samples:" in capsys.readouterr().err
