@@ -78,7 +78,7 @@ def pack_documents(documents: Iterable[Document], tokenizer, spec: CalibrationSp
     if len(stream) < needed:
         raise DataError(
             f"'{spec.dataset}' gives {len(stream)} tokens but samples × seq_len = {spec.samples} × {spec.seq_len}"
-            f" = {needed}; lower calibration.samples or calibration.seq_len",
+            f" = {needed}; lower samples or seq_len",
             where="calibration.samples",
         )
     return torch.tensor(stream[:needed], dtype=torch.int64).reshape(spec.samples, spec.seq_len)

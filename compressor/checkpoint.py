@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from compressor.errors import UserError
+from compressor.output_lock import LOCK_SUFFIX
 
 
 def check_output_dir(out_dir: Path, overwrite: bool, inputs: Iterable[str | Path] = ()) -> None:
@@ -79,9 +80,11 @@ def claim(folder: Path) -> None:
 
 def is_staging_folder(folder: Path) -> bool:
     """A folder this module writes beside OUT (`.OUT.partial-*`, `.OUT.merged-*`, `.OUT.work`,
-    `.OUT.old-*`), or any folder still marked as a run's scratch: not a finished output."""
+    `.OUT.old-*`; `.OUT.lock` is the writer's lock file, compressor.output_lock), or any folder
+    still marked as a run's scratch: not a finished output."""
     name = folder.resolve().name
-    scratch_name = name.startswith(".") and (name.endswith(".work") or any(f".{kind}-" in name for kind in ("partial", "merged", "old")))
+    scratch_suffix = name.endswith((".work", LOCK_SUFFIX))
+    scratch_name = name.startswith(".") and (scratch_suffix or any(f".{kind}-" in name for kind in ("partial", "merged", "old")))
     return scratch_name or (folder / _OWNER_FILE).exists()
 
 

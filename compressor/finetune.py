@@ -22,6 +22,7 @@ import importlib.util
 import json
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -291,21 +292,32 @@ def _mean_loss(model, loader, accelerator) -> float:
 
 def run_finetune(options: FinetuneOptions, echo: Callable[[str], None] = print) -> FinetuneSummary:
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from peft import prepare_model_for_kbit_training
 
-    from compressor.checkpoint import atomic_output_dir, check_output_dir
-    from compressor.peft_quant import lora_config_for_quantized
-    from compressor.model_io import load_config, load_tokenizer, prepare_source
+    from compressor.checkpoint import check_output_dir
+    from compressor.output_lock import output_lock
 
     if options.qlora:
         check_bitsandbytes()
-    if options.epochs is None:  # with --epochs, once the examples are counted (still before any weight is read)
-        warmup_steps = resolved_warmup_steps(options)
+    # With --epochs, once the examples are counted (still before any weight is read).
+    warmup_steps = resolved_warmup_steps(options) if options.epochs is None else None
     target_names = parse_targets(options.targets)
     # Without CUDA, say so: accelerate then runs several launched processes as MULTI_CPU (gloo).
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     check_output_dir(options.output, options.overwrite, inputs=[options.model, options.dataset, options.eval_dataset or ""])  # every process: all of them must stop on bad input
+    # Only the main process writes OUT, so only it holds OUT's lock.
+    with output_lock(options.output) if accelerator.is_main_process else nullcontext():
+        return _finetune_holding_output(options, accelerator, target_names, warmup_steps, echo)
+
+
+def _finetune_holding_output(options: FinetuneOptions, accelerator, target_names: str | list[str], warmup_steps: int | None,
+                             echo: Callable[[str], None]) -> FinetuneSummary:
+    from accelerate.utils import set_seed
+    from peft import prepare_model_for_kbit_training
+
+    from compressor.checkpoint import atomic_output_dir
+    from compressor.peft_quant import lora_config_for_quantized
+    from compressor.model_io import load_config, load_tokenizer, prepare_source
+
     _source, path, _folder = prepare_source(options.model)
     load_config(path, options.model, False)  # refuses a config that is not a causal LM
     if options.qlora:
@@ -343,6 +355,7 @@ def run_finetune(options: FinetuneOptions, echo: Callable[[str], None] = print) 
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
 
+    assert warmup_steps is not None  # resolved above, from --epochs when given
     summary = FinetuneSummary(options.output, processes=accelerator.num_processes, warmup_steps=warmup_steps,
                               base_quantization=quantization_method(path))
     if eval_loader is not None:

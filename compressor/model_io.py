@@ -209,6 +209,21 @@ def load_tokenizer(path: str, reference: str, trust_remote_code: bool):
         raise ModelError(f"cannot load the tokenizer: {first_line(err)}", where=reference) from None
 
 
+def source_tokenizer(reference: str, trust_remote_code: bool):
+    """The tokenizer of a model reference with nothing converted or cached (a GGUF's from its own
+    vocabulary, as convert_gguf reads it): what a dry run may use."""
+    source = resolve_model(reference)
+    if source.kind != "gguf":
+        return load_tokenizer(source.load_path, reference, trust_remote_code)
+    from transformers import AutoTokenizer
+
+    assert source.gguf_file is not None
+    try:
+        return AutoTokenizer.from_pretrained(str(source.gguf_file.parent), gguf_file=source.gguf_file.name)
+    except GGUF_READ_ERRORS as err:
+        raise ModelError(f"cannot read the tokenizer of this GGUF file: {first_line(err)}", where=reference) from None
+
+
 @dataclass
 class LoadedModel:
     model: torch.nn.Module

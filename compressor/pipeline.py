@@ -14,9 +14,10 @@ import shutil
 import sys
 import time
 import tempfile
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import torch
 from torch import nn
@@ -32,9 +33,11 @@ from compressor.guards import assert_finite, check_free_space, state_bytes
 from compressor.load_checks import check_weight_names
 from compressor.model_card import build_model_card
 from compressor.model_io import (
-    LoadedModel, load_config, load_model, load_tokenizer, prepare_source, skeleton_from_config, weights_bytes,
+    LoadedModel, load_config, load_model, load_tokenizer, prepare_source, skeleton_from_config, source_tokenizer,
+    weights_bytes,
 )
 from compressor.offload import is_dispatched, undispatch
+from compressor.output_lock import output_lock
 from compressor.processes import launch_processes
 from compressor.recipe import CalibrationSpec, Recipe
 from compressor.resume import LoopState, StageCheckpoints, run_key
@@ -42,7 +45,7 @@ from compressor.sparse_format import pack_sparse_layers, write_sparsity_config
 from compressor.registry import stage_registry
 from compressor.stages.base import StageContext, StagePlan
 from compressor.stages.quant_sequence import check_quantize_sequence
-from compressor.stages.stage_sequence import check_stage_sequence
+from compressor.stages.stage_sequence import check_stage_sequence, describe_after_earlier_quantization
 
 
 @dataclass
@@ -128,13 +131,31 @@ def check_recipe_datasets(recipe: Recipe) -> None:
             raise RecipeError(f"{block.dataset}: {problem}", **recipe.where(path))
 
 
-def _located_data_error(err: DataError, recipe: Recipe) -> DataError:
-    """A calibration DataError with the recipe's file and line: the data file's own place (a bad
+def _located_data_error(err: DataError, recipe: Recipe, block: tuple[Any, ...] = ("calibration",)) -> DataError:
+    """A DataError from reading the dataset block at `block` (the recipe's calibration, a distill
+    `data`, a lora `dataset`) with the recipe's file and line: the data file's own place (a bad
     line) stays in the message; an error about the block itself points at its key."""
-    if err.where and err.where.startswith("calibration"):  # already a recipe key: calibration.samples
-        return DataError(err.message, **recipe.where(tuple(err.where.split("."))))
+    if err.where and err.where.startswith("calibration"):  # a key of the block: calibration.samples
+        return DataError(err.message, **recipe.where((*block, *err.where.split(".")[1:])))
     message = f"{err.where}: {err.message}" if err.where else err.message
-    return DataError(message, **recipe.where(("calibration", "dataset")))
+    return DataError(message, **recipe.where((*block, "dataset")))
+
+
+def check_dataset_contents(recipe: Recipe, tokenizer, dry_run: bool = False) -> None:
+    """Read and window the dataset blocks the recipe reads (exists, UTF-8, records with the text
+    field, enough tokens for samples × seq_len), so that a bad distill `data` or lora `dataset`
+    fails before any weight is read, not after the stages before it. The windows land in the
+    calibration cache, where the stage finds them. `dry_run`: only the local files the user
+    gave (no Hub dataset, not the built-in corpus), and nothing written to the cache."""
+    from compressor.calibration.batches import build_calibration
+
+    for path, block in _dataset_blocks(recipe):
+        if dry_run and not Path(block.dataset).expanduser().exists():
+            continue
+        try:
+            build_calibration(block, tokenizer, None if dry_run else cache_root() / "calibration")
+        except DataError as err:
+            raise _located_data_error(err, recipe, path[:-1]) from None
 
 
 def plan_recipe(model: nn.Module, recipe: Recipe) -> list[StagePlan]:
@@ -152,6 +173,7 @@ def plan_recipe(model: nn.Module, recipe: Recipe) -> list[StagePlan]:
         by_index[i] = plans[-1]
     check_quantize_sequence(recipe, by_index)
     check_stage_sequence(recipe, by_index, model)
+    describe_after_earlier_quantization(recipe, by_index, model)
     return plans
 
 
@@ -196,7 +218,28 @@ def _plan_evaluation(recipe: Recipe, options: RunOptions, echo: Callable[[str], 
     return RecipeEvaluation.plan(spec.tasks, spec.limit, recipe.name, options.batch_size, echo, spec.num_fewshot)
 
 
+def hold_output(options: RunOptions) -> ContextManager[None]:
+    """The lock on OUT for this run (compressor.output_lock); under a launch of several
+    processes only the main one writes OUT, so only it holds the lock."""
+    assert options.out_dir is not None
+    processes = launch_processes(default_device(options.device))
+    return output_lock(options.out_dir) if processes.is_main else nullcontext()
+
+
 def run_recipe(
+    model_reference: str,
+    recipe: Recipe,
+    options: RunOptions,
+    echo: Callable[[str], None] = print,
+) -> RunSummary:
+    """Compress `model_reference` with `recipe` into `options.out_dir`, holding OUT's lock."""
+    assert options.out_dir is not None
+    check_output_dir(options.out_dir, options.overwrite, inputs=[model_reference])
+    with hold_output(options):
+        return run_recipe_holding_output(model_reference, recipe, options, echo)
+
+
+def run_recipe_holding_output(
     model_reference: str,
     recipe: Recipe,
     options: RunOptions,
@@ -204,7 +247,8 @@ def run_recipe(
     extra_metadata: dict[str, Any] | None = None,
     prior_stages: list[dict[str, Any]] | None = None,
 ) -> RunSummary:
-    """Compress `model_reference` with `recipe` into `options.out_dir`.
+    """`run_recipe` for a caller that has checked OUT (check_output_dir) and holds its lock
+    (`hold_output`).
 
     `prior_stages`: entries for stages that ran before the model was loaded (the merge that made
     it), logged ahead of this run's stages in compression.json.
@@ -213,7 +257,6 @@ def run_recipe(
     from compressor.evaluation.perplexity import evaluation_windows, limited_count, perplexity_on
 
     assert options.out_dir is not None
-    check_output_dir(options.out_dir, options.overwrite, inputs=[model_reference])
     hub_token = _hub_token_for(recipe)
     device = default_device(options.device)
     registry = stage_registry()
@@ -246,6 +289,7 @@ def run_recipe(
 
     if any(registry.get(s.kind).implementation.needs_calibration(s.config) for s in recipe.stages):
         calibration_tokens()
+    check_dataset_contents(recipe, tokenizer)  # the stages' own data blocks too (built once, cached)
 
     # Kept alive for the whole run: accelerate may spill weights it cannot memory-map there.
     offload_scratch = tempfile.TemporaryDirectory(prefix="compressor-offload-") if options.max_memory else None
@@ -465,4 +509,13 @@ def dry_run(model_reference: str, recipe: Recipe, options: RunOptions) -> list[S
     check_recipe_datasets(recipe)
     model = skeleton_model(model_reference, allow_pickle=options.allow_pickle, trust_remote_code=options.trust_remote_code)
     check_recipe_fits_model(recipe, model.config)
-    return plan_recipe(model, recipe)
+    plans = plan_recipe(model, recipe)
+    check_local_dataset_contents(recipe, model_reference, options)
+    return plans
+
+
+def check_local_dataset_contents(recipe: Recipe, model_reference: str, options: RunOptions) -> None:
+    """`--dry-run`: the dataset files the recipe names, read and windowed with the model's
+    tokenizer (check_dataset_contents); the tokenizer is loaded only when there is such a file."""
+    if any(Path(block.dataset).expanduser().exists() for _, block in _dataset_blocks(recipe)):
+        check_dataset_contents(recipe, source_tokenizer(model_reference, options.trust_remote_code), dry_run=True)

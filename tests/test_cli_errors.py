@@ -129,7 +129,7 @@ def test_calibration_too_small(tiny_llama, tmp_path, capsys):
     data.write_text("just a few words")
     bad = recipe(tmp_path, GOOD.replace("samples: 4", f"dataset: {data}, samples: 4"))
     code, err = run([tiny_llama, "--recipe", bad, "-o", tmp_path / "o", "--no-perplexity"], capsys)
-    assert_refused(code, err, "lower calibration.samples", out=tmp_path / "o")
+    assert_refused(code, err, "calibration.samples:", "lower samples or seq_len", out=tmp_path / "o")
 
 
 def test_targets_matching_nothing(tiny_llama, tmp_path, capsys):

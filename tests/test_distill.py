@@ -370,5 +370,97 @@ def test_dry_run_says_a_quantized_layer_trains_its_scales(tiny_llama, tmp_path, 
     assert main([str(tiny_llama), "--recipe", str(recipe), "--dry-run"]) == 0
     distill = capsys.readouterr().out.split("distill (mse_hidden)")[1]
     q_proj = next(line for line in distill.splitlines() if "self_attn.q_proj" in line)
-    assert q_proj.rstrip().endswith("weight, or its scales if an earlier stage quantizes it"), q_proj
+    assert q_proj.rstrip().endswith("scales of the int4 sym group 32 layer that stage 1 makes (its integer codes stay frozen)"), q_proj
     assert any(line.rstrip().endswith("x1    norm weight") for line in distill.splitlines()), distill
+
+
+TWO_QUANTIZE_THEN_DISTILL = """name: q-fp8-distill
+calibration: {samples: 8, seq_len: 32}
+stages:
+  - quantize: {method: rtn, weights: {bits: 4, group_size: 32, symmetric: false}, targets: ["re:.*mlp.*"]}
+  - quantize: {method: fp8, targets: ["re:.*self_attn.*"]}
+  - distill: {loss: {kind: kl}, steps: 2, lr: 1.0e-4, batch_size: 2, train: TRAIN}
+"""
+
+MLP_LINE = "model.layers.*.mlp.up_proj"
+_INT4 = "int4 asym group 32"
+_FP8 = "stage 2 makes it a W8A8Linear (fp8-e4m3 per-channel (rtn), a8 fp8 dynamic per-token)"
+
+
+@pytest.mark.parametrize(
+    "train, targeted, skipped, mlp, attention_skipped",
+    [
+        ("auto", 11, 8, f"scales, zero points of the {_INT4} layer that stage 1 makes (its integer codes stay frozen)",
+         f"frozen: {_FP8}, which has no scales to train"),
+        ("scales", 6, 8, f"scales, zero points of the {_INT4} layer that stage 1 makes (its integer codes stay frozen)",
+         f"frozen: {_FP8}, which has no scales to train"),
+        ("unquantized", 5, 14, None, "frozen: stage 2 quantizes it (fp8-e4m3 per-channel (rtn), a8 fp8 dynamic per-token),"
+         " and `train: unquantized` trains no quantized layer"),
+        ("lora", 6, 8, f"LoRA rank 32 on the QuantLinear that stage 1 makes ({_INT4}; its weights stay frozen)",
+         f"{_FP8}, which LoRA does not wrap"),
+    ],
+)
+def test_dry_run_says_what_distill_trains_after_quantize(train, targeted, skipped, mlp, attention_skipped, tiny_llama, tmp_path, capsys):
+    """The plan sees the model as loaded (every layer a Linear); the dry run names what the
+    stage will train on each layer the earlier quantize stages replace, as the run decides it."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(TWO_QUANTIZE_THEN_DISTILL.replace("TRAIN", train))
+    assert main([str(tiny_llama), "--recipe", str(recipe), "--dry-run"]) == 0
+    distill = capsys.readouterr().out.split("stage 3: distill (kl): ")[1]
+    assert distill.startswith(f"{targeted} modules targeted, {skipped} skipped"), distill
+    lines = distill.splitlines()
+    if mlp is None:
+        assert not any(MLP_LINE in line for line in lines) and "skipped model.layers.0.mlp.up_proj: frozen: stage 1 quantizes it" in distill
+    else:
+        assert next(line for line in lines if MLP_LINE in line).rstrip().endswith(mlp), distill
+    assert f"  skipped model.layers.1.self_attn.o_proj: {attention_skipped}" in lines, distill
+    if train == "auto":  # the run, which plans on the quantized model, trains the same modules
+        code = main([str(tiny_llama), "--recipe", str(recipe), "-o", str(tmp_path / "out"), "-q", "--no-perplexity"])
+        assert code == 0 and f"stage 3/3: distill (kl) on {targeted} modules" in capsys.readouterr().out
+
+
+BAD_DATA_FILES = [
+    # (file contents, key the refusal names, what it says)
+    (b'{"text": "a first line about pruning"}\n{not json\n', "data.dataset", "d.jsonl:2: not valid JSON"),
+    (b'{"text": "caf\xe9"}\n', "data.dataset", "not UTF-8 text (byte 13)"),
+    (b'{"question": "a", "label": 1}\n', "data.dataset", "no text column found"),
+    (b'{"text": "just a few words"}\n', "data.samples", "lower samples or seq_len"),
+]
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "run"])
+@pytest.mark.parametrize("contents, key, fragment", BAD_DATA_FILES, ids=["json", "utf8", "column", "windows"])
+def test_bad_distill_data_file_is_refused_before_any_stage_runs(contents, key, fragment, dry_run, tiny_llama, tmp_path, capsys):
+    """A distill `data` file used to be read only when its stage ran, after the stages before it."""
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(contents)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: t\ncalibration: {samples: 4, seq_len: 32}\nstages:\n"
+                      "  - quantize: {method: rtn, weights: {bits: 4, group_size: 32}}\n"
+                      f"  - distill: {{steps: 2, batch_size: 2, data: {{dataset: {data}, samples: 4, seq_len: 32}}}}\n")
+    out = tmp_path / "out"
+    before = {p.name for p in tmp_path.iterdir()}
+    code = main([str(tiny_llama), "--recipe", str(recipe), "-o", str(out), "-q", "--no-perplexity", *(["--dry-run"] if dry_run else [])])
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"{recipe}:5 stages[1].distill.{key}:" in err and fragment in err, err
+    assert "stage 1/2" not in captured.out, captured.out  # refused before the quantize stage ran
+    assert {p.name for p in tmp_path.iterdir()} == before  # no OUT, no .out.work, no lock file
+
+
+def test_dry_run_reads_a_good_data_file_and_caches_nothing(tiny_llama, tmp_path, capsys):
+    from compressor.cache import cache_root
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"sentence {i} about weights and their scales"}) + "\n" for i in range(80)))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: t\ncalibration: {samples: 4, seq_len: 32}\nstages:\n"
+                      f"  - distill: {{steps: 2, batch_size: 2, data: {{dataset: {data}, samples: 4, seq_len: 32}}}}\n")
+    cached = cache_root() / "calibration"
+    before = sorted(cached.iterdir()) if cached.is_dir() else []
+    assert main([str(tiny_llama), "--recipe", str(recipe), "--dry-run", "-q"]) == 0, capsys.readouterr().err
+    assert (sorted(cached.iterdir()) if cached.is_dir() else []) == before  # a dry run writes no windows
+    recipe.write_text(recipe.read_text().replace("samples: 4, seq_len: 32}}", "samples: 400, seq_len: 32}}"))
+    assert main([str(tiny_llama), "--recipe", str(recipe), "--dry-run", "-q"]) == 2
+    assert "stages[0].distill.data.samples:" in capsys.readouterr().err

@@ -284,6 +284,11 @@ def test_lora_stage_defaults_follow_qlora(tiny_llama):
         ("lowrank: {method: lora, max_grad_norm: -1}", "stages[1].lowrank.max_grad_norm", "greater than or equal to 0"),
         ("lowrank: {method: lora, warmup_steps: -1}", "stages[1].lowrank.warmup_steps", "greater than or equal to 0"),
         ("lowrank: {method: eora, rank: 8, max_grad_norm: 1}", "stages[1].lowrank.max_grad_norm", "'max_grad_norm' does not apply to method eora"),
+        # Batches larger than the windows silently held every window (checked for distill only).
+        ("lowrank: {method: lora, batch_size: 3, dataset: {samples: 2, seq_len: 32}}", "stages[1].lowrank.batch_size",
+         "batch_size 3 is larger than the 2 windows it draws batches from (dataset.samples)"),
+        ("lowrank: {method: lora, batch_size: 9}", "stages[1].lowrank.batch_size",
+         "batch_size 9 is larger than the 8 windows it draws batches from (calibration.samples)"),
     ],
 )
 def test_bad_lowrank_recipes_fail_at_dry_run(stage, key, fragment, tiny_llama, tmp_path, capsys):
@@ -318,3 +323,14 @@ def test_default_rank_is_checked_too(tiny_llama):
     model = skeleton_model(str(tiny_llama), allow_pickle=False, trust_remote_code=False)
     _, plan = plan_recipe(model, recipe)
     assert all(detail.startswith("rank 32") for detail in plan.selected.values()) and len(plan.selected) == 2
+
+
+def test_bad_lora_dataset_file_is_refused_at_dry_run(tiny_llama, tmp_path, capsys):
+    # The lora stage's own `dataset` was read only when the stage ran, after the stages before it.
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "one line"}\n{"text": 3}\n')
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(_recipe("quantize: {method: rtn}", f"lowrank: {{method: lora, steps: 2, dataset: {{dataset: {data}, samples: 4, seq_len: 32}}}}"))
+    assert main([str(tiny_llama), "--recipe", str(recipe), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {recipe}:5 stages[1].lowrank.dataset.dataset: {data}: record 1: column 'text' is neither text nor a list of messages"

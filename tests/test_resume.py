@@ -66,24 +66,44 @@ def workdir(out: Path) -> Path:
     return out.parent / f".{out.name}.work"
 
 
+def write_recipe(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
+    recipe = tmp_path / name
+    recipe.write_text(text)
+    return recipe
+
+
+def resumed(model: Path, recipe: Path, out: Path, capsys) -> str:
+    """What `compress ... --resume` printed (earlier output dropped); asserts that it succeeded."""
+    capsys.readouterr()
+    assert compress(model, recipe, out, "--resume") == 0
+    return capsys.readouterr().out
+
+
 @pytest.fixture
-def interrupt_after_checkpoint(monkeypatch):
-    """Stop the run like Ctrl-C right after the checkpoint of stage `at` (1-based) was written
-    (`at=0`: let the run finish)."""
-    original, target = StageCheckpoints.save, {"at": 0}
+def interrupted_run(monkeypatch):
+    """`interrupted_run(model, recipe, out, *flags)`: run `compress`, stopped like Ctrl-C right
+    after stage 1's checkpoint was written, and assert exit 130. Runs after it are not interrupted."""
+    original, armed = StageCheckpoints.save, {"now": False}
 
     def save_then_interrupt(self, index, *args, **kwargs):
         original(self, index, *args, **kwargs)
-        if index + 1 == target["at"]:
+        if index == 0 and armed["now"]:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(StageCheckpoints, "save", save_then_interrupt)
-    return lambda at: target.update(at=at)
+
+    def run(model: Path, recipe: Path, out: Path, *flags: str) -> None:
+        armed["now"] = True
+        try:
+            assert compress(model, recipe, out, *flags) == 130
+        finally:
+            armed["now"] = False
+
+    return run
 
 
 def test_killed_run_resumes_byte_identical(tiny_llama, tmp_path, capsys):
-    recipe = tmp_path / "three.yaml"
-    recipe.write_text(THREE_STAGES)
+    recipe = write_recipe(tmp_path, THREE_STAGES)
     reference = []
     for name in ("a", "b"):  # determinism: two uninterrupted runs agree
         assert compress(tiny_llama, recipe, tmp_path / name) == 0
@@ -106,8 +126,7 @@ def test_killed_run_resumes_byte_identical(tiny_llama, tmp_path, capsys):
     kept = sorted(p.name for p in workdir(out).iterdir() if p.name.startswith("stage-"))
     assert "stage-2" in kept and "stage-1" not in kept, kept  # only the newest checkpoint is kept
 
-    assert compress(tiny_llama, recipe, out, "--resume") == 0
-    printed = capsys.readouterr().out
+    printed = resumed(tiny_llama, recipe, out, capsys)
     assert "resume: stages 1-2 of 3 restored" in printed
     assert "stage 1/3: quantize skipped" in printed and "stage 2/3: quantize skipped" in printed
     assert "stage 1/3: quantize (gptq)" not in printed and "stage 3/3: distill (kl)" in printed
@@ -115,19 +134,14 @@ def test_killed_run_resumes_byte_identical(tiny_llama, tmp_path, capsys):
     assert not workdir(out).exists()
 
 
-def test_prune_attributes_survive_resume(tiny_llama, tmp_path, capsys, interrupt_after_checkpoint):
-    recipe = tmp_path / "prune.yaml"
-    recipe.write_text(PRUNE_THEN_QUANTIZE)
+def test_prune_attributes_survive_resume(tiny_llama, tmp_path, capsys, interrupted_run):
+    recipe = write_recipe(tmp_path, PRUNE_THEN_QUANTIZE)
     assert compress(tiny_llama, recipe, tmp_path / "ref") == 0
-    interrupt_after_checkpoint(1)
     out = tmp_path / "out"
-    assert compress(tiny_llama, recipe, out) == 130
-    interrupt_after_checkpoint(0)
+    interrupted_run(tiny_llama, recipe, out)
     attributes = (workdir(out) / "stage-1" / "run-state" / "attributes.json").read_text()
     assert "sparsity_structure" in attributes  # dense pruned layers keep what the final save packs by
-    capsys.readouterr()
-    assert compress(tiny_llama, recipe, out, "--resume") == 0
-    assert "resume: stages 1-1 of 2 restored" in capsys.readouterr().out
+    assert "resume: stages 1-1 of 2 restored" in resumed(tiny_llama, recipe, out, capsys)
     assert digests(out) == digests(tmp_path / "ref")
     assert any("weight_bitmask" in name for name in _tensor_names(out))
 
@@ -139,35 +153,25 @@ def _tensor_names(out: Path) -> list[str]:
         return list(handle.keys())
 
 
-def test_changed_recipe_starts_over(tiny_llama, tmp_path, capsys, interrupt_after_checkpoint):
-    recipe = tmp_path / "rtn.yaml"
-    recipe.write_text(TWO_RTN.replace("BITS", "8"))
-    interrupt_after_checkpoint(1)
+def test_changed_recipe_starts_over(tiny_llama, tmp_path, capsys, interrupted_run):
+    recipe = write_recipe(tmp_path, TWO_RTN.replace("BITS", "8"))
     out = tmp_path / "out"
-    assert compress(tiny_llama, recipe, out) == 130
-    interrupt_after_checkpoint(0)
+    interrupted_run(tiny_llama, recipe, out)
     assert (workdir(out) / "stage-1" / "done.json").is_file()
     recipe.write_text(TWO_RTN.replace("BITS", "4"))
-    capsys.readouterr()
-    assert compress(tiny_llama, recipe, out, "--resume") == 0
-    printed = capsys.readouterr().out
+    printed = resumed(tiny_llama, recipe, out, capsys)
     assert "made by a different recipe, model or calibration data; starting over" in printed
     assert "stage 1/2: quantize (rtn)" in printed and "skipped" not in printed
     assert compress(tiny_llama, recipe, tmp_path / "ref") == 0
     assert digests(out) == digests(tmp_path / "ref")
 
 
-def test_without_checkpoints_resume_reruns_everything(tiny_llama, tmp_path, capsys, interrupt_after_checkpoint):
-    recipe = tmp_path / "rtn.yaml"
-    recipe.write_text(TWO_RTN.replace("BITS", "8"))
-    interrupt_after_checkpoint(1)
+def test_without_checkpoints_resume_reruns_everything(tiny_llama, tmp_path, capsys, interrupted_run):
+    recipe = write_recipe(tmp_path, TWO_RTN.replace("BITS", "8"))
     out = tmp_path / "out"
-    assert compress(tiny_llama, recipe, out, "--no-stage-checkpoints") == 130
-    interrupt_after_checkpoint(0)
+    interrupted_run(tiny_llama, recipe, out, "--no-stage-checkpoints")
     assert not workdir(out).exists()
-    capsys.readouterr()
-    assert compress(tiny_llama, recipe, out, "--resume") == 0
-    printed = capsys.readouterr().out
+    printed = resumed(tiny_llama, recipe, out, capsys)
     assert "no completed stage to continue from; running every stage" in printed
     assert "stage 1/2: quantize (rtn)" in printed
 
@@ -176,35 +180,26 @@ def _no_builders() -> Registry:
     return Registry("compressed-tensors format").freeze()
 
 
-def test_format_without_builder_is_never_checkpointed(tiny_llama, tmp_path, capsys, monkeypatch, interrupt_after_checkpoint):
-    recipe = tmp_path / "rtn.yaml"
-    recipe.write_text(TWO_RTN.replace("BITS", "8"))
+def test_format_without_builder_is_never_checkpointed(tiny_llama, tmp_path, capsys, monkeypatch, interrupted_run):
+    recipe = write_recipe(tmp_path, TWO_RTN.replace("BITS", "8"))
     assert compress(tiny_llama, recipe, tmp_path / "ref") == 0
     monkeypatch.setattr("compressor.runtime.format_builders", _no_builders)
-    interrupt_after_checkpoint(1)
     out = tmp_path / "out"
     capsys.readouterr()
-    assert compress(tiny_llama, recipe, out) == 130
-    interrupt_after_checkpoint(0)
+    interrupted_run(tiny_llama, recipe, out)
     notice = capsys.readouterr().out
     assert "checkpoint: no stage checkpoint after stage 1 (cannot be reloaded" in notice and "pack-quantized" in notice
     assert not list(workdir(out).glob("stage-1*"))
-    assert compress(tiny_llama, recipe, out, "--resume") == 0
-    assert "running every stage" in capsys.readouterr().out
+    assert "running every stage" in resumed(tiny_llama, recipe, out, capsys)
     assert digests(out) == digests(tmp_path / "ref")
 
 
-def test_builder_gone_at_resume_reruns_from_start(tiny_llama, tmp_path, capsys, monkeypatch, interrupt_after_checkpoint):
-    recipe = tmp_path / "rtn.yaml"
-    recipe.write_text(TWO_RTN.replace("BITS", "8"))
-    interrupt_after_checkpoint(1)
+def test_builder_gone_at_resume_reruns_from_start(tiny_llama, tmp_path, capsys, monkeypatch, interrupted_run):
+    recipe = write_recipe(tmp_path, TWO_RTN.replace("BITS", "8"))
     out = tmp_path / "out"
-    assert compress(tiny_llama, recipe, out) == 130
-    interrupt_after_checkpoint(0)  # no interruption this time, and no builder for the saved format
-    monkeypatch.setattr("compressor.runtime.format_builders", _no_builders)
-    capsys.readouterr()
-    assert compress(tiny_llama, recipe, out, "--resume") == 0
-    printed = capsys.readouterr().out
+    interrupted_run(tiny_llama, recipe, out)
+    monkeypatch.setattr("compressor.runtime.format_builders", _no_builders)  # no builder for the saved format
+    printed = resumed(tiny_llama, recipe, out, capsys)
     assert "resume: stage-1 cannot be reloaded" in printed and "running every stage" in printed
     assert "stage 1/2: quantize (rtn)" in printed
 
@@ -262,8 +257,7 @@ def test_interrupted_inside_distill_resumes_stage_and_training(tiny_llama, tmp_p
     model, then the training continues from step 2; the result equals an uninterrupted run."""
     import compressor.training.distill_loop as loop_module
 
-    recipe = tmp_path / "d.yaml"
-    recipe.write_text(QUANTIZE_THEN_DISTILL)
+    recipe = write_recipe(tmp_path, QUANTIZE_THEN_DISTILL)
     assert compress(tiny_llama, recipe, tmp_path / "ref") == 0
     original = loop_module.save_training_checkpoint
 
@@ -276,23 +270,20 @@ def test_interrupted_inside_distill_resumes_stage_and_training(tiny_llama, tmp_p
     assert compress(tiny_llama, recipe, out) == 130
     assert {"stage-2", "stage-3-distill"} <= {p.name for p in workdir(out).iterdir()}
     monkeypatch.setattr(loop_module, "save_training_checkpoint", original)
-    capsys.readouterr()
-    assert compress(tiny_llama, recipe, out, "--resume") == 0
-    assert "resume: stages 1-2 of 3 restored" in capsys.readouterr().out
+    assert "resume: stages 1-2 of 3 restored" in resumed(tiny_llama, recipe, out, capsys)
     record = json.loads((out / "compression.json").read_text())["training"]["stage-3-distill"]
     assert record["resumed_from"] == 2 and record["steps"] == 4
     log = json.loads((out / "stage-3-distill.json").read_text())  # the training log records the resume
     assert log["resumed_from_step"] == 2 and log["curve"] == json.loads((tmp_path / "ref" / "stage-3-distill.json").read_text())["curve"]
-    resumed, reference = digests(out), digests(tmp_path / "ref")
-    del resumed["stage-3-distill.json"], reference["stage-3-distill.json"]
-    assert resumed == reference and "model.safetensors" in resumed
+    after_resume, reference = digests(out), digests(tmp_path / "ref")
+    del after_resume["stage-3-distill.json"], reference["stage-3-distill.json"]
+    assert after_resume == reference and "model.safetensors" in after_resume
 
 
 def test_interrupt_while_saving_a_stage_checkpoint_leaves_no_partial_folder(tiny_llama, tmp_path, capsys, monkeypatch):
     import compressor.resume as resume
 
-    recipe = tmp_path / "rtn.yaml"
-    recipe.write_text(TWO_RTN.replace("BITS", "8"))
+    recipe = write_recipe(tmp_path, TWO_RTN.replace("BITS", "8"))
 
     def interrupted_save(model, folder):
         (folder / "model.safetensors").write_bytes(b"half")  # the save had begun
@@ -306,13 +297,11 @@ def test_interrupt_while_saving_a_stage_checkpoint_leaves_no_partial_folder(tiny
     assert capsys.readouterr().err.strip() == "interrupted: the output was not written"  # nothing kept: no note
 
 
-def test_interrupt_after_a_checkpoint_says_what_is_kept(tiny_llama, tmp_path, capsys, interrupt_after_checkpoint):
-    recipe = tmp_path / "rtn.yaml"
-    recipe.write_text(TWO_RTN.replace("BITS", "8"))
-    interrupt_after_checkpoint(1)
+def test_interrupt_after_a_checkpoint_says_what_is_kept(tiny_llama, tmp_path, capsys, interrupted_run):
+    recipe = write_recipe(tmp_path, TWO_RTN.replace("BITS", "8"))
     out = tmp_path / "out"
     capsys.readouterr()
-    assert compress(tiny_llama, recipe, out) == 130
+    interrupted_run(tiny_llama, recipe, out)
     note, last = capsys.readouterr().err.strip().splitlines()
     assert note == f"{workdir(out).resolve()}: stages 1-1 are kept there; repeat the command with --resume to continue from stage 2"
     assert last == "interrupted: the output was not written"
@@ -326,39 +315,29 @@ stages:
 """
 
 
-def test_pruned_moe_experts_resume_byte_identical(tiny_qwen2_moe, tmp_path, capsys, interrupt_after_checkpoint):
+def test_pruned_moe_experts_resume_byte_identical(tiny_qwen2_moe, tmp_path, capsys, interrupted_run):
     # The prune stage splits the fused experts into Linears; a dense checkpoint of them loads fused,
     # so the checkpoint is split again on reload (before: "module tree differs", no checkpoint).
-    recipe = tmp_path / "moe.yaml"
-    recipe.write_text(MOE_PRUNE_THEN_QUANTIZE)
+    recipe = write_recipe(tmp_path, MOE_PRUNE_THEN_QUANTIZE)
     assert compress(tiny_qwen2_moe, recipe, tmp_path / "ref") == 0
-    interrupt_after_checkpoint(1)
     out = tmp_path / "out"
-    assert compress(tiny_qwen2_moe, recipe, out) == 130
-    interrupt_after_checkpoint(0)
+    interrupted_run(tiny_qwen2_moe, recipe, out)
     assert (workdir(out) / "stage-1" / "done.json").is_file(), capsys.readouterr().out
-    capsys.readouterr()
-    assert compress(tiny_qwen2_moe, recipe, out, "--resume") == 0
-    assert "resume: stages 1-1 of 2 restored" in capsys.readouterr().out
+    assert "resume: stages 1-1 of 2 restored" in resumed(tiny_qwen2_moe, recipe, out, capsys)
     assert digests(out) == digests(tmp_path / "ref")
 
 
-def test_edited_calibration_file_starts_over(tiny_llama, tmp_path, capsys, interrupt_after_checkpoint):
+def test_edited_calibration_file_starts_over(tiny_llama, tmp_path, capsys, interrupted_run):
     # The recipe names the file, not its contents: stage 1 calibrated on the old text must not be
     # combined with stage 2 on the new one.
     data = tmp_path / "calib.jsonl"
     data.write_text("".join(json.dumps({"text": f"old text number {i} about pruning"}) + "\n" for i in range(60)))
-    recipe = tmp_path / "wanda.yaml"
-    recipe.write_text(f"name: t\ncalibration: {{dataset: {data}, samples: 4, seq_len: 32}}\nstages:\n"
-                      "  - prune: {method: wanda, sparsity: 0.5, targets: ['re:.*mlp.*']}\n"
-                      "  - prune: {method: wanda, sparsity: 0.5, targets: ['re:.*self_attn.*']}\n")
-    interrupt_after_checkpoint(1)
+    recipe = write_recipe(tmp_path, f"name: t\ncalibration: {{dataset: {data}, samples: 4, seq_len: 32}}\nstages:\n"
+                                    "  - prune: {method: wanda, sparsity: 0.5, targets: ['re:.*mlp.*']}\n"
+                                    "  - prune: {method: wanda, sparsity: 0.5, targets: ['re:.*self_attn.*']}\n")
     out = tmp_path / "out"
-    assert compress(tiny_llama, recipe, out) == 130
-    interrupt_after_checkpoint(0)
+    interrupted_run(tiny_llama, recipe, out)
     data.write_text("".join(json.dumps({"text": f"new words, {i} other tokens entirely!"}) + "\n" for i in range(80)))
-    capsys.readouterr()
-    assert compress(tiny_llama, recipe, out, "--resume") == 0
-    assert "calibration data; starting over" in capsys.readouterr().out
+    assert "calibration data; starting over" in resumed(tiny_llama, recipe, out, capsys)
     assert compress(tiny_llama, recipe, tmp_path / "ref") == 0
     assert digests(out) == digests(tmp_path / "ref")

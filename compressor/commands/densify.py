@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from compressor.checkpoint import check_output_dir
+from compressor.output_lock import output_lock
 
 
 def run(argv: list[str]) -> int:
@@ -18,6 +19,7 @@ def run(argv: list[str]) -> int:
     from compressor.sparse_format import densify_folder
 
     check_output_dir(args.destination, args.overwrite, inputs=[args.source])
-    layers = densify_folder(args.source, args.destination)
+    with output_lock(args.destination):
+        layers = densify_folder(args.source, args.destination)
     print(f"densified {len(layers)} layers: {args.destination}")
     return 0

@@ -89,7 +89,17 @@ def run(argv: list[str]) -> int:
     if base not in names:
         raise UserError(f"no model named '{base}' (models: {', '.join(names)})", where="--base")
 
-    from compressor.checkpoint import atomic_output_dir, check_output_dir
+    from compressor.checkpoint import check_output_dir
+    from compressor.output_lock import output_lock
+
+    check_output_dir(args.output, args.overwrite)
+    with output_lock(args.output):
+        return _evaluate(args, pairs, base)
+
+
+def _evaluate(args: argparse.Namespace, pairs: list[tuple[str, str]], base: str) -> int:
+    """`compress eval` once OUT is held: resolve the tasks and models, evaluate, write the report."""
+    from compressor.checkpoint import atomic_output_dir
     from compressor.evaluation.catalog import TaskCatalog
     import huggingface_hub.constants
 
@@ -97,7 +107,6 @@ def run(argv: list[str]) -> int:
     from compressor.evaluation.runner import EvalSettings, EvalTarget, backend
     from compressor.model_io import resolve_model
 
-    check_output_dir(args.output, args.overwrite)
     backend(args.backend).check()
     catalog = TaskCatalog(tuple(args.include_path))
     tasks = catalog.resolve(parse_task_list(args.tasks))

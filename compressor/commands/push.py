@@ -17,6 +17,7 @@ from pathlib import Path
 from compressor.commands.args import Parser
 from compressor.errors import UserError
 from compressor.hub_ids import revision_problem
+from compressor.output_lock import output_lock
 
 
 def branch_name(text: str) -> str:
@@ -76,8 +77,9 @@ def run(argv: list[str]) -> int:
 
     if args.dry_run:
         preview = args.preview or default_preview_dir(args.out)
-        _prepare_preview_dir(preview, is_default=args.preview is None)
-        hub.write_preview(plan, preview)
+        with output_lock(preview):  # two dry runs would empty and fill one preview folder at once
+            _prepare_preview_dir(preview, is_default=args.preview is None)
+            hub.write_preview(plan, preview)
         for entry in plan.files:
             print(f"{entry.size:>14,}  {entry.path_in_repo}")
         print(f"{plan.total_bytes:>14,}  total, {len(plan.files)} files")

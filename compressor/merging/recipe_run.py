@@ -86,7 +86,7 @@ def _input_paths(plan: MergePlan) -> list[Path | str]:
 
 def dry_run_merge_recipe(recipe: Recipe, options) -> list[StagePlan]:
     """Validate the merge (headers only) and the later stages against the merged structure."""
-    from compressor.pipeline import check_recipe_fits_model, plan_recipe, skeleton_model
+    from compressor.pipeline import check_local_dataset_contents, check_recipe_fits_model, plan_recipe, skeleton_model
 
     if options.out_dir is not None:
         check_output_dir(options.out_dir, options.overwrite)
@@ -99,6 +99,7 @@ def dry_run_merge_recipe(recipe: Recipe, options) -> list[StagePlan]:
         model = skeleton_model(str(base_folder), allow_pickle=options.allow_pickle, trust_remote_code=options.trust_remote_code)
         check_recipe_fits_model(recipe, model.config)
         plans += [p for p in plan_recipe(model, recipe) if p.kind != "merge"]
+        check_local_dataset_contents(recipe, str(base_folder), options)
     return plans
 
 
@@ -110,11 +111,19 @@ def _merge_metadata(plan: MergePlan, seconds: float, stats) -> dict[str, Any]:
 
 
 def run_merge_recipe(recipe: Recipe, options, echo: Callable[[str], None] = print):
-    """Merge, then run the remaining stages (if any) on the merged model; write OUT atomically."""
-    from compressor.pipeline import RunSummary, _hub_token_for, _push_output, _versions, _write_model_card, run_recipe
+    """Merge, then run the remaining stages (if any) on the merged model; write OUT atomically,
+    holding OUT's lock."""
+    from compressor.pipeline import hold_output
 
     assert options.out_dir is not None
     check_output_dir(options.out_dir, options.overwrite)
+    with hold_output(options):
+        return _run_merge_recipe_holding_output(recipe, options, echo)
+
+
+def _run_merge_recipe_holding_output(recipe: Recipe, options, echo: Callable[[str], None]):
+    from compressor.pipeline import RunSummary, _hub_token_for, _push_output, _versions, _write_model_card, run_recipe_holding_output
+
     plan = plan_recipe_merge(recipe, options.allow_pickle)
     check_output_spares(options.out_dir, _input_paths(plan))
     hub_token = _hub_token_for(recipe)  # before the merge: a missing token or network costs no work
@@ -154,8 +163,8 @@ def run_merge_recipe(recipe: Recipe, options, echo: Callable[[str], None] = prin
         stats = run_merge(plan, merged, show_progress=options.show_progress, trust_remote_code=options.trust_remote_code)
         seconds = time.perf_counter() - started
         extra = {"source": source, "merge": _merge_metadata(plan, seconds, stats)}
-        summary = run_recipe(str(merged), recipe, options, echo=echo, extra_metadata=extra,
-                             prior_stages=[merge_stage_record(plan, seconds)])
+        summary = run_recipe_holding_output(str(merged), recipe, options, echo=echo, extra_metadata=extra,
+                                            prior_stages=[merge_stage_record(plan, seconds)])
         summary.stage_seconds.insert(0, seconds)
         summary.plans.insert(0, merge_stage_plan(plan))
         return summary

@@ -73,6 +73,8 @@ def _key(tensor: torch.Tensor) -> tuple:
 class ActivationQuantMethod:
     """W8A8 / FP8 layers, optionally after SmoothQuant; weights by RTN or GPTQ."""
 
+    layer_class = "W8A8Linear"
+
     def __init__(self, *, smoothing: bool, solver: str):
         self.smoothing = smoothing
         self.solver = solver  # "rtn" | "gptq"

@@ -259,6 +259,7 @@ class _AWQBlockAlgorithm:
 
 class AWQMethod:
     calibrated = True
+    layer_class = "QuantLinear"
 
     def quantize(self, model, modules, grids, config, ctx: StageContext) -> None:
         tokens = ctx.calibration()

@@ -42,6 +42,15 @@ class StagePlan:
     unit: str = "modules"  # what `selected` names (a merge selects input models)
 
 
+@dataclass(frozen=True)
+class EarlierQuantization:
+    """How an earlier quantize stage replaces a layer that a later stage's plan saw as Linear."""
+
+    stage: int  # 1-based, as `--dry-run` numbers the stages
+    scheme: str  # that stage's plan detail: "int4 sym group 32"
+    layer_class: str  # what the layer becomes: QuantLinear, W8A8Linear, Linear4bit
+
+
 Locator = Callable[..., dict[str, str]]
 """`locate("targets")` → ``{"where": "recipe.yaml:7", "key": "stages[0].quantize.targets"}``."""
 

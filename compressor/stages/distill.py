@@ -36,7 +36,7 @@ from torch import nn
 from compressor.algorithms.distill_losses import loss_registry
 from compressor.errors import ModelError, RecipeError
 from compressor.recipe import CalibrationSpec, StrictModel
-from compressor.stages.base import Locator, StageContext, StagePlan
+from compressor.stages.base import EarlierQuantization, Locator, StageContext, StagePlan
 from compressor.kernels.quant_linear import QuantLinear
 from compressor.targets import select_modules, validate_pattern
 from compressor.training.launch import check_launch
@@ -277,9 +277,58 @@ def _as_it_may_be(selected: dict[str, str], train: str) -> dict[str, str]:
     return {name: f"{what}, {note}" if what.startswith("weight") else what for name, what in selected.items()}
 
 
+def _scales(earlier: EarlierQuantization) -> str:
+    return "scales, zero points" if "asym" in earlier.scheme.split() else "scales"
+
+
+def _frozen_reason(earlier: EarlierQuantization, train: str) -> str:
+    if train == "unquantized":
+        return f"frozen: stage {earlier.stage} quantizes it ({earlier.scheme}), and `train: unquantized` trains no quantized layer"
+    return f"frozen: stage {earlier.stage} makes it a {earlier.layer_class} ({earlier.scheme}), which has no scales to train"
+
+
+def _lora_after_quantization(plan: StagePlan, config: DistillConfig, quantized: dict[str, EarlierQuantization]) -> None:
+    for name in list(plan.selected):
+        earlier = quantized.get(name)
+        if earlier is None:
+            continue
+        if earlier.layer_class == "W8A8Linear":  # lora_targets takes Linear and QuantLinear layers only
+            del plan.selected[name]
+            plan.skipped[name] = f"stage {earlier.stage} makes it a W8A8Linear ({earlier.scheme}), which LoRA does not wrap"
+        else:
+            plan.selected[name] = (f"LoRA rank {config.rank} on the {earlier.layer_class} that stage {earlier.stage} makes"
+                                   f" ({earlier.scheme}; its weights stay frozen)")
+
+
 class DistillStage:
     def needs_calibration(self, config: DistillConfig) -> bool:
         return config.data is None
+
+    def batch_data_key(self, config: DistillConfig) -> str | None:
+        """The key of its own dataset block: training batches come from it, else from the calibration."""
+        return "data"
+
+    def describe_after_quantization(self, plan: StagePlan, config: DistillConfig, model: nn.Module,
+                                    quantized: dict[str, EarlierQuantization]) -> None:
+        """What trains on the layers earlier quantize stages replace, as select_trainable will
+        decide on the quantized model: a QuantLinear trains its scales (and zero points), never
+        its integer codes; a layer with no scales of ours stays frozen; `lora` wraps the layer."""
+        if getattr(model.config, "quantization_config", None) is not None:
+            return  # compressed as loaded: the plan's skeleton cannot tell which layers are
+        if config.train == "lora":
+            _lora_after_quantization(plan, config, quantized)
+            return
+        plan.selected.clear()
+        for name, what in describe_trainable(model, "auto", config.ignore).items():
+            earlier = quantized.get(name)
+            if earlier is None:
+                if config.train != "scales":
+                    plan.selected[name] = what
+            elif earlier.layer_class == "QuantLinear" and config.train != "unquantized":
+                plan.selected[name] = (f"{_scales(earlier)} of the {earlier.scheme} layer that stage {earlier.stage} makes"
+                                       " (its integer codes stay frozen)")
+            else:
+                plan.skipped[name] = _frozen_reason(earlier, config.train)
 
     def plan(self, model: nn.Module, config: DistillConfig, locate: Locator) -> StagePlan:
         check_launch(os.environ)  # before any weight is read

@@ -11,6 +11,7 @@ from compressor.stages.base import StageContext
 
 class HQQMethod:
     calibrated = False
+    layer_class = "QuantLinear"
 
     def quantize(self, model, modules, grids, config, ctx: StageContext) -> None:
         from compressor.stages.quant_methods import RTNMethod

@@ -80,6 +80,10 @@ class LowRankStage:
         method = lowrank_method_registry().get(config.method)
         return method.calibrated and not (config.method == "lora" and config.dataset is not None)
 
+    def batch_data_key(self, config: LowRankConfig) -> str | None:
+        """lora trains in batches drawn from its `dataset` (default: the calibration); the others draw none."""
+        return "dataset" if "batch_size" in lowrank_method_registry().get(config.method).keys else None
+
     def plan(self, model, config: LowRankConfig, locate: Locator) -> StagePlan:
         _check_keys(config, locate)
         method = lowrank_method_registry().get(config.method)

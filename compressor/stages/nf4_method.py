@@ -80,6 +80,7 @@ def bitsandbytes_config(model: nn.Module, quantized: set[str], double_quant: boo
 
 class NF4Method:
     calibrated = False
+    layer_class = "Linear4bit"
     # transformers' bitsandbytes loader reads MoE experts only as its fused tensors: keep them so.
     splits_experts = False
 

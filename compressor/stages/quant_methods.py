@@ -32,6 +32,7 @@ from compressor.stages.base import StageContext, replace_module
 
 class QuantMethod(Protocol):
     calibrated: bool
+    layer_class: str  # what each quantized Linear becomes (what a later distill stage can train on it)
 
     def quantize(
         self, model: nn.Module, modules: dict[str, nn.Linear], grids: dict[str, WeightGrid], config: Any, ctx: StageContext
@@ -61,6 +62,7 @@ def _replace_with_rtn(model: nn.Module, name: str, module: nn.Linear, grid: Weig
 
 class RTNMethod:
     calibrated = False
+    layer_class = "QuantLinear"
 
     def quantize(self, model, modules, grids, config, ctx) -> None:
         for name, module in modules.items():
@@ -141,6 +143,7 @@ def _sparsity_mask(names: list[str], weights: list[torch.Tensor], modules: dict[
 
 class GPTQMethod:
     calibrated = True
+    layer_class = "QuantLinear"
     streams_blocks = True  # weights are read block by block inside run_layerwise
 
     def quantize(self, model, modules, grids, config, ctx) -> None:

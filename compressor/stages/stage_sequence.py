@@ -13,8 +13,9 @@ would refuse later, after spending the earlier stages' time:
 
 A stage that only smooths (SmoothQuant with ``activations: null``) replaces no layer.
 
-- a training stage (distill) whose `batch_size` is larger than the windows it draws batches from
-  (its `data`, else the recipe's calibration): each batch would silently hold every window.
+- a training stage (distill, lowrank lora) whose `batch_size` is larger than the windows it draws
+  batches from (its `data` / `dataset`, else the recipe's calibration): each batch would silently
+  hold every window.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 from torch import nn
 
 from compressor.errors import RecipeError
-from compressor.stages.base import StagePlan
+from compressor.stages.base import EarlierQuantization, StagePlan
 from compressor.stages.quant_schemes import smooths_only
 
 
@@ -57,11 +58,17 @@ def _compressed_as_loaded(model: nn.Module, names: set[str]) -> bool:
 
 
 def _check_batches_fit_the_data(recipe) -> None:
+    from compressor.registry import stage_registry
+
+    registry = stage_registry()
     for index, spec in enumerate(recipe.stages):
         config = spec.config
-        if not (hasattr(config, "batch_size") and hasattr(config, "data")):
+        # A stage that trains names the key of its own dataset block (distill `data`, lora `dataset`).
+        key = getattr(registry.get(spec.kind).implementation, "batch_data_key", lambda _config: None)(config)
+        if key is None:
             continue
-        data, where = (config.data, "data.samples") if config.data is not None else (recipe.calibration, "calibration.samples")
+        own = getattr(config, key)
+        data, where = (own, f"{key}.samples") if own is not None else (recipe.calibration, "calibration.samples")
         if config.batch_size > data.samples:
             raise RecipeError(
                 f"batch_size {config.batch_size} is larger than the {data.samples} windows it draws batches from"
@@ -99,3 +106,34 @@ def check_stage_sequence(recipe, plans: dict[int, StagePlan], model: nn.Module) 
         if _replaces_layers(spec.kind, spec.config):
             for name in selected:
                 replaced.setdefault(name, index)
+
+
+def quantized_before(recipe, plans: dict[int, StagePlan]) -> dict[int, dict[str, EarlierQuantization]]:
+    """For each stage (by index), the layers that earlier quantize stages replace, and how."""
+    from compressor.stages.quantize import resolve_method
+
+    earlier: dict[str, EarlierQuantization] = {}
+    found: dict[int, dict[str, EarlierQuantization]] = {}
+    for index, spec in enumerate(recipe.stages):
+        found[index] = dict(earlier)
+        plan = plans.get(index)
+        if plan is None or spec.kind != "quantize" or smooths_only(spec.config):
+            continue
+        layer_class = resolve_method(spec.config).layer_class
+        for name, scheme in plan.selected.items():
+            earlier.setdefault(name, EarlierQuantization(index + 1, scheme, layer_class))
+    return found
+
+
+def describe_after_earlier_quantization(recipe, plans: dict[int, StagePlan], model: nn.Module) -> None:
+    """A stage whose plan depends on what earlier quantize stages make of its layers (distill
+    trains scales or adapters on them, not their weights) rewrites its plan to say so: each plan
+    saw the model as loaded, where those layers are still Linear."""
+    from compressor.registry import stage_registry
+
+    registry = stage_registry()
+    for index, quantized in quantized_before(recipe, plans).items():
+        spec = recipe.stages[index]
+        describe = getattr(registry.get(spec.kind).implementation, "describe_after_quantization", None)
+        if describe is not None and quantized and index in plans:
+            describe(plans[index], spec.config, model, quantized)
