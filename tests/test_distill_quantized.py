@@ -210,3 +210,27 @@ def test_lora_distillation_resumes_bit_for_bit(tiny_llama, tmp_path, monkeypatch
 
     assert sorted(compensations(resumed)) == sorted(targets)
     assert not any("lora" in name for name, _ in resumed.named_parameters())
+
+
+@pytest.mark.parametrize(
+    "stages, key",
+    [
+        ("  - distill: {train: scales, steps: 1}\n", "stages[0].distill.train"),
+        ("  - quantize: {method: fp8}\n  - distill: {train: scales, steps: 1}\n", "stages[1].distill.train"),
+        ("  - quantize: {method: rtn, weights: {bits: 4, group_size: 32}, targets: ['re:.*mlp.*']}\n"
+         "  - distill: {train: scales, steps: 1, ignore: ['re:.*mlp.*']}\n", "stages[1].distill.train"),
+    ],
+)
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_train_scales_with_no_quantlinear_before_it_is_refused_when_planned(stages, key, dry_run, tiny_llama, tmp_path, capsys):
+    # It used to pass --dry-run and stop the run only when the distill stage started (exit 1),
+    # after the stages before it had run.
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: t\ncalibration: {samples: 4, seq_len: 32}\nstages:\n" + stages)
+    out = tmp_path / "out"
+    code = main([str(tiny_llama), "--recipe", str(recipe), "-o", str(out), "-q", *(["--dry-run"] if dry_run else [])])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and f":{3 + stages.count(chr(10))} {key}:" in err, err
+    assert "no earlier quantize stage makes a QuantLinear" in err and "train: lora" in err, err
+    assert not out.exists() and not (tmp_path / ".out.work").exists()

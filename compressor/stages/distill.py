@@ -300,6 +300,18 @@ def _lora_after_quantization(plan: StagePlan, config: DistillConfig, quantized: 
                                    f" ({earlier.scheme}; its weights stay frozen)")
 
 
+def _refuse_scales_with_nothing_to_train(plan: StagePlan, config: DistillConfig, locate: Locator) -> None:
+    """`train: scales` on a model where no earlier stage makes a QuantLinear would fail when the
+    stage starts, after every stage before it has run: refuse it when the recipe is planned."""
+    if config.train == "scales" and not plan.selected:
+        raise RecipeError(
+            "`train: scales` trains the scales of quantized layers, and no earlier quantize stage makes a"
+            " QuantLinear of any layer it may train (W8A8, FP8 and NF4 layers have no scales of ours): put an"
+            " integer weight-only quantize stage before it, or use `train: lora`",
+            **locate("train"),
+        )
+
+
 class DistillStage:
     def needs_calibration(self, config: DistillConfig) -> bool:
         return config.data is None
@@ -309,14 +321,18 @@ class DistillStage:
         return "data"
 
     def describe_after_quantization(self, plan: StagePlan, config: DistillConfig, model: nn.Module,
-                                    quantized: dict[str, EarlierQuantization]) -> None:
+                                    quantized: dict[str, EarlierQuantization], locate: Locator) -> None:
         """What trains on the layers earlier quantize stages replace, as select_trainable will
         decide on the quantized model: a QuantLinear trains its scales (and zero points), never
-        its integer codes; a layer with no scales of ours stays frozen; `lora` wraps the layer."""
+        its integer codes; a layer with no scales of ours stays frozen; `lora` wraps the layer.
+        Called for every distill stage, with `quantized` empty when no quantize stage precedes it."""
         if getattr(model.config, "quantization_config", None) is not None:
             return  # compressed as loaded: the plan's skeleton cannot tell which layers are
         if config.train == "lora":
             _lora_after_quantization(plan, config, quantized)
+            return
+        if not quantized:
+            _refuse_scales_with_nothing_to_train(plan, config, locate)
             return
         plan.selected.clear()
         for name, what in describe_trainable(model, "auto", config.ignore).items():
@@ -329,6 +345,7 @@ class DistillStage:
                                        " (its integer codes stay frozen)")
             else:
                 plan.skipped[name] = _frozen_reason(earlier, config.train)
+        _refuse_scales_with_nothing_to_train(plan, config, locate)
 
     def plan(self, model: nn.Module, config: DistillConfig, locate: Locator) -> StagePlan:
         check_launch(os.environ)  # before any weight is read

@@ -135,5 +135,6 @@ def describe_after_earlier_quantization(recipe, plans: dict[int, StagePlan], mod
     for index, quantized in quantized_before(recipe, plans).items():
         spec = recipe.stages[index]
         describe = getattr(registry.get(spec.kind).implementation, "describe_after_quantization", None)
-        if describe is not None and quantized and index in plans:
-            describe(plans[index], spec.config, model, quantized)
+        if describe is not None and index in plans:
+            describe(plans[index], spec.config, model, quantized,
+                     lambda *suffix, index=index, kind=spec.kind: recipe.where(("stages", index, kind, *suffix)))
