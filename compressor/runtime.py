@@ -158,19 +158,24 @@ def _load_converted_tensors(
     saved MoE checkpoint would not load. The conversion is kept on the model, so that
     ``save_pretrained`` writes the per-expert names again."""
     from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.core_model_loading import WeightRenaming, apply_renamings, convert_and_load_state_dict_in_model
     from transformers.modeling_utils import LoadStateDictConfig
 
     expected = set(model.state_dict())
-    foreign = {key: value for key, value in tensors.items() if key not in expected}
-    if not foreign:
-        return tensors
-    config = LoadStateDictConfig(dtype=dtype, device_map={"": str(device)}, weight_mapping=get_model_conversion_mapping(model))
-    info, _ = convert_and_load_state_dict_in_model(model, foreign, config)
-    problems = sorted(info.unexpected_keys) + sorted(str(key) for key in info.mismatched_keys) + sorted(info.conversion_errors)
-    if problems:
-        raise ModelError(f"checkpoint tensors the model has no place for: {problems[:5]}", where=where)
-    return {key: value for key, value in tensors.items() if key in expected}
+    mapping = get_model_conversion_mapping(model)
+    renamings = [transform for transform in mapping if isinstance(transform, WeightRenaming)]
+    # A name the model has once only renamed (Mixtral's `block_sparse_moe.experts.3.w1.weight` of
+    # an unfused int8 expert is `mlp.experts.3.w1.weight`) loads as is: the experts merge must not claim it.
+    renamed = {key: apply_renamings(key, renamings) for key in tensors if key not in expected}
+    direct = {key: value for key, value in tensors.items() if renamed.get(key, key) in expected}
+    foreign = {key: value for key, value in tensors.items() if key not in direct}
+    if foreign:
+        config = LoadStateDictConfig(dtype=dtype, device_map={"": str(device)}, weight_mapping=mapping)
+        info, _ = convert_and_load_state_dict_in_model(model, foreign, config)
+        problems = sorted(info.unexpected_keys) + sorted(str(key) for key in info.mismatched_keys) + sorted(info.conversion_errors)
+        if problems:
+            raise ModelError(f"checkpoint tensors the model has no place for: {problems[:5]}", where=where)
+    return {renamed.get(key, key): value for key, value in direct.items()}
 
 
 def _unfuse_compressed_experts(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:

@@ -29,6 +29,7 @@ from compressor.algorithms.grid import WeightGrid, effective_group_size
 from compressor.errors import RecipeError
 from compressor.layerwise import find_decoder_blocks
 from compressor.moe_experts import UnknownExpertsError, moe_gate_reason, unfuse_targeted_experts
+from compressor.moe_plain_loading import plain_transformers_notes, stage_format
 from compressor.recipe import StrictModel
 from compressor.stages.base import Locator, StageContext, StagePlan
 from compressor.stages.quant_methods import quant_method_registry
@@ -38,6 +39,7 @@ from compressor.stages.quant_schemes import (
     ActivationArgs,
     apply_method_defaults,
     check_float_weights,
+    smooths_only,
     uses_activation_layers,
 )
 from compressor.targets import layer_pattern, select_modules, validate_pattern
@@ -287,6 +289,8 @@ class QuantizeStage:
         plan.notes.extend(group_fallback_notes(regrouped))
         if not plan.selected:
             raise RecipeError("matches no Linear module of this model that the stage can quantize", **locate("targets"))
+        written = stage_format(method.layer_class, config, smooths_only(config))
+        plan.notes.extend(plain_transformers_notes(model, plan.selected, written))
         return plan
 
     def streams_blocks(self, config: QuantizeConfig) -> bool:
