@@ -23,6 +23,7 @@ from compressor.card_facts import (
     weight_scheme_tags,
 )
 from compressor.evaluation.size import SizeInfo, measure_checkpoint
+from compressor.moe_plain_loading import saved_checkpoint_note
 
 EVAL_DIR = "eval"
 EVAL_PLOT = "accuracy_vs_size.png"
@@ -39,6 +40,7 @@ class CheckpointFacts:
     size: SizeInfo
     eval_report: dict[str, Any] | None
     has_eval_plot: bool
+    out_dir: Path | None = None  # the folder the facts were read from (its weights' headers are read too)
 
     @property
     def stages(self) -> list[tuple[str, str]]:
@@ -76,6 +78,7 @@ def read_facts(out_dir: Path, eval_dir: Path | None = None) -> CheckpointFacts:
         size=measure_checkpoint(out_dir),
         eval_report=_read_json(report_path) if report_path.is_file() else None,
         has_eval_plot=(eval_dir / EVAL_PLOT).is_file(),
+        out_dir=out_dir,
     )
 
 
@@ -224,6 +227,9 @@ def _usage_section(repo_id: str, facts: CheckpointFacts) -> list[str]:
         f"or as a server: `vllm serve {repo_id}`.",
         "",
     ]
+    moe_note = saved_checkpoint_note(facts.out_dir, facts.config.get("quantization_config")) if facts.out_dir else None
+    if moe_note:
+        lines += [moe_note.format(repo_id=repo_id), ""]
     if asymmetric:
         lines += [
             "This checkpoint uses asymmetric (zero-point) weights: vLLM loads it; plain transformers with"

@@ -18,6 +18,8 @@ says so. ``compressor.load`` reads both cases.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -68,3 +70,45 @@ def plain_transformers_notes(model: nn.Module, selected: dict[str, str], format:
     if format == "int-quantized" and any(_is_expert_linear(model, name) for name in selected):
         notes.append(INT8_EXPERTS_NOTE.format(version=_version()))
     return notes
+
+
+# A per-expert projection's tensors in a saved checkpoint: model.layers.0.mlp.experts.3.up_proj.weight
+_EXPERT_TENSOR = re.compile(r"^(?P<layer>.+\.experts\.\d+\.[^.]+)\.(?P<tensor>weight|weight_packed|weight_scale)$")
+SAVED_NOTE = (
+    "Plain transformers ({version} checked) cannot load this MoE checkpoint: its compressed-tensors experts"
+    " loader keeps only packed or FP8 expert tensors, and this one stores its routed experts {how}. vLLM reads"
+    " the per-expert layout; `compressor.load(\"{{repo_id}}\")` loads it too."
+)
+
+
+def _checkpoint_tensor_dtypes(out_dir: Path) -> dict[str, str]:
+    """Name → safetensors dtype ("I8", "BF16", ...) of every tensor in `out_dir`, from the file headers."""
+    from safetensors import safe_open
+
+    dtypes: dict[str, str] = {}
+    for shard in sorted(out_dir.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as handle:
+            for name in handle.keys():
+                dtypes[name] = handle.get_slice(name).get_dtype()
+    return dtypes
+
+
+def saved_checkpoint_note(out_dir: Path, quantization_config: dict[str, Any] | None) -> str | None:
+    """The model card's warning for a saved MoE output plain transformers cannot load (the two cases of
+    the module docstring), read from the checkpoint itself; None when there is nothing to say."""
+    formats = {str(group.get("format") or (quantization_config or {}).get("format"))
+               for group in ((quantization_config or {}).get("config_groups") or {}).values()}
+    if not formats & {"pack-quantized", "int-quantized"}:
+        return None
+    tensors: dict[str, dict[str, str]] = {}
+    for name, dtype in _checkpoint_tensor_dtypes(out_dir).items():
+        match = _EXPERT_TENSOR.match(name)
+        if match:
+            tensors.setdefault(match["layer"], {})[match["tensor"]] = dtype
+    if any(set(kinds) == {"weight"} for kinds in tensors.values()):
+        how = "dense (unquantized) beside packed layers"
+    elif any(kinds.get("weight") == "I8" and "weight_scale" in kinds for kinds in tensors.values()):
+        how = "as int8 W8A8 (int-quantized)"
+    else:
+        return None
+    return SAVED_NOTE.format(version=_version(), how=how)

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from transformers import AutoModelForCausalLM
 
 import compressor
 from compressor.cli import main
+from compressor.model_card import build_model_card
 from tests.cli_runs import compress_into
 from tests.tiny_models import build_tiny_checkpoint
 
@@ -71,3 +73,14 @@ def test_the_warned_outputs_load_in_compressor_but_not_in_plain_transformers(kin
     # If this stops raising, transformers loads these outputs: drop the warning (moe_plain_loading).
     with pytest.raises(RuntimeError, match="automatic conversion of the weights"):
         AutoModelForCausalLM.from_pretrained(str(out))
+    # The model card's "Use it" section says so too, read from the saved tensors.
+    how = "dense (unquantized) beside packed layers" if kind == "qwen2_moe" else "as int8 W8A8 (int-quantized)"
+    card = build_model_card(out, "me/moe-out").content
+    assert f"Plain transformers ({transformers.__version__} checked) cannot load this MoE checkpoint" in card
+    assert f"stores its routed experts {how}" in card and 'compressor.load("me/moe-out")' in card
+
+
+def test_a_card_of_an_moe_output_with_packed_experts_claims_plain_loading(tiny_qwen2_moe, tmp_path):
+    out = compress_into(tiny_qwen2_moe, _recipe(INT4, "[lm_head]"), tmp_path)
+    AutoModelForCausalLM.from_pretrained(str(out))  # loads: no note belongs on its card
+    assert "cannot load this MoE checkpoint" not in build_model_card(out, "me/moe-out").content
