@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from compressor.cli import main
 from compressor.recipe import builtin_recipes
 from tests.cli_runs import run_cli
 from tests.tiny_models import build_tiny_checkpoint
@@ -98,3 +99,53 @@ def test_builtin_recipe_dry_runs_on_a_tiny_model(name, tiny_llama, tiny_tokenize
     recipe.write_text(builtin_for_tiny_model(builtin_recipes()[name]))
     code, err = run_cli([model, "--recipe", recipe, "--dry-run", "-q"], capsys)
     assert code == 0, f"{name}: {err}"
+
+
+SUBCOMMANDS = ("eval", "push", "finetune", "merge", "generate", "bench", "densify", "recipes")
+
+
+def readme_command_flags() -> dict[str, set[str]]:
+    """`--flags` of each `compress ...` line in README's code blocks (a line ending in `\\` continues)."""
+    flags: dict[str, set[str]] = {}
+    command = None
+    for raw in README.read_text().splitlines():
+        line = raw.strip()
+        if line.startswith("compress "):
+            words = line.split()
+            command = words[1] if words[1] in SUBCOMMANDS else "compress"
+        elif command is None:
+            continue
+        code = line.split("  #")[0]
+        flags.setdefault(command, set()).update(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", code))
+        if not code.rstrip().endswith("\\"):
+            command = None
+    return flags
+
+
+@pytest.mark.parametrize("command,flags", sorted(readme_command_flags().items()))
+def test_readme_command_lines_use_flags_the_command_has(command, flags, capsys):
+    with pytest.raises(SystemExit) as exit_:  # argparse prints the help and leaves
+        main(([] if command == "compress" else [command]) + ["--help"])
+    assert exit_.value.code == 0
+    usage = capsys.readouterr().out
+    known = set(re.findall(r"--[a-z][a-z0-9-]*", usage))
+    assert flags <= known, f"compress {command}: {sorted(flags - known)} not in --help"
+
+
+def test_readme_command_lines_are_found():
+    """The scan above sees the flags README shows (a finetune synopsis continues over `\\` lines)."""
+    flags = readme_command_flags()
+    assert {"--dry-run", "--resume"} <= flags["compress"]
+    assert {"--qlora", "--recompress", "--log-every"} <= flags["finetune"]
+    assert {"--compile", "--repeats"} <= flags["bench"]
+
+
+@pytest.mark.parametrize("command", ("compress",) + SUBCOMMANDS)
+def test_every_flag_of_a_command_is_in_the_readme(command, capsys):
+    """The other direction: a flag `--help` lists is documented somewhere in README.md."""
+    with pytest.raises(SystemExit):
+        main(([] if command == "compress" else [command]) + ["--help"])
+    known = set(re.findall(r"--[a-z][a-z0-9-]*", capsys.readouterr().out))
+    documented = set(re.findall(r"--[a-z][a-z0-9-]*", README.read_text()))
+    long_forms = {"--help", "--output", "--quiet"}  # README writes -h, -o, -q
+    assert known - long_forms <= documented, f"compress {command}: {sorted(known - long_forms - documented)}"
