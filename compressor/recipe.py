@@ -101,7 +101,7 @@ class OutputSpec(StrictModel):
 class RecipeHeader(StrictModel):
     """Everything but the stages, which are validated one by one through the registry."""
 
-    name: str
+    name: str | None = None  # DESIGN.md's merge example has none: the file's name stands in (recipe_name)
     description: str = ""
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     stages: list[Any] = Field(min_length=1)
@@ -268,15 +268,21 @@ def _parse_stage(item: Any, index: int, doc: LocatedDocument, registry: Registry
     return StageSpec(kind=kind, config=config)
 
 
+def recipe_name(source: str) -> str:
+    """The name of a recipe that gives none: its file's stem (`merge.yaml` → `merge`)."""
+    stem = Path(source).stem
+    return stem if stem and not source.startswith("<") else "recipe"
+
+
 def parse_recipe(doc: LocatedDocument, registry: Registry[StageEntry] | None = None) -> Recipe:
     registry = registry or stage_registry()
     if not isinstance(doc.data, dict):
-        raise RecipeError("a recipe must be a YAML mapping with `name` and `stages`", where=doc.where(()))
+        raise RecipeError("a recipe must be a YAML mapping with `stages` (and a `name`)", where=doc.where(()))
     header = _validate(RecipeHeader, doc.data, doc, ())
     assert isinstance(header, RecipeHeader)
     stages = tuple(_parse_stage(item, i, doc, registry) for i, item in enumerate(header.stages))
     return Recipe(
-        name=header.name,
+        name=header.name or recipe_name(doc.source),
         description=header.description,
         calibration=header.calibration,
         stages=stages,

@@ -23,7 +23,7 @@ RECIPES: list[tuple[str, str, tuple[str, ...]]] = [
     ("not-yaml", "name: [\n  oops: {\n", ("R:3:", "not valid YAML")),
     ("python-tag", "name: !!python/object/apply:os.system ['true']\nstages:\n" + QUANT, ("R:1 name:", "is not allowed")),
     ("duplicate-key", "name: t\nname: u\nstages:\n" + QUANT, ("R:2 name:", "duplicate key")),
-    ("missing-name", "stages:\n" + QUANT, ("R:1 name:", "required key missing")),
+    ("name-not-text", "name: [a, b]\nstages:\n" + QUANT, ("R:1 name:",)),
     ("missing-stages", "name: t\n", ("R:1 stages:", "required key missing")),
     ("empty-stages", "name: t\nstages: []\n", ("R:2 stages:", "at least 1 item")),
     ("unknown-top-key", HEAD + QUANT + "extra: 1\n", ("R:5 extra:", "unknown key 'extra'")),

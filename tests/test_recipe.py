@@ -74,7 +74,6 @@ def test_resolved_recipe_round_trips_through_safe_yaml():
         ("name: x\nstages:\n  - quantize:\n      method: gptq\n      act_order: 'yes'\n", "r.yaml:5 stages[0].quantize.act_order: must be true or false, got 'yes'"),
         ("name: x\nstages: []\n", "r.yaml:2 stages: List should have at least 1 item after validation, not 0"),
         ("name: x\ncalibration:\n  samples: many\nstages:\n  - quantize: {method: rtn}\n", "r.yaml:3 calibration.samples: must be an integer, got 'many'"),
-        ("stages:\n  - quantize: {method: rtn}\n", "r.yaml:1 name: required key missing"),
         ("name: x\nstagez: []\n", "r.yaml:2 stagez: unknown key 'stagez'"),
         ("name: x\nstages:\n  - quantize: {method: rtn}\n    prune: {}\n", "r.yaml:3 stages[0]: each stage must be a mapping with exactly one key"),
         ("name: x\nstages:\n  - quantize: {method: rtn, targets: ['re:(']}\n", "r.yaml:3 stages[0].quantize.targets: invalid regex '('"),
@@ -140,3 +139,12 @@ def test_every_builtin_recipe_resolved_parses_again():
         recipe = load_recipe(name)
         again = parse_recipe_text(recipe.to_yaml(), source=f"{name}/recipe.yaml")
         assert again.to_dict() == recipe.to_dict(), name
+
+
+def test_a_recipe_without_a_name_is_named_after_its_file(tmp_path):
+    # DESIGN.md's merge recipe example gives no `name:`; an outside recipe written from it must run.
+    path = tmp_path / "my-merge.yaml"
+    path.write_text("stages:\n  - quantize: {method: rtn}\n")
+    recipe = load_recipe(str(path))
+    assert recipe.name == "my-merge" and recipe.to_dict()["name"] == "my-merge"
+    assert parse_recipe_text("stages:\n  - quantize: {method: rtn}\n").name == "recipe"
