@@ -5,7 +5,8 @@ first's stage checkpoints, the first removes the second's when it finishes, and 
 one replaces the other's OUT. The lock is `flock` on a file beside OUT, so the kernel drops it
 when its process ends, however it ends: a lock file left by a killed run blocks nobody.
 
-The holder records its pid in the file (for the refusal's message) and removes the file when
+The holder records its pid and what it does (writing, uploading) in the file, for the refusal's
+message, and removes the file when
 it lets go; a run that opened the file just before it was removed checks, once it holds the
 lock, that the path still names the file it locked, and tries again otherwise.
 """
@@ -30,11 +31,13 @@ def lock_path_for(out_dir: Path) -> Path:
 
 
 def _holder(lock: Path) -> str:
+    """`another compress run (pid N) is writing`, from what the holder recorded in the lock file."""
     try:
-        pid = lock.read_text(encoding="ascii").strip()
+        pid, _, activity = lock.read_text(encoding="ascii").strip().partition(" ")
     except (OSError, UnicodeDecodeError):
-        return ""
-    return f" (pid {pid})" if pid.isdigit() else ""
+        pid, activity = "", ""
+    who = f"another compress run (pid {pid})" if pid.isdigit() else "another compress run"
+    return f"{who} is {activity if activity.isalpha() else 'using'}"
 
 
 def _missing_folders(folder: Path) -> list[Path]:
@@ -63,8 +66,10 @@ def _try_lock(lock: Path) -> int | None:
 
 
 @contextmanager
-def output_lock(out_dir: Path) -> Iterator[None]:
+def output_lock(out_dir: Path, activity: str = "writing") -> Iterator[None]:
     """Hold OUT for this run, or refuse at once (exit 2) when another run is writing it.
+
+    `activity` (one word: writing, uploading) is what the refusal tells a second run this one does.
 
     Released on any exit (an error, Ctrl-C, SIGTERM); folders made only to hold the lock file are
     removed again when nothing else was written into them."""
@@ -75,10 +80,10 @@ def output_lock(out_dir: Path) -> Iterator[None]:
     try:
         fd = _try_lock(lock)
         if fd is None:
-            raise UserError(f"another compress run{_holder(lock)} is writing this output folder; wait for it to"
-                            " finish or pick another output folder", where=str(out_dir))
+            raise UserError(f"{_holder(lock)} this output folder; wait for it to finish or pick another"
+                            " output folder", where=str(out_dir))
         os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode("ascii"))
+        os.write(fd, f"{os.getpid()} {activity}".encode("ascii"))
         yield
     finally:
         if fd is not None:

@@ -30,7 +30,7 @@ _HOLDER = """
 import fcntl, os, sys
 fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
 fcntl.flock(fd, fcntl.LOCK_EX)
-os.write(fd, str(os.getpid()).encode())
+os.write(fd, f"{os.getpid()} {sys.argv[2]}".encode())
 print("held", flush=True)
 sys.stdin.read()
 """
@@ -41,9 +41,9 @@ def lock_file(out: Path) -> Path:
 
 
 @contextmanager
-def another_writer(out: Path) -> Iterator[subprocess.Popen]:
-    """A process holding OUT's lock until the block ends."""
-    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(lock_file(out))], stdin=subprocess.PIPE,
+def another_writer(out: Path, activity: str = "writing") -> Iterator[subprocess.Popen]:
+    """A process holding OUT's lock until the block ends, recording `activity` as compress does."""
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(lock_file(out)), activity], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
@@ -129,7 +129,7 @@ def test_lock_file_left_by_a_killed_run_blocks_nothing(tiny_llama, tmp_path, cap
     with another_writer(out) as holder:
         holder.send_signal(signal.SIGKILL)  # no cleanup runs: the file stays, the flock goes with the process
         holder.wait(timeout=30)
-        assert lock_file(out).read_text() == str(holder.pid)
+        assert lock_file(out).read_text() == f"{holder.pid} writing"
         code, err = run_cli([tiny_llama, "--recipe", tmp_path / "r.yaml", "-o", out, "-q", "--no-perplexity"], capsys)
         assert code == 0, err
         assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "r.yaml"]
@@ -148,3 +148,43 @@ def test_push_preview_has_one_writer_too(tiny_llama, tmp_path, capsys):
     code, err = run_cli(["push", out, "org/name", "--dry-run"], capsys)
     assert code == 0, err
     assert (preview / "model.safetensors").is_file() and not lock_file(preview).exists()
+
+
+def test_a_push_holds_out_while_it_reads_it(tiny_llama, tmp_path, capsys, monkeypatch):
+    # A `compress -o OUT --overwrite` replacing OUT during an upload would mix old and new files in one commit.
+    from compressor import hub
+
+    (tmp_path / "r.yaml").write_text(RTN)
+    out = tmp_path / "out"
+    assert run_cli([tiny_llama, "--recipe", tmp_path / "r.yaml", "-o", out, "-q", "--no-perplexity"], capsys)[0] == 0
+    seen = {}
+
+    def uploading(plan, token, **_):
+        seen["lock"] = lock_file(out).read_text()
+        seen["lockable"] = lockable(lock_file(out))
+        code, err = run_cli([tiny_llama, "--recipe", tmp_path / "r.yaml", "-o", out, "--overwrite", "-q"], capsys)
+        seen["writer"] = (code, err)
+        return "http://hub/commit/1"
+
+    monkeypatch.setattr(hub, "check_online", lambda: None)
+    monkeypatch.setattr(hub, "push", uploading)
+    code, err = run_cli(["push", out, "org/name", "--token", "t"], capsys)
+    assert code == 0, err
+    assert seen["lock"] == f"{os.getpid()} uploading" and not seen["lockable"]
+    assert_one_line_refusal(*seen["writer"], str(out), f"another compress run (pid {os.getpid()}) is uploading this output folder")
+    assert not lock_file(out).exists()
+
+
+def test_a_push_is_refused_while_a_run_writes_out(tiny_llama, tmp_path, capsys, monkeypatch):
+    from compressor import hub
+
+    (tmp_path / "r.yaml").write_text(RTN)
+    out = tmp_path / "out"
+    assert run_cli([tiny_llama, "--recipe", tmp_path / "r.yaml", "-o", out, "-q", "--no-perplexity"], capsys)[0] == 0
+    monkeypatch.setattr(hub, "check_online", lambda: None)
+    monkeypatch.setattr(hub, "push", lambda *a, **k: pytest.fail("a refused push must upload nothing"))
+    for extra in ([], ["--dry-run"]):
+        with another_writer(out) as holder:
+            code, err = run_cli(["push", out, "org/name", "--token", "t", *extra], capsys)
+            assert_one_line_refusal(code, err, str(out), f"another compress run (pid {holder.pid}) is writing this output folder")
+    assert not (tmp_path / "out.push-preview").exists()

@@ -13,11 +13,15 @@ from __future__ import annotations
 import argparse
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from compressor.commands.args import Parser
 from compressor.errors import UserError
 from compressor.hub_ids import revision_problem
 from compressor.output_lock import output_lock
+
+if TYPE_CHECKING:
+    from compressor.hub import UploadPlan
 
 
 def branch_name(text: str) -> str:
@@ -59,6 +63,20 @@ def _prepare_preview_dir(folder: Path, is_default: bool) -> None:
         folder.rmdir()
 
 
+def _write_preview(plan: UploadPlan, args: argparse.Namespace) -> int:
+    from compressor import hub
+
+    preview = args.preview or default_preview_dir(args.out)
+    with output_lock(preview):  # two dry runs would empty and fill one preview folder at once
+        _prepare_preview_dir(preview, is_default=args.preview is None)
+        hub.write_preview(plan, preview)
+    for entry in plan.files:
+        print(f"{entry.size:>14,}  {entry.path_in_repo}")
+    print(f"{plan.total_bytes:>14,}  total, {len(plan.files)} files")
+    print(f"dry run: wrote the folder as it would be uploaded to {args.repo_id} into {preview}; nothing uploaded")
+    return 0
+
+
 def run(argv: list[str]) -> int:
     from compressor import hub
 
@@ -73,21 +91,14 @@ def run(argv: list[str]) -> int:
         # Cheap refusals before the card is built or anything is sent.
         hub.check_online()
         token = hub.resolve_token(args.token)
-    plan = hub.plan_upload(args.out, args.repo_id, base_model=args.base_model, eval_dir=args.eval)
-
-    if args.dry_run:
-        preview = args.preview or default_preview_dir(args.out)
-        with output_lock(preview):  # two dry runs would empty and fill one preview folder at once
-            _prepare_preview_dir(preview, is_default=args.preview is None)
-            hub.write_preview(plan, preview)
-        for entry in plan.files:
-            print(f"{entry.size:>14,}  {entry.path_in_repo}")
-        print(f"{plan.total_bytes:>14,}  total, {len(plan.files)} files")
-        print(f"dry run: wrote the folder as it would be uploaded to {args.repo_id} into {preview}; nothing uploaded")
-        return 0
-
-    url = hub.push(
-        plan, token, private=args.private, revision=args.revision, commit_message=args.commit_message
-    )
+    # OUT stays ours until the last byte is read: a `compress -o OUT --overwrite` replacing it
+    # meanwhile would mix old and new files in one commit (or one preview); it is refused instead.
+    with output_lock(args.out, activity="previewing" if args.dry_run else "uploading"):
+        plan = hub.plan_upload(args.out, args.repo_id, base_model=args.base_model, eval_dir=args.eval)
+        if args.dry_run:
+            return _write_preview(plan, args)
+        url = hub.push(
+            plan, token, private=args.private, revision=args.revision, commit_message=args.commit_message
+        )
     print(f"pushed {len(plan.files)} files to {args.repo_id}: {url}")
     return 0
