@@ -97,6 +97,9 @@ def _w8a8_scheme(
             symmetric=True,
             strategy=QuantizationStrategy.TOKEN if dynamic else QuantizationStrategy.TENSOR,
             dynamic=bool(dynamic),
+            # A static scale is the largest |x| over every calibration token: llm-compressor's
+            # static_minmax (its `minmax` averages over batches). Dynamic scales are found at run time.
+            **({} if dynamic else {"observer": "static_minmax"}),
         )
     fmt = CompressionFormat.int_quantized if weight_type == "int" else CompressionFormat.float_quantized
     return QuantizationScheme(targets=targets, weights=weights, input_activations=inputs, format=fmt.value)

@@ -86,6 +86,23 @@ def test_actorder_only_where_gptq_reordered_columns(tiny_llama, tmp_path, stage,
         assert_loads_like_transformers(out)
 
 
+@pytest.mark.parametrize("stage, observer", [
+    ("{method: fp8, activations: {type: float, dynamic: false}}", "static_minmax"),
+    ("{method: smoothquant, activations: {bits: 8, dynamic: false}}", "static_minmax"),
+    ("{method: smoothquant, activations: {bits: 8, dynamic: true}}", None),
+])
+def test_activation_observer_says_how_the_input_scale_was_found(tiny_llama, tmp_path, stage, observer):
+    """A static input scale is the calibration's largest |x| (llm-compressor's static_minmax); a dynamic one has none."""
+    from compressed_tensors.quantization import QuantizationConfig
+
+    out = compress_into(tiny_llama, f"name: x\ncalibration: {{samples: 4, seq_len: 32}}\nstages:\n  - quantize: {stage}\n", tmp_path)
+    block = saved_block(out)
+    config = QuantizationConfig.model_validate(block)
+    (group,) = config.config_groups.values()
+    assert group.input_activations.dynamic is (observer is None)
+    assert group.input_activations.observer == observer
+
+
 def test_a_layer_gptq_gave_to_rtn_claims_no_act_order(tiny_llama, tmp_path, monkeypatch):
     """GPTQ falls back to RTN when the Hessian will not factor; that layer's columns went in order."""
     import compressor.algorithms.gptq as gptq
