@@ -135,8 +135,9 @@ def plan_upload(
         files = {name: path for name, path in files.items() if not name.startswith(f"{EVAL_DIR}/")}
         files.update({f"{EVAL_DIR}/{name}": path for name, path in _folder_files(eval_dir).items()})
     card = str(build_model_card(out_dir, repo_id, base_model=base_model, eval_dir=eval_dir)).encode("utf-8")
-    entries = [UploadFile(name, path.stat().st_size, source=path) for name, path in sorted(files.items())]
-    entries.append(UploadFile(CARD_NAME, len(card), content=card))
+    generated = {CARD_NAME: card, **_lowrank_adapter_config(out_dir, repo_id)}
+    entries = [UploadFile(name, path.stat().st_size, source=path) for name, path in sorted(files.items()) if name not in generated]
+    entries += [UploadFile(name, len(content), content=content) for name, content in generated.items()]
     return UploadPlan(
         out_dir=out_dir,
         repo_id=repo_id,
@@ -144,6 +145,18 @@ def plan_upload(
         base_model=tuple(base_model or ()),
         eval_dir=eval_dir,
     )
+
+
+def _lowrank_adapter_config(out_dir: Path, repo_id: str) -> dict[str, bytes]:
+    """OUT's EoRA/LoRA adapter corrects OUT's own weights: on the Hub its base is the repo itself
+    (the local file names the OUT folder)."""
+    from compressor.adapter_card import ADAPTER_CONFIG, hub_adapter_config
+    from compressor.adapters import ADAPTER_DIR
+
+    if not (out_dir / ADAPTER_DIR / ADAPTER_CONFIG).is_file():
+        return {}
+    content = hub_adapter_config(out_dir / ADAPTER_DIR, [repo_id])
+    return {f"{ADAPTER_DIR}/{ADAPTER_CONFIG}": content} if content is not None else {}
 
 
 def _plan_adapter_upload(out_dir: Path, repo_id: str, files: dict[str, Path], base_model: list[str] | None) -> UploadPlan:

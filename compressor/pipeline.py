@@ -190,14 +190,16 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _write_checkpoint(loaded: LoadedModel, recipe: Recipe, folder: Path, metadata: dict[str, Any]) -> None:
+def _write_checkpoint(loaded: LoadedModel, recipe: Recipe, folder: Path, out_dir: Path, metadata: dict[str, Any]) -> None:
     pack_sparse_layers(loaded.model)
     untie_compressed_head(loaded.model)
     loaded.model.save_pretrained(str(folder), safe_serialization=True, max_shard_size="2GB")
     write_quantization_config(loaded.model, folder)
     write_sparsity_config(loaded.model, folder)
     loaded.tokenizer.save_pretrained(str(folder))
-    metadata["sizes"]["lowrank_bytes"] = write_lowrank_artifacts(loaded.model, folder, loaded.source.reference)
+    # The adapter corrects the compressed weights, so its base is OUT itself (the final folder, not
+    # the staging one), never the original model: loaded there, it would be neither model.
+    metadata["sizes"]["lowrank_bytes"] = write_lowrank_artifacts(loaded.model, folder, str(out_dir.resolve()))
     (folder / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
     metadata["sizes"]["compressed_bytes"] = weights_bytes(folder)
     (folder / "compression.json").write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -246,12 +248,14 @@ def run_recipe_holding_output(
     echo: Callable[[str], None] = print,
     extra_metadata: dict[str, Any] | None = None,
     prior_stages: list[dict[str, Any]] | None = None,
+    base_description: str | None = None,
 ) -> RunSummary:
     """`run_recipe` for a caller that has checked OUT (check_output_dir) and holds its lock
     (`hold_output`).
 
     `prior_stages`: entries for stages that ran before the model was loaded (the merge that made
-    it), logged ahead of this run's stages in compression.json.
+    it), logged ahead of this run's stages in compression.json. `base_description`: what the
+    evaluation report calls the base when `model_reference` is a temporary folder (a merge's).
     """
     from compressor.calibration.batches import build_calibration
     from compressor.evaluation.perplexity import evaluation_windows, limited_count, perplexity_on
@@ -316,7 +320,7 @@ def run_recipe_holding_output(
         from compressor.evaluation.catalog import TaskError
 
         try:
-            evaluation.evaluate_base(loaded, model_reference)
+            evaluation.evaluate_base(loaded, base_description or model_reference)
         except TaskError as err:  # a task whose data cannot be read: point at the recipe's key
             raise TaskError(err.message, **recipe.where(("evaluate", "tasks"))) from None
     # The base evaluation made every mapped weight resident; stages read them back block by block.
@@ -394,7 +398,7 @@ def run_recipe_holding_output(
         metadata["command"] = options.command
     check_free_space(options.out_dir, state_bytes(model))
     with atomic_output_dir(options.out_dir) as staging:
-        _write_checkpoint(loaded, recipe, staging, metadata)
+        _write_checkpoint(loaded, recipe, staging, options.out_dir, metadata)
         for name, source in ctx.artifacts.items():
             shutil.copyfile(source, staging / name)
         summary.compressed_bytes = metadata["sizes"]["compressed_bytes"]

@@ -20,6 +20,7 @@ from compressor.kernels.quant_linear import QuantLinear
 from compressor.model_io import load_model
 from compressor.recipe import parse_recipe_text
 from compressor.stages.base import StageContext
+from tests.cli_runs import compress_into
 from tests.training_fixtures import StepNorms
 
 IDS = torch.tensor([[1, 5, 9, 33, 70, 120, 7, 2, 44, 200, 17, 3]])
@@ -178,6 +179,22 @@ def test_eora_through_the_cli_records_sizes(tiny_llama, tmp_path):
     assert meta["sizes"]["lowrank_bytes"] == {ADAPTER_DIR: size}
     assert meta["modules"]["model.layers.0.mlp.up_proj"]["method"] == "rtn"
     assert meta["modules"]["model.layers.0.mlp.up_proj"]["lowrank"][0]["rank"] == 4
+
+
+def test_eora_adapter_names_the_compressed_checkpoint_as_its_base(tiny_llama, tmp_path, capsys):
+    """The factors correct OUT's quantized weights: put on the original model (what the file used to
+    name) they would make a third model. Locally the base is OUT; on the Hub, the repo itself."""
+    out = compress_into(tiny_llama, _recipe("quantize: {method: rtn, weights: {bits: 4, group_size: 32}}",
+                                            "lowrank: {method: eora, rank: 4}"), tmp_path)
+    local = json.loads((out / ADAPTER_DIR / "adapter_config.json").read_text())
+    assert local["base_model_name_or_path"] == str(out.resolve())
+    preview = tmp_path / "preview"
+    assert main(["push", str(out), "org/tiny-w4-eora", "--dry-run", "--preview", str(preview)]) == 0
+    uploaded = json.loads((preview / ADAPTER_DIR / "adapter_config.json").read_text())
+    assert uploaded["base_model_name_or_path"] == "org/tiny-w4-eora"
+    assert {k: v for k, v in uploaded.items() if k != "base_model_name_or_path"} == {
+        k: v for k, v in local.items() if k != "base_model_name_or_path"}
+    assert f"{ADAPTER_DIR}/adapter_config.json" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------ svd

@@ -103,6 +103,13 @@ def dry_run_merge_recipe(recipe: Recipe, options) -> list[StagePlan]:
     return plans
 
 
+def merge_description(plan: MergePlan) -> str:
+    """`ties merge of org/base (base), org/math, org/code`: the merged model, which lives only in a
+    temporary folder while the recipe runs."""
+    names = [f"{i.reference} (base)" if n == plan.base_index else i.reference for n, i in enumerate(plan.inputs)]
+    return f"{plan.method.name} merge of {', '.join(names)}"
+
+
 def _merge_metadata(plan: MergePlan, seconds: float, stats) -> dict[str, Any]:
     record = plan.record()
     record["seconds"] = round(seconds, 3)
@@ -164,7 +171,8 @@ def _run_merge_recipe_holding_output(recipe: Recipe, options, echo: Callable[[st
         seconds = time.perf_counter() - started
         extra = {"source": source, "merge": _merge_metadata(plan, seconds, stats)}
         summary = run_recipe_holding_output(str(merged), recipe, options, echo=echo, extra_metadata=extra,
-                                            prior_stages=[merge_stage_record(plan, seconds)])
+                                            prior_stages=[merge_stage_record(plan, seconds)],
+                                            base_description=merge_description(plan))
         summary.stage_seconds.insert(0, seconds)
         summary.plans.insert(0, merge_stage_plan(plan))
         return summary
