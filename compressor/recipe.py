@@ -73,7 +73,7 @@ class EvaluateSpec(StrictModel):
     system_instruction: str | None = None
     gen_kwargs: dict[str, int | float | bool | str | list[str]] | str | None = None
     seed: int | list[int | None] | None = None  # None: lm-eval's 0,1234,1234,1234
-    batch_size: PositiveInt | str | None = None  # None: compress's --batch-size
+    batch_size: int | str | None = None  # N, auto or auto:N (checked below); None: compress's --batch-size
     max_batch_size: PositiveInt | None = None
     log_samples: bool = False
     confirm_run_unsafe_code: bool = False

@@ -211,6 +211,9 @@ def _evaluate(args: argparse.Namespace, pairs: list[tuple[str, str]], base: str,
     templates = chat_templates(pairs, args.apply_chat_template, args.trust_remote_code)
     if args.quiet:
         quiet_transformers()
+        import datasets
+
+        datasets.disable_progress_bars()  # lm-eval's tasks read their data through it
         logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notices, not its progress bars
 
     from compressor.evaluation.compare import Comparison
