@@ -348,3 +348,35 @@ def test_recipe_evaluate_applies_the_template_and_logs_samples(chat_model, tmp_p
         assert len(prompts) == 2 and all(p.startswith("<|im_start|>user\nAbstract: ") for p in prompts)
     settings = json.loads((out / "eval" / "report.json").read_text())["settings"]
     assert settings["apply_chat_template"] is True and settings["seed"]["fewshot"] == 3 and settings["batch_size"] == 8
+
+
+# ---------------------------------------------------------------- model code from the model's folder
+
+def _custom_code_model(source: Path, folder: Path) -> Path:
+    """The tiny Llama under a model type whose classes live in the checkpoint folder (`auto_map`)."""
+    shutil.copytree(source, folder)
+    (folder / "configuration_tiny.py").write_text(
+        "from transformers import LlamaConfig\n\n\nclass TinyCustomConfig(LlamaConfig):\n    model_type = 'tiny_custom'\n"
+    )
+    (folder / "modeling_tiny.py").write_text(
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_tiny import TinyCustomConfig\n\n\n"
+        "class TinyCustomForCausalLM(LlamaForCausalLM):\n    config_class = TinyCustomConfig\n"
+    )
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="tiny_custom", architectures=["TinyCustomForCausalLM"], auto_map={
+        "AutoConfig": "configuration_tiny.TinyCustomConfig", "AutoModelForCausalLM": "modeling_tiny.TinyCustomForCausalLM"
+    })
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_model_code_in_the_checkpoint_needs_trust_remote_code_before_any_work(tiny_llama, tmp_path, capsys, monkeypatch):
+    model = _custom_code_model(tiny_llama, tmp_path / "custom")
+    loads = _count_loads(monkeypatch)
+    argv = ["eval", f"m={model}", "--tasks", "perplexity", "--limit", "1", "-q", "--no-cache"]
+    code, err = run_cli(argv + ["-o", tmp_path / "refused"], capsys)
+    assert_one_line_refusal(code, err, "model 'm': this model's code lives in its repository; pass --trust-remote-code")
+    assert loads == [] and not (tmp_path / "refused").exists()
+    assert main(argv + ["--trust-remote-code", "-o", str(tmp_path / "ok")]) == 0
+    assert loads == ["m"]
+    assert json.loads((tmp_path / "ok" / "report.json").read_text())["models"][0]["metrics"]["perplexity"]

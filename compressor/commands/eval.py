@@ -195,7 +195,7 @@ def _evaluate(args: argparse.Namespace, pairs: list[tuple[str, str]], base: str,
 
     from compressor.evaluation.loading import model_identity, weights_folder
     from compressor.evaluation.runner import EvalSettings, EvalTarget, backend
-    from compressor.model_io import resolve_model
+    from compressor.model_io import load_config, resolve_model
 
     backend(args.backend).check()
     catalog = TaskCatalog(tuple(args.include_path))
@@ -208,6 +208,11 @@ def _evaluate(args: argparse.Namespace, pairs: list[tuple[str, str]], base: str,
         _check_report_spares_model(args.output, name, source.gguf_file or (source.load_path if source.kind == "local" else None))
         if source.kind == "hub" and huggingface_hub.constants.HF_HUB_OFFLINE and weights_folder(reference) is None:
             raise ModelError(f"model '{name}' is not in the local Hub cache, and the Hub is offline (HF_HUB_OFFLINE)", where=reference)
+        if source.kind == "local":  # its config now: model code that needs --trust-remote-code, or not a causal LM
+            try:
+                load_config(source.load_path, reference, args.trust_remote_code)
+            except ModelError as err:
+                raise ModelError(f"model '{name}': {err.message}", where=reference) from None
     templates = chat_templates(pairs, args.apply_chat_template, args.trust_remote_code)
     if args.quiet:
         quiet_transformers()
