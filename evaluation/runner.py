@@ -334,7 +334,12 @@ def evaluate_target(
     keys: dict[str, CacheKey] = {}
     header: dict[str, Any] = {"lm_eval_version": lm_eval_version()}
     template_sha = hashlib.sha256(target.chat_template.encode()).hexdigest() if target.chat_template is not None else None
-    cacheable = target.identity is not None and (not settings.options.apply_chat_template or template_sha is not None)
+    # A seed left unset (`--seed None`) draws differently each run: such results are not reused.
+    cacheable = (
+        target.identity is not None
+        and (not settings.options.apply_chat_template or template_sha is not None)
+        and None not in settings.options.seeds
+    )
     if cache is not None and cacheable:
         for task in settings.tasks:
             keys[task.name] = CacheKey(

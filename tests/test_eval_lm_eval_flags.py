@@ -269,7 +269,7 @@ def test_each_result_changing_option_is_in_the_cache_key():
 def test_results_without_a_chat_template_are_never_served_to_a_run_with_one(chat_model, tmp_path, capsys):
     model = tmp_path / "m"
     shutil.copytree(chat_model, model)
-    argv = ["eval", f"m={model}", "--tasks", "abstracts_match", "--limit", "2", "-q"]
+    argv = ["eval", f"m={model}", "--tasks", "abstracts_match", "--limit", "1", "-q"]
 
     def evaluate(*flags: str) -> str:
         out = tmp_path / f"r{len(list(tmp_path.iterdir()))}"
@@ -281,7 +281,8 @@ def test_results_without_a_chat_template_are_never_served_to_a_run_with_one(chat
     assert "m: running" in evaluate("--apply-chat-template")
     assert "from the results cache" in evaluate("--apply-chat-template")
     assert "m: running" in evaluate("--apply-chat-template", "--seed", "5")
-    assert "m: running" in evaluate("--gen-kwargs", "max_gen_toks=4")
+    assert "m: running" in evaluate("--seed", "0,1234,1234,None")  # an unseeded few-shot draw is never cached...
+    assert "m: running" in evaluate("--seed", "0,1234,1234,None")  # ...nor served
     # the template's text is in the key: the weights' identity does not cover tokenizer files
     tokenizer = AutoTokenizer.from_pretrained(str(model))
     tokenizer.chat_template = CHATML.replace("<|im_start|>", "<|turn|>")
