@@ -82,6 +82,7 @@ def _prompts(records: list[dict]) -> list[str]:
         (["--batch-size", "auto:0"], ["--batch-size", "got 'auto:0'"]),
         (["--batch-size", "0"], ["--batch-size", "got '0'"]),
         (["--fewshot-as-multiturn"], ["--fewshot-as-multiturn", "needs a chat template"]),
+        (["--gen_kwargs=temperature=0"], ["unrecognized arguments: --gen_kwargs", "this command spells it --gen-kwargs"]),
     ],
 )
 def test_bad_lm_eval_flags_are_one_line_before_any_work(tiny_llama, tmp_path, capsys, monkeypatch, flags, fragments):
