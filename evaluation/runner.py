@@ -277,7 +277,8 @@ def check_unsafe_code(built: BuiltTasks, confirmed: bool) -> None:
     for name, task in built.leaves.items():
         if getattr(task, "UNSAFE_CODE", False):
             raise TaskError(
-                f"task '{name}' runs code the model writes; pass --confirm-run-unsafe-code if you accept that", where="--tasks"
+                f"task '{name}' runs code the model writes; pass --confirm-run-unsafe-code (in a recipe,"
+                " evaluate.confirm_run_unsafe_code: true) if you accept that", where="--tasks",
             )
 
 
@@ -360,7 +361,8 @@ def evaluate_target(
     samples = None
     if missing:
         shots = "" if settings.num_fewshot is None else f", {settings.num_fewshot}-shot"
-        echo(f"{target.name}: running {', '.join(missing)} (limit {settings.limit or 'none'}{shots}, backend {settings.backend})")
+        chat = ", chat template" if settings.options.apply_chat_template else ""
+        echo(f"{target.name}: running {', '.join(missing)} (limit {settings.limit or 'none'}{shots}{chat}, backend {settings.backend})")
         manager = catalog.task_manager([t for t in settings.tasks if t.name in missing])
         built = build_tasks(missing, manager)  # before the model loads: a task whose data is missing costs no load
         check_unsafe_code(built, settings.options.confirm_run_unsafe_code)
