@@ -210,14 +210,28 @@ def _write_model_card(folder: Path, recipe: Recipe, out_name: str) -> None:
     (folder / "README.md").write_text(str(card), encoding="utf-8")
 
 
-def _plan_evaluation(recipe: Recipe, options: RunOptions, echo: Callable[[str], None]):
-    """The recipe's `evaluate:` block as lm-eval runs, or None without one."""
+def _plan_evaluation(recipe: Recipe, options: RunOptions, echo: Callable[[str], None], tokenizer: Any):
+    """The recipe's `evaluate:` block as lm-eval runs, or None without one; a chat template the
+    tokenizer lacks is refused here, before the model loads."""
     if recipe.evaluate is None:
         return None
     from compressor.evaluation.recipe_eval import RecipeEvaluation
 
-    spec = recipe.evaluate
-    return RecipeEvaluation.plan(spec.tasks, spec.limit, recipe.name, options.batch_size, echo, spec.num_fewshot)
+    template = evaluation_chat_template(recipe, tokenizer)
+    return RecipeEvaluation.plan(recipe.evaluate, recipe.name, options.batch_size, echo, template)
+
+
+def evaluation_chat_template(recipe: Recipe, tokenizer: Any) -> str | None:
+    """The chat template `evaluate.apply_chat_template` asks for, from the model's tokenizer
+    (None when it asks for none); RecipeError at that key when the tokenizer has no such template."""
+    if recipe.evaluate is None or not recipe.evaluate.apply_chat_template:
+        return None
+    from compressor.evaluation.options import chat_template_text
+
+    try:
+        return chat_template_text(tokenizer, recipe.evaluate.apply_chat_template)
+    except ValueError as err:
+        raise RecipeError(str(err), **recipe.where(("evaluate", "apply_chat_template"))) from None
 
 
 def hold_output(options: RunOptions) -> ContextManager[None]:
@@ -280,7 +294,7 @@ def run_recipe_holding_output(
             check_weight_names(folder, skeleton, model_reference)
         plan_recipe(skeleton, recipe)  # targets fail before any weight is read
     tokenizer = load_tokenizer(path, model_reference, options.trust_remote_code)
-    evaluation = _plan_evaluation(recipe, options, echo)
+    evaluation = _plan_evaluation(recipe, options, echo, tokenizer)
     calibration: dict[str, torch.Tensor] = {}
 
     def calibration_tokens() -> torch.Tensor:
@@ -515,6 +529,8 @@ def dry_run(model_reference: str, recipe: Recipe, options: RunOptions) -> list[S
     check_recipe_fits_model(recipe, model.config)
     plans = plan_recipe(model, recipe)
     check_local_dataset_contents(recipe, model_reference, options)
+    if recipe.evaluate is not None and recipe.evaluate.apply_chat_template:
+        evaluation_chat_template(recipe, source_tokenizer(model_reference, options.trust_remote_code))
     return plans
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, ValidationInfo, field_validator
 
 from compressor.errors import RecipeError
 from compressor.hub_ids import repo_id_problem
@@ -53,7 +53,13 @@ class EvaluateSpec(StrictModel):
     """lm-eval tasks run after the stages on the compressed model and on the base model
     (whose results are cached). `limit` caps the examples per task (below 1: a fraction of each,
     as lm-eval reads it), and the windows of the quick held-out perplexity printed before and
-    after; `num_fewshot` sets lm-eval's few-shot count.
+    after; `num_fewshot` sets lm-eval's few-shot count. The other keys are lm-eval's options of
+    the same names (see `compressor.evaluation.options`): `apply_chat_template` (true, or a
+    template name), `fewshot_as_multiturn` (default: on with a chat template),
+    `system_instruction`, `gen_kwargs` (a mapping, or lm-eval's `k=v,k2=v2` string), `seed` (one
+    integer, or a list of 3-4 integers/null: random, numpy, torch, few-shot), `batch_size` (N,
+    `auto`, `auto:N`; default: compress's --batch-size), `max_batch_size`, `log_samples`
+    (OUT/eval/samples/), `confirm_run_unsafe_code`.
 
     Task names are checked here, at parse time: built-in offline tasks by name, lm-eval's by
     a cached text scan of its task files (not its 25 s full index; see
@@ -62,6 +68,69 @@ class EvaluateSpec(StrictModel):
     tasks: list[str] = Field(default_factory=lambda: ["perplexity"], min_length=1)
     limit: int | float | None = None  # as lm-eval's --limit: a count, or below 1 a fraction of each task
     num_fewshot: NonNegativeInt | None = None  # None: each task's own default
+    apply_chat_template: bool | str = False
+    fewshot_as_multiturn: bool | None = None  # None: lm-eval's rule, on with a chat template
+    system_instruction: str | None = None
+    gen_kwargs: dict[str, int | float | bool | str | list[str]] | str | None = None
+    seed: int | list[int | None] | None = None  # None: lm-eval's 0,1234,1234,1234
+    batch_size: int | str | None = None  # N, auto or auto:N (checked below); None: compress's --batch-size
+    max_batch_size: PositiveInt | None = None
+    log_samples: bool = False
+    confirm_run_unsafe_code: bool = False
+
+    @field_validator("apply_chat_template")
+    @classmethod
+    def _template_choice(cls, choice: bool | str) -> bool | str:
+        if isinstance(choice, str) and not choice.strip():
+            raise ValueError("must be true, false or a template name, got an empty string")
+        return choice
+
+    @field_validator("fewshot_as_multiturn")
+    @classmethod
+    def _multiturn_needs_template(cls, requested: bool | None, info: ValidationInfo) -> bool | None:
+        from compressor.evaluation.options import resolve_fewshot_as_multiturn
+
+        resolve_fewshot_as_multiturn(requested, info.data.get("apply_chat_template", False))  # ValueError: the one line
+        return requested
+
+    @field_validator("gen_kwargs")
+    @classmethod
+    def _generation_settings(cls, value: Any) -> Any:
+        if value is not None:
+            from compressor.evaluation.options import check_hf_generation_keys, parse_gen_kwargs
+
+            check_hf_generation_keys(parse_gen_kwargs(value))
+        return value
+
+    @field_validator("seed")
+    @classmethod
+    def _seeds(cls, value: Any) -> Any:
+        from compressor.evaluation.options import parse_seed
+
+        if value is not None:
+            parse_seed(value)
+        return value
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch_size(cls, value: Any) -> Any:
+        from compressor.evaluation.options import parse_batch_size
+
+        return value if value is None else parse_batch_size(value)
+
+    def lm_eval_options(self):
+        """These keys as `compressor.evaluation.options.LmEvalOptions` (validated above)."""
+        from compressor.evaluation.options import DEFAULT_SEEDS, LmEvalOptions, parse_gen_kwargs, parse_seed, resolve_fewshot_as_multiturn
+
+        return LmEvalOptions(
+            apply_chat_template=self.apply_chat_template,
+            fewshot_as_multiturn=resolve_fewshot_as_multiturn(self.fewshot_as_multiturn, self.apply_chat_template),
+            system_instruction=self.system_instruction,
+            gen_kwargs=parse_gen_kwargs(self.gen_kwargs) if self.gen_kwargs is not None else {},
+            seeds=parse_seed(self.seed) if self.seed is not None else DEFAULT_SEEDS,
+            log_samples=self.log_samples,
+            confirm_run_unsafe_code=self.confirm_run_unsafe_code,
+        )
 
     @field_validator("limit")
     @classmethod

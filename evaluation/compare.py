@@ -15,6 +15,12 @@ from compressor.evaluation.size import SizeInfo
 
 
 @dataclass
+class _Samples:
+    records: dict[str, list[dict[str, Any]]]  # lm-eval's per-sample records, per task
+    prompt: dict[str, Any]  # how the prompts were built, for lm-eval's results_<date>.json beside them
+
+
+@dataclass
 class Comparison:
     """Rows gathered one model at a time (the recipe evaluates the base before its stages)."""
 
@@ -24,6 +30,7 @@ class Comparison:
     echo: Callable[[str], None] = print
     rows: list[ModelRow] = field(default_factory=list)
     raw: dict[str, dict[str, Any]] = field(default_factory=dict)
+    samples: dict[str, _Samples] = field(default_factory=dict)
 
     def add(self, target: EvalTarget, size: SizeInfo | None) -> ModelRow:
         outcome = evaluate_target(target, self.settings, self.catalog, self.cache, self.echo)
@@ -35,14 +42,34 @@ class Comparison:
             metrics=outcome.metrics,
             tokens_per_second=outcome.tokens_per_second,
             cached_tasks=outcome.cached,
+            # lm-eval's sizes found by --batch-size auto, when this run scored anything
+            batch_sizes=list(outcome.results.get("config", {}).get("batch_sizes") or []) if len(outcome.cached) < len(self.settings.tasks) else [],
         )
         self.rows.append(row)
         self.raw[target.name] = outcome.results
+        if outcome.samples is not None:
+            options = self.settings.options
+            prompt = {
+                "system_instruction": options.system_instruction,
+                "chat_template": target.chat_template,
+                "fewshot_as_multiturn": options.fewshot_as_multiturn,
+            }
+            self.samples[target.name] = _Samples(outcome.samples, prompt)
         return row
 
     def write(self, folder: Path, base: str) -> dict[str, Any]:
+        from compressor.evaluation.samples import write_samples
+
+        settings = {
+            "batch_size": self.settings.batch_size,
+            "max_batch_size": self.settings.max_batch_size,
+            **self.settings.options.describe(),
+        }
         report = build_report(
-            self.rows, base, [t.name for t in self.settings.tasks], self.settings.limit, lm_eval_version(), self.settings.num_fewshot
+            self.rows, base, [t.name for t in self.settings.tasks], self.settings.limit, lm_eval_version(), self.settings.num_fewshot,
+            settings,
         )
         write_report(folder, report, self.raw)
+        for name, logged in self.samples.items():
+            write_samples(folder, name, self.raw[name], logged.records, logged.prompt)
         return report

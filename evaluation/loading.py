@@ -51,14 +51,22 @@ def load_for_evaluation(reference: str, *, trust_remote_code: bool = False) -> L
     return load_model(reference, trust_remote_code=trust_remote_code)
 
 
-def load_named(name: str, reference: str) -> LoadedModel:
+def load_named(name: str, reference: str, *, trust_remote_code: bool = False) -> LoadedModel:
     """`load_for_evaluation`, with any failure reported as the named model's (exit code 2)."""
     try:
-        return load_for_evaluation(reference)
+        return load_for_evaluation(reference, trust_remote_code=trust_remote_code)
     except UserError as err:
         raise ModelLoadError(f"model '{name}' failed to load: {err.message}", where=reference) from None
     except Exception as err:  # a corrupt or unsupported checkpoint: name the model, not a traceback
         raise ModelLoadError(f"model '{name}' failed to load: {type(err).__name__}: {first_line(err)}", where=reference) from None
+
+
+def tokenizer_for(reference: str, *, trust_remote_code: bool = False):
+    """The tokenizer the evaluation will use, read without loading the weights (a `.gguf` is
+    converted once and cached, as its evaluation loads it from there)."""
+    source = resolve_model(reference)
+    folder = local_folder(source)
+    return load_tokenizer(str(folder) if folder is not None else source.load_path, reference, trust_remote_code)
 
 
 def weights_folder(reference: str) -> Path | None:

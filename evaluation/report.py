@@ -33,6 +33,7 @@ class ModelRow:
     metrics: dict[str, dict[str, Metric]]
     tokens_per_second: float | None = None
     cached_tasks: list[str] = field(default_factory=list)
+    batch_sizes: list[int] = field(default_factory=list)  # what lm-eval's --batch-size auto settled on
 
 
 def recovery(value: float, base: float, higher_is_better: bool | None) -> float | None:
@@ -44,8 +45,10 @@ def recovery(value: float, base: float, higher_is_better: bool | None) -> float 
 
 
 def build_report(
-    rows: list[ModelRow], base: str, tasks: list[str], limit: int | float | None, lm_eval_version: str, num_fewshot: int | None = None
+    rows: list[ModelRow], base: str, tasks: list[str], limit: int | float | None, lm_eval_version: str, num_fewshot: int | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """`settings`: the lm-eval options of the run (batch size, chat template, seeds, ...: LmEvalOptions.describe)."""
     base_row = next(r for r in rows if r.name == base)
     models = []
     for row in rows:
@@ -71,12 +74,13 @@ def build_report(
                 "stored_as": row.size.stored_as if row.size else None,
                 "tokens_per_second": row.tokens_per_second,
                 "cached_tasks": row.cached_tasks,
+                "batch_sizes": row.batch_sizes,
                 "metrics": metrics,
             }
         )
     return {
         "schema": SCHEMA, "base": base, "tasks": tasks, "lm_eval_version": lm_eval_version, "limit": limit,
-        "num_fewshot": num_fewshot, "models": models,
+        "num_fewshot": num_fewshot, "settings": settings or {}, "models": models,
     }
 
 
@@ -162,13 +166,37 @@ def _shots(report: dict[str, Any]) -> str:
     return "" if shots is None else f", {shots}-shot"
 
 
+def _settings_text(report: dict[str, Any]) -> str:
+    """The lm-eval options a reader needs to reproduce the numbers, in lm-eval's flag words."""
+    settings = report.get("settings") or {}
+    if not settings:
+        return ""
+    chat = settings.get("apply_chat_template")
+    parts = [f"batch size {settings.get('batch_size')}"]
+    if chat:
+        template = "the tokenizer's chat template" if chat is True else f"chat template '{chat}'"
+        parts.append(template + (", few-shot as multi-turn" if settings.get("fewshot_as_multiturn") else ""))
+    else:
+        parts.append("no chat template")
+    if settings.get("system_instruction"):
+        parts.append(f"system instruction {json.dumps(settings['system_instruction'])}")
+    if settings.get("gen_kwargs"):
+        parts.append("gen_kwargs " + ",".join(f"{k}={json.dumps(v)}" for k, v in settings["gen_kwargs"].items()))
+    seeds = settings.get("seed") or {}
+    if seeds:
+        parts.append("seeds " + ",".join(str(seeds.get(slot)) for slot in ("random", "numpy", "torch", "fewshot")) + " (random,numpy,torch,fewshot)")
+    if settings.get("log_samples"):
+        parts.append("samples logged under samples/")
+    return " Settings: " + "; ".join(parts) + "."
+
+
 def _legend(report: dict[str, Any]) -> str:
     return (
         f"Base: `{report['base']}`. Cells read value ± stderr (recovery against the base; lower-is-better metrics"
         f" inverted, so below 100 % is worse either way). lm-eval {report['lm_eval_version']},"
         f" limit {report['limit'] if report['limit'] is not None else 'none'} per task{_shots(report)}. tokens/s: forward"
         " passes of the lm-eval run (blank when served from the cache)."
-    ) + "".join(
+    ) + _settings_text(report) + "".join(
         f" `{m['name']}` is sized as its file, {m['stored_as']}, and scored as transformers' dequantized load of it."
         for m in report["models"]
         if (m.get("stored_as") or "").startswith("gguf")

@@ -1,8 +1,11 @@
 """Cached lm-eval results of reference (base) models, one file per (model, task, limit, few-shot
-count, lm-eval version).
+count, lm-eval version, prompt and generation options).
 
 The key also holds the backend and the task's definition fingerprint, so editing an
-include-path task or upgrading lm-eval never serves a stale number. Each file also keeps the
+include-path task or upgrading lm-eval never serves a stale number; and every lm-eval option
+that changes the numbers (chat template and the SHA-256 of its text, multi-turn few-shot,
+system instruction, generation kwargs, seeds: `LmEvalOptions.results_key`), so a result made
+without a chat template is never served to a run with one. Each file also keeps the
 header of the run that produced it (lm-eval's `config`, `date`, versions), so a results JSON
 served wholly from the cache still says how its numbers were made. Files live under
 ``<compressor cache>/eval-results/`` and are written atomically.
@@ -28,6 +31,8 @@ class CacheKey:
     num_fewshot: int | None
     lm_eval_version: str
     backend: str
+    options: str  # LmEvalOptions.results_key(): canonical JSON
+    chat_template_sha: str | None  # the template's text, which the weights' identity does not cover
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.__dict__, sort_keys=True).encode()).hexdigest()[:32]

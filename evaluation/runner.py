@@ -11,15 +11,17 @@ the direction lm-eval reports for each metric.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from compressor.errors import UserError, first_line
 from compressor.evaluation.catalog import ResolvedTask, TaskCatalog, TaskError, lm_eval_version
+from compressor.evaluation.options import LmEvalOptions
 from compressor.evaluation.results_cache import CacheKey, ResultsCache
 from compressor.model_io import LoadedModel
 
@@ -41,6 +43,7 @@ class EvalTarget:
     reference: str
     loaded: LoadedModel | None = None
     identity: str | None = None  # set for models whose results may be cached
+    chat_template: str | None = None  # the chat template's text, when one is applied (its hash is in the cache key)
 
 
 @dataclass(frozen=True)
@@ -48,9 +51,12 @@ class EvalSettings:
     tasks: tuple[ResolvedTask, ...]
     limit: int | float | None  # as lm-eval takes it: a count, or below 1 a fraction of each task
     backend: str = "hf"
-    batch_size: int = 8
+    batch_size: int | str = 8  # or lm-eval's "auto" / "auto:N"
     device: str | None = None
     num_fewshot: int | None = None  # None: each task's own default, as in lm-eval
+    max_batch_size: int | None = None  # the ceiling of "auto" (None: lm-eval's 64)
+    trust_remote_code: bool = False
+    options: LmEvalOptions = LmEvalOptions()
 
 
 # ---------------------------------------------------------------- backends
@@ -77,6 +83,14 @@ def _float32_logits_hflm():
             self.forward_tokens += int(inps.numel())
             return logits
 
+        def _detect_batch_size(self, *args, **kwargs):
+            # Its trial forward passes (--batch-size auto) are not scoring: keep them out of tokens/s.
+            counted = self.forward_tokens, self.forward_seconds
+            try:
+                return super()._detect_batch_size(*args, **kwargs)
+            finally:
+                self.forward_tokens, self.forward_seconds = counted
+
     return Float32LogitsHFLM
 
 
@@ -84,7 +98,7 @@ def _hf_model(target: EvalTarget, settings: EvalSettings):
     if target.loaded is None:
         from compressor.evaluation.loading import load_named
 
-        target.loaded = load_named(target.name, target.reference)
+        target.loaded = load_named(target.name, target.reference, trust_remote_code=settings.trust_remote_code)
     model = target.loaded.model
     if settings.device is not None:
         model = model.to(settings.device)
@@ -92,8 +106,15 @@ def _hf_model(target: EvalTarget, settings: EvalSettings):
     lm_eval_logger = logging.getLogger("lm_eval.models.huggingface")
     level = lm_eval_logger.level
     lm_eval_logger.setLevel(logging.ERROR)
+    sizing = {"max_batch_size": settings.max_batch_size} if settings.max_batch_size is not None else {}
+    chat = settings.options.apply_chat_template
+    # lm-eval 0.4.13's HFLM builds prompts with the tokenizer's default template whatever name it is
+    # given; a named one reaches transformers' apply_chat_template through chat_template_args.
+    template = {"chat_template_args": {"chat_template": chat}} if isinstance(chat, str) else {}
     try:
-        return _float32_logits_hflm()(pretrained=model, tokenizer=target.loaded.tokenizer, batch_size=settings.batch_size)
+        return _float32_logits_hflm()(
+            pretrained=model, tokenizer=target.loaded.tokenizer, batch_size=settings.batch_size, **sizing, **template
+        )
     finally:
         lm_eval_logger.setLevel(level)
 
@@ -105,7 +126,7 @@ def _vllm_model(target: EvalTarget, settings: EvalSettings):
 
     folder = weights_folder(target.reference)
     path = str(folder) if folder is not None else target.reference
-    return get_model("vllm")(pretrained=path, batch_size="auto")
+    return get_model("vllm")(pretrained=path, batch_size="auto", trust_remote_code=settings.trust_remote_code)
 
 
 def _vllm_available() -> None:
@@ -221,6 +242,7 @@ def extract_metrics(results: dict[str, Any], task_names: list[str]) -> dict[str,
 class BuiltTasks:
     objects: list[Any]  # lm-eval Task and Group objects, ready for simple_evaluate
     tagged: dict[str, list[str]]  # tag → the tasks it names (lm-eval's results do not mention tags)
+    leaves: dict[str, Any] = field(default_factory=dict)  # every Task object, groups opened: name → Task
 
 
 def build_tasks(names: list[str], manager: Any) -> BuiltTasks:
@@ -236,6 +258,7 @@ def build_tasks(names: list[str], manager: Any) -> BuiltTasks:
             loaded = manager.load([name])
         except Exception as err:  # datasets raises many types: connection, missing files, bad configs
             raise TaskError(f"task '{name}' cannot load its data: {type(err).__name__}: {first_line(err)}", where="--tasks") from None
+        built.leaves.update(loaded["tasks"])
         if name in loaded["groups"]:
             built.objects.append(loaded["groups"][name])
         elif name in loaded["tasks"]:
@@ -246,23 +269,44 @@ def build_tasks(names: list[str], manager: Any) -> BuiltTasks:
     return built
 
 
-def run_lm_eval(lm: Any, built: BuiltTasks, manager: Any, settings: EvalSettings) -> dict[str, Any]:
-    """lm-eval's results JSON for tasks `build_tasks` built with `manager`."""
+def check_unsafe_code(built: BuiltTasks, confirmed: bool) -> None:
+    """lm-eval refuses a task marked `unsafe_code` (it runs model-written code) without
+    confirmation, but only once the model is loaded; refuse it here, before."""
+    if confirmed:
+        return
+    for name, task in built.leaves.items():
+        if getattr(task, "UNSAFE_CODE", False):
+            raise TaskError(
+                f"task '{name}' runs code the model writes; pass --confirm-run-unsafe-code (in a recipe,"
+                " evaluate.confirm_run_unsafe_code: true) if you accept that", where="--tasks",
+            )
+
+
+@dataclass
+class LmEvalRun:
+    results: dict[str, Any]  # lm-eval's results JSON, without its samples
+    samples: dict[str, list[dict[str, Any]]] | None  # per task, with --log-samples
+
+
+def run_lm_eval(lm: Any, built: BuiltTasks, manager: Any, settings: EvalSettings) -> LmEvalRun:
+    """lm-eval's results (and samples) for tasks `build_tasks` built with `manager`."""
     import lm_eval
 
     results = lm_eval.simple_evaluate(
         model=lm,
         tasks=built.objects,
-        batch_size=getattr(lm, "batch_size", None),  # only recorded in results["config"]: lm is built already
+        batch_size=settings.batch_size,  # only recorded in results["config"]: lm is built already
+        max_batch_size=settings.max_batch_size,
         num_fewshot=settings.num_fewshot,
         limit=settings.limit,
         task_manager=manager,
-        log_samples=False,
         bootstrap_iters=1000,
+        **settings.options.simple_evaluate_kwargs(),
     )
     if results is None:  # only on non-zero ranks of a distributed run
         raise RuntimeError("lm-eval returned no results")
-    return json_safe(results)
+    samples = results.pop("samples", None)
+    return LmEvalRun(json_safe(results), samples)
 
 
 @dataclass
@@ -271,6 +315,7 @@ class TargetResults:
     metrics: dict[str, dict[str, Metric]]  # extract_metrics of each requested task's own slice
     cached: list[str]  # tasks served from the cache
     tokens_per_second: float | None  # scoring throughput of the fresh run, where measured
+    samples: dict[str, list[dict[str, Any]]] | None = None  # lm-eval's per-sample records, with --log-samples
 
 
 def _throughput(lm: Any) -> float | None:
@@ -289,12 +334,21 @@ def evaluate_target(
     slices: dict[str, dict[str, Any]] = {}
     keys: dict[str, CacheKey] = {}
     header: dict[str, Any] = {"lm_eval_version": lm_eval_version()}
-    if cache is not None and target.identity is not None:
+    template_sha = hashlib.sha256(target.chat_template.encode()).hexdigest() if target.chat_template is not None else None
+    # A seed left unset (`--seed None`) draws differently each run: such results are not reused.
+    cacheable = (
+        target.identity is not None
+        and (not settings.options.apply_chat_template or template_sha is not None)
+        and None not in settings.options.seeds
+    )
+    if cache is not None and cacheable:
         for task in settings.tasks:
             keys[task.name] = CacheKey(
-                target.identity, task.name, task.fingerprint(), settings.limit, settings.num_fewshot, lm_eval_version(), settings.backend
+                target.identity, task.name, task.fingerprint(), settings.limit, settings.num_fewshot, lm_eval_version(),
+                settings.backend, settings.options.results_key(), template_sha,
             )
-            hit = cache.get(keys[task.name])
+            # --log-samples needs lm-eval's per-sample records, which the cache does not keep: run, then store.
+            hit = None if settings.options.log_samples else cache.get(keys[task.name])
             if hit is not None and hit.results.get("results"):  # older versions cached a tag as an empty slice
                 slices[task.name] = hit.results
                 header.update(hit.header)  # replaced below by a fresh run's own header, if one runs
@@ -304,13 +358,17 @@ def evaluate_target(
         echo(f"{target.name}: {', '.join(cached)} from the results cache")
         header["compressor_cached_tasks"] = cached
     throughput = None
+    samples = None
     if missing:
         shots = "" if settings.num_fewshot is None else f", {settings.num_fewshot}-shot"
-        echo(f"{target.name}: running {', '.join(missing)} (limit {settings.limit or 'none'}{shots}, backend {settings.backend})")
+        chat = ", chat template" if settings.options.apply_chat_template else ""
+        echo(f"{target.name}: running {', '.join(missing)} (limit {settings.limit or 'none'}{shots}{chat}, backend {settings.backend})")
         manager = catalog.task_manager([t for t in settings.tasks if t.name in missing])
         built = build_tasks(missing, manager)  # before the model loads: a task whose data is missing costs no load
+        check_unsafe_code(built, settings.options.confirm_run_unsafe_code)
         lm = backend(settings.backend).build(target, settings)
-        fresh = run_lm_eval(lm, built, manager, settings)
+        run = run_lm_eval(lm, built, manager, settings)
+        fresh, samples = run.results, run.samples
         throughput = _throughput(lm)
         run_header = {k: v for k, v in fresh.items() if k not in (*PER_TASK_SECTIONS, "group_subtasks")}
         header.update(run_header)
@@ -320,4 +378,4 @@ def evaluate_target(
                 cache.put(keys[name], slices[name], run_header)
     merged = merge_slices([slices[t.name] for t in settings.tasks], header)
     metrics = {row: values for t in settings.tasks for row, values in extract_metrics(slices[t.name], [t.name]).items()}
-    return TargetResults(merged, metrics, cached, throughput)
+    return TargetResults(merged, metrics, cached, throughput, samples)

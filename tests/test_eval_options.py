@@ -145,7 +145,7 @@ def _count_loads(monkeypatch) -> list[str]:
 
     loads: list[str] = []
     load_named = loading.load_named
-    monkeypatch.setattr(loading, "load_named", lambda name, reference: loads.append(name) or load_named(name, reference))
+    monkeypatch.setattr(loading, "load_named", lambda name, reference, **kw: loads.append(name) or load_named(name, reference, **kw))
     return loads
 
 

@@ -10,8 +10,18 @@ class Parser(argparse.ArgumentParser):
     """argparse with one-line errors and exit code 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"error: {self.prog}: {message}", file=sys.stderr)
+        print(f"error: {self.prog}: {message}{self._dashed_hint(message)}", file=sys.stderr)
         raise SystemExit(2)
+
+    def _dashed_hint(self, message: str) -> str:
+        """lm-eval and transformers spell flags with underscores (`--num_fewshot`); ours have dashes."""
+        if not message.startswith("unrecognized arguments:"):
+            return ""
+        for word in message.split()[2:]:
+            flag = word.split("=", 1)[0]
+            if flag.startswith("--") and "_" in flag and flag.replace("_", "-") in self._option_string_actions:
+                return f" (this command spells it {flag.replace('_', '-')})"
+        return ""
 
 
 def positive_int(text: str) -> int:

@@ -12,11 +12,42 @@ import gc
 import logging
 import re
 from pathlib import Path
+from typing import Any, Callable
 
 from compressor.commands.args import Parser, device_name, example_limit, non_negative_int, positive_int, quiet_transformers
 from compressor.errors import ModelError, UserError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _flag_type(parse: Callable[[str], Any], name: str) -> Callable[[str], Any]:
+    """An argparse type from a parser of compressor.evaluation.options: its ValueError is the one line."""
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    convert.__name__ = name
+    return convert
+
+
+def _options_module():
+    from compressor.evaluation import options
+
+    return options
+
+
+def _seed(text: str):
+    return _options_module().parse_seed(text)
+
+
+def _gen_kwargs(text: str):
+    return _options_module().parse_gen_kwargs(text)
+
+
+def _batch_size(text: str):
+    return _options_module().parse_batch_size(text)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,7 +61,24 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--base", help="the model recovery is measured against (default: the first)")
     parser.add_argument("--output", "-o", type=Path, required=True, help="report folder")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty report folder")
-    parser.add_argument("--batch-size", type=positive_int, default=8, help="lm-eval batch size (default 8)")
+    parser.add_argument("--batch-size", type=_flag_type(_batch_size, "batch size"), default=8, metavar="N|auto|auto:N",
+                        help="lm-eval batch size: N, auto (largest that fits, found once) or auto:N (found N times); default 8")
+    parser.add_argument("--max-batch-size", type=positive_int, metavar="N", help="the largest size --batch-size auto tries (default: lm-eval's 64)")
+    prompts = parser.add_argument_group("prompts and generation (as lm-eval's flags of the same names)")
+    prompts.add_argument("--apply-chat-template", nargs="?", const=True, default=False, metavar="NAME",
+                         help="wrap prompts in the tokenizer's chat template (or its template NAME); refused for a tokenizer without one")
+    prompts.add_argument("--fewshot-as-multiturn", action=argparse.BooleanOptionalAction, default=None,
+                         help="few-shot examples as user/assistant turns (default: on with --apply-chat-template)")
+    prompts.add_argument("--system-instruction", metavar="TEXT", help="a system message (a system turn with a chat template)")
+    prompts.add_argument("--gen-kwargs", type=_flag_type(_gen_kwargs, "generation kwargs"), metavar="K=V,...",
+                         help="generation settings for generate_until tasks, e.g. temperature=0,max_gen_toks=64")
+    prompts.add_argument("--seed", type=_flag_type(_seed, "seed"), metavar="N|R,N,T[,F]",
+                         help="seeds for python random, numpy, torch and the few-shot sampler: one for all, or 3-4 "
+                              "comma-separated (None leaves one unset; default 0,1234,1234,1234)")
+    prompts.add_argument("--log-samples", action="store_true",
+                         help="write lm-eval's per-sample records to OUT/samples/NAME/samples_TASK_DATE.jsonl")
+    prompts.add_argument("--confirm-run-unsafe-code", action="store_true", help="allow tasks that run code the model writes")
+    parser.add_argument("--trust-remote-code", action="store_true", help="run model code from the model's repository")
     parser.add_argument("--device", type=device_name, help="device for the hf backend (default: where the model loads)")
     parser.add_argument("--no-cache", action="store_true", help="evaluate every model even if its results are cached")
     parser.add_argument("--quiet", "-q", action="store_true", help="fewer progress bars")
@@ -81,8 +129,50 @@ def _size_of(name: str, reference: str):
         raise ModelLoadError(f"model '{name}' failed to load: {err}", where=reference) from None
 
 
+def lm_eval_options(args: argparse.Namespace):
+    """The flags lm-eval takes, checked together (the rules lm-eval's own CLI applies)."""
+    from compressor.evaluation.options import DEFAULT_SEEDS, LmEvalOptions, check_hf_generation_keys, resolve_fewshot_as_multiturn
+
+    try:
+        multiturn = resolve_fewshot_as_multiturn(args.fewshot_as_multiturn, args.apply_chat_template)
+    except ValueError as err:
+        raise UserError(str(err), where="--fewshot-as-multiturn") from None
+    if args.gen_kwargs and args.backend == "hf":
+        try:
+            check_hf_generation_keys(args.gen_kwargs)
+        except ValueError as err:
+            raise UserError(str(err), where="--gen-kwargs") from None
+    return LmEvalOptions(
+        apply_chat_template=args.apply_chat_template,
+        fewshot_as_multiturn=multiturn,
+        system_instruction=args.system_instruction,
+        gen_kwargs=args.gen_kwargs or {},
+        seeds=args.seed or DEFAULT_SEEDS,
+        log_samples=args.log_samples,
+        confirm_run_unsafe_code=args.confirm_run_unsafe_code,
+    )
+
+
+def chat_templates(pairs: list[tuple[str, str]], choice: bool | str, trust_remote_code: bool) -> dict[str, str | None]:
+    """Each model's chat template text (None without --apply-chat-template), read from its
+    tokenizer before any weights load: a tokenizer without one is refused here."""
+    if not choice:
+        return {name: None for name, _ in pairs}
+    from compressor.evaluation.loading import tokenizer_for
+    from compressor.evaluation.options import chat_template_text
+
+    found: dict[str, str | None] = {}
+    for name, reference in pairs:
+        try:
+            found[name] = chat_template_text(tokenizer_for(reference, trust_remote_code=trust_remote_code), choice)
+        except ValueError as err:
+            raise UserError(f"model '{name}': {err}", where="--apply-chat-template") from None
+    return found
+
+
 def run(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    options = lm_eval_options(args)
     pairs = parse_model_pairs(args.models)
     names = [n for n, _ in pairs]
     base = args.base or names[0]
@@ -94,10 +184,10 @@ def run(argv: list[str]) -> int:
 
     check_output_dir(args.output, args.overwrite)
     with output_lock(args.output):
-        return _evaluate(args, pairs, base)
+        return _evaluate(args, pairs, base, options)
 
 
-def _evaluate(args: argparse.Namespace, pairs: list[tuple[str, str]], base: str) -> int:
+def _evaluate(args: argparse.Namespace, pairs: list[tuple[str, str]], base: str, options) -> int:
     """`compress eval` once OUT is held: resolve the tasks and models, evaluate, write the report."""
     from compressor.checkpoint import atomic_output_dir
     from compressor.evaluation.catalog import TaskCatalog
@@ -105,7 +195,7 @@ def _evaluate(args: argparse.Namespace, pairs: list[tuple[str, str]], base: str)
 
     from compressor.evaluation.loading import model_identity, weights_folder
     from compressor.evaluation.runner import EvalSettings, EvalTarget, backend
-    from compressor.model_io import resolve_model
+    from compressor.model_io import load_config, resolve_model
 
     backend(args.backend).check()
     catalog = TaskCatalog(tuple(args.include_path))
@@ -118,17 +208,30 @@ def _evaluate(args: argparse.Namespace, pairs: list[tuple[str, str]], base: str)
         _check_report_spares_model(args.output, name, source.gguf_file or (source.load_path if source.kind == "local" else None))
         if source.kind == "hub" and huggingface_hub.constants.HF_HUB_OFFLINE and weights_folder(reference) is None:
             raise ModelError(f"model '{name}' is not in the local Hub cache, and the Hub is offline (HF_HUB_OFFLINE)", where=reference)
+        if source.kind == "local":  # its config now: model code that needs --trust-remote-code, or not a causal LM
+            try:
+                load_config(source.load_path, reference, args.trust_remote_code)
+            except ModelError as err:
+                raise ModelError(f"model '{name}': {err.message}", where=reference) from None
+    templates = chat_templates(pairs, args.apply_chat_template, args.trust_remote_code)
     if args.quiet:
         quiet_transformers()
+        import datasets
+
+        datasets.disable_progress_bars()  # lm-eval's tasks read their data through it
         logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notices, not its progress bars
 
     from compressor.evaluation.compare import Comparison
     from compressor.evaluation.results_cache import ResultsCache
-    settings = EvalSettings(tuple(tasks), args.limit, args.backend, args.batch_size, args.device, args.num_fewshot)
+    settings = EvalSettings(
+        tuple(tasks), args.limit, args.backend, args.batch_size, args.device, args.num_fewshot,
+        max_batch_size=args.max_batch_size, trust_remote_code=args.trust_remote_code, options=options,
+    )
     comparison = Comparison(settings, catalog, None if args.no_cache else ResultsCache())
     for index, (name, reference) in enumerate(pairs, start=1):
         print(f"[{index}/{len(pairs)}] {name} = {reference}")
-        target = EvalTarget(name, reference, identity=None if args.no_cache else model_identity(reference))
+        identity = None if args.no_cache else model_identity(reference)
+        target = EvalTarget(name, reference, identity=identity, chat_template=templates[name])
         comparison.add(target, _size_of(name, reference))
         target.loaded = None
         gc.collect()
@@ -136,4 +239,6 @@ def _evaluate(args: argparse.Namespace, pairs: list[tuple[str, str]], base: str)
         comparison.write(staging, base)
     print((args.output / "report.md").read_text().split("## ", 2)[1].split("\n", 1)[1].strip())
     print(f"report: {args.output / 'report.md'} (also report.json, report.html, accuracy_vs_size.png)")
+    if options.log_samples:
+        print(f"samples: {args.output / 'samples'}/<name>/samples_<task>_<date>.jsonl (lm-eval's layout)")
     return 0
