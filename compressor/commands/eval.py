@@ -15,6 +15,7 @@ from pathlib import Path
 
 from compressor.commands.args import Parser, device_name, example_limit, non_negative_int, positive_int, quiet_transformers
 from compressor.errors import ModelError, UserError
+from compressor.extras import require_extra
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -83,6 +84,7 @@ def _size_of(name: str, reference: str):
 
 def run(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    require_extra("lm_eval", "compress eval")
     pairs = parse_model_pairs(args.models)
     names = [n for n, _ in pairs]
     base = args.base or names[0]
