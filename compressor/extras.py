@@ -50,8 +50,8 @@ def missing_extra(module: str, feature: str) -> str | None:
     return f"{feature} needs {OPTIONAL_MODULES[module].package}, which is not installed: {install_hint(module)}"
 
 
-def require_extra(module: str, feature: str, where: str | None = None) -> None:
-    """Raise a UserError (one line, exit 2) when `module` is not installed."""
+def require_extra(module: str, feature: str, where: str | None = None, error: type[UserError] = UserError) -> None:
+    """Raise `error` (a UserError: one line, exit 2) when `module` is not installed."""
     problem = missing_extra(module, feature)
     if problem is not None:
-        raise UserError(problem, where=where)
+        raise error(problem, where=where)

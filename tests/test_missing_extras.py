@@ -10,6 +10,7 @@ imports and runs with every extra absent.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -20,7 +21,9 @@ import pytest
 from compressor.cli import main
 from compressor.extras import OPTIONAL_MODULES
 from compressor.recipe import builtin_recipes
+from compressor.errors import ModelError
 from tests.cli_runs import assert_one_line_refusal, compress_into, run_cli
+from tests.tiny_models import build_tiny_checkpoint
 
 RTN = "  - quantize: {method: rtn, weights: {bits: 4, group_size: 32}}\n"
 GPTQ = "  - quantize: {method: gptq, weights: {bits: 4, group_size: 32}}\n"
@@ -112,6 +115,20 @@ def test_deepspeed_launch_without_deepspeed_names_the_extra(tiny_llama, tmp_path
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     text = "calibration: {samples: 2, seq_len: 16}\nstages:\n  - distill: {teacher: base, steps: 1}\n"
     refused_both_ways(tiny_llama, text, tmp_path, capsys, "needs deepspeed, which is not installed: pip install 'compressor[gpu]'")
+
+
+def test_an_nf4_checkpoint_without_bitsandbytes_is_refused_in_one_line(tiny_tokenizer_dir, tmp_path, monkeypatch, capsys):
+    source = build_tiny_checkpoint(tmp_path / "qwen3", "qwen3", tiny_tokenizer_dir)  # every Linear in whole NF4 blocks
+    out = compress_into(source, "calibration: {seq_len: 16}\nstages:\n  - quantize: {method: nf4, ignore: [lm_head]}\n", tmp_path)
+    absent(monkeypatch, "bitsandbytes")
+    needs = "a bitsandbytes (NF4) checkpoint needs bitsandbytes, which is not installed: pip install 'compressor[nf4]'"
+    import compressor
+
+    with pytest.raises(ModelError, match=re.escape(needs)):
+        compressor.load(out)
+    for argv in (["generate", out, "hi", "--max-new-tokens", "2"], [out, "--recipe", "w4a16-rtn", "--dry-run"]):
+        code, err = run_cli(argv, capsys)
+        assert_one_line_refusal(code, err, f"{out}: {needs}")
 
 
 def test_the_core_imports_and_loads_a_checkpoint_with_every_extra_absent(tiny_llama, tmp_path):
