@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Iterator, Union
 from compressor.calibration.corpus import calibration_slice_path, read_abstracts
 from compressor.data_files import read_jsonl_records, read_utf8
 from compressor.errors import DataError, first_line
+from compressor.extras import missing_extra
 
 Document = Union[str, list[dict[str, str]]]
 
@@ -36,6 +37,10 @@ TEXT_COLUMNS = ("text", "content", "abstract", "document", "messages", "conversa
 # fingerprint of such sources (STREAM_SAMPLING), since it decides which documents a seed picks.
 SHUFFLE_BUFFER = 10_000
 STREAM_SAMPLING = f"datasets-stream-shuffle(buffer={SHUFFLE_BUFFER})"
+
+# What the `data` extra's modules are needed for, as the one-line refusal names it.
+DATASETS_FEATURE = "a Hub dataset or a datasets folder"
+PARQUET_FEATURE = "a .parquet file"
 
 
 @dataclass(frozen=True)
@@ -135,11 +140,11 @@ def _read_txt(path: Path, column: str | None) -> list[Document]:
 
 
 def _read_parquet(path: Path, column: str | None) -> list[Document]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataError("reading .parquet needs pyarrow (pip install 'compressor[data]')", where=str(path)) from None
+    missing = missing_extra("pyarrow", PARQUET_FEATURE)
+    if missing is not None:
+        raise DataError(missing, where=str(path))
     import pyarrow
+    import pyarrow.parquet as pq
 
     try:
         table = pq.read_table(path)
@@ -157,10 +162,11 @@ LOCAL_READERS: dict[str, Callable[[Path, str | None], list[Document]]] = {
 
 
 def _datasets_library(label: str):
-    try:
-        import datasets
-    except ImportError:
-        raise DataError("Hub datasets need the `datasets` package (pip install 'compressor[data]')", where=label) from None
+    missing = missing_extra("datasets", DATASETS_FEATURE)
+    if missing is not None:
+        raise DataError(missing, where=label)
+    import datasets
+
     return datasets
 
 
@@ -260,20 +266,19 @@ def _local_documents(dataset: str, text_column: str | None) -> list[Document]:
 def dataset_problem(dataset: str) -> str | None:
     """What is wrong with a dataset reference that can be told without reading it (None: nothing).
 
-    Checked when a recipe is planned, so `--dry-run` and the run itself refuse a missing file
-    or an unknown built-in before any weight is read. Hub ids are only checked when read."""
+    Checked when a recipe is planned, so `--dry-run` and the run itself refuse a missing file,
+    an unknown built-in or a reader from an extra that is not installed before any weight is read.
+    Whether a Hub id exists is only checked when it is read."""
     if dataset.startswith("builtin:"):
         return None if dataset == "builtin:abstracts" else "unknown built-in dataset (known: builtin:abstracts)"
-    if dataset in KNOWN_HUB_SETS:
-        return None
     path = Path(dataset).expanduser()
+    if is_streamed(dataset):
+        return missing_extra("datasets", DATASETS_FEATURE)
     if path.suffix in LOCAL_READERS:
-        return None if path.is_file() else "calibration file not found"
-    if path.is_dir():
-        return None
-    if path.exists() or dataset.startswith((".", "/", "~")):
-        return _UNSUPPORTED if path.exists() else "calibration file or folder not found"
-    return None
+        if not path.is_file():
+            return "calibration file not found"
+        return missing_extra("pyarrow", PARQUET_FEATURE) if path.suffix == ".parquet" else None
+    return _UNSUPPORTED if path.exists() else "calibration file or folder not found"
 
 
 def load_documents(dataset: str, *, text_column: str | None, split: str, subset: str | None) -> list[Document]:

@@ -18,7 +18,6 @@ the quantization error is controlled by calibrated GPTQ instead of plain re-roun
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import time
@@ -30,6 +29,7 @@ from typing import Callable
 import torch
 
 from compressor.errors import ModelError, UserError
+from compressor.extras import missing_extra
 from compressor.finetune_data import collate, load_examples
 from compressor.kernels.dispatched_module import DispatchedModule
 from compressor.kernels.quant_linear import QuantLinear
@@ -91,8 +91,9 @@ class FinetuneSummary:
 
 
 def check_bitsandbytes() -> None:
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise UserError("--qlora needs the bitsandbytes package (pip install bitsandbytes); or drop --qlora for plain LoRA", where="--qlora")
+    missing = missing_extra("bitsandbytes", "QLoRA")
+    if missing is not None:
+        raise UserError(f"{missing}; or drop --qlora for plain LoRA", where="--qlora")
 
 
 def quantization_method(path: str) -> str | None:

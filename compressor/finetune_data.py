@@ -20,6 +20,7 @@ from typing import Any
 
 from compressor.data_files import read_jsonl_records, read_utf8
 from compressor.errors import DataError, first_line
+from compressor.extras import missing_extra
 
 IGNORE_INDEX = -100
 PROMPT_FIELDS = ("instruction", "prompt")
@@ -47,10 +48,10 @@ def _read_records(dataset: str, split: str) -> tuple[list[dict[str, Any]], str]:
         return read_jsonl_records(path, dataset), dataset
     if path.exists() or dataset.startswith((".", "/", "~")):
         raise DataError("unsupported dataset file (use .txt, .jsonl, .json) or a Hub dataset id", where=dataset)
-    try:
-        import datasets
-    except ImportError:
-        raise DataError("Hub datasets need the `datasets` package", where=dataset) from None
+    missing = missing_extra("datasets", "a Hub dataset")
+    if missing is not None:
+        raise DataError(missing, where=dataset)
+    import datasets
     try:
         return datasets.load_dataset(dataset, split=split).to_list(), dataset
     except Exception as err:  # datasets raises many types for missing/offline sets

@@ -27,6 +27,7 @@ import torch
 
 from compressor.cache import cache_root
 from compressor.errors import ModelError, first_line
+from compressor.extras import require_extra
 from compressor.load_checks import check_causal_lm, load_causal_lm
 from compressor.offload import offload_device_map
 from compressor.weight_files import check_weight_files
@@ -177,6 +178,8 @@ def load_config(path: str, reference: str, trust_remote_code: bool):
     except OSError as err:
         raise ModelError(f"cannot load: {first_line(err)}", where=reference) from None
     check_causal_lm(config, reference)
+    if _quant_method(config) == "bitsandbytes":  # transformers builds its layers with bitsandbytes
+        require_extra("bitsandbytes", "a bitsandbytes (NF4) checkpoint", where=reference, error=ModelError)
     return config
 
 

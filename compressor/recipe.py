@@ -65,7 +65,8 @@ class EvaluateSpec(StrictModel):
     a cached text scan of its task files (not its 25 s full index; see
     `compressor.evaluation.catalog`)."""
 
-    tasks: list[str] = Field(default_factory=lambda: ["perplexity"], min_length=1)
+    # validate_default: the default task needs lm-eval as much as a written one.
+    tasks: list[str] = Field(default_factory=lambda: ["perplexity"], min_length=1, validate_default=True)
     limit: int | float | None = None  # as lm-eval's --limit: a count, or below 1 a fraction of each task
     num_fewshot: NonNegativeInt | None = None  # None: each task's own default
     apply_chat_template: bool | str = False
@@ -144,7 +145,11 @@ class EvaluateSpec(StrictModel):
     def _known_tasks(cls, tasks: list[str]) -> list[str]:
         from compressor.errors import UserError
         from compressor.evaluation.catalog import TaskCatalog
+        from compressor.extras import missing_extra
 
+        missing = missing_extra("lm_eval", "the evaluate: block")  # every task, built-in ones too, runs through lm-eval
+        if missing is not None:
+            raise ValueError(missing)
         try:
             TaskCatalog().resolve(tasks)
         except UserError as err:

@@ -30,6 +30,7 @@ import yaml
 
 from compressor.cache import cache_root
 from compressor.errors import UserError
+from compressor.extras import missing_extra
 from compressor.evaluation.builtin_tasks import builtin_task_dir
 
 _NAME_KEYS = re.compile(r"""^["']?(task|group|tag)["']?:[ \t]*([^\n]*)\n((?:[ \t]*-[^\n]*\n)*)""", re.M)
@@ -45,9 +46,12 @@ def lm_eval_version() -> str:
 
 
 def _lm_eval_task_root() -> Path:
+    missing = missing_extra("lm_eval", "evaluation")
+    if missing is not None:
+        raise TaskError(missing)
     spec = importlib.util.find_spec("lm_eval")
     if spec is None or not spec.submodule_search_locations:
-        raise TaskError("lm-eval is not installed: pip install lm-eval")
+        raise TaskError("lm-eval is installed without its task folder")
     return Path(list(spec.submodule_search_locations)[0]) / "tasks"
 
 
@@ -87,10 +91,11 @@ def scan_lm_eval_tasks(root: Path) -> dict[str, str]:
 
 def lm_eval_task_names() -> dict[str, str]:
     """`scan_lm_eval_tasks` of the installed lm-eval, cached per lm-eval version."""
+    task_root = _lm_eval_task_root()  # first: it says how to install lm-eval when it is missing
     cache = cache_root() / "lm_eval" / f"task-names-{lm_eval_version()}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
-    found = scan_lm_eval_tasks(_lm_eval_task_root())
+    found = scan_lm_eval_tasks(task_root)
     cache.parent.mkdir(parents=True, exist_ok=True)
     partial = cache.with_suffix(".partial")
     partial.write_text(json.dumps(found, sort_keys=True))

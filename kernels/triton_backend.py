@@ -7,11 +7,12 @@ CPU-only install never imports Triton.
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from compressor.extras import install_hint, is_installed
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -32,8 +33,8 @@ class TritonWxA16Backend:
     def unsupported(self, module: nn.Module, x: torch.Tensor) -> str | None:
         if x.device.type != "cuda":
             return "needs a CUDA device"
-        if importlib.util.find_spec("triton") is None:
-            return "triton is not installed"
+        if not is_installed("triton"):
+            return f"triton is not installed ({install_hint('triton')})"
         if module.bits not in (4, 8):
             return f"kernel handles int4/int8; layer is int{module.bits}"
         if x.dtype not in DTYPES:

@@ -156,13 +156,13 @@ def test_qlora_refuses_a_project_int4_checkpoint(tiny_llama, tmp_path, capsys):
 
 
 def test_qlora_without_bitsandbytes(tiny_llama, tmp_path, capsys, monkeypatch):
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` fails, as when it is not installed
     data = _write_jsonl(tmp_path / "d.jsonl", [{"text": "hello world"}])
     assert main(["finetune", str(tiny_llama), "--qlora", "--dataset", str(data), "-o", str(tmp_path / "o")]) == 2
-    assert "needs the bitsandbytes package" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "--qlora: QLoRA needs bitsandbytes, which is not installed: pip install 'compressor[nf4]'" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]
 
 
 def test_two_process_accelerate_launch_on_cpu(chat_llama, tmp_path):

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from compressor.commands.args import Parser, device_name, example_limit, non_negative_int, positive_int, quiet_transformers
 from compressor.errors import ModelError, UserError
+from compressor.extras import require_extra
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -172,6 +173,7 @@ def chat_templates(pairs: list[tuple[str, str]], choice: bool | str, trust_remot
 
 def run(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    require_extra("lm_eval", "compress eval")
     options = lm_eval_options(args)
     pairs = parse_model_pairs(args.models)
     names = [n for n, _ in pairs]

@@ -23,12 +23,12 @@ so ``weights: {bits: 8}`` means per-channel here, not the generic group 128):
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any, Literal
 
 from pydantic import model_validator
 
 from compressor.algorithms.fp8 import float8_supported, float8_unsupported_message
+from compressor.extras import missing_extra
 from compressor.recipe import StrictModel
 
 SMOOTHING_METHODS = ("smoothquant", "smoothquant+gptq")
@@ -149,8 +149,9 @@ def apply_method_defaults(config: Any) -> Any:
             field_type = type(config.weights) if key == "weights" else ActivationArgs
             setattr(config, key, field_type.model_validate(values))
     if config.method == "nf4":
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise ValueError("method nf4 needs bitsandbytes: pip install 'compressor[nf4]'")
+        missing = missing_extra("bitsandbytes", "method nf4")
+        if missing is not None:
+            raise ValueError(missing)
         for key in ("weights", "activations"):
             if _differs_from_default(config, key, given):
                 raise ValueError(f"method nf4 is bitsandbytes NF4 in blocks of 64 (optionally double_quant); remove `{key}`")

@@ -16,13 +16,13 @@ Refused, before any weight is read:
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Mapping
 from typing import Literal
 
 import torch
 
 from compressor.errors import UserError
+from compressor.extras import require_extra
 
 Backend = Literal["data_parallel", "deepspeed"]
 
@@ -43,8 +43,7 @@ def check_launch(environ: Mapping[str, str]) -> None:
             " --num_processes N) or with a DeepSpeed ZeRO stage 1 or 2 config"
         )
     if _flag(environ, "ACCELERATE_USE_DEEPSPEED"):
-        if importlib.util.find_spec("deepspeed") is None:
-            raise UserError("this launch asks for DeepSpeed, which is not installed: pip install deepspeed")
+        require_extra("deepspeed", "this launch (a DeepSpeed config)")
         if environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "").strip() == "3":
             raise UserError(_ZERO3)
 
