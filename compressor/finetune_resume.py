@@ -107,6 +107,7 @@ class FinetuneCheckpoints:
             rng = {f"{name}.{index}": value for index, states in enumerate(per_process) for name, value in states.items()}
             save_training_checkpoint(self.folder, trainable, optimizer, scheduler, rng,
                                      TrainingState(step, state.losses, {**state.extra, "key": self.key}))
+            self.echo(f"checkpoint after step {step}: {self.folder} ({len(per_process)} RNG states)")
         accelerator.wait_for_everyone()
 
     def finish(self, accelerator) -> None:

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from compressor.cli import main
 from tests.cli_runs import assert_one_line_refusal, compress_into, run_cli
-from tests.test_finetune import _titles, _write_jsonl, chat_llama  # noqa: F401  (chat_llama: a fixture)
+from tests.test_finetune import _titles, _write_jsonl
 from tests.tiny_models import build_tiny_checkpoint
 
 ADAPTER = "adapter_model.safetensors"
@@ -105,7 +105,7 @@ class _InterruptAtStep:
 
 
 @pytest.mark.parametrize("optim", ["adamw_torch", "adamw_8bit"])
-def test_interrupted_and_resumed_equals_uninterrupted(chat_llama, tmp_path, capsys, optim):  # noqa: F811
+def test_interrupted_and_resumed_equals_uninterrupted(chat_llama, tmp_path, capsys, optim):
     """QLoRA with dropout, accumulation, a held-out curve and an epoch boundary: interrupted at
     step 5, resumed from the step-3 checkpoint (mid-epoch), the adapter is bit-identical."""
     data = _write_jsonl(tmp_path / "train.jsonl", _titles(6))  # batches of 2 in pairs: 3 micro-batches, 2 steps an epoch
@@ -140,7 +140,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(chat_llama, tmp_path, caps
     assert "after step 3 (from a `--save-every` checkpoint)" in (out / "README.md").read_text()
 
 
-def test_resume_with_other_options_starts_over(chat_llama, tmp_path, capsys):  # noqa: F811
+def test_resume_with_other_options_starts_over(chat_llama, tmp_path, capsys):
     data = _write_jsonl(tmp_path / "train.jsonl", _titles(4))
     argv = ["finetune", str(chat_llama), "--dataset", str(data), "-o", str(tmp_path / "a"), "--steps", "3", "--save-every", "1",
             "--batch-size", "2", "--log-every", "0", "-q", "--no-gradient-checkpointing"]
@@ -156,7 +156,7 @@ def test_resume_with_other_options_starts_over(chat_llama, tmp_path, capsys):  #
 # ------------------------------------------------------------------ DoRA and rsLoRA
 
 
-def test_dora_rslora_on_nf4_merge_and_card(chat_llama, tmp_path):  # noqa: F811
+def test_dora_rslora_on_nf4_merge_and_card(chat_llama, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -264,7 +264,7 @@ def test_lr_scheduler(schedule, factors, fp32_qwen3, tmp_path):
                                            "adamw_8bit is the same optimizer without paging"]),
     ],
 )
-def test_bad_flags_are_one_line_before_loading(flags, fragments, chat_llama, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_bad_flags_are_one_line_before_loading(flags, fragments, chat_llama, tmp_path, capsys, monkeypatch):
     import compressor.finetune as finetune
 
     monkeypatch.setattr(finetune, "_load_base", lambda *a, **k: pytest.fail("a model was loaded"))
@@ -275,7 +275,7 @@ def test_bad_flags_are_one_line_before_loading(flags, fragments, chat_llama, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]  # no output, no work folder
 
 
-def test_dora_on_packed_layers_is_refused_before_loading(chat_llama, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_dora_on_packed_layers_is_refused_before_loading(chat_llama, tmp_path, capsys, monkeypatch):
     import compressor.finetune as finetune
 
     w4 = compress_into(chat_llama, "name: w4\ncalibration: {samples: 4, seq_len: 32}\nstages:\n  - quantize: {method: rtn}\n", tmp_path)
