@@ -5,7 +5,9 @@ bitsandbytes (``BitsAndBytesConfig``), ``peft.prepare_model_for_kbit_training`` 
 (norms and head in fp32, input gradients, gradient checkpointing), and LoRA adapters on every
 linear layer are the only trained parameters. The loop uses ``accelerate.Accelerator``, so
 ``accelerate launch --num_processes N -m compressor.cli finetune ...`` runs it data-parallel
-without changes (each process loads its own 4-bit copy on its own device).
+without changes (each process loads its own 4-bit copy on its own device). The step loop
+(accumulation, data order) is ``compressor.finetune_loop``; ``--save-every`` / ``--resume`` are
+``compressor.finetune_resume``; ``--optim`` is ``compressor.training.optimizers``.
 
 ``--merge`` order: load the base again in NF4 (bitsandbytes' rounding is deterministic, so it is
 the very base the adapter was trained against), dequantize it to bf16, merge the adapter in
@@ -30,6 +32,7 @@ from typing import Callable
 
 import torch
 
+from compressor.checkpoint import atomic_output_dir
 from compressor.errors import ModelError, UserError
 from compressor.finetune_data import load_examples
 from compressor.finetune_loop import StepPlan, make_loader, mean_loss, run_steps, steps_per_epoch
@@ -329,7 +332,7 @@ def _finetune_holding_output(options: FinetuneOptions, accelerator, target_names
     from accelerate.utils import set_seed
     from peft import prepare_model_for_kbit_training
 
-    from compressor.checkpoint import atomic_output_dir, prepare_workdir, workdir_for
+    from compressor.checkpoint import prepare_workdir, workdir_for
     from compressor.finetune_resume import FinetuneCheckpoints, finetune_key
     from compressor.peft_quant import lora_config_for_quantized
     from compressor.model_io import load_config, load_tokenizer, prepare_source
@@ -406,18 +409,26 @@ def _finetune_holding_output(options: FinetuneOptions, accelerator, target_names
 
     try:
         run_steps(model, optimizer, scheduler, loader, eval_loader, accelerator, plan, summary, summary.resumed_from, checkpoint, echo)
-    except BaseException:  # Ctrl-C, SIGTERM or a failure: say what stays for --resume
+        summary.seconds = time.perf_counter() - started
+        _finish(model, tokenizer, path, options, summary, eval_loader, accelerator, echo)
+    except BaseException:  # Ctrl-C, SIGTERM or a failure before ADAPTER is in place: say what stays for --resume
         note = checkpoints.kept_note() if accelerator.is_main_process else None
         if note is not None:
             print(note, file=sys.stderr)
         raise
-    summary.seconds = time.perf_counter() - started
+    checkpoints.finish(accelerator)
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def _finish(model, tokenizer, path: str, options: FinetuneOptions, summary: FinetuneSummary, eval_loader, accelerator,
+            echo: Callable[[str], None]) -> None:
+    """The held-out loss after training, then ADAPTER (and its merged / recompressed copies) written whole."""
     if eval_loader is not None:
         summary.eval_loss_after = mean_loss(model, eval_loader, accelerator)
         summary.eval_curve.append((options.steps, summary.eval_loss_after))
         if accelerator.is_main_process:
             echo(f"held-out loss after: {summary.eval_loss_after:.4f}")
-
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         # Written beside OUT and renamed into place at the end: an interrupted save, merge or
@@ -431,9 +442,6 @@ def _finetune_holding_output(options: FinetuneOptions, accelerator, target_names
             if options.recompress:
                 _recompress(staging / "merged", options.recompress, staging / "compressed", echo)
                 summary.recompressed = options.output / "compressed"
-    checkpoints.finish(accelerator)
-    accelerator.wait_for_everyone()
-    return summary
 
 
 def _plan_line(options: FinetuneOptions, warmup_steps: int, processes: int) -> str:

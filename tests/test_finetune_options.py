@@ -144,6 +144,9 @@ def test_resume_with_other_options_starts_over(chat_llama, tmp_path, capsys):
     data = _write_jsonl(tmp_path / "train.jsonl", _titles(4))
     argv = ["finetune", str(chat_llama), "--dataset", str(data), "-o", str(tmp_path / "a"), "--steps", "3", "--save-every", "1",
             "--batch-size", "2", "--log-every", "0", "-q", "--no-gradient-checkpointing"]
+    assert main([*argv[:5], str(tmp_path / "fresh"), *argv[6:], "--resume"]) == 0  # nothing to resume: a notice, step 1
+    assert "resume: no step checkpoint in " in capsys.readouterr().out
+    assert json.loads((tmp_path / "fresh" / "training.json").read_text())["resumed_from"] == 0
     with _InterruptAtStep(3):
         assert main(argv) == 130
     assert json.loads((tmp_path / ".a.work" / "finetune" / "state.json").read_text())["step"] == 2
@@ -298,3 +301,24 @@ def test_optimizer_registry_runs_every_unpaged_choice_here():
         parameter.grad = torch.ones_like(parameter)
         optimizer.step()
         assert torch.all(parameter < 1) and math.isfinite(float(parameter.sum())), name
+
+
+def test_interrupt_while_merging_keeps_the_checkpoint_for_resume(chat_llama, tmp_path, capsys, monkeypatch):
+    import compressor.finetune as finetune
+
+    real_merge = finetune.merge_adapter
+
+    def interrupted_merge(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C while the merged copy is written
+
+    monkeypatch.setattr(finetune, "merge_adapter", interrupted_merge)
+    data = _write_jsonl(tmp_path / "train.jsonl", _titles(4))
+    out = tmp_path / "adapter"
+    argv = ["finetune", str(chat_llama), "--dataset", str(data), "-o", str(out), "--steps", "3", "--save-every", "2",
+            "--batch-size", "2", "--log-every", "0", "-q", "--no-gradient-checkpointing", "--merge"]
+    assert main(argv) == 130
+    assert not out.exists()
+    assert "the checkpoint after step 2 is kept there; repeat the command with --resume" in capsys.readouterr().err
+    monkeypatch.setattr(finetune, "merge_adapter", real_merge)
+    assert main([*argv, "--resume"]) == 0
+    assert json.loads((out / "training.json").read_text())["resumed_from"] == 2 and (out / "merged" / "config.json").is_file()
