@@ -60,6 +60,7 @@ def adapter_base_models(facts: AdapterFacts, override: list[str] | None = None) 
 
 def adapter_metadata(facts: AdapterFacts, bases: list[str]) -> dict[str, Any]:
     tags = ["peft", "lora", "compressor"] + (["qlora"] if facts.options.get("qlora") else [])
+    tags += [tag for tag, key in (("dora", "use_dora"), ("rslora", "use_rslora")) if facts.config.get(key)]
     metadata: dict[str, Any] = {"library_name": "peft", "pipeline_tag": "text-generation", "tags": tags}
     if bases:
         metadata["base_model"] = bases[0] if len(bases) == 1 else bases
@@ -86,20 +87,46 @@ def _base_words(qlora: bool | None, quantization: str | None) -> str:
     return "as loaded (no quantization)"
 
 
+def _variant(config: dict[str, Any]) -> str:
+    """The LoRA variant, from adapter_config.json (what peft will apply)."""
+    words = []
+    if config.get("use_dora"):
+        words.append("DoRA (weight-decomposed: a trained magnitude per output; `use_dora`)")
+    scaling = "alpha/√r (rank-stabilized, `use_rslora`)" if config.get("use_rslora") else "alpha/r"
+    return "; ".join([*words, f"scaling {scaling}"])
+
+
+def _optimization(options: dict[str, Any], training: dict[str, Any]) -> list[tuple[str, str]]:
+    from compressor.training.optimizers import OPTIMIZERS
+
+    optim = options.get("optim", "adamw_torch")
+    accumulation = options.get("grad_accum", 1)
+    batch = training.get("effective_batch_size", options.get("batch_size"))
+    return [
+        ("steps", f"{options.get('steps')} (effective batch {batch}: {options.get('batch_size')} × {accumulation} accumulated"
+                  f" × {training.get('processes', 1)} processes; max length {options.get('max_length')})"),
+        ("optimizer", f"{OPTIMIZERS[optim].words if optim in OPTIMIZERS else optim}, weight decay {options.get('weight_decay', 0.0)}"),
+        ("learning rate", f"{options.get('lr')}, warm-up {training.get('warmup_steps', 0)} steps,"
+                          f" {options.get('lr_scheduler', 'cosine')} schedule"),
+    ]
+
+
 def _training_rows(facts: AdapterFacts) -> list[str]:
     config, options, training = facts.config, facts.options, facts.training
     rows = [
         ("base", _base_words(options.get("qlora"), training.get("base_quantization"))),
         ("rank r / alpha / dropout", f"{config.get('r')} / {config.get('lora_alpha')} / {config.get('lora_dropout')}"),
+        ("variant", _variant(config)),
         ("target modules", _targets(config)),
     ]
     if options:
         rows += [
             ("data", f"`{options.get('dataset')}`"),
-            ("steps", f"{options.get('steps')} (batch {options.get('batch_size')}, max length {options.get('max_length')})"),
-            ("learning rate", f"{options.get('lr')}, warm-up {training.get('warmup_steps', 0)} steps, cosine decay"),
+            *_optimization(options, training),
             ("seed", str(options.get("seed"))),
         ]
+        if training.get("resumed_from"):
+            rows.append(("resumed", f"after step {training['resumed_from']} (from a `--save-every` checkpoint)"))
     losses = training.get("losses") or []
     if losses:
         rows.append(("training loss", f"{losses[0]:.4f} (first step) → {losses[-1]:.4f} (last step)"))

@@ -79,6 +79,10 @@ def apply_adapter(model: nn.Module, folder: Path | str, origin: str = "adapter")
     config = json.loads(config_path.read_text())
     if config.get("peft_type") != "LORA":
         raise ModelError(f"adapter type {config.get('peft_type')!r} is not LORA", where=str(folder))
+    if config.get("use_dora"):
+        # DoRA rescales every output of W + BA by a trained magnitude over its norm: no added term can hold that.
+        raise ModelError("a DoRA adapter (use_dora) is no added low-rank term; merge it (compress finetune --merge,"
+                         " or peft's merge_and_unload) or load it with peft's PeftModel", where=str(folder))
     tensors = load_file(str(folder / "adapter_model.safetensors"))
     use_rslora = bool(config.get("use_rslora"))
     touched = 0

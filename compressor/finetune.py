@@ -5,7 +5,9 @@ bitsandbytes (``BitsAndBytesConfig``), ``peft.prepare_model_for_kbit_training`` 
 (norms and head in fp32, input gradients, gradient checkpointing), and LoRA adapters on every
 linear layer are the only trained parameters. The loop uses ``accelerate.Accelerator``, so
 ``accelerate launch --num_processes N -m compressor.cli finetune ...`` runs it data-parallel
-without changes (each process loads its own 4-bit copy on its own device).
+without changes (each process loads its own 4-bit copy on its own device). The step loop
+(accumulation, data order) is ``compressor.finetune_loop``; ``--save-every`` / ``--resume`` are
+``compressor.finetune_resume``; ``--optim`` is ``compressor.training.optimizers``.
 
 ``--merge`` order: load the base again in NF4 (bitsandbytes' rounding is deterministic, so it is
 the very base the adapter was trained against), dequantize it to bf16, merge the adapter in
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
@@ -28,17 +31,19 @@ from typing import Callable
 
 import torch
 
+from compressor.checkpoint import atomic_output_dir
 from compressor.errors import ModelError, UserError
-from compressor.extras import missing_extra
-from compressor.finetune_data import collate, load_examples
+from compressor.extras import is_installed, missing_extra
+from compressor.finetune_data import load_examples
+from compressor.finetune_loop import StepPlan, make_loader, mean_loss, run_steps, steps_per_epoch
 from compressor.kernels.dispatched_module import DispatchedModule
 from compressor.kernels.quant_linear import QuantLinear
 from compressor.training.stability import (
+    LR_SCHEDULERS,
     QLORA_MAX_GRAD_NORM,
-    clip_gradients,
     default_warmup_steps,
-    warmup_cosine_schedule,
     warmup_problem,
+    warmup_schedule,
 )
 
 
@@ -71,6 +76,14 @@ class FinetuneOptions:
     recompress: str | None = None
     overwrite: bool = False
     log_every: int = 10
+    grad_accum: int = 1  # micro-batches per optimizer step (effective batch: batch_size × grad_accum × processes)
+    lr_scheduler: str = "cosine"  # after the warm-up: cosine | linear | constant
+    weight_decay: float = 0.0
+    optim: str = "adamw_torch"  # a name of compressor.training.optimizers.OPTIMIZERS
+    use_dora: bool = False  # peft LoraConfig(use_dora=True): weight-decomposed LoRA
+    use_rslora: bool = False  # peft LoraConfig(use_rslora=True): scaling alpha/sqrt(r)
+    save_every: int = 0  # step checkpoints into ADAPTER's work folder every N steps (0: none)
+    resume: bool = False  # continue after the newest step checkpoint
 
 
 @dataclass
@@ -88,6 +101,7 @@ class FinetuneSummary:
     processes: int = 1
     warmup_steps: int = 0
     base_quantization: str | None = None  # quant_method of the checkpoint trained on (besides --qlora's NF4)
+    resumed_from: int = 0  # the step a --resume continued after
 
 
 def check_bitsandbytes() -> None:
@@ -122,9 +136,29 @@ def refuse_project_int4(path: str, reference: str) -> None:
         )
 
 
-def epoch_steps(examples: int, batch_size: int, epochs: int, processes: int) -> int:
-    """Optimizer steps for `epochs` passes: each process takes its share of the batches."""
-    return epochs * math.ceil(math.ceil(examples / batch_size) / processes)
+def epoch_steps(examples: int, batch_size: int, epochs: int, processes: int, accumulation: int = 1) -> int:
+    """Optimizer steps for `epochs` passes: each process takes its share of the batches, and an
+    epoch's last step may accumulate fewer than `accumulation` of them."""
+    return epochs * steps_per_epoch(math.ceil(math.ceil(examples / batch_size) / processes), accumulation)
+
+
+def check_training_choices(options: FinetuneOptions, cuda_available: bool) -> None:
+    """The options argparse cannot check alone (the Python API gets the same refusals)."""
+    from compressor.training.optimizers import OPTIMIZERS, optimizer_problem
+
+    if options.grad_accum < 1:
+        raise UserError(f"must be 1 or more, got {options.grad_accum}", where="--grad-accum")
+    if options.save_every < 0:
+        raise UserError(f"must be 0 (no checkpoints) or more, got {options.save_every}", where="--save-every")
+    if not (options.weight_decay >= 0 and math.isfinite(options.weight_decay)):
+        raise UserError(f"must be a finite number ≥ 0, got {options.weight_decay}", where="--weight-decay")
+    if options.lr_scheduler not in LR_SCHEDULERS:
+        raise UserError(f"expected one of {', '.join(LR_SCHEDULERS)}, got {options.lr_scheduler!r}", where="--lr-scheduler")
+    if options.optim not in OPTIMIZERS:
+        raise UserError(f"expected one of {', '.join(OPTIMIZERS)}, got {options.optim!r}", where="--optim")
+    problem = optimizer_problem(options.optim, cuda_available, is_installed("bitsandbytes"))
+    if problem:
+        raise UserError(problem, where="--optim")
 
 
 def resolved_warmup_steps(options: FinetuneOptions) -> int:
@@ -265,32 +299,6 @@ def keep_nf4_trainable_layout(model: torch.nn.Module) -> int:
     return changed
 
 
-def _batches(examples, batch_size: int, pad_id: int, seed: int):
-    return torch.utils.data.DataLoader(
-        examples,
-        batch_size=batch_size,
-        shuffle=True,
-        collate_fn=lambda rows: collate(rows, pad_id),
-        generator=torch.Generator().manual_seed(seed),
-        drop_last=False,
-    )
-
-
-@torch.no_grad()
-def _mean_loss(model, loader, accelerator) -> float:
-    """Token-weighted mean loss over a data loader, gathered across processes."""
-    model.eval()
-    totals = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
-    for batch in loader:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-        targets = batch["labels"][:, 1:]
-        losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="sum")
-        totals += torch.tensor([losses.item(), float((targets != -100).sum())], device=totals.device, dtype=torch.float64)
-    totals = accelerator.reduce(totals, reduction="sum")
-    model.train()
-    return float(totals[0] / totals[1].clamp_min(1))
-
-
 def run_finetune(options: FinetuneOptions, echo: Callable[[str], None] = print) -> FinetuneSummary:
     from accelerate import Accelerator
 
@@ -299,6 +307,7 @@ def run_finetune(options: FinetuneOptions, echo: Callable[[str], None] = print) 
 
     if options.qlora:
         check_bitsandbytes()
+    check_training_choices(options, torch.cuda.is_available())
     # With --epochs, once the examples are counted (still before any weight is read).
     warmup_steps = resolved_warmup_steps(options) if options.epochs is None else None
     target_names = parse_targets(options.targets)
@@ -310,26 +319,42 @@ def run_finetune(options: FinetuneOptions, echo: Callable[[str], None] = print) 
         return _finetune_holding_output(options, accelerator, target_names, warmup_steps, echo)
 
 
+def _refuse_dora_on_packed_layers(path: str, options: FinetuneOptions) -> None:
+    if options.use_dora and not options.qlora and quantization_method(path) == COMPRESSED_TENSORS:
+        raise UserError(
+            "DoRA normalises each base weight column, and this compressed-tensors checkpoint's packed layers have no"
+            " float weight to normalise; drop --use-dora (plain LoRA trains on them) or fine-tune the original model",
+            where="--use-dora",
+        )
+
+
 def _finetune_holding_output(options: FinetuneOptions, accelerator, target_names: str | list[str], warmup_steps: int | None,
                              echo: Callable[[str], None]) -> FinetuneSummary:
     from accelerate.utils import set_seed
     from peft import prepare_model_for_kbit_training
 
-    from compressor.checkpoint import atomic_output_dir
+    from compressor.checkpoint import prepare_workdir, workdir_for
+    from compressor.finetune_resume import FinetuneCheckpoints, finetune_key
     from compressor.peft_quant import lora_config_for_quantized
     from compressor.model_io import load_config, load_tokenizer, prepare_source
+    from compressor.training.optimizers import build_optimizer
+    from compressor.training.trainable import TrainableSet
 
     _source, path, _folder = prepare_source(options.model)
     load_config(path, options.model, False)  # refuses a config that is not a causal LM
     if options.qlora:
         refuse_project_int4(path, options.model)
+    _refuse_dora_on_packed_layers(path, options)
     tokenizer = load_tokenizer(path, options.model, False)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train = load_examples(options.dataset, tokenizer, max_length=options.max_length, split=options.split)
     held_out = load_examples(options.eval_dataset, tokenizer, max_length=options.max_length) if options.eval_dataset else None
     if options.epochs is not None:
-        options = replace(options, steps=epoch_steps(len(train), options.batch_size, options.epochs, accelerator.num_processes))
+        options = replace(options, steps=epoch_steps(len(train), options.batch_size, options.epochs, accelerator.num_processes,
+                                                     options.grad_accum))
         warmup_steps = resolved_warmup_steps(options)
+    workdir = prepare_workdir(options.output, options.resume) if accelerator.is_main_process else workdir_for(options.output)
+    accelerator.wait_for_everyone()
 
     set_seed(options.seed)
     model = _load_base(path, options.model, accelerator.device, options.qlora)
@@ -346,59 +371,65 @@ def _finetune_holding_output(options: FinetuneOptions, accelerator, target_names
     targets = lora_targets(model, target_names)
     lora = lora_config_for_quantized(  # a LoraConfig that also wraps QuantLinear layers
         r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout, target_modules=targets,
-        bias="none", task_type="CAUSAL_LM",
+        bias="none", task_type="CAUSAL_LM", use_dora=options.use_dora, use_rslora=options.use_rslora,
     )
     model = add_lora(model, lora, targets)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=options.lr, weight_decay=0.0)
-    loader = _batches(train, options.batch_size, pad_id, options.seed)
-    eval_loader = _batches(held_out, options.batch_size, pad_id, options.seed) if held_out else None
+    # Named before accelerate wraps the model (DDP prefixes every name with `module.`).
+    trainable = TrainableSet(named={name: p for name, p in model.named_parameters() if p.requires_grad})
+    optimizer = build_optimizer(options.optim, trainable.parameters(), options.lr, options.weight_decay)
+    loader = make_loader(train, options.batch_size, pad_id, options.seed)
+    eval_loader = make_loader(held_out, options.batch_size, pad_id, options.seed, shuffle=False) if held_out else None
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
-
     assert warmup_steps is not None  # resolved above, from --epochs when given
+    scheduler = warmup_schedule(optimizer, LR_SCHEDULERS[options.lr_scheduler], warmup_steps, options.steps)
+
     summary = FinetuneSummary(options.output, processes=accelerator.num_processes, warmup_steps=warmup_steps,
                               base_quantization=quantization_method(path))
-    if eval_loader is not None:
-        summary.eval_loss_before = _mean_loss(model, eval_loader, accelerator)
+    key = finetune_key(_options_record(options), Path(path) if Path(path).is_dir() else None, accelerator.device,
+                       accelerator.num_processes)
+    checkpoints = FinetuneCheckpoints(workdir, key, options.save_every, options.resume, echo)
+    restored = checkpoints.restore(trainable, optimizer, scheduler, accelerator)
+    if restored is not None:
+        summary.resumed_from = restored.step
+        _restore_curves(summary, restored)
+    elif eval_loader is not None:
+        summary.eval_loss_before = mean_loss(model, eval_loader, accelerator)
         summary.eval_curve.append((0, summary.eval_loss_before))
         if accelerator.is_main_process:
             echo(f"held-out loss before: {summary.eval_loss_before:.4f}")
-    scheduler = warmup_cosine_schedule(optimizer, warmup_steps, options.steps)
     if accelerator.is_main_process:
-        echo(f"{options.steps} steps: lr {options.lr:g}, warm-up {warmup_steps} steps, cosine decay;"
-             f" gradient clipping {'at global norm ' + format(options.max_grad_norm, 'g') if options.max_grad_norm > 0 else 'off'}")
-    started = time.perf_counter()
-    model.train()
-    step = 0
-    while step < options.steps:
-        for batch in loader:
-            loss = model(**batch).loss
-            accelerator.backward(loss)
-            summary.grad_norms.append(clip_gradients(model.parameters(), options.max_grad_norm, accelerator.clip_grad_norm_))
-            summary.learning_rates.append(scheduler.get_last_lr()[0])
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            summary.losses.append(float(accelerator.reduce(loss.detach(), reduction="mean")))
-            if accelerator.is_main_process and options.log_every and step % options.log_every == 0:
-                echo(f"step {step}/{options.steps}: loss {summary.losses[-1]:.4f}, gradient norm"
-                     f" {summary.grad_norms[-1]:.3f}, lr {summary.learning_rates[-1]:.3g}")
-            if eval_loader is not None and options.eval_every and step % options.eval_every == 0 and step < options.steps:
-                loss_now = _mean_loss(model, eval_loader, accelerator)
-                summary.eval_curve.append((step, loss_now))
-                if accelerator.is_main_process:
-                    echo(f"step {step}: held-out loss {loss_now:.4f}")
-            if step >= options.steps:
-                break
-    summary.seconds = time.perf_counter() - started
+        echo(_plan_line(options, warmup_steps, accelerator.num_processes))
+    plan = StepPlan(options.steps, options.grad_accum, options.max_grad_norm, options.log_every, options.eval_every)
+    started = time.perf_counter() - summary.seconds
+
+    def checkpoint(step: int) -> None:
+        summary.seconds = time.perf_counter() - started
+        checkpoints.save_if_due(step, options.steps, trainable, optimizer, scheduler, accelerator, _training_state(summary, step))
+
+    try:
+        run_steps(model, optimizer, scheduler, loader, eval_loader, accelerator, plan, summary, summary.resumed_from, checkpoint, echo)
+        summary.seconds = time.perf_counter() - started
+        _finish(model, tokenizer, path, options, summary, eval_loader, accelerator, echo)
+    except BaseException:  # Ctrl-C, SIGTERM or a failure before ADAPTER is in place: say what stays for --resume
+        note = checkpoints.kept_note() if accelerator.is_main_process else None
+        if note is not None:
+            print(note, file=sys.stderr)
+        raise
+    checkpoints.finish(accelerator)
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def _finish(model, tokenizer, path: str, options: FinetuneOptions, summary: FinetuneSummary, eval_loader, accelerator,
+            echo: Callable[[str], None]) -> None:
+    """The held-out loss after training, then ADAPTER (and its merged / recompressed copies) written whole."""
     if eval_loader is not None:
-        summary.eval_loss_after = _mean_loss(model, eval_loader, accelerator)
-        summary.eval_curve.append((step, summary.eval_loss_after))
+        summary.eval_loss_after = mean_loss(model, eval_loader, accelerator)
+        summary.eval_curve.append((options.steps, summary.eval_loss_after))
         if accelerator.is_main_process:
             echo(f"held-out loss after: {summary.eval_loss_after:.4f}")
-
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         # Written beside OUT and renamed into place at the end: an interrupted save, merge or
@@ -412,8 +443,38 @@ def _finetune_holding_output(options: FinetuneOptions, accelerator, target_names
             if options.recompress:
                 _recompress(staging / "merged", options.recompress, staging / "compressed", echo)
                 summary.recompressed = options.output / "compressed"
-    accelerator.wait_for_everyone()
-    return summary
+
+
+def _plan_line(options: FinetuneOptions, warmup_steps: int, processes: int) -> str:
+    from compressor.training.optimizers import OPTIMIZERS
+
+    clipping = "at global norm " + format(options.max_grad_norm, "g") if options.max_grad_norm > 0 else "off"
+    batch = options.batch_size * options.grad_accum * processes
+    return (f"{options.steps} steps of {batch} examples ({options.batch_size} × {options.grad_accum} accumulated × {processes}"
+            f" processes): {OPTIMIZERS[options.optim].words}, lr {options.lr:g}, warm-up {warmup_steps} steps,"
+            f" {options.lr_scheduler} schedule; gradient clipping {clipping}")
+
+
+def _training_state(summary: FinetuneSummary, step: int):
+    from compressor.training.checkpoints import TrainingState
+
+    curve = [{"loss": loss, "grad_norm": norm, "lr": lr}
+             for loss, norm, lr in zip(summary.losses, summary.grad_norms, summary.learning_rates)]
+    extra = {"eval_curve": summary.eval_curve, "eval_loss_before": summary.eval_loss_before, "seconds": summary.seconds}
+    return TrainingState(step, curve, extra)
+
+
+def _restore_curves(summary: FinetuneSummary, state) -> None:
+    summary.losses = [row["loss"] for row in state.losses]
+    summary.grad_norms = [row["grad_norm"] for row in state.losses]
+    summary.learning_rates = [row["lr"] for row in state.losses]
+    summary.eval_curve = [tuple(point) for point in state.extra.get("eval_curve", [])]
+    summary.eval_loss_before = state.extra.get("eval_loss_before")
+    summary.seconds = float(state.extra.get("seconds", 0.0))
+
+
+def _options_record(options: FinetuneOptions) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()}
 
 
 def _save_adapter(model, tokenizer, options: FinetuneOptions, summary: FinetuneSummary, folder: Path) -> None:
@@ -421,9 +482,8 @@ def _save_adapter(model, tokenizer, options: FinetuneOptions, summary: FinetuneS
 
     model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
-    record = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()}
     log = {
-        "options": record,
+        "options": _options_record(options),
         "losses": summary.losses,
         "grad_norms": summary.grad_norms,
         "learning_rates": summary.learning_rates,
@@ -434,6 +494,8 @@ def _save_adapter(model, tokenizer, options: FinetuneOptions, summary: FinetuneS
         "seconds": round(summary.seconds, 2),
         "processes": summary.processes,
         "base_quantization": summary.base_quantization,
+        "resumed_from": summary.resumed_from,
+        "effective_batch_size": options.batch_size * options.grad_accum * summary.processes,
     }
     (folder / "training.json").write_text(json.dumps(log, indent=2) + "\n")
     # In place of peft's blank template (whose base_model is a local path the Hub would refuse).

@@ -53,3 +53,23 @@ def tiny_qwen2_moe(tmp_path_factory, tiny_tokenizer_dir) -> Path:
 def seeded():
     torch.manual_seed(0)
     yield
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def chat_llama(tiny_tokenizer_dir, tmp_path_factory) -> Path:
+    """A tiny model with a chat template on its tokenizer. Qwen3 (hidden 64): bitsandbytes'
+    CPU inference path repacks NF4 weights in blocks of 64 input columns and fails on the
+    96-wide tiny Llama (SmolLM2's 576 and 1536 are multiples of 64)."""
+    from transformers import AutoTokenizer
+
+    folder = build_tiny_checkpoint(tmp_path_factory.mktemp("chat-qwen3"), "qwen3", tiny_tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(str(folder))
+    return folder

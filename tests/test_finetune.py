@@ -14,28 +14,7 @@ import torch
 
 from compressor.cli import main
 from compressor.finetune_data import IGNORE_INDEX, load_examples
-from tests.tiny_models import build_tiny_checkpoint
 from tests.training_fixtures import StepNorms
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
-    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
-)
-
-
-@pytest.fixture(scope="module")
-def chat_llama(tiny_tokenizer_dir, tmp_path_factory) -> Path:
-    """A tiny model with a chat template on its tokenizer. Qwen3 (hidden 64): bitsandbytes'
-    CPU inference path repacks NF4 weights in blocks of 64 input columns and fails on the
-    96-wide tiny Llama (SmolLM2's 576 and 1536 are multiples of 64)."""
-    from transformers import AutoTokenizer
-
-    folder = build_tiny_checkpoint(tmp_path_factory.mktemp("chat-qwen3"), "qwen3", tiny_tokenizer_dir)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(str(folder))
-    return folder
-
 
 def _write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
@@ -176,11 +155,15 @@ def test_two_process_accelerate_launch_on_cpu(chat_llama, tmp_path):
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "compressor.cli", "finetune", str(chat_llama), "--qlora",
         "--dataset", str(train), "-o", str(out), "--steps", "2", "--batch-size", "2", "--log-every", "0",
+        "--grad-accum", "2", "--save-every", "1",  # the token count and the RNG states are gathered over gloo
     ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     log = json.loads((out / "training.json").read_text())
     assert log["processes"] == 2 and len(log["losses"]) == 2
+    assert log["effective_batch_size"] == 8 and "2 steps of 8 examples (2 × 2 accumulated × 2 processes)" in result.stdout
+    assert "checkpoint after step 1: " in result.stdout and "(2 RNG states)" in result.stdout
+    assert not (tmp_path / ".adapter.work").exists()  # removed once the adapter is in place
     assert (out / "adapter_model.safetensors").is_file()
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from compressor.commands.args import Parser, non_negative_int, positive_int, quiet_transformers
 from compressor.commands.library_notices import drop_library_noise
-from compressor.training.stability import QLORA_MAX_GRAD_NORM, warmup_problem
+from compressor.training.optimizers import OPTIMIZERS
+from compressor.training.stability import LR_SCHEDULERS, QLORA_MAX_GRAD_NORM, warmup_problem
 
 drop_library_noise()  # before peft imports bitsandbytes, which logs at import
 DEFAULT_STEPS = 100
@@ -54,7 +55,12 @@ def _parser() -> argparse.ArgumentParser:
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--steps", type=positive_int, help="optimizer steps (default 100)")
     length.add_argument("--epochs", type=positive_int, help="instead of --steps: passes over the training examples")
-    parser.add_argument("--lr", type=positive_float, default=2e-4, help="peak learning rate (after the warm-up; cosine decay to 0)")
+    parser.add_argument("--lr", type=positive_float, default=2e-4, help="peak learning rate (after the warm-up)")
+    parser.add_argument("--lr-scheduler", choices=list(LR_SCHEDULERS), default="cosine",
+                        help="after the warm-up: cosine or linear decay to 0, or constant (default cosine)")
+    parser.add_argument("--optim", choices=list(OPTIMIZERS), default="adamw_torch",
+                        help="optimizer (transformers' names); *_8bit/*_32bit are bitsandbytes', paged_* need CUDA")
+    parser.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="decoupled weight decay (default 0)")
     parser.add_argument("--max-grad-norm", type=non_negative_float, default=QLORA_MAX_GRAD_NORM,
                         help="clip the global gradient norm to this before each step (QLoRA: 0.3); 0 disables")
     parser.add_argument("--warmup-steps", type=non_negative_int,
@@ -62,8 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--r", "--rank", dest="r", type=positive_int, default=16, help="LoRA rank")
     parser.add_argument("--alpha", type=positive_float, default=32.0, help="LoRA alpha (scaling alpha/r)")
     parser.add_argument("--dropout", type=float, default=0.05)
+    parser.add_argument("--use-dora", action="store_true", help="DoRA (peft use_dora): weight-decomposed LoRA, a trained magnitude per output")
+    parser.add_argument("--use-rslora", action="store_true", help="rank-stabilized LoRA (peft use_rslora): scaling alpha/sqrt(r) instead of alpha/r")
     parser.add_argument("--targets", default="all-linear", help="all-linear, or comma-separated module names")
-    parser.add_argument("--batch-size", type=positive_int, default=4)
+    parser.add_argument("--batch-size", type=positive_int, default=4, help="examples per micro-batch (per process)")
+    parser.add_argument("--grad-accum", type=positive_int, default=1,
+                        help="micro-batches per optimizer step: effective batch = batch size × N (× processes)")
     parser.add_argument("--max-length", type=positive_int, default=512, help="tokens per example (longer ones are cut)")
     parser.add_argument("--split", default="train", help="split of a Hub dataset")
     parser.add_argument("--eval-dataset", help="held-out examples (same formats): loss before and after training")
@@ -73,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-gradient-checkpointing", action="store_true")
     parser.add_argument("--merge", action="store_true", help="also write OUTPUT/merged: NF4 base dequantized to bf16 + adapter merged")
     parser.add_argument("--recompress", metavar="RECIPE", help="after merging, compress OUTPUT/merged with this recipe into OUTPUT/compressed")
+    parser.add_argument("--save-every", type=non_negative_int, default=0,
+                        help="every N steps, checkpoint adapter, optimizer, schedule, RNG and step into OUTPUT's work folder (.OUTPUT.work)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run after its last step checkpoint")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--log-every", type=non_negative_int, default=10, help="print the loss every N steps (default 10; 0: never)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
@@ -122,8 +135,16 @@ def run(argv: list[str]) -> int:
         recompress=args.recompress,
         overwrite=args.overwrite,
         log_every=args.log_every,
+        grad_accum=args.grad_accum,
+        lr_scheduler=args.lr_scheduler,
+        weight_decay=args.weight_decay,
+        optim=args.optim,
+        use_dora=args.use_dora,
+        use_rslora=args.use_rslora,
+        save_every=args.save_every,
+        resume=args.resume,
     )
-    summary = run_finetune(options)
+    summary = run_finetune(options)  # checks --optim and the rest before any weight is read
     if summary.losses:
         print(f"adapter: {summary.output} ({len(summary.losses)} steps, loss {summary.losses[0]:.4f} → {summary.losses[-1]:.4f}, {summary.seconds:.0f} s)")
     return 0

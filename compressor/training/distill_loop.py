@@ -171,9 +171,10 @@ def run_distillation(
 
     state = TrainingState(step=0, losses=[])
     if resume and checkpoint_dir is not None:
-        restored = load_training_checkpoint(checkpoint_dir, trainable, optimizer, scheduler, generator)
+        restored = load_training_checkpoint(checkpoint_dir, trainable, optimizer, scheduler)
         if restored is not None:
-            state = restored
+            state, rng = restored
+            generator.set_state(rng["generator"])
     resumed_from = state.step
 
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
@@ -214,7 +215,7 @@ def run_distillation(
         every = settings.checkpoint_every
         if checkpoint_dir is not None and every and state.step % every == 0 and state.step < settings.steps:
             if accelerator.is_main_process:
-                save_training_checkpoint(checkpoint_dir, trainable, optimizer, scheduler, generator, state)
+                save_training_checkpoint(checkpoint_dir, trainable, optimizer, scheduler, {"generator": generator.get_state()}, state)
             accelerator.wait_for_everyone()
         if settings.max_seconds is not None and _out_of_time(accelerator, time.monotonic() - started >= settings.max_seconds):
             stopped_by_time = state.step < settings.steps

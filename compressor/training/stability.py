@@ -14,6 +14,8 @@ import torch
 
 QLORA_MAX_GRAD_NORM = 0.3
 WARMUP_SHARE = 0.03
+# After the warm-up, by transformers' get_scheduler names ("constant" keeps the warm-up).
+LR_SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
 
 def default_warmup_steps(steps: int) -> int:
@@ -36,6 +38,13 @@ def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, 
     from transformers import get_cosine_schedule_with_warmup
 
     return get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup_steps, num_training_steps=steps)
+
+
+def warmup_schedule(optimizer: torch.optim.Optimizer, kind: str, warmup_steps: int, steps: int):
+    """The linear warm-up, then transformers' schedule `kind` (cosine, linear, constant_with_warmup)."""
+    from transformers import get_scheduler
+
+    return get_scheduler(kind, optimizer, num_warmup_steps=warmup_steps, num_training_steps=steps)
 
 
 def clip_gradients(parameters, max_grad_norm: float, clip=torch.nn.utils.clip_grad_norm_) -> float:
