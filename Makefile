@@ -12,7 +12,7 @@ install:
 
 # Compress the embedded SmolLM2-135M-Instruct with the built-in w4a16-gptq recipe, offline.
 demo: install
-	compress builtin:smollm2-135m-instruct --recipe w4a16-gptq -o out/smollm2-w4a16-gptq --overwrite
+	$(PYTHON) -m compressor.cli builtin:smollm2-135m-instruct --recipe w4a16-gptq -o out/smollm2-w4a16-gptq --overwrite
 
 test: install
-	pytest -q tests
+	$(PYTHON) -m pytest -q tests
