@@ -20,6 +20,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from compressor.transformers_names import cache_argument, returned_cache
+
 
 @dataclass(frozen=True)
 class DecodeTiming:
@@ -55,15 +57,16 @@ def _decode_once(model: nn.Module, prompt: torch.Tensor, new_tokens: int, compil
 
         cache, step = StaticCache(config=model.config, max_cache_len=compiled.max_cache_len), compiled.forward
         positions = torch.arange(prompt.shape[1] + new_tokens, device=prompt.device)
+    cache_name = cache_argument(model)
     extra = {} if positions is None else {"cache_position": positions[: prompt.shape[1]]}
-    out = model(input_ids=prompt, past_key_values=cache, use_cache=True, **extra)
-    cache = out.past_key_values
+    out = model(input_ids=prompt, use_cache=True, **{cache_name: cache}, **extra)
+    cache = returned_cache(out)
     token = out.logits[:, -1:].argmax(-1)
     started = time.perf_counter()
     for index in range(new_tokens):
         extra = {} if positions is None else {"cache_position": positions[prompt.shape[1] + index : prompt.shape[1] + index + 1]}
-        out = step(input_ids=token, past_key_values=cache, use_cache=True, **extra)
-        cache = out.past_key_values
+        out = step(input_ids=token, use_cache=True, **{cache_name: cache}, **extra)
+        cache = returned_cache(out)
         token = out.logits[:, -1:].argmax(-1)
     return time.perf_counter() - started
 

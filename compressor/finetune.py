@@ -45,6 +45,7 @@ from compressor.training.stability import (
     warmup_problem,
     warmup_schedule,
 )
+from compressor.transformers_names import enable_activation_checkpointing
 
 
 COMPRESSED_TENSORS = "compressed-tensors"
@@ -366,7 +367,7 @@ def _finetune_holding_output(options: FinetuneOptions, accelerator, target_names
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     elif options.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
         model.enable_input_require_grads()
     targets = lora_targets(model, target_names)
     lora = lora_config_for_quantized(  # a LoraConfig that also wraps QuantLinear layers

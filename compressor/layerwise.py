@@ -26,6 +26,7 @@ from compressor.errors import CompressionError
 from compressor.file_pages import release_file_pages, storage_address
 from compressor.offload import compute_device, onload
 from compressor.sequential_block import KeptInputs, SequentialBlockPass, follows_layout, match_layout, plan_steps
+from compressor.transformers_names import CACHE_NAMES
 
 __all__ = ["BlockAlgorithm", "BlockInputs", "find_decoder_blocks", "run_layerwise"]
 
@@ -63,8 +64,8 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, tokens: torch
 
     def grab(_module, args, kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        kwargs["past_key_values"] = None
+        # No KV cache between calibration batches: drop it under either of its names (transformers_names).
+        kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states" and k not in CACHE_NAMES}
         kwargs["use_cache"] = False
         captured.hidden.append(hidden.detach())
         captured.kwargs.append(kwargs)

@@ -11,6 +11,7 @@ from compressor.kernels.gated_mlp import FusedGatedMlpForward, install_fused_mlp
 from compressor.kernels.quant_linear import QuantLinear
 from compressor.runtime import plan_for_compile
 from compressor.stages.base import replace_module
+from compressor.transformers_names import cache_argument
 from tests.kernel_fixtures import TOLERANCE, random_quant_linear, relative_error
 
 needs_kernel = pytest.mark.skipif(kernel_unavailable() is not None, reason=str(kernel_unavailable()))
@@ -44,12 +45,13 @@ def static_decode_logits(model, step, prompt: torch.Tensor, tokens: int) -> list
 
     cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + tokens)
     positions = torch.arange(prompt.shape[1] + tokens)
+    name = cache_argument(model)
     with torch.no_grad():
-        out = model(input_ids=prompt, past_key_values=cache, use_cache=True, cache_position=positions[: prompt.shape[1]])
+        out = model(input_ids=prompt, **{name: cache}, use_cache=True, cache_position=positions[: prompt.shape[1]])
         logits = [out.logits[:, -1]]
         for index in range(prompt.shape[1], prompt.shape[1] + tokens - 1):
             token = logits[-1].argmax(-1, keepdim=True)
-            out = step(input_ids=token, past_key_values=cache, use_cache=True, cache_position=positions[index : index + 1])
+            out = step(input_ids=token, **{name: cache}, use_cache=True, cache_position=positions[index : index + 1])
             logits.append(out.logits[:, -1])
     return logits
 

@@ -8,6 +8,7 @@ import torch
 from compressor.kernels import native_build
 from compressor.kernels.dispatch import REFERENCE
 from compressor.kernels.cpu_int4_avx512 import MAX_ROWS, CpuAvx512W4Backend, kernel_unavailable, pack_w4
+from compressor.transformers_names import cache_argument, returned_cache
 from tests.kernel_fixtures import TOLERANCE, float64_reference, random_quant_linear, relative_error
 
 AVX512 = CpuAvx512W4Backend.name
@@ -146,11 +147,11 @@ def test_cached_decode_matches_plain_transformers_dense_load(tiny_llama, tmp_pat
     ids = torch.tensor([[1, 5, 9, 33, 70, 120]])
     with torch.no_grad():
         for model in (ours, dense):
+            name = cache_argument(model)
             out = model(input_ids=ids[:, :3], use_cache=True)
-            steps = [model(input_ids=ids[:, 3:4], past_key_values=out.past_key_values, use_cache=True)]
+            steps = [model(input_ids=ids[:, 3:4], **{name: returned_cache(out)}, use_cache=True)]
             for i in range(4, 6):
-                cache = steps[-1].past_key_values
-                steps.append(model(input_ids=ids[:, i : i + 1], past_key_values=cache, use_cache=True))
+                steps.append(model(input_ids=ids[:, i : i + 1], **{name: returned_cache(steps[-1])}, use_cache=True))
             model.decoded = torch.cat([s.logits.float() for s in steps], dim=1)
     assert {r["kernel"] for r in kernel_summary(ours).values()} == {AVX512}
     reference = dense.decoded

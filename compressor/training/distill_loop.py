@@ -25,6 +25,7 @@ from compressor.errors import CompressionError
 from compressor.training.checkpoints import TrainingState, load_training_checkpoint, save_training_checkpoint
 from compressor.training.launch import Backend, configure_deepspeed, launch_backend, make_accelerator
 from compressor.training.trainable import TrainableSet
+from compressor.transformers_names import disable_activation_checkpointing, enable_activation_checkpointing
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ def run_distillation(
             teacher.to(device)
         teacher.eval()
     if settings.gradient_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(student)
     trained, optimizer, scheduler = _prepare(accelerator, backend, student, trainable, settings)
     generator = torch.Generator().manual_seed(settings.seed + accelerator.process_index)
     sample = _batch_sampler(windows, settings.batch_size, generator)
@@ -222,7 +223,7 @@ def run_distillation(
             break
     student.eval()
     if settings.gradient_checkpointing:
-        student.gradient_checkpointing_disable()
+        disable_activation_checkpointing(student)
     # Data-parallel and ZeRO 1 / 2 keep every parameter whole on every process, so `student` (the
     # unwrapped model the pipeline saves from the main process) already holds the full trained state.
     accelerator.wait_for_everyone()
