@@ -179,6 +179,15 @@ def task_slice(results: dict[str, Any], name: str, tagged: list[str] | None = No
     return sliced
 
 
+def name_model(results: dict[str, Any], reference: str) -> None:
+    """Name the model in `results` as the report does. lm-eval's `config.model` is the path the
+    model was loaded from (its `config._name_or_path`): for a merged base that is a temporary
+    folder deleted when the run ends, for a compressed model the input's folder, not OUT.
+    (`model_args` stays lm-eval's: None, as it is handed a model object, not arguments.)"""
+    config = results.get("config")
+    results["config"] = {**(config if isinstance(config, dict) else {}), "model": reference}
+
+
 def merge_slices(slices: list[dict[str, Any]], header: dict[str, Any]) -> dict[str, Any]:
     merged: dict[str, Any] = {s: {} for s in (*PER_TASK_SECTIONS, "group_subtasks")}
     for part in slices:
@@ -377,5 +386,6 @@ def evaluate_target(
             if name in keys and cache is not None:
                 cache.put(keys[name], slices[name], run_header)
     merged = merge_slices([slices[t.name] for t in settings.tasks], header)
+    name_model(merged, target.reference)
     metrics = {row: values for t in settings.tasks for row, values in extract_metrics(slices[t.name], [t.name]).items()}
     return TargetResults(merged, metrics, cached, throughput, samples)
