@@ -292,6 +292,35 @@ def check_unsafe_code(built: BuiltTasks, confirmed: bool) -> None:
 
 
 @dataclass
+class PreparedTasks:
+    """Tasks built (their data read) and checked before any model loads, for one lm-eval run.
+
+    lm-eval's Task objects hold the requests of the run that scores them, so `take` hands them
+    out once; a later run builds its own."""
+
+    catalog: TaskCatalog
+    tasks: tuple[ResolvedTask, ...]
+    manager: Any  # lm-eval's TaskManager over these tasks' folders
+    built: BuiltTasks | None  # None once taken
+
+    def take(self, names: list[str]) -> tuple[Any, BuiltTasks] | None:
+        """(manager, built tasks) when they are exactly `names` and not yet taken."""
+        if self.built is None or [t.name for t in self.tasks] != names:
+            return None
+        built, self.built = self.built, None
+        return self.manager, built
+
+
+def prepare_tasks(catalog: TaskCatalog, tasks: list[ResolvedTask], confirm_run_unsafe_code: bool) -> PreparedTasks:
+    """Build `tasks` (TaskError naming one whose data cannot be read) and refuse one that runs
+    model-written code without confirmation (`check_unsafe_code`)."""
+    manager = catalog.task_manager(tasks)
+    built = build_tasks([t.name for t in tasks], manager)
+    check_unsafe_code(built, confirm_run_unsafe_code)
+    return PreparedTasks(catalog, tuple(tasks), manager, built)
+
+
+@dataclass
 class LmEvalRun:
     results: dict[str, Any]  # lm-eval's results JSON, without its samples
     samples: dict[str, list[dict[str, Any]]] | None  # per task, with --log-samples
@@ -338,8 +367,10 @@ def evaluate_target(
     catalog: TaskCatalog,
     cache: ResultsCache | None = None,
     echo: Callable[[str], None] = print,
+    prepared: PreparedTasks | None = None,
 ) -> TargetResults:
-    """lm-eval's results for `target` on every task in `settings`."""
+    """lm-eval's results for `target` on every task in `settings`; `prepared`: those tasks built
+    and checked already, used when this run scores all of them and no run has taken them yet."""
     slices: dict[str, dict[str, Any]] = {}
     keys: dict[str, CacheKey] = {}
     header: dict[str, Any] = {"lm_eval_version": lm_eval_version()}
@@ -372,9 +403,12 @@ def evaluate_target(
         shots = "" if settings.num_fewshot is None else f", {settings.num_fewshot}-shot"
         chat = ", chat template" if settings.options.apply_chat_template else ""
         echo(f"{target.name}: running {', '.join(missing)} (limit {settings.limit or 'none'}{shots}{chat}, backend {settings.backend})")
-        manager = catalog.task_manager([t for t in settings.tasks if t.name in missing])
-        built = build_tasks(missing, manager)  # before the model loads: a task whose data is missing costs no load
-        check_unsafe_code(built, settings.options.confirm_run_unsafe_code)
+        ready = prepared.take(missing) if prepared is not None else None
+        if ready is None:  # built before the model loads: a task whose data is missing costs no load
+            tasks = [t for t in settings.tasks if t.name in missing]
+            ready = prepare_tasks(catalog, tasks, settings.options.confirm_run_unsafe_code).take(missing)
+        assert ready is not None  # a fresh PreparedTasks of exactly `missing` is always there to take
+        manager, built = ready
         lm = backend(settings.backend).build(target, settings)
         run = run_lm_eval(lm, built, manager, settings)
         fresh, samples = run.results, run.samples

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-from compressor.commands.args import Parser, device_name, example_limit, non_negative_int, positive_int, quiet_transformers
+from compressor.commands.args import Parser, device_name, example_limit, non_negative_int, positive_int, quiet_datasets, quiet_transformers
 from compressor.errors import ModelError, UserError
 from compressor.extras import require_extra
 
@@ -218,9 +218,7 @@ def _evaluate(args: argparse.Namespace, pairs: list[tuple[str, str]], base: str,
     templates = chat_templates(pairs, args.apply_chat_template, args.trust_remote_code)
     if args.quiet:
         quiet_transformers()
-        import datasets
-
-        datasets.disable_progress_bars()  # lm-eval's tasks read their data through it
+        quiet_datasets()
         logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notices, not its progress bars
 
     from compressor.evaluation.compare import Comparison
