@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from compressor.errors import UserError, first_line
 from compressor.evaluation.catalog import ResolvedTask, TaskCatalog, TaskError, lm_eval_version
+from compressor.evaluation.git_hash import quiet_git_hash_lookup
 from compressor.evaluation.options import LmEvalOptions
 from compressor.evaluation.results_cache import CacheKey, ResultsCache
 from compressor.model_io import LoadedModel
@@ -330,17 +331,18 @@ def run_lm_eval(lm: Any, built: BuiltTasks, manager: Any, settings: EvalSettings
     """lm-eval's results (and samples) for tasks `build_tasks` built with `manager`."""
     import lm_eval
 
-    results = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=built.objects,
-        batch_size=settings.batch_size,  # only recorded in results["config"]: lm is built already
-        max_batch_size=settings.max_batch_size,
-        num_fewshot=settings.num_fewshot,
-        limit=settings.limit,
-        task_manager=manager,
-        bootstrap_iters=1000,
-        **settings.options.simple_evaluate_kwargs(),
-    )
+    with quiet_git_hash_lookup():
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=built.objects,
+            batch_size=settings.batch_size,  # only recorded in results["config"]: lm is built already
+            max_batch_size=settings.max_batch_size,
+            num_fewshot=settings.num_fewshot,
+            limit=settings.limit,
+            task_manager=manager,
+            bootstrap_iters=1000,
+            **settings.options.simple_evaluate_kwargs(),
+        )
     if results is None:  # only on non-zero ranks of a distributed run
         raise RuntimeError("lm-eval returned no results")
     samples = results.pop("samples", None)
