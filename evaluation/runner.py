@@ -113,11 +113,20 @@ def _hf_model(target: EvalTarget, settings: EvalSettings):
     # given; a named one reaches transformers' apply_chat_template through chat_template_args.
     template = {"chat_template_args": {"chat_template": chat}} if isinstance(chat, str) else {}
     try:
-        return _float32_logits_hflm()(
+        lm = _float32_logits_hflm()(
             pretrained=model, tokenizer=target.loaded.tokenizer, batch_size=settings.batch_size, **sizing, **template
         )
     finally:
         lm_eval_logger.setLevel(level)
+    if not sizing and str(settings.batch_size).startswith("auto") and torch_device_type(lm.device) == "cpu":
+        from compressor.evaluation.batch_ceiling import ceiling_for
+
+        lm.max_batch_size = ceiling_for(lm)  # where its search starts: lm-eval's 64 can outgrow a CPU machine
+    return lm
+
+
+def torch_device_type(device: Any) -> str:
+    return getattr(device, "type", None) or str(device).split(":")[0]
 
 
 def _vllm_model(target: EvalTarget, settings: EvalSettings):
