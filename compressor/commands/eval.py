@@ -64,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty report folder")
     parser.add_argument("--batch-size", type=_flag_type(_batch_size, "batch size"), default=8, metavar="N|auto|auto:N",
                         help="lm-eval batch size: N, auto (largest that fits, found once) or auto:N (found N times); default 8")
-    parser.add_argument("--max-batch-size", type=positive_int, metavar="N", help="the largest size --batch-size auto tries (default: lm-eval's 64; on the CPU, the largest"
+    parser.add_argument("--max-batch-size", type=positive_int, metavar="N",
+                        help="the largest size --batch-size auto tries (default: lm-eval's 64; on the CPU, the largest"
                              " batch whose logits over the model's whole context fit in half the available memory)")
     prompts = parser.add_argument_group("prompts and generation (as lm-eval's flags of the same names)")
     prompts.add_argument("--apply-chat-template", nargs="?", const=True, default=False, metavar="NAME",

@@ -86,7 +86,9 @@ def _input_paths(plan: MergePlan) -> list[Path | str]:
 
 def dry_run_merge_recipe(recipe: Recipe, options) -> list[StagePlan]:
     """Validate the merge (headers only) and the later stages against the merged structure."""
-    from compressor.pipeline import check_local_dataset_contents, check_recipe_fits_model, plan_recipe, prepare_evaluation_tasks, skeleton_model
+    from compressor.pipeline import (
+        check_local_dataset_contents, check_recipe_fits_model, plan_recipe, prepare_evaluation_tasks, skeleton_model,
+    )
 
     if options.out_dir is not None:
         check_output_dir(options.out_dir, options.overwrite)
@@ -137,7 +139,7 @@ def _run_merge_recipe_holding_output(recipe: Recipe, options, echo: Callable[[st
     plan = plan_recipe_merge(recipe, options.allow_pickle)
     check_output_spares(options.out_dir, _input_paths(plan))
     hub_token = _hub_token_for(recipe)  # before the merge: a missing token or network costs no work
-    evaluation_tasks = prepare_evaluation_tasks(recipe)  # so costs a task that cannot run
+    evaluation_tasks = prepare_evaluation_tasks(recipe)  # likewise a task that cannot run (its data is read here)
     base_reference = plan.inputs[plan.reference_index].reference
     source = {"reference": base_reference, "kind": "merge", "hub_id": plan.inputs[plan.reference_index].hub_id}
     echo(f"stage 1/{len(recipe.stages)}: merge ({plan.method.name}) of {len(plan.inputs)} models, {len(plan.slots)} tensors")
