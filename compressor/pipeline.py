@@ -210,15 +210,17 @@ def _write_model_card(folder: Path, recipe: Recipe, out_name: str) -> None:
     (folder / "README.md").write_text(str(card), encoding="utf-8")
 
 
-def _plan_evaluation(recipe: Recipe, options: RunOptions, echo: Callable[[str], None], tokenizer: Any):
+def _plan_evaluation(recipe: Recipe, options: RunOptions, echo: Callable[[str], None], tokenizer: Any, prepared: Any = None):
     """The recipe's `evaluate:` block as lm-eval runs, or None without one; a chat template the
-    tokenizer lacks is refused here, before the model loads."""
+    tokenizer lacks, and a task that cannot run, are refused here, before the model loads.
+    `prepared`: the block's tasks when the caller built them already (`prepare_recipe_tasks`)."""
     if recipe.evaluate is None:
         return None
-    from compressor.evaluation.recipe_eval import RecipeEvaluation
+    from compressor.evaluation.recipe_eval import RecipeEvaluation, prepare_recipe_tasks
 
     template = evaluation_chat_template(recipe, tokenizer)
-    return RecipeEvaluation.plan(recipe.evaluate, recipe.name, options.batch_size, echo, template)
+    prepared = prepared if prepared is not None else prepare_recipe_tasks(recipe)
+    return RecipeEvaluation.plan(recipe.evaluate, prepared, recipe.name, options.batch_size, echo, template)
 
 
 def evaluation_chat_template(recipe: Recipe, tokenizer: Any) -> str | None:
@@ -263,6 +265,7 @@ def run_recipe_holding_output(
     extra_metadata: dict[str, Any] | None = None,
     prior_stages: list[dict[str, Any]] | None = None,
     base_description: str | None = None,
+    evaluation_tasks: Any = None,
 ) -> RunSummary:
     """`run_recipe` for a caller that has checked OUT (check_output_dir) and holds its lock
     (`hold_output`).
@@ -270,6 +273,7 @@ def run_recipe_holding_output(
     `prior_stages`: entries for stages that ran before the model was loaded (the merge that made
     it), logged ahead of this run's stages in compression.json. `base_description`: what the
     evaluation report calls the base when `model_reference` is a temporary folder (a merge's).
+    `evaluation_tasks`: the `evaluate:` block's tasks, built and checked before the merge ran.
     """
     from compressor.calibration.batches import build_calibration
     from compressor.evaluation.perplexity import evaluation_windows, limited_count, perplexity_on
@@ -294,7 +298,7 @@ def run_recipe_holding_output(
             check_weight_names(folder, skeleton, model_reference)
         plan_recipe(skeleton, recipe)  # targets fail before any weight is read
     tokenizer = load_tokenizer(path, model_reference, options.trust_remote_code)
-    evaluation = _plan_evaluation(recipe, options, echo, tokenizer)
+    evaluation = _plan_evaluation(recipe, options, echo, tokenizer, evaluation_tasks)
     calibration: dict[str, torch.Tensor] = {}
 
     def calibration_tokens() -> torch.Tensor:
@@ -531,7 +535,18 @@ def dry_run(model_reference: str, recipe: Recipe, options: RunOptions) -> list[S
     check_local_dataset_contents(recipe, model_reference, options)
     if recipe.evaluate is not None and recipe.evaluate.apply_chat_template:
         evaluation_chat_template(recipe, source_tokenizer(model_reference, options.trust_remote_code))
+    prepare_evaluation_tasks(recipe)
     return plans
+
+
+def prepare_evaluation_tasks(recipe: Recipe) -> Any:
+    """The `evaluate:` block's tasks built (their data read) and checked, as the run does before
+    any weight is read and `--dry-run` does too (`prepare_recipe_tasks`); None without the block."""
+    if recipe.evaluate is None:  # the evaluation modules need lm-eval and matplotlib: not imported without it
+        return None
+    from compressor.evaluation.recipe_eval import prepare_recipe_tasks
+
+    return prepare_recipe_tasks(recipe)
 
 
 def check_local_dataset_contents(recipe: Recipe, model_reference: str, options: RunOptions) -> None:

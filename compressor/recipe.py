@@ -58,8 +58,10 @@ class EvaluateSpec(StrictModel):
     template name), `fewshot_as_multiturn` (default: on with a chat template),
     `system_instruction`, `gen_kwargs` (a mapping, or lm-eval's `k=v,k2=v2` string), `seed` (one
     integer, or a list of 3-4 integers/null: random, numpy, torch, few-shot), `batch_size` (N,
-    `auto`, `auto:N`; default: compress's --batch-size), `max_batch_size`, `log_samples`
-    (OUT/eval/samples/), `confirm_run_unsafe_code`.
+    `auto`, `auto:N`; default: compress's --batch-size), `max_batch_size` (default: lm-eval's 64; on
+    the CPU `compressor.evaluation.batch_ceiling`'s), `log_samples` (OUT/eval/samples/),
+    `confirm_run_unsafe_code` (checked with the task data before any weight is read:
+    `compressor.evaluation.recipe_eval.prepare_recipe_tasks`).
 
     Task names are checked here, at parse time: built-in offline tasks by name, lm-eval's by
     a cached text scan of its task files (not its 25 s full index; see

@@ -10,7 +10,7 @@ from typing import Any, Callable
 from compressor.evaluation.catalog import TaskCatalog, lm_eval_version
 from compressor.evaluation.report import ModelRow, build_report, write_report
 from compressor.evaluation.results_cache import ResultsCache
-from compressor.evaluation.runner import EvalSettings, EvalTarget, evaluate_target
+from compressor.evaluation.runner import EvalSettings, EvalTarget, PreparedTasks, evaluate_target
 from compressor.evaluation.size import SizeInfo
 
 
@@ -31,9 +31,10 @@ class Comparison:
     rows: list[ModelRow] = field(default_factory=list)
     raw: dict[str, dict[str, Any]] = field(default_factory=dict)
     samples: dict[str, _Samples] = field(default_factory=dict)
+    prepared: PreparedTasks | None = None  # the tasks built before any model loaded: the first model to score all of them takes them
 
     def add(self, target: EvalTarget, size: SizeInfo | None) -> ModelRow:
-        outcome = evaluate_target(target, self.settings, self.catalog, self.cache, self.echo)
+        outcome = evaluate_target(target, self.settings, self.catalog, self.cache, self.echo, self.prepared)
         row = ModelRow(
             name=target.name,
             reference=target.reference,

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from compressor.errors import UserError, first_line
 from compressor.evaluation.catalog import ResolvedTask, TaskCatalog, TaskError, lm_eval_version
+from compressor.evaluation.git_hash import quiet_git_hash_lookup
 from compressor.evaluation.options import LmEvalOptions
 from compressor.evaluation.results_cache import CacheKey, ResultsCache
 from compressor.model_io import LoadedModel
@@ -112,11 +113,20 @@ def _hf_model(target: EvalTarget, settings: EvalSettings):
     # given; a named one reaches transformers' apply_chat_template through chat_template_args.
     template = {"chat_template_args": {"chat_template": chat}} if isinstance(chat, str) else {}
     try:
-        return _float32_logits_hflm()(
+        lm = _float32_logits_hflm()(
             pretrained=model, tokenizer=target.loaded.tokenizer, batch_size=settings.batch_size, **sizing, **template
         )
     finally:
         lm_eval_logger.setLevel(level)
+    if not sizing and str(settings.batch_size).startswith("auto") and torch_device_type(lm.device) == "cpu":
+        from compressor.evaluation.batch_ceiling import ceiling_for
+
+        lm.max_batch_size = ceiling_for(lm)  # where its search starts: lm-eval's 64 can outgrow a CPU machine
+    return lm
+
+
+def torch_device_type(device: Any) -> str:
+    return getattr(device, "type", None) or str(device).split(":")[0]
 
 
 def _vllm_model(target: EvalTarget, settings: EvalSettings):
@@ -177,6 +187,15 @@ def task_slice(results: dict[str, Any], name: str, tagged: list[str] | None = No
     sliced: dict[str, Any] = {s: {n: results[s][n] for n in names if n in results.get(s, {})} for s in PER_TASK_SECTIONS}
     sliced["group_subtasks"] = {n: results["group_subtasks"][n] for n in names if n in results.get("group_subtasks", {})}
     return sliced
+
+
+def name_model(results: dict[str, Any], reference: str) -> None:
+    """Name the model in `results` as the report does. lm-eval's `config.model` is the path the
+    model was loaded from (its `config._name_or_path`): for a merged base that is a temporary
+    folder deleted when the run ends, for a compressed model the input's folder, not OUT.
+    (`model_args` stays lm-eval's: None, as it is handed a model object, not arguments.)"""
+    config = results.get("config")
+    results["config"] = {**(config if isinstance(config, dict) else {}), "model": reference}
 
 
 def merge_slices(slices: list[dict[str, Any]], header: dict[str, Any]) -> dict[str, Any]:
@@ -283,6 +302,35 @@ def check_unsafe_code(built: BuiltTasks, confirmed: bool) -> None:
 
 
 @dataclass
+class PreparedTasks:
+    """Tasks built (their data read) and checked before any model loads, for one lm-eval run.
+
+    lm-eval's Task objects hold the requests of the run that scores them, so `take` hands them
+    out once; a later run builds its own."""
+
+    catalog: TaskCatalog
+    tasks: tuple[ResolvedTask, ...]
+    manager: Any  # lm-eval's TaskManager over these tasks' folders
+    built: BuiltTasks | None  # None once taken
+
+    def take(self, names: list[str]) -> tuple[Any, BuiltTasks] | None:
+        """(manager, built tasks) when they are exactly `names` and not yet taken."""
+        if self.built is None or [t.name for t in self.tasks] != names:
+            return None
+        built, self.built = self.built, None
+        return self.manager, built
+
+
+def prepare_tasks(catalog: TaskCatalog, tasks: list[ResolvedTask], confirm_run_unsafe_code: bool) -> PreparedTasks:
+    """Build `tasks` (TaskError naming one whose data cannot be read) and refuse one that runs
+    model-written code without confirmation (`check_unsafe_code`)."""
+    manager = catalog.task_manager(tasks)
+    built = build_tasks([t.name for t in tasks], manager)
+    check_unsafe_code(built, confirm_run_unsafe_code)
+    return PreparedTasks(catalog, tuple(tasks), manager, built)
+
+
+@dataclass
 class LmEvalRun:
     results: dict[str, Any]  # lm-eval's results JSON, without its samples
     samples: dict[str, list[dict[str, Any]]] | None  # per task, with --log-samples
@@ -292,17 +340,18 @@ def run_lm_eval(lm: Any, built: BuiltTasks, manager: Any, settings: EvalSettings
     """lm-eval's results (and samples) for tasks `build_tasks` built with `manager`."""
     import lm_eval
 
-    results = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=built.objects,
-        batch_size=settings.batch_size,  # only recorded in results["config"]: lm is built already
-        max_batch_size=settings.max_batch_size,
-        num_fewshot=settings.num_fewshot,
-        limit=settings.limit,
-        task_manager=manager,
-        bootstrap_iters=1000,
-        **settings.options.simple_evaluate_kwargs(),
-    )
+    with quiet_git_hash_lookup():
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=built.objects,
+            batch_size=settings.batch_size,  # only recorded in results["config"]: lm is built already
+            max_batch_size=settings.max_batch_size,
+            num_fewshot=settings.num_fewshot,
+            limit=settings.limit,
+            task_manager=manager,
+            bootstrap_iters=1000,
+            **settings.options.simple_evaluate_kwargs(),
+        )
     if results is None:  # only on non-zero ranks of a distributed run
         raise RuntimeError("lm-eval returned no results")
     samples = results.pop("samples", None)
@@ -329,8 +378,10 @@ def evaluate_target(
     catalog: TaskCatalog,
     cache: ResultsCache | None = None,
     echo: Callable[[str], None] = print,
+    prepared: PreparedTasks | None = None,
 ) -> TargetResults:
-    """lm-eval's results for `target` on every task in `settings`."""
+    """lm-eval's results for `target` on every task in `settings`; `prepared`: those tasks built
+    and checked already, used when this run scores all of them and no run has taken them yet."""
     slices: dict[str, dict[str, Any]] = {}
     keys: dict[str, CacheKey] = {}
     header: dict[str, Any] = {"lm_eval_version": lm_eval_version()}
@@ -363,9 +414,12 @@ def evaluate_target(
         shots = "" if settings.num_fewshot is None else f", {settings.num_fewshot}-shot"
         chat = ", chat template" if settings.options.apply_chat_template else ""
         echo(f"{target.name}: running {', '.join(missing)} (limit {settings.limit or 'none'}{shots}{chat}, backend {settings.backend})")
-        manager = catalog.task_manager([t for t in settings.tasks if t.name in missing])
-        built = build_tasks(missing, manager)  # before the model loads: a task whose data is missing costs no load
-        check_unsafe_code(built, settings.options.confirm_run_unsafe_code)
+        ready = prepared.take(missing) if prepared is not None else None
+        if ready is None:  # built before the model loads: a task whose data is missing costs no load
+            tasks = [t for t in settings.tasks if t.name in missing]
+            ready = prepare_tasks(catalog, tasks, settings.options.confirm_run_unsafe_code).take(missing)
+        assert ready is not None  # a fresh PreparedTasks of exactly `missing` is always there to take
+        manager, built = ready
         lm = backend(settings.backend).build(target, settings)
         run = run_lm_eval(lm, built, manager, settings)
         fresh, samples = run.results, run.samples
@@ -377,5 +431,6 @@ def evaluate_target(
             if name in keys and cache is not None:
                 cache.put(keys[name], slices[name], run_header)
     merged = merge_slices([slices[t.name] for t in settings.tasks], header)
+    name_model(merged, target.reference)
     metrics = {row: values for t in settings.tasks for row, values in extract_metrics(slices[t.name], [t.name]).items()}
     return TargetResults(merged, metrics, cached, throughput, samples)

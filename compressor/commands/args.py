@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 
 
@@ -64,6 +65,15 @@ def quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+
+
+def quiet_datasets() -> None:
+    """No progress bars from `datasets`, through which lm-eval's tasks and the calibration read their data."""
+    if importlib.util.find_spec("datasets") is None:  # an optional extra: nothing to quiet without it
+        return
+    import datasets
+
+    datasets.disable_progress_bars()
 
 
 def device_name(text: str) -> str:

@@ -9,7 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable
 
-from compressor.commands.args import Parser, device_name, positive_int, quiet_transformers
+from compressor.commands.args import Parser, device_name, positive_int, quiet_datasets, quiet_transformers
 from compressor.errors import UserError
 from compressor.offload import parse_memory_size
 
@@ -107,6 +107,7 @@ def run(argv: list[str]) -> int:
     recipe = load_recipe(args.recipe)
     if args.quiet:
         quiet_transformers()
+        quiet_datasets()  # the evaluate: block's tasks read their data before the model loads
     options = run_options(
         args, resume=args.resume, max_memory=args.max_memory, stage_checkpoints=not args.no_stage_checkpoints,
         command=command_line(argv),

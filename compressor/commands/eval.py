@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-from compressor.commands.args import Parser, device_name, example_limit, non_negative_int, positive_int, quiet_transformers
+from compressor.commands.args import Parser, device_name, example_limit, non_negative_int, positive_int, quiet_datasets, quiet_transformers
 from compressor.errors import ModelError, UserError
 from compressor.extras import require_extra
 
@@ -64,7 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty report folder")
     parser.add_argument("--batch-size", type=_flag_type(_batch_size, "batch size"), default=8, metavar="N|auto|auto:N",
                         help="lm-eval batch size: N, auto (largest that fits, found once) or auto:N (found N times); default 8")
-    parser.add_argument("--max-batch-size", type=positive_int, metavar="N", help="the largest size --batch-size auto tries (default: lm-eval's 64)")
+    parser.add_argument("--max-batch-size", type=positive_int, metavar="N",
+                        help="the largest size --batch-size auto tries (default: lm-eval's 64; on the CPU, the largest"
+                             " batch whose logits over the model's whole context fit in half the available memory)")
     prompts = parser.add_argument_group("prompts and generation (as lm-eval's flags of the same names)")
     prompts.add_argument("--apply-chat-template", nargs="?", const=True, default=False, metavar="NAME",
                          help="wrap prompts in the tokenizer's chat template (or its template NAME); refused for a tokenizer without one")
@@ -218,9 +220,7 @@ def _evaluate(args: argparse.Namespace, pairs: list[tuple[str, str]], base: str,
     templates = chat_templates(pairs, args.apply_chat_template, args.trust_remote_code)
     if args.quiet:
         quiet_transformers()
-        import datasets
-
-        datasets.disable_progress_bars()  # lm-eval's tasks read their data through it
+        quiet_datasets()
         logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notices, not its progress bars
 
     from compressor.evaluation.compare import Comparison

@@ -86,7 +86,9 @@ def _input_paths(plan: MergePlan) -> list[Path | str]:
 
 def dry_run_merge_recipe(recipe: Recipe, options) -> list[StagePlan]:
     """Validate the merge (headers only) and the later stages against the merged structure."""
-    from compressor.pipeline import check_local_dataset_contents, check_recipe_fits_model, plan_recipe, skeleton_model
+    from compressor.pipeline import (
+        check_local_dataset_contents, check_recipe_fits_model, plan_recipe, prepare_evaluation_tasks, skeleton_model,
+    )
 
     if options.out_dir is not None:
         check_output_dir(options.out_dir, options.overwrite)
@@ -100,6 +102,7 @@ def dry_run_merge_recipe(recipe: Recipe, options) -> list[StagePlan]:
         check_recipe_fits_model(recipe, model.config)
         plans += [p for p in plan_recipe(model, recipe) if p.kind != "merge"]
         check_local_dataset_contents(recipe, str(base_folder), options)
+        prepare_evaluation_tasks(recipe)
     return plans
 
 
@@ -129,11 +132,14 @@ def run_merge_recipe(recipe: Recipe, options, echo: Callable[[str], None] = prin
 
 
 def _run_merge_recipe_holding_output(recipe: Recipe, options, echo: Callable[[str], None]):
-    from compressor.pipeline import RunSummary, _hub_token_for, _push_output, _versions, _write_model_card, run_recipe_holding_output
+    from compressor.pipeline import (
+        RunSummary, _hub_token_for, _push_output, _versions, _write_model_card, prepare_evaluation_tasks, run_recipe_holding_output,
+    )
 
     plan = plan_recipe_merge(recipe, options.allow_pickle)
     check_output_spares(options.out_dir, _input_paths(plan))
     hub_token = _hub_token_for(recipe)  # before the merge: a missing token or network costs no work
+    evaluation_tasks = prepare_evaluation_tasks(recipe)  # likewise a task that cannot run (its data is read here)
     base_reference = plan.inputs[plan.reference_index].reference
     source = {"reference": base_reference, "kind": "merge", "hub_id": plan.inputs[plan.reference_index].hub_id}
     echo(f"stage 1/{len(recipe.stages)}: merge ({plan.method.name}) of {len(plan.inputs)} models, {len(plan.slots)} tensors")
@@ -172,7 +178,7 @@ def _run_merge_recipe_holding_output(recipe: Recipe, options, echo: Callable[[st
         extra = {"source": source, "merge": _merge_metadata(plan, seconds, stats)}
         summary = run_recipe_holding_output(str(merged), recipe, options, echo=echo, extra_metadata=extra,
                                             prior_stages=[merge_stage_record(plan, seconds)],
-                                            base_description=merge_description(plan))
+                                            base_description=merge_description(plan), evaluation_tasks=evaluation_tasks)
         summary.stage_seconds.insert(0, seconds)
         summary.plans.insert(0, merge_stage_plan(plan))
         return summary
