@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from compressor.algorithms.fp8 import MSE_SHRINK_STEPS, fp8_quantize
-from compressor.algorithms.grid import WeightGrid
 from compressor.algorithms.rtn import rtn_quantize
 from compressor.errors import RecipeError
 from compressor.kernels.w8a8_linear import W8A8Linear

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from compressor.algorithms.masks import is_nm_sparse, parse_nm
 from compressor.cli import main
