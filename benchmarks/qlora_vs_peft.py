@@ -245,6 +245,10 @@ def _summarise(run: dict) -> dict:
 
 
 def compare(args) -> dict:
+    import importlib.util
+
+    if importlib.util.find_spec("trl") is None:
+        raise SystemExit("the rival needs TRL: pip install trl (it leaves torch and transformers as they are)")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="qlora_vs_peft_"))
     train, heldout = make_data(work / "data", args.heldout)
     runs: dict[str, list[dict]] = {"ours": [], "rival": []}
