@@ -175,13 +175,24 @@ _UNSUPPORTED = (
 )
 
 
+def _hub_offline(datasets) -> bool:
+    """Whether `datasets` reads the Hub offline. datasets 2.21+ has `config.HF_HUB_OFFLINE` (either
+    variable); 2.19/2.20 only `HF_DATASETS_OFFLINE`, while huggingface_hub still refuses the Hub
+    under HF_HUB_OFFLINE=1."""
+    if hasattr(datasets.config, "HF_HUB_OFFLINE"):
+        return bool(datasets.config.HF_HUB_OFFLINE)
+    from huggingface_hub import constants
+
+    return bool(datasets.config.HF_DATASETS_OFFLINE or constants.HF_HUB_OFFLINE)
+
+
 def _stream_hub(path: str, subset: str | None, split: str, label: str, data_files: str | None = None):
     """The split as a `datasets.IterableDataset`: nothing is downloaded until it is iterated."""
     datasets = _datasets_library(label)
     try:
         return datasets.load_dataset(path, subset, split=split, data_files=data_files, streaming=True)
     except Exception as err:  # datasets raises many types for missing/offline sets
-        if datasets.config.HF_HUB_OFFLINE:
+        if _hub_offline(datasets):
             # Offline, `datasets` streams a set it has cached before; this one is not in that cache.
             raise DataError(
                 f"'{path}' is not in the local datasets cache and the Hub is offline (HF_HUB_OFFLINE=1): load it once"

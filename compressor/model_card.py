@@ -232,8 +232,8 @@ def _usage_section(repo_id: str, facts: CheckpointFacts) -> list[str]:
         lines += [moe_note.format(repo_id=repo_id), ""]
     if asymmetric:
         lines += [
-            "This checkpoint uses asymmetric (zero-point) weights: vLLM loads it; plain transformers with"
-            " compressed-tensors 0.20 cannot yet (an upstream limitation of its zero-point loader).",
+            "This checkpoint uses asymmetric (zero-point) weights: vLLM loads it; plain transformers 5.23 or newer"
+            " with compressed-tensors 0.20 cannot yet (an upstream limitation of its zero-point loader), 5.21 and 5.22 do.",
             "",
         ]
     return lines

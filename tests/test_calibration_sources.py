@@ -11,7 +11,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from compressor.calibration.batches import build_calibration, source_fingerprint
-from compressor.calibration.sources import KNOWN_HUB_SETS, STREAM_SAMPLING, load_documents
+from compressor.calibration.sources import KNOWN_HUB_SETS, STREAM_SAMPLING, _hub_offline, load_documents
 from compressor.errors import DataError
 from compressor.recipe import CalibrationSpec
 from tests.cli_runs import assert_one_line_refusal, run_cli
@@ -102,7 +102,7 @@ def test_a_hub_dataset_in_the_local_datasets_cache_streams_offline(tmp_path, mon
     (cached / "dataset_info.json").write_bytes((arrow.parent / "dataset_info.json").read_bytes())
     (cached / "cached-set-train.arrow").write_bytes(arrow.read_bytes())
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
-    assert datasets.config.HF_HUB_OFFLINE
+    assert _hub_offline(datasets)
     assert sorted(_documents("some-org/cached-set")) == sorted(TEXTS)
 
 
