@@ -149,6 +149,9 @@ def test_a_recipe_task_that_runs_model_code_is_refused_at_its_key_before_any_wei
 def test_a_confirmed_unsafe_task_runs_and_its_tasks_are_built_once_per_model(tiny_llama, unsafe_task, tmp_path, monkeypatch):
     from compressor.evaluation import runner
 
+    # A results cache of its own: another test of the session that scores the same pruned model would
+    # otherwise serve its perplexity from the session's cache, and that task would not be built here.
+    monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "cache"))
     builds: list[list[str]] = []
     build_tasks = runner.build_tasks
     monkeypatch.setattr(runner, "build_tasks", lambda names, manager: builds.append(list(names)) or build_tasks(names, manager))
