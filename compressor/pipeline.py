@@ -216,10 +216,10 @@ def _plan_evaluation(recipe: Recipe, options: RunOptions, echo: Callable[[str], 
     `prepared`: the block's tasks when the caller built them already (`prepare_recipe_tasks`)."""
     if recipe.evaluate is None:
         return None
-    from compressor.evaluation.recipe_eval import RecipeEvaluation, prepare_recipe_tasks
+    from compressor.evaluation.recipe_eval import RecipeEvaluation
 
     template = evaluation_chat_template(recipe, tokenizer)
-    prepared = prepared if prepared is not None else prepare_recipe_tasks(recipe)
+    prepared = prepared if prepared is not None else prepare_evaluation_tasks(recipe)
     return RecipeEvaluation.plan(recipe.evaluate, prepared, recipe.name, options.batch_size, echo, template)
 
 

@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
+
 from compressor.errors import UserError, first_line
 from compressor.evaluation.catalog import ResolvedTask, TaskCatalog, TaskError, lm_eval_version
 from compressor.evaluation.git_hash import quiet_git_hash_lookup
@@ -118,15 +120,11 @@ def _hf_model(target: EvalTarget, settings: EvalSettings):
         )
     finally:
         lm_eval_logger.setLevel(level)
-    if not sizing and str(settings.batch_size).startswith("auto") and torch_device_type(lm.device) == "cpu":
+    if not sizing and str(settings.batch_size).startswith("auto") and torch.device(lm.device).type == "cpu":
         from compressor.evaluation.batch_ceiling import ceiling_for
 
         lm.max_batch_size = ceiling_for(lm)  # where its search starts: lm-eval's 64 can outgrow a CPU machine
     return lm
-
-
-def torch_device_type(device: Any) -> str:
-    return getattr(device, "type", None) or str(device).split(":")[0]
 
 
 def _vllm_model(target: EvalTarget, settings: EvalSettings):
