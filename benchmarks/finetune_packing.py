@@ -1,0 +1,167 @@
+#!/usr/bin/env python
+"""`compress finetune --packing` on SmolLM2-135M-Instruct: padding and tokens per step, then time.
+
+    python benchmarks/finetune_packing.py [--data titles|varied] [--steps 8] [--max-length 512] [--batch-size 4]
+                                          [--no-time] [--json out.json]
+
+Data (240 chat records from the calibration slice's abstracts, "give a title", loss on the answer
+only; tokenized by `compressor.finetune_data.load_examples`):
+  titles: `lowrank_smollm2.py qlora-data`, abstracts cut to 400 characters: lengths 111-197 tokens;
+  varied: record i's abstract cut to 40 + (i × 337 mod 1400) characters: lengths from ~50 to ~400
+          tokens, the spread of a real chat set.
+
+padding: one epoch of the training loader as `compress finetune` builds it (batches of
+--batch-size, shuffled from seed 0), unpacked (padded to the longest example of each batch) and
+packed (--max-length sequences, best-fit decreasing): micro-batches per epoch, real tokens and
+answer tokens per micro-batch, and the padding fraction (pad slots / all slots the forward computes).
+
+time: `compress finetune --qlora` (its Python entry, one subprocess each, unpacked then packed) for
+--steps steps with gradient checkpointing; step ends are timed from the per-step log line, the
+first 2 steps are left out; seconds per step, real tokens per second (tokens per step from the
+padding part's epoch mean) and the estimated seconds per epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+MODEL = "builtin:smollm2-135m-instruct"
+SKIP_STEPS = 2
+
+
+def make_data(folder: Path, kind: str) -> Path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import lowrank_smollm2
+
+    if kind == "titles":
+        lowrank_smollm2.qlora_data(argparse.Namespace(out=str(folder), max_chars=400))
+        return folder / "train.jsonl"
+    from compressor.calibration.corpus import calibration_slice_path
+
+    lines = []
+    for i, line in enumerate(calibration_slice_path().read_text().splitlines()):
+        record = json.loads(line)
+        prompt = lowrank_smollm2.PROMPT.format(abstract=record["abstract"][: 40 + (i * 337) % 1400])
+        lines.append(json.dumps({"messages": [{"role": "user", "content": prompt},
+                                              {"role": "assistant", "content": record["title"]}]}))
+    (folder / "varied.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "varied.jsonl"
+
+
+def _loader_stats(loader) -> dict:
+    real, answer, slots, batches = 0, 0, 0, 0
+    for batch in loader:
+        labels = batch["labels"]
+        width = labels.shape[0] * labels.shape[1]
+        if "attention_mask" in batch:
+            real += int(batch["attention_mask"].sum())
+        else:  # packed: padding is the tail after the last real token, labelled IGNORE and positions restarted
+            real += sum(len(row) for row in batch["_lengths"])
+        answer += int((labels[:, 1:] != -100).sum())
+        slots += width
+        batches += 1
+    return {"micro_batches": batches, "real_tokens_per_micro_batch": real / batches,
+            "answer_tokens_per_micro_batch": answer / batches, "slots_per_micro_batch": slots / batches,
+            "padding_fraction": 1 - real / slots}
+
+
+def padding(train: Path, max_length: int, batch_size: int) -> dict:
+    from compressor.finetune_data import load_examples
+    from compressor.finetune_loop import make_loader
+    from compressor.finetune_packing import collate_packed, pack_examples
+    from compressor.model_io import load_tokenizer, prepare_source
+
+    _source, path, _folder = prepare_source(MODEL)
+    tokenizer = load_tokenizer(path, MODEL, False)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    examples = load_examples(str(train), tokenizer, max_length=max_length)
+    lengths = [len(e.input_ids) for e in examples]
+    unpacked = _loader_stats(make_loader(examples, batch_size, pad_id, 0))
+    rows, stats = pack_examples(examples, max_length)
+    loader = make_loader(rows, batch_size, pad_id, 0, packed=True)
+    # the real lengths of each packed batch's rows, beside what collate_packed returns
+    loader.collate_fn = lambda batch: collate_packed(batch, pad_id) | {"_lengths": [r.input_ids for r in batch]}
+    packed = _loader_stats(loader)
+    return {"examples": len(examples), "example_tokens": {"min": min(lengths), "median": statistics.median(lengths),
+                                                          "max": max(lengths), "total": sum(lengths)},
+            "sequences": stats.sequences, "fill": stats.fill, "unpacked": unpacked, "packed": packed}
+
+
+def worker(args) -> dict:
+    from compressor.finetune import FinetuneOptions, run_finetune
+
+    stamps: list[float] = []
+
+    def echo(line: str) -> None:
+        if line.startswith("step ") and "/" in line.split(":")[0]:
+            stamps.append(time.perf_counter())
+
+    options = FinetuneOptions(model=MODEL, dataset=args.train, output=Path(args.out), qlora=True, steps=args.steps,
+                              batch_size=args.batch_size, max_length=args.max_length, warmup_steps=0, log_every=1,
+                              overwrite=True, packing=args.packing)
+    summary = run_finetune(options, echo=echo)
+    steps = [b - a for a, b in zip(stamps, stamps[1:])][SKIP_STEPS - 1:]
+    return {"seconds_per_step": statistics.median(steps), "step_seconds": steps, "losses": summary.losses}
+
+
+def _environment() -> dict:
+    import peft
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", choices=["titles", "varied"], default="titles")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--no-time", action="store_true", help="padding statistics only")
+    parser.add_argument("--json")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--packing", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--train", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        train = make_data(Path(tmp), args.data)
+        result = {"environment": _environment(), "settings": {"data": args.data, "max_length": args.max_length,
+                                                               "batch_size": args.batch_size, "steps": args.steps},
+                  "padding": padding(train, args.max_length, args.batch_size)}
+        if not args.no_time:
+            for name, flags in (("unpacked", []), ("packed", ["--packing"])):
+                command = [sys.executable, __file__, "--worker", "--train", str(train), "--out", str(Path(tmp) / name),
+                           "--steps", str(args.steps), "--max-length", str(args.max_length),
+                           "--batch-size", str(args.batch_size), *flags]
+                run = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+                stats = result["padding"][name]
+                run["real_tokens_per_second"] = stats["real_tokens_per_micro_batch"] / run["seconds_per_step"]
+                run["seconds_per_epoch"] = stats["micro_batches"] * run["seconds_per_step"]
+                result[f"time_{name}"] = run
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
