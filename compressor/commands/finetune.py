@@ -77,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-length", type=positive_int, default=512,
                         help="tokens per example (longer ones are cut); with --packing, tokens per packed sequence")
     parser.add_argument("--packing", action="store_true",
-                        help="pack several examples into each sequence of --max-length tokens (best-fit decreasing, as TRL's"
+                        help="pack several examples into each sequence of up to the max length (best-fit decreasing, as TRL's"
                              " packing=True): no compute on padding; positions restart per example and transformers masks"
                              " attention between them; --batch-size then counts packed sequences")
     parser.add_argument("--modules-to-save", metavar="NAME[,NAME]",
