@@ -36,7 +36,13 @@ from compressor.errors import ModelError, UserError
 from compressor.extras import is_installed, missing_extra
 from compressor.finetune_data import load_examples
 from compressor.finetune_loop import StepPlan, make_loader, mean_loss, run_steps, steps_per_epoch
-from compressor.finetune_modules import check_modules_to_save, check_tie_kept, parse_modules_to_save, tie_line
+from compressor.finetune_modules import (
+    check_modules_to_save,
+    check_tie_kept,
+    parse_modules_to_save,
+    tie_line,
+    train_copies_in_fp32,
+)
 from compressor.finetune_packing import pack_examples, refuse_unmasked_attention
 from compressor.kernels.dispatched_module import DispatchedModule
 from compressor.kernels.quant_linear import QuantLinear
@@ -397,6 +403,7 @@ def _finetune_holding_output(options: FinetuneOptions, accelerator, target_names
         check_tie_kept(model)
         if accelerator.is_main_process:
             echo(tie_line(save_names))
+    restore_copies = train_copies_in_fp32(model)  # (no-op without --modules-to-save or on an fp32 base)
     # Named before accelerate wraps the model (DDP prefixes every name with `module.`).
     trainable = TrainableSet(named={name: p for name, p in model.named_parameters() if p.requires_grad})
     optimizer = build_optimizer(options.optim, trainable.parameters(), options.lr, options.weight_decay)
@@ -434,6 +441,7 @@ def _finetune_holding_output(options: FinetuneOptions, accelerator, target_names
 
     try:
         run_steps(model, optimizer, scheduler, loader, eval_loader, accelerator, plan, summary, summary.resumed_from, checkpoint, echo)
+        restore_copies()  # whole-module copies back in the base's dtype: evaluated and saved as they reload
         summary.seconds = time.perf_counter() - started
         _finish(model, tokenizer, path, options, summary, eval_loader, accelerator, echo)
     except BaseException:  # Ctrl-C, SIGTERM or a failure before ADAPTER is in place: say what stays for --resume

@@ -16,12 +16,15 @@ a tied pair named otherwise would come out untied, and is refused after wrapping
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from compressor.errors import UserError
 from compressor.kernels.quant_linear import QuantLinear
 
 FLAG = "--modules-to-save"
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def parse_modules_to_save(text: str | None) -> list[str] | None:
@@ -84,6 +87,49 @@ def check_tie_kept(peft_model) -> None:
         raise UserError("the output head shares its weight with the input embedding here, and peft keeps such a pair tied"
                         " only for modules named embed_tokens / lm_head; training one copy would untie the model",
                         where=FLAG)
+
+
+def _copies(peft_model) -> list[torch.nn.Module]:
+    """The trainable copies peft made (one object per tied pair: its wrappers share the module)."""
+    found: dict[int, torch.nn.Module] = {}
+    for module in peft_model.modules():
+        copies = getattr(module, "modules_to_save", None)
+        if isinstance(copies, torch.nn.ModuleDict):
+            for copy in copies.values():
+                found.setdefault(id(copy), copy)
+    return list(found.values())
+
+
+def train_copies_in_fp32(peft_model) -> Callable[[], None]:
+    """Copies of a bf16/fp16 base train in fp32 (master weights), as LoRA's own tensors do: bf16
+    has 8 bits of mantissa, so AdamW steps of ~lr on weights of ~0.05 would mostly round away.
+    Each upcast copy takes its input in fp32 and hands its output on in its old dtype, so the rest
+    of the model sees what it would. Returns the function that casts them back and drops the hooks
+    (called before saving: the adapter then holds what the reloaded model computes with)."""
+    undo: list[Callable[[], None]] = []
+    original: dict[int, torch.dtype] = {}  # a tied pair's two copies share one parameter
+    for copy in _copies(peft_model):
+        parameters = list(copy.parameters())
+        dtypes = [original.get(id(p), p.dtype) for p in parameters]
+        if not any(d in LOW_PRECISION for d in dtypes):
+            continue
+        dtype = next(d for d in dtypes if d in LOW_PRECISION)
+        for parameter in parameters:
+            if parameter.dtype in LOW_PRECISION:
+                original[id(parameter)] = parameter.dtype
+                undo.append(lambda p=parameter, d=parameter.dtype: setattr(p, "data", p.data.to(d)))
+                parameter.data = parameter.data.float()
+        before = copy.register_forward_pre_hook(
+            lambda _m, args: tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args))
+        after = copy.register_forward_hook(lambda _m, _args, out, d=dtype: out.to(d) if torch.is_tensor(out) else out)
+        undo += [before.remove, after.remove]
+
+    def restore() -> None:
+        for step in undo:
+            step()
+        undo.clear()
+
+    return restore
 
 
 def tie_line(names: list[str]) -> str:

@@ -162,3 +162,36 @@ def test_merge_carries_the_trained_tied_matrix(fp32_llama, tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "a" / "merged"))
     assert merged.config.tie_word_embeddings and merged.lm_head.weight is merged.model.embed_tokens.weight
     torch.testing.assert_close(merged.model.embed_tokens.weight, trained.to(merged.dtype), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "untied_llama_bf16"])
+def test_copies_of_a_bf16_base_train_in_fp32(fixture, request, tmp_path, monkeypatch, capsys):
+    """Master weights: the optimizer steps fp32 copies (bf16 would round most AdamW steps away); the
+    adapter holds them in the base's dtype, and the model in memory computes what peft reloads."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    model = request.getfixturevalue(fixture)
+    data = _write_jsonl(tmp_path / "d.jsonl", _titles(8))
+    stepped: list[set] = []
+    handle = register_optimizer_step_pre_hook(
+        lambda optimizer, *_: stepped.append({p.dtype for group in optimizer.param_groups for p in group["params"]}))
+    try:
+        ours, _ = _train_keeping_logits(model, data, tmp_path / "a", monkeypatch, capsys, "--modules-to-save", "lm_head")
+    finally:
+        handle.remove()
+    assert stepped and all(dtypes == {torch.float32} for dtypes in stepped)
+    copies = {k: v for k, v in load_file(str(tmp_path / "a" / ADAPTER)).items() if "lora_" not in k}
+    assert copies and all(v.dtype == torch.bfloat16 for v in copies.values())
+    reloaded, _ = _peft_logits(model, tmp_path / "a")
+    torch.testing.assert_close(reloaded, ours, rtol=1e-3, atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def untied_llama_bf16(untied_llama, tmp_path_factory) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("untied-llama-bf16")
+    AutoModelForCausalLM.from_pretrained(str(untied_llama), dtype=torch.bfloat16).save_pretrained(str(folder))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((untied_llama / name).read_bytes())
+    return folder
