@@ -12,6 +12,8 @@ the shared matrix, used by both the embedding and the head (the adapter file hol
 names, equal tensors); reloading and merging keep the tie. That is what the base model is (one matrix), so it is what we do when either
 tied name is given, and the run says so. peft ties only modules named ``embed_tokens`` / ``lm_head``;
 a tied pair named otherwise would come out untied, and is refused after wrapping.
+
+Precision: the copies train in fp32 whatever the base's dtype (``train_copies_in_fp32``).
 """
 
 from __future__ import annotations
