@@ -3,6 +3,7 @@
 
     python benchmarks/finetune_packing.py [--data titles|varied] [--steps 8] [--max-length 512] [--batch-size 4]
                                           [--no-time] [--json out.json]
+    python benchmarks/finetune_packing.py --sdpa [--json out.json]
 
 Data (240 chat records from the calibration slice's abstracts, "give a title", loss on the answer
 only; tokenized by `compressor.finetune_data.load_examples`):
@@ -19,6 +20,11 @@ time: `compress finetune --qlora` (its Python entry, one subprocess each, unpack
 --steps steps with gradient checkpointing; step ends are timed from the per-step log line, the
 first 2 steps are left out; seconds per step, real tokens per second (tokens per step from the
 padding part's epoch mean) and the estimated seconds per epoch.
+
+--sdpa: what the packed mask costs the attention kernel itself: torch's scaled_dot_product_attention
+forward + backward at SmolLM2's attention shape (4 rows × 9 heads × 512 tokens × 64), best of 3,
+causal through `is_causal`, with a block-diagonal causal mask (3 packed examples) and with a
+causal + padding mask (the last 112 positions padded), fp32 and bf16.
 """
 
 from __future__ import annotations
@@ -116,6 +122,30 @@ def worker(args) -> dict:
     return {"seconds_per_step": statistics.median(steps), "step_seconds": steps, "losses": summary.losses}
 
 
+def sdpa_cost() -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    rows, heads, length, width = 4, 9, 512, 64
+    segments = torch.repeat_interleave(torch.arange(3), torch.tensor([170, 170, 172]))
+    causal = torch.tril(torch.ones(length, length, dtype=torch.bool))
+    padded = causal.clone()
+    padded[:, 400:] = False
+    masks = {"is_causal": None, "block_diagonal": (segments[:, None] == segments[None, :]) & causal, "padding": padded}
+    result = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for name, mask in masks.items():
+            q, k, v = (torch.randn(rows, heads, length, width, dtype=dtype, requires_grad=True) for _ in range(3))
+            kwargs = {"is_causal": True} if mask is None else {"attn_mask": mask.expand(rows, 1, length, length)}
+            best = float("inf")
+            for _ in range(3):
+                started = time.perf_counter()
+                F.scaled_dot_product_attention(q, k, v, **kwargs).sum().backward()
+                best = min(best, time.perf_counter() - started)
+            result[f"{name}_{str(dtype).split('.')[-1]}_ms"] = round(best * 1000, 1)
+    return result
+
+
 def _environment() -> dict:
     import peft
     import torch
@@ -133,6 +163,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--no-time", action="store_true", help="padding statistics only")
+    parser.add_argument("--sdpa", action="store_true", help="only the attention kernel's cost per mask kind")
     parser.add_argument("--json")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--packing", action="store_true", help=argparse.SUPPRESS)
@@ -142,9 +173,15 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args)))
         return
+    if args.sdpa:
+        result = {"environment": _environment(), "sdpa": sdpa_cost(), "load_average": os.getloadavg()}
+        print(json.dumps(result, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         train = make_data(Path(tmp), args.data)
-        result = {"environment": _environment(), "settings": {"data": args.data, "max_length": args.max_length,
+        result = {"environment": _environment(), "load_average_before": os.getloadavg(), "settings": {"data": args.data, "max_length": args.max_length,
                                                                "batch_size": args.batch_size, "steps": args.steps},
                   "padding": padding(train, args.max_length, args.batch_size)}
         if not args.no_time:
