@@ -4,6 +4,7 @@
     python benchmarks/finetune_packing.py [--data titles|varied] [--steps 8] [--max-length 512] [--batch-size 4]
                                           [--no-time] [--json out.json]
     python benchmarks/finetune_packing.py --sdpa [--json out.json]
+    python benchmarks/finetune_packing.py --model-step [--json out.json]
 
 Data (240 chat records from the calibration slice's abstracts, "give a title", loss on the answer
 only; tokenized by `compressor.finetune_data.load_examples`):
@@ -25,6 +26,10 @@ padding part's epoch mean) and the estimated seconds per epoch.
 forward + backward at SmolLM2's attention shape (4 rows × 9 heads × 512 tokens × 64), best of 3,
 causal through `is_causal`, with a block-diagonal causal mask (3 packed examples) and with a
 causal + padding mask (the last 112 positions padded), fp32 and bf16.
+
+--model-step: the same three attention inputs through the whole model: SmolLM2 in fp32 with
+non-reentrant activation checkpointing, forward + backward of 4 × 512 random tokens, twice each
+(no LoRA, no NF4), to see whether the packed path costs anything beyond the kernel.
 """
 
 from __future__ import annotations
@@ -146,6 +151,33 @@ def sdpa_cost() -> dict:
     return result
 
 
+def model_step_cost() -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from compressor.model_io import prepare_source
+
+    _source, path, _folder = prepare_source(MODEL)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    rows, length = 4, 512
+    ids = torch.randint(0, 40000, (rows, length), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(rows, length, dtype=torch.long)
+    mask[:, 400:] = 0
+    positions = torch.cat([torch.arange(170), torch.arange(170), torch.arange(172)]).expand(rows, -1).contiguous()
+    inputs = {"is_causal": {}, "padding": {"attention_mask": mask}, "packed": {"position_ids": positions}}
+    seconds: dict[str, list[float]] = {name: [] for name in inputs}
+    for _ in range(2):
+        for name, extra in inputs.items():
+            started = time.perf_counter()
+            model(input_ids=ids, use_cache=False, **extra).logits.float().mean().backward()
+            seconds[name].append(round(time.perf_counter() - started, 2))
+            model.zero_grad(set_to_none=True)
+    return seconds
+
+
 def _environment() -> dict:
     import peft
     import torch
@@ -164,6 +196,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--no-time", action="store_true", help="padding statistics only")
     parser.add_argument("--sdpa", action="store_true", help="only the attention kernel's cost per mask kind")
+    parser.add_argument("--model-step", action="store_true", help="only a whole-model step per mask kind")
     parser.add_argument("--json")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--packing", action="store_true", help=argparse.SUPPRESS)
@@ -173,8 +206,9 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args)))
         return
-    if args.sdpa:
-        result = {"environment": _environment(), "sdpa": sdpa_cost(), "load_average": os.getloadavg()}
+    if args.sdpa or args.model_step:
+        part = {"sdpa": sdpa_cost()} if args.sdpa else {"model_step_seconds": model_step_cost()}
+        result = {"environment": _environment(), **part, "load_average": os.getloadavg()}
         print(json.dumps(result, indent=2))
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
