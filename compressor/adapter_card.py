@@ -119,12 +119,19 @@ def _training_rows(facts: AdapterFacts) -> list[str]:
         ("variant", _variant(config)),
         ("target modules", _targets(config)),
     ]
+    if config.get("modules_to_save"):
+        tied = " (input embedding and output head tied: one shared copy, `ensure_weight_tying`)" if config.get("ensure_weight_tying") else ""
+        rows.append(("trained whole", f"{', '.join(f'`{m}`' for m in config['modules_to_save'])}{tied}"))
     if options:
         rows += [
             ("data", f"`{options.get('dataset')}`"),
             *_optimization(options, training),
             ("seed", str(options.get("seed"))),
         ]
+        if training.get("packing"):
+            packing = training["packing"]
+            rows.append(("packing", f"{packing['examples']} examples in {packing['sequences']} sequences"
+                                    f" ({packing['fill']:.0%} full, no attention across examples)"))
         if training.get("resumed_from"):
             rows.append(("resumed", f"after step {training['resumed_from']} (from a `--save-every` checkpoint)"))
     losses = training.get("losses") or []

@@ -83,6 +83,11 @@ def apply_adapter(model: nn.Module, folder: Path | str, origin: str = "adapter")
         # DoRA rescales every output of W + BA by a trained magnitude over its norm: no added term can hold that.
         raise ModelError("a DoRA adapter (use_dora) is no added low-rank term; merge it (compress finetune --merge,"
                          " or peft's merge_and_unload) or load it with peft's PeftModel", where=str(folder))
+    if config.get("modules_to_save"):
+        # Whole trained modules (compress finetune --modules-to-save) are no low-rank term either.
+        raise ModelError(f"this adapter also holds trained copies of whole modules ({', '.join(config['modules_to_save'])},"
+                         " modules_to_save), which compensation terms cannot carry; merge it (compress finetune --merge,"
+                         " or peft's merge_and_unload) or load it with peft's PeftModel", where=str(folder))
     tensors = load_file(str(folder / "adapter_model.safetensors"))
     use_rslora = bool(config.get("use_rslora"))
     touched = 0

@@ -36,6 +36,14 @@ from compressor.errors import ModelError, UserError
 from compressor.extras import is_installed, missing_extra
 from compressor.finetune_data import load_examples
 from compressor.finetune_loop import StepPlan, make_loader, mean_loss, run_steps, steps_per_epoch
+from compressor.finetune_modules import (
+    check_modules_to_save,
+    check_tie_kept,
+    parse_modules_to_save,
+    tie_line,
+    train_copies_in_fp32,
+)
+from compressor.finetune_packing import pack_examples, refuse_unmasked_attention
 from compressor.kernels.dispatched_module import DispatchedModule
 from compressor.kernels.quant_linear import QuantLinear
 from compressor.training.stability import (
@@ -85,6 +93,8 @@ class FinetuneOptions:
     use_rslora: bool = False  # peft LoraConfig(use_rslora=True): scaling alpha/sqrt(r)
     save_every: int = 0  # step checkpoints into ADAPTER's work folder every N steps (0: none)
     resume: bool = False  # continue after the newest step checkpoint
+    packing: bool = False  # several examples per sequence of max_length tokens (compressor.finetune_packing)
+    modules_to_save: str | None = None  # comma-separated modules trained whole beside the adapters (peft modules_to_save)
 
 
 @dataclass
@@ -103,6 +113,7 @@ class FinetuneSummary:
     warmup_steps: int = 0
     base_quantization: str | None = None  # quant_method of the checkpoint trained on (besides --qlora's NF4)
     resumed_from: int = 0  # the step a --resume continued after
+    packing: dict | None = None  # with --packing: examples, sequences and how full they are
 
 
 def check_bitsandbytes() -> None:
@@ -312,6 +323,7 @@ def run_finetune(options: FinetuneOptions, echo: Callable[[str], None] = print) 
     # With --epochs, once the examples are counted (still before any weight is read).
     warmup_steps = resolved_warmup_steps(options) if options.epochs is None else None
     target_names = parse_targets(options.targets)
+    parse_modules_to_save(options.modules_to_save)
     # Without CUDA, say so: accelerate then runs several launched processes as MULTI_CPU (gloo).
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     check_output_dir(options.output, options.overwrite, inputs=[options.model, options.dataset, options.eval_dataset or ""])  # every process: all of them must stop on bad input
@@ -350,6 +362,13 @@ def _finetune_holding_output(options: FinetuneOptions, accelerator, target_names
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train = load_examples(options.dataset, tokenizer, max_length=options.max_length, split=options.split)
     held_out = load_examples(options.eval_dataset, tokenizer, max_length=options.max_length) if options.eval_dataset else None
+    _say_cut(train, options, accelerator, echo)
+    packing_stats = None
+    if options.packing:
+        train, packing_stats = pack_examples(train, options.max_length)
+        held_out = pack_examples(held_out, options.max_length)[0] if held_out else None
+        if accelerator.is_main_process:
+            echo(packing_stats.line())
     if options.epochs is not None:
         options = replace(options, steps=epoch_steps(len(train), options.batch_size, options.epochs, accelerator.num_processes,
                                                      options.grad_accum))
@@ -369,17 +388,27 @@ def _finetune_holding_output(options: FinetuneOptions, accelerator, target_names
     elif options.gradient_checkpointing:
         enable_activation_checkpointing(model)
         model.enable_input_require_grads()
+    if options.packing:
+        refuse_unmasked_attention(model)
     targets = lora_targets(model, target_names)
+    save_names = parse_modules_to_save(options.modules_to_save)
+    keep_tie = check_modules_to_save(model, save_names, targets) if save_names else False
     lora = lora_config_for_quantized(  # a LoraConfig that also wraps QuantLinear layers
         r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout, target_modules=targets,
         bias="none", task_type="CAUSAL_LM", use_dora=options.use_dora, use_rslora=options.use_rslora,
+        modules_to_save=save_names, ensure_weight_tying=keep_tie,
     )
     model = add_lora(model, lora, targets)
+    if keep_tie:
+        check_tie_kept(model)
+        if accelerator.is_main_process:
+            echo(tie_line(save_names))
+    restore_copies = train_copies_in_fp32(model)  # (no-op without --modules-to-save or on an fp32 base)
     # Named before accelerate wraps the model (DDP prefixes every name with `module.`).
     trainable = TrainableSet(named={name: p for name, p in model.named_parameters() if p.requires_grad})
     optimizer = build_optimizer(options.optim, trainable.parameters(), options.lr, options.weight_decay)
-    loader = make_loader(train, options.batch_size, pad_id, options.seed)
-    eval_loader = make_loader(held_out, options.batch_size, pad_id, options.seed, shuffle=False) if held_out else None
+    loader = make_loader(train, options.batch_size, pad_id, options.seed, packed=options.packing)
+    eval_loader = make_loader(held_out, options.batch_size, pad_id, options.seed, shuffle=False, packed=options.packing) if held_out else None
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
@@ -387,7 +416,8 @@ def _finetune_holding_output(options: FinetuneOptions, accelerator, target_names
     scheduler = warmup_schedule(optimizer, LR_SCHEDULERS[options.lr_scheduler], warmup_steps, options.steps)
 
     summary = FinetuneSummary(options.output, processes=accelerator.num_processes, warmup_steps=warmup_steps,
-                              base_quantization=quantization_method(path))
+                              base_quantization=quantization_method(path),
+                              packing=asdict(packing_stats) | {"fill": round(packing_stats.fill, 4)} if packing_stats else None)
     key = finetune_key(_options_record(options), Path(path) if Path(path).is_dir() else None, accelerator.device,
                        accelerator.num_processes)
     checkpoints = FinetuneCheckpoints(workdir, key, options.save_every, options.resume, echo)
@@ -411,6 +441,7 @@ def _finetune_holding_output(options: FinetuneOptions, accelerator, target_names
 
     try:
         run_steps(model, optimizer, scheduler, loader, eval_loader, accelerator, plan, summary, summary.resumed_from, checkpoint, echo)
+        restore_copies()  # whole-module copies back in the base's dtype: evaluated and saved as they reload
         summary.seconds = time.perf_counter() - started
         _finish(model, tokenizer, path, options, summary, eval_loader, accelerator, echo)
     except BaseException:  # Ctrl-C, SIGTERM or a failure before ADAPTER is in place: say what stays for --resume
@@ -446,12 +477,21 @@ def _finish(model, tokenizer, path: str, options: FinetuneOptions, summary: Fine
                 summary.recompressed = options.output / "compressed"
 
 
+def _say_cut(examples, options: FinetuneOptions, accelerator, echo: Callable[[str], None]) -> None:
+    """Examples longer than --max-length are cut, packed or not (as TRL's SFTTrainer truncates to max_length)."""
+    cut = [e.cut for e in examples if e.cut]
+    if cut and accelerator.is_main_process:
+        echo(f"{len(cut)} of {len(examples)} training examples were longer than --max-length {options.max_length}"
+             f" and were cut ({sum(cut)} tokens dropped)")
+
+
 def _plan_line(options: FinetuneOptions, warmup_steps: int, processes: int) -> str:
     from compressor.training.optimizers import OPTIMIZERS
 
     clipping = "at global norm " + format(options.max_grad_norm, "g") if options.max_grad_norm > 0 else "off"
     batch = options.batch_size * options.grad_accum * processes
-    return (f"{options.steps} steps of {batch} examples ({options.batch_size} × {options.grad_accum} accumulated × {processes}"
+    unit = "packed sequences" if options.packing else "examples"
+    return (f"{options.steps} steps of {batch} {unit} ({options.batch_size} × {options.grad_accum} accumulated × {processes}"
             f" processes): {OPTIMIZERS[options.optim].words}, lr {options.lr:g}, warm-up {warmup_steps} steps,"
             f" {options.lr_scheduler} schedule; gradient clipping {clipping}")
 
@@ -497,6 +537,7 @@ def _save_adapter(model, tokenizer, options: FinetuneOptions, summary: FinetuneS
         "base_quantization": summary.base_quantization,
         "resumed_from": summary.resumed_from,
         "effective_batch_size": options.batch_size * options.grad_accum * summary.processes,
+        "packing": summary.packing,
     }
     (folder / "training.json").write_text(json.dumps(log, indent=2) + "\n")
     # In place of peft's blank template (whose base_model is a local path the Hub would refuse).

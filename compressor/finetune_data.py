@@ -31,6 +31,7 @@ ANSWER_FIELDS = ("output", "response", "completion")
 class Example:
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX where no loss is taken
+    cut: int = 0  # tokens dropped past max_length
 
 
 def _read_records(dataset: str, split: str) -> tuple[list[dict[str, Any]], str]:
@@ -153,7 +154,8 @@ def _text_example(tokenizer, text: str) -> Example:
 
 
 def load_examples(dataset: str, tokenizer, *, max_length: int, split: str = "train") -> list[Example]:
-    """Tokenized examples, cut to `max_length`; examples left with no labelled token are dropped."""
+    """Tokenized examples, cut to `max_length` (each records what it lost in `cut`); examples
+    left with no labelled token are dropped."""
     records, where = _read_records(dataset, split)
     if not records:
         raise DataError("dataset is empty", where=where)
@@ -169,7 +171,8 @@ def load_examples(dataset: str, tokenizer, *, max_length: int, split: str = "tra
             example = _plain_pair_example(tokenizer, *_pair(record, index, where))
         else:
             example = _chat_example(tokenizer, _messages(record, kind, index, where))
-        example = Example(example.input_ids[:max_length], example.labels[:max_length])
+        example = Example(example.input_ids[:max_length], example.labels[:max_length],
+                          cut=max(0, len(example.input_ids) - max_length))
         if any(label != IGNORE_INDEX for label in example.labels[1:]):
             examples.append(example)
     if not examples:

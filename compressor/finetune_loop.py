@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import torch
 
 from compressor.finetune_data import IGNORE_INDEX, collate
+from compressor.finetune_packing import collate_packed
 from compressor.training.stability import clip_gradients
 
 if TYPE_CHECKING:
@@ -46,14 +47,17 @@ class EpochShuffle(torch.utils.data.Sampler):
         yield from torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
 
 
-def make_loader(examples, batch_size: int, pad_id: int, seed: int, shuffle: bool = True) -> torch.utils.data.DataLoader:
+def make_loader(examples, batch_size: int, pad_id: int, seed: int, shuffle: bool = True,
+                packed: bool = False) -> torch.utils.data.DataLoader:
     """Training batches (shuffled per epoch), or held-out ones in file order: the same batches at
-    every evaluation, however many came before (a resumed run evaluates fewer times)."""
+    every evaluation, however many came before (a resumed run evaluates fewer times).
+    `packed`: the items are `PackedSequence`s (--packing), batched without an attention mask."""
+    combine = collate_packed if packed else collate
     return torch.utils.data.DataLoader(
         examples,
         batch_size=batch_size,
         sampler=EpochShuffle(len(examples), seed) if shuffle else torch.utils.data.SequentialSampler(examples),
-        collate_fn=lambda rows: collate(rows, pad_id),
+        collate_fn=lambda rows: combine(rows, pad_id),
         # The loader draws a base seed per iteration; from its own generator, not torch's global
         # one, which LoRA dropout uses (a resumed run starts an iteration at another moment).
         generator=torch.Generator().manual_seed(seed),
@@ -88,6 +92,13 @@ def labelled_tokens(batch: dict) -> torch.Tensor:
     return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
 
+def batch_logits(model, batch: dict) -> torch.Tensor:
+    """Padded batches carry an attention mask, packed ones position ids and none (see
+    compressor.finetune_packing); no KV cache, whose presence turns packed-sequence masking off."""
+    inputs = {name: batch[name] for name in ("input_ids", "attention_mask", "position_ids") if name in batch}
+    return model(**inputs, use_cache=False).logits
+
+
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of next-token cross-entropies over the labelled positions (fp32, as transformers computes it)."""
     return torch.nn.functional.cross_entropy(
@@ -103,8 +114,7 @@ def accumulate_step(model, group: list[dict], accelerator) -> float:
         # Gradients are averaged across processes only on the last micro-batch.
         last = index == len(group) - 1
         with nullcontext() if last else accelerator.no_sync(model):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss_sum = token_loss_sum(logits, batch["labels"])
+            loss_sum = token_loss_sum(batch_logits(model, batch), batch["labels"])
             accelerator.backward(loss_sum * (accelerator.num_processes / tokens.to(loss_sum.dtype)))
         total += loss_sum.detach().to(torch.float64)
     return float(accelerator.reduce(total, reduction="sum") / tokens)
@@ -116,7 +126,7 @@ def mean_loss(model, loader, accelerator) -> float:
     model.eval()
     totals = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
     for batch in loader:
-        loss_sum = token_loss_sum(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
+        loss_sum = token_loss_sum(batch_logits(model, batch), batch["labels"])
         totals += torch.stack([loss_sum.double(), labelled_tokens(batch).double()]).to(totals.device)
     totals = accelerator.reduce(totals, reduction="sum")
     model.train()

@@ -74,7 +74,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=positive_int, default=4, help="examples per micro-batch (per process)")
     parser.add_argument("--grad-accum", type=positive_int, default=1,
                         help="micro-batches per optimizer step: effective batch = batch size × N (× processes)")
-    parser.add_argument("--max-length", type=positive_int, default=512, help="tokens per example (longer ones are cut)")
+    parser.add_argument("--max-length", type=positive_int, default=512,
+                        help="tokens per example (longer ones are cut); with --packing, tokens per packed sequence")
+    parser.add_argument("--packing", action="store_true",
+                        help="pack several examples into each sequence of up to the max length (best-fit decreasing, as TRL's"
+                             " packing=True): no compute on padding; positions restart per example and transformers masks"
+                             " attention between them; --batch-size then counts packed sequences")
+    parser.add_argument("--modules-to-save", metavar="NAME[,NAME]",
+                        help="also train full copies of these modules (peft modules_to_save), e.g. lm_head or embed_tokens;"
+                             " saved in the adapter. A tied lm_head/embed_tokens pair trains as one shared copy")
     parser.add_argument("--split", default="train", help="split of a Hub dataset")
     parser.add_argument("--eval-dataset", help="held-out examples (same formats): loss before and after training")
     parser.add_argument("--eval-every", type=non_negative_int, default=0,
@@ -143,6 +151,8 @@ def run(argv: list[str]) -> int:
         use_rslora=args.use_rslora,
         save_every=args.save_every,
         resume=args.resume,
+        packing=args.packing,
+        modules_to_save=args.modules_to_save,
     )
     summary = run_finetune(options)  # checks --optim and the rest before any weight is read
     if summary.losses:
