@@ -25,6 +25,7 @@ from compressor.errors import UserError, first_line
 from compressor.evaluation.catalog import ResolvedTask, TaskCatalog, TaskError, lm_eval_version
 from compressor.evaluation.git_hash import quiet_git_hash_lookup
 from compressor.evaluation.options import LmEvalOptions
+from compressor.evaluation.progress import QuietableRequests, lm_eval_bars_hidden, quietable
 from compressor.evaluation.results_cache import CacheKey, ResultsCache
 from compressor.model_io import LoadedModel
 
@@ -60,6 +61,7 @@ class EvalSettings:
     max_batch_size: int | None = None  # the ceiling of "auto" (None: lm-eval's 64)
     trust_remote_code: bool = False
     options: LmEvalOptions = LmEvalOptions()
+    show_progress: bool = True  # False (-q): lm-eval draws no progress bar (compressor.evaluation.progress)
 
 
 # ---------------------------------------------------------------- backends
@@ -73,7 +75,7 @@ def _float32_logits_hflm():
     """
     from lm_eval.models.huggingface import HFLM
 
-    class Float32LogitsHFLM(HFLM):
+    class Float32LogitsHFLM(QuietableRequests, HFLM):
         # Also counts the tokens its forward passes process and the seconds they take,
         # for the report's tokens/s (scoring throughput at lm-eval's batch size).
         forward_tokens = 0
@@ -120,6 +122,7 @@ def _hf_model(target: EvalTarget, settings: EvalSettings):
         )
     finally:
         lm_eval_logger.setLevel(level)
+    lm.show_progress = settings.show_progress
     if not sizing and str(settings.batch_size).startswith("auto") and torch.device(lm.device).type == "cpu":
         from compressor.evaluation.batch_ceiling import ceiling_for
 
@@ -134,7 +137,9 @@ def _vllm_model(target: EvalTarget, settings: EvalSettings):
 
     folder = weights_folder(target.reference)
     path = str(folder) if folder is not None else target.reference
-    return get_model("vllm")(pretrained=path, batch_size="auto", trust_remote_code=settings.trust_remote_code)
+    lm = quietable(get_model("vllm"))(pretrained=path, batch_size="auto", trust_remote_code=settings.trust_remote_code)
+    lm.show_progress = settings.show_progress  # vLLM's own bar while it generates is vLLM's (lm-eval turns it on for batch auto)
+    return lm
 
 
 def _vllm_available() -> None:
@@ -338,7 +343,7 @@ def run_lm_eval(lm: Any, built: BuiltTasks, manager: Any, settings: EvalSettings
     """lm-eval's results (and samples) for tasks `build_tasks` built with `manager`."""
     import lm_eval
 
-    with quiet_git_hash_lookup():
+    with quiet_git_hash_lookup(), lm_eval_bars_hidden(not settings.show_progress):
         results = lm_eval.simple_evaluate(
             model=lm,
             tasks=built.objects,

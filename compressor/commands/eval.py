@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--trust-remote-code", action="store_true", help="run model code from the model's repository")
     parser.add_argument("--device", type=device_name, help="device for the hf backend (default: where the model loads)")
     parser.add_argument("--no-cache", action="store_true", help="evaluate every model even if its results are cached")
-    parser.add_argument("--quiet", "-q", action="store_true", help="fewer progress bars")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars (lm-eval's included)")
     return parser
 
 
@@ -227,7 +227,7 @@ def _evaluate(args: argparse.Namespace, pairs: list[tuple[str, str]], base: str,
     from compressor.evaluation.results_cache import ResultsCache
     settings = EvalSettings(
         tuple(tasks), args.limit, args.backend, args.batch_size, args.device, args.num_fewshot,
-        max_batch_size=args.max_batch_size, trust_remote_code=args.trust_remote_code, options=options,
+        max_batch_size=args.max_batch_size, trust_remote_code=args.trust_remote_code, options=options, show_progress=not args.quiet,
     )
     comparison = Comparison(settings, catalog, None if args.no_cache else ResultsCache())
     for index, (name, reference) in enumerate(pairs, start=1):
