@@ -57,7 +57,7 @@ class RecipeEvaluation:
         settings = EvalSettings(
             prepared.tasks, spec.limit, "hf",
             spec.batch_size if spec.batch_size is not None else batch_size,
-            num_fewshot=spec.num_fewshot, max_batch_size=spec.max_batch_size, options=spec.lm_eval_options(),
+            num_fewshot=spec.num_fewshot, max_batch_size=spec.max_batch_size, max_batch_size_source="recipe", options=spec.lm_eval_options(),
             show_progress=show_progress,
         )
         name = recipe_name if recipe_name != BASE_NAME else "compressed"
