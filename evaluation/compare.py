@@ -66,7 +66,7 @@ class Comparison:
         user gave none), with its `max_batch_size_source`; "per model" where they differ."""
         used = {(r.max_batch_size, r.max_batch_size_source) for r in self.rows if len(r.cached_tasks) < len(self.settings.tasks)}
         if not used:  # every result from the cache: nothing searched; what was asked for, if anything
-            given = self.settings.max_batch_size
+            given = self.settings.max_batch_size if self.settings.searches_batch_size else None
             used = {(given, self.settings.max_batch_size_source if given is not None else None)}
         value, source = used.pop() if len(used) == 1 else (None, "per model")
         return {"max_batch_size": value, "max_batch_size_source": source}

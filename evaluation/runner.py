@@ -64,6 +64,11 @@ class EvalSettings:
     options: LmEvalOptions = LmEvalOptions()
     show_progress: bool = True  # False (-q): lm-eval draws no progress bar (compressor.evaluation.progress)
 
+    @property
+    def searches_batch_size(self) -> bool:
+        """`auto` or `auto:N`: lm-eval finds the batch size by trial, from max_batch_size down."""
+        return str(self.batch_size).startswith("auto")
+
 
 # ---------------------------------------------------------------- backends
 
@@ -138,14 +143,16 @@ def _hf_model(target: EvalTarget, settings: EvalSettings):
     finally:
         lm_eval_logger.setLevel(level)
     lm.show_progress = settings.show_progress
+    if not settings.searches_batch_size:
+        return lm  # a fixed batch size: no search, whatever max_batch_size says
     if sizing:
         lm.batch_ceiling = BatchCeiling(settings.max_batch_size, settings.max_batch_size_source)
-    elif str(settings.batch_size).startswith("auto") and torch.device(lm.device).type == "cpu":
+    elif torch.device(lm.device).type == "cpu":
         from compressor.evaluation.batch_ceiling import ceiling_for
 
         lm.max_batch_size = ceiling_for(lm)  # where its search starts: lm-eval's 64 can outgrow a CPU machine
         lm.batch_ceiling = BatchCeiling(lm.max_batch_size, "cpu_memory_ceiling")
-    elif str(settings.batch_size).startswith("auto"):
+    else:
         lm.batch_ceiling = BatchCeiling(lm.max_batch_size, "lm-eval default")
     return lm
 

@@ -56,8 +56,9 @@ def _report(out) -> tuple[dict, str]:
         (["--batch-size", "auto"], 3, "cpu_memory_ceiling", "batch size auto (searched from 3, the CPU memory ceiling)"),
         (["--batch-size", "auto", "--max-batch-size", "5"], 5, "flag", "batch size auto (searched from 5, --max-batch-size)"),
         (["--batch-size", "2"], None, None, "batch size 2;"),
+        (["--batch-size", "2", "--max-batch-size", "5"], None, None, "batch size 2;"),  # nothing searched
     ],
-    ids=["cpu-ceiling", "flag", "fixed"],
+    ids=["cpu-ceiling", "flag", "fixed", "fixed-with-ceiling"],
 )
 def test_the_report_records_the_ceiling_the_search_used_and_where_it_came_from(tiny_llama, tmp_path, monkeypatch, flags, value, source, words):
     _tiny_ceiling(monkeypatch, 3)
