@@ -85,6 +85,7 @@ class BatchCeiling:
 
 NO_SEARCH = BatchCeiling()
 
+
 def _float32_logits_hflm():
     """lm-eval's HFLM with logits cast to fp32 before its log-softmax and sums.
 
