@@ -54,7 +54,11 @@ def _batch_size(text: str):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="compress eval", description="Evaluate checkpoints with lm-eval and write an accuracy-vs-size report.")
+    parser = Parser(
+        prog="compress eval", description="Evaluate checkpoints with lm-eval and write an accuracy-vs-size report.",
+        usage="%(prog)s NAME=MODEL [NAME=MODEL ...] --tasks TASKS --output DIR [options]\n"
+              "       %(prog)s --tasks list|list_groups|list_subtasks|list_tags [--include-path DIR]",
+    )
     # NAME=MODEL and -o are required unless --tasks lists the task names (checked in run()).
     parser.add_argument("models", nargs="*", metavar="NAME=MODEL", help="a name for the report and a Hub id, local folder, .gguf or builtin: model")
     parser.add_argument("--tasks", "-t", required=True,
