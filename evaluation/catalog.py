@@ -30,7 +30,7 @@ from compressor.cache import cache_root
 from compressor.errors import UserError
 from compressor.extras import missing_extra
 from compressor.evaluation.builtin_tasks import builtin_task_dir
-from compressor.evaluation.lm_eval_index import IndexedName, cached_lm_eval_index
+from compressor.evaluation.lm_eval_index import INDEX_FORMAT, IndexedName, cached_lm_eval_index
 
 
 class TaskError(UserError):
@@ -55,12 +55,12 @@ def lm_eval_task_index() -> dict[str, IndexedName]:
     """Every name in the installed lm-eval's task index, with its kind and folder
     (`compressor.evaluation.lm_eval_index`), cached per lm-eval version."""
     task_root = _lm_eval_task_root()  # first: it says how to install lm-eval when it is missing
-    return cached_lm_eval_index(task_root, cache_root() / "lm_eval" / f"task-index-{lm_eval_version()}.json")
+    return cached_lm_eval_index(task_root, cache_root() / "lm_eval" / f"task-index-v{INDEX_FORMAT}-{lm_eval_version()}.json")
 
 
-def lm_eval_task_names() -> dict[str, str]:
-    """Name → top-level lm-eval task folder, for every task, group and tag lm-eval can load."""
-    return {name: entry.folder for name, entry in lm_eval_task_index().items()}
+def lm_eval_task_names() -> dict[str, tuple[str, ...]]:
+    """Name → the top-level lm-eval task folders it needs, for every task, group and tag lm-eval can load."""
+    return {name: entry.folders for name, entry in lm_eval_task_index().items()}
 
 
 class _FunctionTagLoader(yaml.SafeLoader):
@@ -145,7 +145,7 @@ class ResolvedTask:
     name: str
     source: str  # "builtin" | "include" | "lm-eval"
     definition: Path | None  # the YAML file, for built-in and include-path tasks
-    lm_eval_folder: str | None = None  # top-level lm-eval task folder, for lm-eval tasks
+    lm_eval_folders: tuple[str, ...] = ()  # the top-level lm-eval task folders it needs, for lm-eval tasks (a tag: several)
 
     def fingerprint(self) -> str:
         """Changes when the task's definition changes (lm-eval's own tasks: its version)."""
@@ -186,7 +186,7 @@ class TaskCatalog:
 
     def resolve(self, names: list[str], where: str = "--tasks") -> list[ResolvedTask]:
         resolved = []
-        lm_eval_names: dict[str, str] | None = None
+        lm_eval_names: dict[str, tuple[str, ...]] | None = None
         for name in names:
             if name in self._included:  # include paths take precedence, as in lm-eval
                 resolved.append(ResolvedTask(name, "include", self._included[name]))
@@ -207,14 +207,18 @@ class TaskCatalog:
         from lm_eval.tasks import TaskManager
 
         roots = [builtin_task_dir(), *self.include_paths]
-        folders = sorted({t.lm_eval_folder for t in tasks if t.lm_eval_folder})
+        folders = sorted({folder for t in tasks for folder in t.lm_eval_folders})
         if not folders:
             return TaskManager(include_path=[str(p) for p in roots], include_defaults=False)
         task_root = _lm_eval_task_root()
+        if any(len(t.lm_eval_folders) > 1 for t in tasks):
+            # A tag over tasks in several folders: lm-eval gathers a tag's tasks within one indexed
+            # folder, and a later one replaces the tag, so separate folders would leave tasks out.
+            return TaskManager(include_path=[str(task_root)] + [str(p) for p in roots], include_defaults=False)  # the full index
         manager = TaskManager(include_path=[str(task_root / f) for f in folders] + [str(p) for p in roots], include_defaults=False)
         if all(_members_indexed(manager.task_index, t.name) for t in tasks):
             return manager
-        return TaskManager(include_path=[str(p) for p in roots], include_defaults=True)
+        return TaskManager(include_path=[str(task_root)] + [str(p) for p in roots], include_defaults=False)  # the full index
 
 
 def _members_indexed(index: dict[str, Any], name: str) -> bool:

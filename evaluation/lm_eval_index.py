@@ -29,11 +29,19 @@ _IGNORED_DIRS = {"__pycache__", ".ipynb_checkpoints"}
 KINDS = ("group", "task", "tag")
 
 
+INDEX_FORMAT = 2  # in the cache file's name: a cache written in another layout is not read
+
+
 @dataclass(frozen=True)
 class IndexedName:
     kind: str  # "group" | "task" | "tag"
     folder: str  # top-level folder under lm-eval's tasks/ of the file that defines it (a tag: its first task's)
     path: str  # that file, relative to lm-eval's tasks/ (a tag: its first task's file)
+    folders: tuple[str, ...] = ()  # every top-level folder it needs: a tag's tasks may sit in several
+
+    def __post_init__(self) -> None:
+        if not self.folders:
+            object.__setattr__(self, "folders", (self.folder,))
 
 
 def _clean(value: str) -> str:
@@ -103,7 +111,9 @@ def scan_lm_eval_index(root: Path) -> dict[str, IndexedName]:
                 continue
             index[name] = IndexedName("task", *here)
             for tag in _tags(keys.get("tag")):
-                index.setdefault(tag, IndexedName("tag", *here))
+                entry = index.setdefault(tag, IndexedName("tag", *here))
+                if entry.kind == "tag" and here[0] not in entry.folders:  # a tag over tasks in several folders
+                    index[tag] = IndexedName("tag", entry.folder, entry.path, (*entry.folders, here[0]))
         elif isinstance(keys.get("group"), str):
             index.setdefault(keys["group"], IndexedName("group", *here))
     return index
@@ -112,10 +122,11 @@ def scan_lm_eval_index(root: Path) -> dict[str, IndexedName]:
 def cached_lm_eval_index(root: Path, cache_file: Path) -> dict[str, IndexedName]:
     """`scan_lm_eval_index(root)`, read from `cache_file` when there (written atomically when not)."""
     if cache_file.is_file():
-        return {name: IndexedName(*fields) for name, fields in json.loads(cache_file.read_text()).items()}
+        cached = json.loads(cache_file.read_text())
+        return {name: IndexedName(kind, folder, path, tuple(folders)) for name, (kind, folder, path, folders) in cached.items()}
     index = scan_lm_eval_index(root)
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     partial = cache_file.with_suffix(".partial")
-    partial.write_text(json.dumps({n: [e.kind, e.folder, e.path] for n, e in index.items()}, sort_keys=True))
+    partial.write_text(json.dumps({n: [e.kind, e.folder, e.path, list(e.folders)] for n, e in index.items()}, sort_keys=True))
     partial.replace(cache_file)
     return index

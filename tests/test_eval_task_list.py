@@ -143,3 +143,23 @@ def test_list_with_a_model_or_an_output_is_refused(tmp_path, capsys, extra):
 def test_an_evaluation_still_needs_models_and_an_output(capsys, argv, missing):
     code, err = run_cli(["eval", *argv], capsys)
     assert_one_line_refusal(code, err, f"compress eval: the following arguments are required: {missing}")
+
+
+def test_a_tag_over_tasks_in_several_folders_brings_all_of_them(tmp_path, monkeypatch):
+    """lm-eval 0.4.13 has 7 such tags (math_word_problems spans 7 folders); only the first
+    folder's tasks used to be indexed for the run, so the others were left out silently."""
+    from compressor.evaluation import catalog
+
+    root = tmp_path / "tasks"
+    for folder in ("one", "two", "three"):
+        (root / folder).mkdir(parents=True)
+        tag = "shared_tag" if folder != "three" else "other_tag"
+        (root / folder / f"{folder}.yaml").write_text(f"task: task_{folder}\ntag: {tag}\ndataset_path: x\n")
+    monkeypatch.setattr(catalog, "_lm_eval_task_root", lambda: root)
+    monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "cache"))  # the session's cache holds the real index
+    tasks = catalog.TaskCatalog().resolve(["shared_tag"])
+    assert tasks[0].lm_eval_folders == ("one", "two")
+    manager = catalog.TaskCatalog().task_manager(tasks)
+    assert manager.task_index["shared_tag"].tags == {"task_one", "task_two"}
+    (single,) = catalog.TaskCatalog().resolve(["other_tag"])
+    assert "task_one" not in catalog.TaskCatalog().task_manager([single]).task_index  # one folder: only that one indexed

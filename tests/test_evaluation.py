@@ -88,7 +88,7 @@ def test_scan_finds_quoted_listed_and_templated_names(tmp_path):
 def test_lm_eval_tasks_resolve_without_the_full_index():
     catalog = TaskCatalog()
     (arc,) = catalog.resolve(["arc_easy"])
-    assert arc.source == "lm-eval" and arc.lm_eval_folder == "arc"
+    assert arc.source == "lm-eval" and arc.lm_eval_folders == ("arc",)
     manager = catalog.task_manager([arc])
     assert "arc_easy" in manager.task_index and "perplexity" in manager.task_index
     assert "hellaswag" not in manager.task_index  # only the folders asked for were indexed
