@@ -220,7 +220,7 @@ def _plan_evaluation(recipe: Recipe, options: RunOptions, echo: Callable[[str], 
 
     template = evaluation_chat_template(recipe, tokenizer)
     prepared = prepared if prepared is not None else prepare_evaluation_tasks(recipe)
-    return RecipeEvaluation.plan(recipe.evaluate, prepared, recipe.name, options.batch_size, echo, template)
+    return RecipeEvaluation.plan(recipe.evaluate, prepared, recipe.name, options.batch_size, echo, template, options.show_progress)
 
 
 def evaluation_chat_template(recipe: Recipe, tokenizer: Any) -> str | None:

@@ -5,13 +5,12 @@ file), the user's include paths (their YAML is parsed strictly here, so a malfor
 reported with its line instead of being skipped silently as lm-eval's index does), and
 lm-eval's own tasks.
 
-lm-eval's full index parses its ~14,000 task files (about 25 s on this machine), so names are
-checked against a text scan of those files instead (about 1 s, then cached per lm-eval
-version): the ``task:``/``group:``/``tag:`` keys, quoted or not, inline or block lists, also in
-the extension-less templates that task files include. On lm-eval 0.4.13 the scan finds every
-one of the 14,683 names the full index holds. At run time the TaskManager indexes only the
-top-level lm-eval folders that define the requested names (``include_defaults=False``), and
-falls back to the full index when a requested group names a task outside those folders.
+lm-eval's full index parses its ~14,000 task files (11-25 s on this machine), so names are
+checked against a text scan of those files instead (about 2 s, then cached per lm-eval version:
+`compressor.evaluation.lm_eval_index`), which gives exactly the index's names and kinds. At run
+time the TaskManager indexes only the top-level lm-eval folders that define the requested names
+(``include_defaults=False``), and falls back to the full index when a requested group names a
+task outside those folders.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ import difflib
 import hashlib
 import importlib.util
 import json
-import re
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -32,9 +30,7 @@ from compressor.cache import cache_root
 from compressor.errors import UserError
 from compressor.extras import missing_extra
 from compressor.evaluation.builtin_tasks import builtin_task_dir
-
-_NAME_KEYS = re.compile(r"""^["']?(task|group|tag)["']?:[ \t]*([^\n]*)\n((?:[ \t]*-[^\n]*\n)*)""", re.M)
-_NOT_TASK_FILES = {".py", ".pyc", ".md", ".json", ".jsonl", ".txt", ".csv", ".tsv", ".sh", ".ipynb"}
+from compressor.evaluation.lm_eval_index import INDEX_FORMAT, IndexedName, cached_lm_eval_index
 
 
 class TaskError(UserError):
@@ -55,52 +51,16 @@ def _lm_eval_task_root() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "tasks"
 
 
-def _clean(value: str) -> str:
-    return value.split(" #")[0].strip().strip("\"'")
-
-
-def _names_in(text: str) -> list[str]:
-    names = []
-    for key, inline, block in _NAME_KEYS.findall(text + "\n"):
-        inline = inline.split(" #")[0].strip()
-        if inline.startswith("["):
-            items = [_clean(part) for part in inline.strip("[]").split(",")]
-        elif inline:
-            items = [_clean(inline)]
-        elif key != "task":  # a group's `task:` block lists members defined elsewhere
-            items = [_clean(line.strip()[1:]) for line in block.splitlines()]
-        else:
-            items = []
-        names.extend(i for i in items if i and not i.startswith(("{", "!")) and i != "null")
-    return names
-
-
-def scan_lm_eval_tasks(root: Path) -> dict[str, str]:
-    """Name → top-level task folder, for every task, group and tag under lm-eval's `root`."""
-    found: dict[str, str] = {}
-    for path in sorted(root.rglob("*")):
-        if "__pycache__" in path.parts or path.suffix in _NOT_TASK_FILES or not path.is_file():
-            continue
-        if path.suffix not in (".yaml", ".yml", "") and "yaml" not in path.name:
-            continue
-        top = path.relative_to(root).parts[0]
-        for name in _names_in(path.read_text(encoding="utf-8", errors="replace")):
-            found.setdefault(name, top)
-    return found
-
-
-def lm_eval_task_names() -> dict[str, str]:
-    """`scan_lm_eval_tasks` of the installed lm-eval, cached per lm-eval version."""
+def lm_eval_task_index() -> dict[str, IndexedName]:
+    """Every name in the installed lm-eval's task index, with its kind and folder
+    (`compressor.evaluation.lm_eval_index`), cached per lm-eval version."""
     task_root = _lm_eval_task_root()  # first: it says how to install lm-eval when it is missing
-    cache = cache_root() / "lm_eval" / f"task-names-{lm_eval_version()}.json"
-    if cache.is_file():
-        return json.loads(cache.read_text())
-    found = scan_lm_eval_tasks(task_root)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    partial = cache.with_suffix(".partial")
-    partial.write_text(json.dumps(found, sort_keys=True))
-    partial.replace(cache)
-    return found
+    return cached_lm_eval_index(task_root, cache_root() / "lm_eval" / f"task-index-v{INDEX_FORMAT}-{lm_eval_version()}.json")
+
+
+def lm_eval_task_names() -> dict[str, tuple[str, ...]]:
+    """Name → the top-level lm-eval task folders it needs, for every task, group and tag lm-eval can load."""
+    return {name: entry.folders for name, entry in lm_eval_task_index().items()}
 
 
 class _FunctionTagLoader(yaml.SafeLoader):
@@ -144,11 +104,17 @@ def read_task_yaml(path: Path) -> dict[str, Any] | None:
     return data
 
 
-def scan_include_path(folder: Path) -> dict[str, Path]:
-    """Name → YAML file for every task, group and tag in a user include path, checked strictly."""
+@dataclass(frozen=True)
+class DefinedName:
+    path: Path  # the YAML file that defines it (a tag: the first file that names it)
+    kind: str  # "task" | "group" | "tag"
+
+
+def scan_include_entries(folder: Path) -> dict[str, DefinedName]:
+    """Every task, group and tag in a user include path, with its file and kind, checked strictly."""
     if not folder.is_dir():
         raise TaskError("include path is not a folder", where=str(folder))
-    found: dict[str, Path] = {}
+    found: dict[str, DefinedName] = {}
     for path in sorted(folder.rglob("*.yaml")):
         if "__pycache__" in path.parts:
             continue
@@ -157,12 +123,17 @@ def scan_include_path(folder: Path) -> dict[str, Path]:
             continue
         for key in ("task", "group"):
             if isinstance(data.get(key), str):
-                found.setdefault(data[key], path)
+                found.setdefault(data[key], DefinedName(path, key))
                 break
         tags = data.get("tag")
         for tag in tags if isinstance(tags, list) else ([tags] if isinstance(tags, str) else []):
-            found.setdefault(tag, path)
+            found.setdefault(tag, DefinedName(path, "tag"))
     return found
+
+
+def scan_include_path(folder: Path) -> dict[str, Path]:
+    """Name → YAML file for every task, group and tag in a user include path, checked strictly."""
+    return {name: entry.path for name, entry in scan_include_entries(folder).items()}
 
 
 def close_names(name: str, candidates: list[str], count: int = 5) -> list[str]:
@@ -174,7 +145,7 @@ class ResolvedTask:
     name: str
     source: str  # "builtin" | "include" | "lm-eval"
     definition: Path | None  # the YAML file, for built-in and include-path tasks
-    lm_eval_folder: str | None = None  # top-level lm-eval task folder, for lm-eval tasks
+    lm_eval_folders: tuple[str, ...] = ()  # the top-level lm-eval task folders it needs, for lm-eval tasks (a tag: several)
 
     def fingerprint(self) -> str:
         """Changes when the task's definition changes (lm-eval's own tasks: its version)."""
@@ -196,18 +167,26 @@ class TaskCatalog:
     include_paths: tuple[Path, ...] = ()
     _builtin: dict[str, Path] = field(init=False)
     _included: dict[str, Path] = field(init=False)
+    _entries: dict[str, tuple[str, DefinedName]] = field(init=False)  # name → (source, definition), as resolve() picks
 
     def __post_init__(self) -> None:
         self.include_paths = tuple(Path(p).expanduser().resolve() for p in self.include_paths)
-        self._builtin = scan_include_path(builtin_task_dir())
-        self._included = {}
-        for folder in self.include_paths:
-            for name, path in scan_include_path(folder).items():
-                self._included.setdefault(name, path)
+        self._entries = {}
+        for folder in self.include_paths:  # include paths take precedence, as in lm-eval
+            for name, entry in scan_include_entries(folder).items():
+                self._entries.setdefault(name, ("include", entry))
+        for name, entry in scan_include_entries(builtin_task_dir()).items():
+            self._entries.setdefault(name, ("builtin", entry))
+        self._included = {n: e.path for n, (source, e) in self._entries.items() if source == "include"}
+        self._builtin = {n: e.path for n, (source, e) in self._entries.items() if source == "builtin"}
+
+    def own_names(self) -> dict[str, tuple[str, DefinedName]]:
+        """The include-path and built-in names (source "include" or "builtin"), as `resolve` picks them."""
+        return dict(self._entries)
 
     def resolve(self, names: list[str], where: str = "--tasks") -> list[ResolvedTask]:
         resolved = []
-        lm_eval_names: dict[str, str] | None = None
+        lm_eval_names: dict[str, tuple[str, ...]] | None = None
         for name in names:
             if name in self._included:  # include paths take precedence, as in lm-eval
                 resolved.append(ResolvedTask(name, "include", self._included[name]))
@@ -228,14 +207,18 @@ class TaskCatalog:
         from lm_eval.tasks import TaskManager
 
         roots = [builtin_task_dir(), *self.include_paths]
-        folders = sorted({t.lm_eval_folder for t in tasks if t.lm_eval_folder})
+        folders = sorted({folder for t in tasks for folder in t.lm_eval_folders})
         if not folders:
             return TaskManager(include_path=[str(p) for p in roots], include_defaults=False)
         task_root = _lm_eval_task_root()
+        if any(len(t.lm_eval_folders) > 1 for t in tasks):
+            # A tag over tasks in several folders: lm-eval gathers a tag's tasks within one indexed
+            # folder, and a later one replaces the tag, so separate folders would leave tasks out.
+            return TaskManager(include_path=[str(task_root)] + [str(p) for p in roots], include_defaults=False)  # the full index
         manager = TaskManager(include_path=[str(task_root / f) for f in folders] + [str(p) for p in roots], include_defaults=False)
         if all(_members_indexed(manager.task_index, t.name) for t in tasks):
             return manager
-        return TaskManager(include_path=[str(p) for p in roots], include_defaults=True)
+        return TaskManager(include_path=[str(task_root)] + [str(p) for p in roots], include_defaults=False)  # the full index
 
 
 def _members_indexed(index: dict[str, Any], name: str) -> bool:

@@ -35,6 +35,7 @@ class Comparison:
 
     def add(self, target: EvalTarget, size: SizeInfo | None) -> ModelRow:
         outcome = evaluate_target(target, self.settings, self.catalog, self.cache, self.echo, self.prepared)
+        ceiling = outcome.batch_ceiling
         row = ModelRow(
             name=target.name,
             reference=target.reference,
@@ -45,6 +46,8 @@ class Comparison:
             cached_tasks=outcome.cached,
             # lm-eval's sizes found by --batch-size auto, when this run scored anything
             batch_sizes=list(outcome.results.get("config", {}).get("batch_sizes") or []) if len(outcome.cached) < len(self.settings.tasks) else [],
+            max_batch_size=ceiling.value if ceiling is not None else None,
+            max_batch_size_source=ceiling.source if ceiling is not None else None,
         )
         self.rows.append(row)
         self.raw[target.name] = outcome.results
@@ -58,14 +61,20 @@ class Comparison:
             self.samples[target.name] = _Samples(outcome.samples, prompt)
         return row
 
+    def _ceiling_setting(self) -> dict[str, Any]:
+        """`max_batch_size` as the models that ran used it (the CPU memory ceiling, say, where the
+        user gave none), with its `max_batch_size_source`; "per model" where they differ."""
+        used = {(r.max_batch_size, r.max_batch_size_source) for r in self.rows if len(r.cached_tasks) < len(self.settings.tasks)}
+        if not used:  # every result from the cache: nothing searched; what was asked for, if anything
+            given = self.settings.max_batch_size if self.settings.searches_batch_size else None
+            used = {(given, self.settings.max_batch_size_source if given is not None else None)}
+        value, source = used.pop() if len(used) == 1 else (None, "per model")
+        return {"max_batch_size": value, "max_batch_size_source": source}
+
     def write(self, folder: Path, base: str) -> dict[str, Any]:
         from compressor.evaluation.samples import write_samples
 
-        settings = {
-            "batch_size": self.settings.batch_size,
-            "max_batch_size": self.settings.max_batch_size,
-            **self.settings.options.describe(),
-        }
+        settings = {"batch_size": self.settings.batch_size, **self._ceiling_setting(), **self.settings.options.describe()}
         report = build_report(
             self.rows, base, [t.name for t in self.settings.tasks], self.settings.limit, lm_eval_version(), self.settings.num_fewshot,
             settings,

@@ -49,14 +49,16 @@ class RecipeEvaluation:
     @classmethod
     def plan(
         cls, spec: "EvaluateSpec", prepared: PreparedTasks, recipe_name: str, batch_size: int, echo: Callable[[str], None],
-        chat_template: str | None = None,
+        chat_template: str | None = None, show_progress: bool = True,
     ) -> "RecipeEvaluation":
         """`prepared`: the block's tasks (`prepare_recipe_tasks`). `batch_size` applies where the
-        block sets none; `chat_template`: the base tokenizer's, checked by the caller."""
+        block sets none; `chat_template`: the base tokenizer's, checked by the caller;
+        `show_progress`: False under `compress -q` (lm-eval draws no bars)."""
         settings = EvalSettings(
             prepared.tasks, spec.limit, "hf",
             spec.batch_size if spec.batch_size is not None else batch_size,
-            num_fewshot=spec.num_fewshot, max_batch_size=spec.max_batch_size, options=spec.lm_eval_options(),
+            num_fewshot=spec.num_fewshot, max_batch_size=spec.max_batch_size, max_batch_size_source="recipe", options=spec.lm_eval_options(),
+            show_progress=show_progress,
         )
         name = recipe_name if recipe_name != BASE_NAME else "compressed"
         return cls(Comparison(settings, prepared.catalog, ResultsCache(), echo, prepared=prepared), name, chat_template)

@@ -34,6 +34,8 @@ class ModelRow:
     tokens_per_second: float | None = None
     cached_tasks: list[str] = field(default_factory=list)
     batch_sizes: list[int] = field(default_factory=list)  # what lm-eval's --batch-size auto settled on
+    max_batch_size: int | None = None  # where that search started (None: no search in this run)
+    max_batch_size_source: str | None = None  # runner.BatchCeiling.source
 
 
 def recovery(value: float, base: float, higher_is_better: bool | None) -> float | None:
@@ -75,6 +77,8 @@ def build_report(
                 "tokens_per_second": row.tokens_per_second,
                 "cached_tasks": row.cached_tasks,
                 "batch_sizes": row.batch_sizes,
+                "max_batch_size": row.max_batch_size,
+                "max_batch_size_source": row.max_batch_size_source,
                 "metrics": metrics,
             }
         )
@@ -166,13 +170,31 @@ def _shots(report: dict[str, Any]) -> str:
     return "" if shots is None else f", {shots}-shot"
 
 
+_CEILING_SOURCES = {
+    "flag": "--max-batch-size",
+    "recipe": "the recipe's max_batch_size",
+    "cpu_memory_ceiling": "the CPU memory ceiling",
+    "lm-eval default": "lm-eval's default",
+}
+
+
+def _ceiling_text(settings: dict[str, Any]) -> str:
+    """The largest batch the auto search tried, and whence: ` (searched from 3, the CPU memory ceiling)`."""
+    source = settings.get("max_batch_size_source")
+    if source == "per model":
+        return " (searched from a ceiling per model: models[].max_batch_size in report.json)"
+    if settings.get("max_batch_size") is None:
+        return ""
+    return f" (searched from {settings['max_batch_size']}, {_CEILING_SOURCES.get(source, source)})"
+
+
 def _settings_text(report: dict[str, Any]) -> str:
     """The lm-eval options a reader needs to reproduce the numbers, in lm-eval's flag words."""
     settings = report.get("settings") or {}
     if not settings:
         return ""
     chat = settings.get("apply_chat_template")
-    parts = [f"batch size {settings.get('batch_size')}"]
+    parts = [f"batch size {settings.get('batch_size')}" + _ceiling_text(settings)]
     if chat:
         template = "the tokenizer's chat template" if chat is True else f"chat template '{chat}'"
         parts.append(template + (", few-shot as multi-turn" if settings.get("fewshot_as_multiturn") else ""))

@@ -25,6 +25,7 @@ from compressor.errors import UserError, first_line
 from compressor.evaluation.catalog import ResolvedTask, TaskCatalog, TaskError, lm_eval_version
 from compressor.evaluation.git_hash import quiet_git_hash_lookup
 from compressor.evaluation.options import LmEvalOptions
+from compressor.evaluation.progress import QuietableRequests, lm_eval_bars_hidden, quietable
 from compressor.evaluation.results_cache import CacheKey, ResultsCache
 from compressor.model_io import LoadedModel
 
@@ -57,12 +58,33 @@ class EvalSettings:
     batch_size: int | str = 8  # or lm-eval's "auto" / "auto:N"
     device: str | None = None
     num_fewshot: int | None = None  # None: each task's own default, as in lm-eval
-    max_batch_size: int | None = None  # the ceiling of "auto" (None: lm-eval's 64)
+    max_batch_size: int | None = None  # the ceiling of "auto" (None: on the CPU batch_ceiling's, else lm-eval's 64)
+    max_batch_size_source: str = "flag"  # where a max_batch_size given came from: "flag" or "recipe"
     trust_remote_code: bool = False
     options: LmEvalOptions = LmEvalOptions()
+    show_progress: bool = True  # False (-q): lm-eval draws no progress bar (compressor.evaluation.progress)
+
+    @property
+    def searches_batch_size(self) -> bool:
+        """`auto` or `auto:N`: lm-eval finds the batch size by trial, from max_batch_size down."""
+        return str(self.batch_size).startswith("auto")
 
 
 # ---------------------------------------------------------------- backends
+
+@dataclass(frozen=True)
+class BatchCeiling:
+    """The largest batch lm-eval's `--batch-size auto` search tried on one model, and whence it came:
+    "flag" (--max-batch-size), "recipe" (evaluate.max_batch_size), "cpu_memory_ceiling"
+    (`batch_ceiling.ceiling_for`) or "lm-eval default" (HFLM's 64). Both None where lm-eval
+    searched nothing: a fixed batch size, or the vLLM backend (which batches by itself)."""
+
+    value: int | None = None
+    source: str | None = None
+
+
+NO_SEARCH = BatchCeiling()
+
 
 def _float32_logits_hflm():
     """lm-eval's HFLM with logits cast to fp32 before its log-softmax and sums.
@@ -73,11 +95,12 @@ def _float32_logits_hflm():
     """
     from lm_eval.models.huggingface import HFLM
 
-    class Float32LogitsHFLM(HFLM):
+    class Float32LogitsHFLM(QuietableRequests, HFLM):
         # Also counts the tokens its forward passes process and the seconds they take,
         # for the report's tokens/s (scoring throughput at lm-eval's batch size).
         forward_tokens = 0
         forward_seconds = 0.0
+        batch_ceiling = NO_SEARCH  # set by _hf_model, for the report
 
         def _model_call(self, inps, *args, **kwargs):
             started = time.perf_counter()
@@ -120,10 +143,18 @@ def _hf_model(target: EvalTarget, settings: EvalSettings):
         )
     finally:
         lm_eval_logger.setLevel(level)
-    if not sizing and str(settings.batch_size).startswith("auto") and torch.device(lm.device).type == "cpu":
+    lm.show_progress = settings.show_progress
+    if not settings.searches_batch_size:
+        return lm  # a fixed batch size: no search, whatever max_batch_size says
+    if sizing:
+        lm.batch_ceiling = BatchCeiling(settings.max_batch_size, settings.max_batch_size_source)
+    elif torch.device(lm.device).type == "cpu":
         from compressor.evaluation.batch_ceiling import ceiling_for
 
         lm.max_batch_size = ceiling_for(lm)  # where its search starts: lm-eval's 64 can outgrow a CPU machine
+        lm.batch_ceiling = BatchCeiling(lm.max_batch_size, "cpu_memory_ceiling")
+    else:
+        lm.batch_ceiling = BatchCeiling(lm.max_batch_size, "lm-eval default")
     return lm
 
 
@@ -134,7 +165,9 @@ def _vllm_model(target: EvalTarget, settings: EvalSettings):
 
     folder = weights_folder(target.reference)
     path = str(folder) if folder is not None else target.reference
-    return get_model("vllm")(pretrained=path, batch_size="auto", trust_remote_code=settings.trust_remote_code)
+    lm = quietable(get_model("vllm"))(pretrained=path, batch_size="auto", trust_remote_code=settings.trust_remote_code)
+    lm.show_progress = settings.show_progress  # vLLM's own bar while it generates is vLLM's (lm-eval turns it on for batch auto)
+    return lm
 
 
 def _vllm_available() -> None:
@@ -338,7 +371,7 @@ def run_lm_eval(lm: Any, built: BuiltTasks, manager: Any, settings: EvalSettings
     """lm-eval's results (and samples) for tasks `build_tasks` built with `manager`."""
     import lm_eval
 
-    with quiet_git_hash_lookup():
+    with quiet_git_hash_lookup(), lm_eval_bars_hidden(not settings.show_progress):
         results = lm_eval.simple_evaluate(
             model=lm,
             tasks=built.objects,
@@ -363,6 +396,7 @@ class TargetResults:
     cached: list[str]  # tasks served from the cache
     tokens_per_second: float | None  # scoring throughput of the fresh run, where measured
     samples: dict[str, list[dict[str, Any]]] | None = None  # lm-eval's per-sample records, with --log-samples
+    batch_ceiling: BatchCeiling | None = None  # of the fresh run; None when every task came from the cache
 
 
 def _throughput(lm: Any) -> float | None:
@@ -391,6 +425,8 @@ def evaluate_target(
         and None not in settings.options.seeds
     )
     if cache is not None and cacheable:
+        # Batch size and the auto search's ceiling are not in the key: they change how the requests
+        # are grouped (speed, and float rounding at most), not what is scored.
         for task in settings.tasks:
             keys[task.name] = CacheKey(
                 target.identity, task.name, task.fingerprint(), settings.limit, settings.num_fewshot, lm_eval_version(),
@@ -408,6 +444,7 @@ def evaluate_target(
         header["compressor_cached_tasks"] = cached
     throughput = None
     samples = None
+    ceiling = None
     if missing:
         shots = "" if settings.num_fewshot is None else f", {settings.num_fewshot}-shot"
         chat = ", chat template" if settings.options.apply_chat_template else ""
@@ -422,6 +459,7 @@ def evaluate_target(
         run = run_lm_eval(lm, built, manager, settings)
         fresh, samples = run.results, run.samples
         throughput = _throughput(lm)
+        ceiling = getattr(lm, "batch_ceiling", NO_SEARCH)
         run_header = {k: v for k, v in fresh.items() if k not in (*PER_TASK_SECTIONS, "group_subtasks")}
         header.update(run_header)
         for name in missing:
@@ -431,4 +469,4 @@ def evaluate_target(
     merged = merge_slices([slices[t.name] for t in settings.tasks], header)
     name_model(merged, target.reference)
     metrics = {row: values for t in settings.tasks for row, values in extract_metrics(slices[t.name], [t.name]).items()}
-    return TargetResults(merged, metrics, cached, throughput, samples)
+    return TargetResults(merged, metrics, cached, throughput, samples, ceiling)

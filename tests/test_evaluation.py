@@ -16,7 +16,8 @@ from safetensors import safe_open
 
 from compressor.cli import main
 from compressor.evaluation.builtin_tasks import match_rows, perplexity_rows
-from compressor.evaluation.catalog import TaskCatalog, scan_lm_eval_tasks
+from compressor.evaluation.catalog import TaskCatalog
+from compressor.evaluation.lm_eval_index import scan_lm_eval_index
 from compressor.evaluation.plot import Panel, Point, accuracy_vs_size_figure, pareto_frontier, write_accuracy_vs_size
 from compressor.evaluation.report import ModelRow, build_report, recovery, write_report
 from compressor.evaluation.runner import Metric
@@ -77,16 +78,17 @@ def test_scan_finds_quoted_listed_and_templated_names(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "one.yaml").write_text('"task": "quoted_task"\ntag: [t1, t2]\n')
     (tmp_path / "a" / "_template").write_text("tag:\n    - block_tag\ndataset_path: x\n")
+    (tmp_path / "a" / "two.yaml").write_text("include: _template\ntask: templated  # a comment\n")
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "group.yaml").write_text("group: my_group\ntask:\n  - member_defined_elsewhere\n")
-    found = scan_lm_eval_tasks(tmp_path)
-    assert found == {"quoted_task": "a", "t1": "a", "t2": "a", "block_tag": "a", "my_group": "b"}
+    found = {name: entry.folder for name, entry in scan_lm_eval_index(tmp_path).items()}
+    assert found == {"quoted_task": "a", "t1": "a", "t2": "a", "templated": "a", "block_tag": "a", "my_group": "b"}
 
 
 def test_lm_eval_tasks_resolve_without_the_full_index():
     catalog = TaskCatalog()
     (arc,) = catalog.resolve(["arc_easy"])
-    assert arc.source == "lm-eval" and arc.lm_eval_folder == "arc"
+    assert arc.source == "lm-eval" and arc.lm_eval_folders == ("arc",)
     manager = catalog.task_manager([arc])
     assert "arc_easy" in manager.task_index and "perplexity" in manager.task_index
     assert "hellaswag" not in manager.task_index  # only the folders asked for were indexed

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -52,15 +54,22 @@ def _batch_size(text: str):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="compress eval", description="Evaluate checkpoints with lm-eval and write an accuracy-vs-size report.")
-    parser.add_argument("models", nargs="+", metavar="NAME=MODEL", help="a name for the report and a Hub id, local folder, .gguf or builtin: model")
-    parser.add_argument("--tasks", "-t", required=True, help="comma-separated lm-eval task names; built-in offline: perplexity, abstracts_match")
+    parser = Parser(
+        prog="compress eval", description="Evaluate checkpoints with lm-eval and write an accuracy-vs-size report.",
+        usage="%(prog)s NAME=MODEL [NAME=MODEL ...] --tasks TASKS --output DIR [options]\n"
+              "       %(prog)s --tasks list|list_groups|list_subtasks|list_tags [--include-path DIR]",
+    )
+    # NAME=MODEL and -o are required unless --tasks lists the task names (checked in run()).
+    parser.add_argument("models", nargs="*", metavar="NAME=MODEL", help="a name for the report and a Hub id, local folder, .gguf or builtin: model")
+    parser.add_argument("--tasks", "-t", required=True,
+                        help="comma-separated lm-eval task names; built-in offline: perplexity, abstracts_match; "
+                             "list, list_groups, list_subtasks or list_tags prints the names there are (no model needed)")
     parser.add_argument("--limit", type=example_limit, help="at most this many examples per task, or below 1 this fraction of each (as lm-eval)")
     parser.add_argument("--num-fewshot", type=non_negative_int, help="few-shot examples per prompt (default: each task's own)")
     parser.add_argument("--include-path", action="append", type=Path, default=[], help="folder of lm-eval task YAML files (repeatable)")
     parser.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="lm-eval model class (default hf; vllm needs vLLM)")
     parser.add_argument("--base", help="the model recovery is measured against (default: the first)")
-    parser.add_argument("--output", "-o", type=Path, required=True, help="report folder")
+    parser.add_argument("--output", "-o", type=Path, help="report folder (required)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty report folder")
     parser.add_argument("--batch-size", type=_flag_type(_batch_size, "batch size"), default=8, metavar="N|auto|auto:N",
                         help="lm-eval batch size: N, auto (largest that fits, found once) or auto:N (found N times); default 8")
@@ -84,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--trust-remote-code", action="store_true", help="run model code from the model's repository")
     parser.add_argument("--device", type=device_name, help="device for the hf backend (default: where the model loads)")
     parser.add_argument("--no-cache", action="store_true", help="evaluate every model even if its results are cached")
-    parser.add_argument("--quiet", "-q", action="store_true", help="fewer progress bars")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars (lm-eval's included)")
     return parser
 
 
@@ -173,9 +182,33 @@ def chat_templates(pairs: list[tuple[str, str]], choice: bool | str, trust_remot
     return found
 
 
+def list_tasks(args: argparse.Namespace) -> int:
+    """`--tasks list` and its kin: print the task names a run could ask for, evaluate nothing."""
+    from compressor.evaluation.catalog import TaskCatalog
+    from compressor.evaluation.task_list import render_listing, task_listing
+
+    if args.models or args.output is not None:
+        raise UserError("prints task names and evaluates nothing: leave out NAME=MODEL and --output", where=f"--tasks {args.tasks}")
+    text = render_listing(task_listing(TaskCatalog(tuple(args.include_path)), args.tasks), args.tasks)
+    try:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:  # `compress eval --tasks list | head`: the reader took what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush fails no more
+    return 0
+
+
 def run(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     require_extra("lm_eval", "compress eval")
+    from compressor.evaluation.task_list import LIST_WORDS
+
+    if args.tasks in LIST_WORDS:
+        return list_tasks(args)
+    missing = [label for label, absent in (("NAME=MODEL", not args.models), ("--output/-o", args.output is None)) if absent]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
     options = lm_eval_options(args)
     pairs = parse_model_pairs(args.models)
     names = [n for n, _ in pairs]
@@ -227,7 +260,7 @@ def _evaluate(args: argparse.Namespace, pairs: list[tuple[str, str]], base: str,
     from compressor.evaluation.results_cache import ResultsCache
     settings = EvalSettings(
         tuple(tasks), args.limit, args.backend, args.batch_size, args.device, args.num_fewshot,
-        max_batch_size=args.max_batch_size, trust_remote_code=args.trust_remote_code, options=options,
+        max_batch_size=args.max_batch_size, trust_remote_code=args.trust_remote_code, options=options, show_progress=not args.quiet,
     )
     comparison = Comparison(settings, catalog, None if args.no_cache else ResultsCache())
     for index, (name, reference) in enumerate(pairs, start=1):
