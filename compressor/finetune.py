@@ -34,7 +34,7 @@ import torch
 from compressor.checkpoint import atomic_output_dir
 from compressor.errors import ModelError, UserError
 from compressor.extras import is_installed, missing_extra
-from compressor.finetune_data import load_examples
+from compressor.finetune_data import embedding_rows, load_examples, padding_id, refuse_ids_beyond_embedding
 from compressor.finetune_loop import StepPlan, make_loader, mean_loss, run_steps, steps_per_epoch
 from compressor.finetune_modules import (
     check_modules_to_save,
@@ -354,14 +354,18 @@ def _finetune_holding_output(options: FinetuneOptions, accelerator, target_names
     from compressor.training.trainable import TrainableSet
 
     _source, path, _folder = prepare_source(options.model)
-    load_config(path, options.model, False)  # refuses a config that is not a causal LM
+    config = load_config(path, options.model, False)  # refuses a config that is not a causal LM
     if options.qlora:
         refuse_project_int4(path, options.model)
     _refuse_dora_on_packed_layers(path, options)
     tokenizer = load_tokenizer(path, options.model, False)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = embedding_rows(config)
+    pad_id = padding_id(tokenizer, rows)
     train = load_examples(options.dataset, tokenizer, max_length=options.max_length, split=options.split)
     held_out = load_examples(options.eval_dataset, tokenizer, max_length=options.max_length) if options.eval_dataset else None
+    refuse_ids_beyond_embedding(train, rows, options.dataset)
+    if held_out:
+        refuse_ids_beyond_embedding(held_out, rows, options.eval_dataset)
     _say_cut(train, options, accelerator, echo)
     packing_stats = None
     if options.packing:

@@ -180,6 +180,31 @@ def load_examples(dataset: str, tokenizer, *, max_length: int, split: str = "tra
     return examples
 
 
+def embedding_rows(config) -> int | None:
+    """How many token ids the model embeds (its text config's vocab_size), None where unstated."""
+    return getattr(config.get_text_config(), "vocab_size", None)
+
+
+def padding_id(tokenizer, embedding_rows: int | None) -> int:
+    """The id that fills padded positions. They are masked and carry no label, so any row of the
+    embedding serves; the tokenizer's pad (else eos) id is kept where the model has that row. A
+    tokenizer can name a pad token the embedding lacks (added and never resized: transformers'
+    Qwen2Tokenizer adds `<|endoftext|>` to a vocabulary without it), which would stop the run with
+    an index error at the first padded batch."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None and 0 <= candidate and (embedding_rows is None or candidate < embedding_rows):
+            return candidate
+    return 0
+
+
+def refuse_ids_beyond_embedding(examples: list[Example], embedding_rows: int | None, dataset: str) -> None:
+    """A token id the embedding has no row for fails deep inside the forward pass; name it here."""
+    largest = max(max(example.input_ids) for example in examples)
+    if embedding_rows is not None and largest >= embedding_rows:
+        raise DataError(f"the tokenized data holds token id {largest}, but the model embeds only {embedding_rows} ids: "
+                        "the tokenizer has tokens the model was not resized for", where=dataset)
+
+
 def collate(examples: list[Example], pad_id: int) -> dict[str, Any]:
     import torch
 

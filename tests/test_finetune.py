@@ -377,3 +377,41 @@ def test_epochs_count_the_steps_and_rank_is_an_alias_of_r(chat_llama, tmp_path, 
     code = main([*argv[:5], str(tmp_path / "o2"), *argv[6:], "--warmup-steps", "4"])
     assert code == 2 and "--warmup-steps: must be fewer than the steps (4), got 4" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
+
+
+def test_a_pad_token_the_embedding_lacks_is_not_fed_to_the_model(tiny_qwen2, tmp_path):
+    """transformers' Qwen2Tokenizer adds `<|endoftext|>` as the pad token past this tiny vocabulary;
+    padding with it stopped the run with an index error at the first padded batch."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from compressor.finetune_data import embedding_rows, padding_id
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_qwen2))
+    rows = embedding_rows(AutoConfig.from_pretrained(str(tiny_qwen2)))
+    assert tokenizer.pad_token_id >= rows  # the trap this test is about
+    assert padding_id(tokenizer, rows) == tokenizer.eos_token_id
+    train = _write_jsonl(tmp_path / "train.jsonl", _titles(4))  # answers of different lengths: padded batches
+    out = tmp_path / "adapter"
+    assert main(["finetune", str(tiny_qwen2), "--dataset", str(train), "-o", str(out), "--steps", "2", "--batch-size", "4",
+                 "--r", "4", "--log-every", "0", "-q", "--no-gradient-checkpointing"]) == 0
+    log = json.loads((out / "training.json").read_text())
+    assert len(log["losses"]) == 2 and all(math.isfinite(loss) for loss in log["losses"])
+
+
+def test_token_ids_the_model_does_not_embed_are_named(tiny_llama, tmp_path, capsys):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    tokenizer = AutoTokenizer.from_pretrained(str(model))
+    tokenizer.add_tokens(["<brand-new>"])  # added without resizing the model's embedding
+    tokenizer.save_pretrained(str(model))
+    train = _write_jsonl(tmp_path / "train.jsonl", [{"prompt": "Give a title <brand-new>.", "completion": "Sparse"}])
+    out = tmp_path / "adapter"
+    assert main(["finetune", str(model), "--dataset", str(train), "-o", str(out), "--steps", "1", "-q"]) == 2
+    err = capsys.readouterr().err
+    new_id = tokenizer.convert_tokens_to_ids("<brand-new>")
+    assert f"{train}: the tokenized data holds token id {new_id}, but the model embeds only {new_id} ids" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
