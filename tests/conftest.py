@@ -19,9 +19,20 @@ import torch  # noqa: E402
 from tests.tiny_models import build_tiny_checkpoint, train_tiny_tokenizer  # noqa: E402
 
 
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile` (what `make test` runs) with the units of tests/xdist_units.py."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from tests.xdist_units import make_scheduler
+
+    return make_scheduler(config, log)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Calibration caches go to a per-session folder; the GGUF conversion cache is shared."""
+    """Calibration batches, GGUF conversions and native kernels go to a per-session folder (one per
+    xdist worker); the tests that share the user's cache across runs remove the variable."""
     monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
     yield
 
