@@ -9,6 +9,7 @@ xdist's loadfile sends whole files, so a file's module fixtures are built once. 
 
 from __future__ import annotations
 
+import os
 from pathlib import PurePosixPath
 
 # File name -> the unit it runs in.
@@ -34,6 +35,21 @@ HEAVIEST_FIRST = (
     "test_integration_runtime.py",
     "test_eval_lm_eval_flags.py",
 )
+
+
+# Each worker runs torch on its share of the cores: two workers of two OpenMP threads each on two
+# cores spin against each other, and SmolLM2's bf16 perplexity ran several times slower.
+# These files run with every core: they cover the OpenMP-parallel path of the native int4 kernel
+# (kernels/csrc/w4a16_avx512bf16.c), which one thread never takes.
+ALL_CORES_FILES = {"test_kernels_avx512.py", "test_gated_mlp.py", "test_bound_kernel.py"}
+
+
+def worker_threads(all_threads: int) -> int | None:
+    """Torch threads for this xdist worker, or None outside xdist (and when OMP_NUM_THREADS is set)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers < 2 or "OMP_NUM_THREADS" in os.environ:
+        return None
+    return max(1, all_threads // workers)
 
 
 def unit_of(nodeid: str) -> str:
