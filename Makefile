@@ -15,4 +15,4 @@ demo: install
 	$(PYTHON) -m compressor.cli builtin:smollm2-135m-instruct --recipe w4a16-gptq -o out/smollm2-w4a16-gptq --overwrite
 
 test: install
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile tests

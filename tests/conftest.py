@@ -19,9 +19,46 @@ import torch  # noqa: E402
 from tests.tiny_models import build_tiny_checkpoint, train_tiny_tokenizer  # noqa: E402
 
 
+ALL_THREADS = torch.get_num_threads()
+
+
+def pytest_configure(config):
+    from tests.xdist_units import worker_threads
+
+    threads = worker_threads(ALL_THREADS)
+    if threads is not None:
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # the subprocesses tests start
+
+
+@pytest.fixture(autouse=True)
+def _all_cores_where_needed(request):
+    """Every core for the files that test the native kernels' threaded path (tests/xdist_units.py)."""
+    from tests.xdist_units import ALL_CORES_FILES
+
+    threads = torch.get_num_threads()
+    if request.node.path.name in ALL_CORES_FILES and threads != ALL_THREADS:
+        torch.set_num_threads(ALL_THREADS)
+        yield
+        torch.set_num_threads(threads)
+    else:
+        yield
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile` (what `make test` runs) with the units of tests/xdist_units.py."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from tests.xdist_units import make_scheduler
+
+    return make_scheduler(config, log)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Calibration caches go to a per-session folder; the GGUF conversion cache is shared."""
+    """Calibration batches, GGUF conversions and native kernels go to a per-session folder (one per
+    xdist worker); the tests that share the user's cache across runs remove the variable."""
     monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
     yield
 
