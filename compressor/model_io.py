@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from compressor.cache import cache_root
+from compressor.cache import cache_root, entry_lock
 from compressor.errors import ModelError, first_line
 from compressor.extras import require_extra
 from compressor.load_checks import check_causal_lm, load_causal_lm
@@ -124,9 +124,17 @@ def convert_gguf(gguf: Path) -> Path:
     target = _gguf_cache_dir(gguf)
     if (target / "config.json").is_file():
         return target
+    with entry_lock(target):
+        if (target / "config.json").is_file():  # another run converted it while this one waited
+            return target
+        return _convert_gguf_into(gguf, target)
+
+
+def _convert_gguf_into(gguf: Path, target: Path) -> Path:
+    """The conversion, written to a staging folder renamed into place: a run stopped midway
+    leaves no folder that looks converted."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         try:

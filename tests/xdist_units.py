@@ -17,8 +17,9 @@ SHARED_UNITS = {
     # `accelerate launch --multi_gpu` starts torchrun on its fixed default port (29500).
     "test_distill_launch.py": "torchrun-port",
     "test_finetune.py": "torchrun-port",
-    # Both convert SmolLM2 into the user's cache (~/.cache/compressor), not the session's: two
-    # processes converting at once replace each other's folder while the other reads it.
+    # Both convert SmolLM2 into the user's cache (~/.cache/compressor), not the session's: on one
+    # worker the first converts and the second reuses it (on two, one would wait on the other's
+    # conversion lock, compressor.cache.entry_lock).
     "test_integration_smollm2.py": "smollm2-user-cache",
     "test_eval_integration.py": "smollm2-user-cache",
 }
