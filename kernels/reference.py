@@ -24,10 +24,20 @@ def dequantize_packed(
     in_features: int,
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """The weight as floats, ``(code - zero) * scale`` group by group, computed in fp32."""
+    """The weight as floats, ``(code - zero) * scale`` group by group, rounded once to `dtype`.
+
+    Codes and zero points are small integers (|code - zero| <= 255) and the scale has at most 24
+    significant bits, so where the scale has the output dtype (or the output is fp32) each
+    product is one multiplication in the output dtype, rounded once: the same value as computing
+    in fp32 and casting, with a half to a quarter of the memory traffic. That is what a
+    compressed model's prefill and perplexity pay on every forward (at SmolLM2's 576 x 1536 on
+    CPU: 2.4 ms in fp32 against a 1.1 ms matmul of 256 rows). Other pairs (a bf16 scale for an
+    fp16 output) compute in fp32 as before."""
     out_features, groups = scale.shape
-    codes = unpack_codes(packed, bits, (out_features, in_features), dim=1).float().reshape(out_features, groups, -1)
+    target = dtype or scale.dtype
+    compute = target if scale.dtype == target or target == torch.float32 else torch.float32
+    codes = unpack_codes(packed, bits, (out_features, in_features), dim=1).to(compute).reshape(out_features, groups, -1)
     if zero_packed is not None:
-        codes = codes - unpack_zero_points(zero_packed, bits, out_features, groups).float().unsqueeze(-1)
-    weight = codes * scale.float().unsqueeze(-1)
-    return weight.reshape(out_features, in_features).to(dtype or scale.dtype)
+        codes = codes - unpack_zero_points(zero_packed, bits, out_features, groups).to(compute).unsqueeze(-1)
+    weight = codes * scale.to(compute).unsqueeze(-1)
+    return weight.reshape(out_features, in_features).to(target)

@@ -204,3 +204,30 @@ def test_mse_observer_never_worse_than_minmax(seeded):
         codes, scale, zero = rtn_quantize(weight, grid)
         errs.append((reference_dequant(codes, scale, zero, 32) - weight.double()).pow(2).sum().item())
     assert errs[1] <= errs[0]
+
+
+def _fp32_dequantization(module: QuantLinear, dtype: torch.dtype) -> torch.Tensor:
+    """The formula as first written: every product in fp32, then one cast to `dtype`."""
+    codes = module.codes().float().reshape(module.out_features, module.groups, -1)
+    zero = module.zero_points()
+    if zero is not None:
+        codes = codes - zero.float().unsqueeze(-1)
+    weight = codes * module.weight_scale.float().unsqueeze(-1)
+    return weight.reshape(module.out_features, module.in_features).to(dtype)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_dequantization_in_the_output_dtype_is_bit_identical_to_fp32(bits, symmetric, scale_dtype, dtype, seeded):
+    """Where the scale has the output dtype the products are taken in it (half the memory traffic);
+    every (scale, output) pair must still give exactly the fp32 formula's values."""
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1)
+    codes = torch.randint(low, high, (48, 192), dtype=torch.int8)
+    scale = torch.rand(48, 3) * 10.0 ** torch.randint(-6, 1, (48, 3)).float()  # wide exponents: rounding matters
+    zero = None if symmetric else torch.randint(low, high, (48, 3), dtype=torch.int8)
+    module = QuantLinear.from_codes(codes, scale, zero, bits=bits, group_size=64, bias=None, dtype=scale_dtype)
+    fast = module.dequantized_weight(dtype)
+    assert fast.dtype == dtype
+    assert torch.equal(fast, _fp32_dequantization(module, dtype))
