@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from compressor.data_files import read_jsonl_records, read_utf8
 from compressor.errors import DataError, first_line
@@ -205,16 +205,23 @@ def refuse_ids_beyond_embedding(examples: list[Example], embedding_rows: int | N
                         "the tokenizer has tokens the model was not resized for", where=dataset)
 
 
+def padded_ids_and_labels(rows: Sequence[Any], pad_id: int) -> tuple[Any, Any]:
+    """Rows with `input_ids` and `labels`, right-padded to the longest: pad_id / IGNORE_INDEX."""
+    import torch
+
+    width = max(len(row.input_ids) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for index, row in enumerate(rows):
+        ids[index, : len(row.input_ids)] = torch.tensor(row.input_ids)
+        labels[index, : len(row.labels)] = torch.tensor(row.labels)
+    return ids, labels
+
+
 def collate(examples: list[Example], pad_id: int) -> dict[str, Any]:
     import torch
 
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, example in enumerate(examples):
-        n = len(example.input_ids)
-        ids[row, :n] = torch.tensor(example.input_ids)
-        labels[row, :n] = torch.tensor(example.labels)
-        mask[row, :n] = 1
+    ids, labels = padded_ids_and_labels(examples, pad_id)
+    lengths = torch.tensor([len(example.input_ids) for example in examples])
+    mask = (torch.arange(ids.shape[1]) < lengths[:, None]).long()
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}

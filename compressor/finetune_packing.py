@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from compressor.errors import UserError
-from compressor.finetune_data import IGNORE_INDEX, Example
+from compressor.finetune_data import IGNORE_INDEX, Example, padded_ids_and_labels
 
 
 @dataclass
@@ -99,14 +99,11 @@ def collate_packed(rows: list[PackedSequence], pad_id: int) -> dict[str, Any]:
     boundary detection on). A shorter row is padded with a segment of its own."""
     import torch
 
-    width = max(len(row.input_ids) for row in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    ids, labels = padded_ids_and_labels(rows, pad_id)
+    width = ids.shape[1]
     positions = torch.zeros((len(rows), width), dtype=torch.long)
     for index, row in enumerate(rows):
         n = len(row.input_ids)
-        ids[index, :n] = torch.tensor(row.input_ids)
-        labels[index, :n] = torch.tensor(row.labels)
         positions[index, :n] = torch.tensor(row.position_ids)
         positions[index, n:] = torch.arange(width - n)
     return {"input_ids": ids, "labels": labels, "position_ids": positions}
