@@ -12,11 +12,17 @@ lm-eval 0.4.13 draws its bars in three places:
   perplexity), which have no switch at all. `lm_eval_bars_hidden` hides those two for the
   duration of `simple_evaluate` only: `lm_eval.api.task.tqdm` and the `tqdm.tqdm` that
   `bootstrap_stderr` imports when it runs are a class that is always disabled.
+
+lm-eval also `print`s a few progress lines to stdout ("bootstrapping for stddev: perplexity",
+"Passed argument batch_size = auto. Detecting largest batch size", "Determined Largest batch
+size: N"); with the bars hidden, stdout is set aside for the same span (its warnings go through
+logging, to stderr, and stay).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import io
+from contextlib import contextmanager, redirect_stdout
 from typing import Any, Iterator
 
 
@@ -48,7 +54,8 @@ def quietable(model_class: type) -> type:
 
 @contextmanager
 def lm_eval_bars_hidden(hidden: bool) -> Iterator[None]:
-    """While inside, with `hidden`, lm-eval's task-building and bootstrap bars are not drawn."""
+    """While inside, with `hidden`, lm-eval's task-building and bootstrap bars are not drawn and
+    its progress prints are dropped."""
     if not hidden:
         yield
         return
@@ -66,7 +73,8 @@ def lm_eval_bars_hidden(hidden: bool) -> Iterator[None]:
     for module, _ in swapped:
         module.tqdm = HiddenTqdm
     try:
-        yield
+        with redirect_stdout(io.StringIO()):
+            yield
     finally:
         for module, original in swapped:
             if original is None:

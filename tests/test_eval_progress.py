@@ -41,12 +41,16 @@ def task_folder(tmp_path_factory) -> Path:
     return _tasks(tmp_path_factory.mktemp("progress") / "tasks")
 
 
-def _eval_stderr(model: Path, tasks: Path, out: Path, capfd, *flags: str) -> str:
+def _eval_output(model: Path, tasks: Path, out: Path, capfd, *flags: str):
     argv = ["eval", f"m={model}", "--tasks", "perplexity,abstracts_match,say_word,last_word", "--include-path", str(tasks),
             "--limit", "2", "--no-cache", "-o", str(out), *flags]
     capfd.readouterr()
     assert main(argv) == 0
-    return capfd.readouterr().err
+    return capfd.readouterr()
+
+
+def _eval_stderr(model: Path, tasks: Path, out: Path, capfd, *flags: str) -> str:
+    return _eval_output(model, tasks, out, capfd, *flags).err
 
 
 def test_quiet_eval_draws_no_lm_eval_progress_bar(tiny_llama, task_folder, tmp_path, capfd):
@@ -65,6 +69,14 @@ def test_without_quiet_every_lm_eval_bar_is_drawn(tiny_llama, task_folder, tmp_p
         assert re.search(re.escape(bar) + r": 100%\|", err), bar
     assert len(re.findall(r"(?m)(?:^|\r)100%\|[^\r\n]*\| 2/2 ", err)) >= 4  # each task's prompts, built
     assert re.search(r"(?:^|\r|\n)100%\|[^\r\n]*\| 1/1 ", err)  # the bootstrap of last_word's perplexity
+
+
+def test_quiet_eval_drops_lm_eval_progress_prints(tiny_llama, task_folder, tmp_path, capfd):
+    """lm-eval prints "bootstrapping for stddev: ..." to stdout for a bootstrapped metric; -q drops it."""
+    assert "bootstrapping for stddev" in _eval_output(tiny_llama, task_folder, tmp_path / "loud", capfd).out
+    quiet = _eval_output(tiny_llama, task_folder, tmp_path / "quiet", capfd, "-q")
+    assert "bootstrapping for stddev" not in quiet.out and "bootstrapping" not in quiet.err
+    assert (tmp_path / "quiet" / "report.json").is_file()
 
 
 def test_the_swapped_tqdm_is_put_back(tiny_llama, task_folder, tmp_path, capfd):
