@@ -193,7 +193,10 @@ def _metrics_from_lm_eval(raw: dict, task: str) -> dict[str, tuple[float, float 
     return out
 
 
-def test_compress_eval_report_numbers_equal_lm_eval_json(tiny_llama, tiny_w4, tmp_path, capsys):
+def test_compress_eval_report_numbers_equal_lm_eval_json(tiny_llama, tiny_w4, tmp_path, capsys, monkeypatch):
+    # Its own results cache: the first run must compute the base (another file on the same xdist
+    # worker may already have cached the base's perplexity in the session's cache).
+    monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "report"
     argv = ["eval", f"base={tiny_llama}", f"w4={tiny_w4}", "--tasks", "perplexity,abstracts_match", "--limit", "3", "-o", str(out), "-q"]
     assert main(argv) == 0
