@@ -27,20 +27,6 @@ def _raise_terminated(signum, frame) -> None:
     raise Terminated()
 
 
-def _default_sigterm_in_forked_child() -> None:
-    """A forked child (a multiprocessing fork worker, such as lm-eval's bootstrap pool) gets SIGTERM's
-    default action back instead of inheriting `_raise_terminated`. A Python-level handler runs only
-    between bytecodes: a SIGTERM that lands just before a pool worker blocks on its queue's semaphore
-    is taken and never acted on, and `Pool.terminate()` then waits on that worker forever (seen in CI,
-    in lm-eval's bootstrap_stderr). The default action ends the worker at once, as multiprocessing
-    expects; cleaning up the output is the parent's job."""
-    if signal.getsignal(signal.SIGTERM) is _raise_terminated:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-os.register_at_fork(after_in_child=_default_sigterm_in_forked_child)
-
-
 def main(argv: list[str] | None = None) -> int:
     from compressor.commands import command_for
 

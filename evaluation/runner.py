@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 
 from compressor.errors import UserError, first_line
+from compressor.evaluation.bootstrap import in_process_bootstrap
 from compressor.evaluation.catalog import ResolvedTask, TaskCatalog, TaskError, lm_eval_version
 from compressor.evaluation.git_hash import quiet_git_hash_lookup
 from compressor.evaluation.options import LmEvalOptions
@@ -371,7 +372,7 @@ def run_lm_eval(lm: Any, built: BuiltTasks, manager: Any, settings: EvalSettings
     """lm-eval's results (and samples) for tasks `build_tasks` built with `manager`."""
     import lm_eval
 
-    with quiet_git_hash_lookup(), lm_eval_bars_hidden(not settings.show_progress):
+    with quiet_git_hash_lookup(), in_process_bootstrap(), lm_eval_bars_hidden(not settings.show_progress):
         results = lm_eval.simple_evaluate(
             model=lm,
             tasks=built.objects,

@@ -79,6 +79,24 @@ def test_quiet_eval_drops_lm_eval_progress_prints(tiny_llama, task_folder, tmp_p
     assert (tmp_path / "quiet" / "report.json").is_file()
 
 
+def test_bootstraps_run_in_process_without_forking_a_pool(tiny_llama, task_folder, tmp_path, capfd, monkeypatch):
+    """lm-eval's bootstrap pool forked the evaluating process, and a worker it could not end hung the
+    run; under DISABLE_MULTIPROC (set for the run only) lm-eval draws the same samples in process."""
+    import multiprocessing.pool
+    import os
+
+    def forks(*args, **kwargs):
+        raise AssertionError("lm-eval forked a pool for its bootstrap")
+
+    monkeypatch.setattr(multiprocessing.pool.Pool, "__init__", forks)
+    monkeypatch.delenv("DISABLE_MULTIPROC", raising=False)
+    out = _eval_output(tiny_llama, task_folder, tmp_path / "r", capfd)
+    assert "bootstrapping for stddev" in out.out  # the bootstrap ran
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["models"][0]["metrics"]["last_word"]["perplexity"]["stderr"] is not None
+    assert "DISABLE_MULTIPROC" not in os.environ
+
+
 def test_the_swapped_tqdm_is_put_back(tiny_llama, task_folder, tmp_path, capfd):
     import lm_eval.api.task as task_module
 

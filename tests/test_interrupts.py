@@ -129,26 +129,3 @@ def test_a_write_the_disk_refuses_is_one_line_and_leaves_nothing(tiny_llama, tmp
     # lock file; and OUT's parent, made by this run, is removed again.
     assert not out.parent.exists(), list(out.parent.iterdir())
 
-
-def _sigterm_is_default() -> bool:
-    import signal
-
-    return signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-
-
-def test_a_forked_worker_does_not_inherit_the_sigterm_handler():
-    """lm-eval's bootstrap runs a fork Pool inside `compress eval`. A worker that inherited our
-    Python-level SIGTERM handler could miss `Pool.terminate()`'s SIGTERM (taken just before it blocked
-    on the queue's semaphore) and hang the run; forked children get the default action back."""
-    import multiprocessing
-    import signal
-
-    from compressor import cli
-
-    previous = signal.signal(signal.SIGTERM, cli._raise_terminated)
-    try:
-        with multiprocessing.get_context("fork").Pool(1) as pool:
-            assert pool.apply(_sigterm_is_default) is True
-        assert signal.getsignal(signal.SIGTERM) is cli._raise_terminated  # the parent keeps its handler
-    finally:
-        signal.signal(signal.SIGTERM, previous)
