@@ -131,11 +131,6 @@ def scan_include_entries(folder: Path) -> dict[str, DefinedName]:
     return found
 
 
-def scan_include_path(folder: Path) -> dict[str, Path]:
-    """Name → YAML file for every task, group and tag in a user include path, checked strictly."""
-    return {name: entry.path for name, entry in scan_include_entries(folder).items()}
-
-
 def close_names(name: str, candidates: list[str], count: int = 5) -> list[str]:
     return difflib.get_close_matches(name, candidates, n=count, cutoff=0.6)
 
@@ -165,8 +160,6 @@ class TaskCatalog:
     """The tasks a run may ask for: built-in, user include paths, lm-eval's own."""
 
     include_paths: tuple[Path, ...] = ()
-    _builtin: dict[str, Path] = field(init=False)
-    _included: dict[str, Path] = field(init=False)
     _entries: dict[str, tuple[str, DefinedName]] = field(init=False)  # name → (source, definition), as resolve() picks
 
     def __post_init__(self) -> None:
@@ -177,8 +170,6 @@ class TaskCatalog:
                 self._entries.setdefault(name, ("include", entry))
         for name, entry in scan_include_entries(builtin_task_dir()).items():
             self._entries.setdefault(name, ("builtin", entry))
-        self._included = {n: e.path for n, (source, e) in self._entries.items() if source == "include"}
-        self._builtin = {n: e.path for n, (source, e) in self._entries.items() if source == "builtin"}
 
     def own_names(self) -> dict[str, tuple[str, DefinedName]]:
         """The include-path and built-in names (source "include" or "builtin"), as `resolve` picks them."""
@@ -188,14 +179,14 @@ class TaskCatalog:
         resolved = []
         lm_eval_names: dict[str, tuple[str, ...]] | None = None
         for name in names:
-            if name in self._included:  # include paths take precedence, as in lm-eval
-                resolved.append(ResolvedTask(name, "include", self._included[name]))
-            elif name in self._builtin:
-                resolved.append(ResolvedTask(name, "builtin", self._builtin[name]))
+            own = self._entries.get(name)  # include paths, then the built-in tasks, then lm-eval's
+            if own is not None:
+                source, entry = own
+                resolved.append(ResolvedTask(name, source, entry.path))
             else:
                 lm_eval_names = lm_eval_names if lm_eval_names is not None else lm_eval_task_names()
                 if name not in lm_eval_names:
-                    candidates = sorted({*self._builtin, *self._included, *lm_eval_names})
+                    candidates = sorted({*self._entries, *lm_eval_names})
                     close = close_names(name, candidates)
                     hint = f"; did you mean {', '.join(close)}?" if close else ""
                     raise TaskError(f"unknown task '{name}'{hint}", where=where)
