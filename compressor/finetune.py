@@ -323,13 +323,13 @@ def run_finetune(options: FinetuneOptions, echo: Callable[[str], None] = print) 
     # With --epochs, once the examples are counted (still before any weight is read).
     warmup_steps = resolved_warmup_steps(options) if options.epochs is None else None
     target_names = parse_targets(options.targets)
-    parse_modules_to_save(options.modules_to_save)
+    save_names = parse_modules_to_save(options.modules_to_save)
     # Without CUDA, say so: accelerate then runs several launched processes as MULTI_CPU (gloo).
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     check_output_dir(options.output, options.overwrite, inputs=[options.model, options.dataset, options.eval_dataset or ""])  # every process: all of them must stop on bad input
     # Only the main process writes OUT, so only it holds OUT's lock.
     with output_lock(options.output) if accelerator.is_main_process else nullcontext():
-        return _finetune_holding_output(options, accelerator, target_names, warmup_steps, echo)
+        return _finetune_holding_output(options, accelerator, target_names, save_names, warmup_steps, echo)
 
 
 def _refuse_dora_on_packed_layers(path: str, options: FinetuneOptions) -> None:
@@ -341,8 +341,8 @@ def _refuse_dora_on_packed_layers(path: str, options: FinetuneOptions) -> None:
         )
 
 
-def _finetune_holding_output(options: FinetuneOptions, accelerator, target_names: str | list[str], warmup_steps: int | None,
-                             echo: Callable[[str], None]) -> FinetuneSummary:
+def _finetune_holding_output(options: FinetuneOptions, accelerator, target_names: str | list[str], save_names: list[str] | None,
+                             warmup_steps: int | None, echo: Callable[[str], None]) -> FinetuneSummary:
     from accelerate.utils import set_seed
     from peft import prepare_model_for_kbit_training
 
@@ -395,7 +395,6 @@ def _finetune_holding_output(options: FinetuneOptions, accelerator, target_names
     if options.packing:
         refuse_unmasked_attention(model)
     targets = lora_targets(model, target_names)
-    save_names = parse_modules_to_save(options.modules_to_save)
     keep_tie = check_modules_to_save(model, save_names, targets) if save_names else False
     lora = lora_config_for_quantized(  # a LoraConfig that also wraps QuantLinear layers
         r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout, target_modules=targets,
