@@ -5,8 +5,8 @@ file), the user's include paths (their YAML is parsed strictly here, so a malfor
 reported with its line instead of being skipped silently as lm-eval's index does), and
 lm-eval's own tasks.
 
-lm-eval's full index parses its ~14,000 task files (11-25 s on this machine), so names are
-checked against a text scan of those files instead (about 2 s, then cached per lm-eval version:
+lm-eval's full index parses its ~14,000 task files (about 6 s on 2 cores), so names are
+checked against a text scan of those files instead (about 1 s, `benchmarks/lm_eval_task_index.py`; then cached per lm-eval version:
 `compressor.evaluation.lm_eval_index`), which gives exactly the index's names and kinds. At run
 time the TaskManager indexes only the top-level lm-eval folders that define the requested names
 (``include_defaults=False``), and falls back to the full index when a requested group names a
